@@ -1,0 +1,251 @@
+"""The tensor blob format shared by the session cache and weights.
+
+A blob is a valid safetensors file: an 8-byte little-endian header length, a JSON header
+(each tensor's dtype, shape and byte range; ``__metadata__`` with string fields), then
+the raw tensor bytes back to back. kvswap adds to ``__metadata__``:
+
+* ``kvswap.format`` — the format version (``"1"``);
+* ``kvswap.checksum`` — ``xxh3_128:<hex>`` of the whole data section;
+
+plus any caller fields (names starting with ``kvswap.`` are reserved). So
+``safetensors.torch.load`` reads kvswap blobs, and kvswap reads plain safetensors files
+(those carry no checksum: pass ``require_checksum=False``).
+
+Writing gathers the header and each tensor's memory straight into ``Connector.put``
+(no concatenation). Reading fetches the header with one ranged get and the data
+straight into a caller's buffer (pinned host memory, for instance), then returns tensor
+views of that buffer. Tensors are laid out by descending element size, so every view is
+aligned. A checksum mismatch or a malformed header raises :class:`IntegrityError`
+naming the key; wrong bytes never come back as tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from kvswap.errors import IntegrityError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvswap.connectors.base import Connector, PutMode
+
+FORMAT_VERSION = "1"
+CHECKSUM_ALGORITHM = "xxh3_128"
+RESERVED_PREFIX = "kvswap."
+HEADER_PROBE = 64 << 10  # first read: header and, for small blobs, everything
+MAX_HEADER = 100 << 20  # safetensors' own limit
+
+_DTYPES: dict[str, tuple[str, int]] = {  # torch dtype name -> (safetensors code, itemsize)
+    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
+    "uint64": ("U64", 8), "uint32": ("U32", 4), "uint16": ("U16", 2), "uint8": ("U8", 1),
+    "bool": ("BOOL", 1), "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
+}
+_CODES = {code: (name, size) for name, (code, size) in _DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lies in the data section."""
+
+    name: str
+    dtype: str  # safetensors code: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, _CODES[self.dtype][0])
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobHeader:
+    """A parsed blob header. ``data_offset`` is where the data section starts."""
+
+    tensors: dict[str, TensorSpec]
+    metadata: dict[str, str]  # the caller's fields, without kvswap.*
+    checksum: str | None  # "xxh3_128:<hex>", None for plain safetensors files
+    data_offset: int
+    data_size: int
+
+    @property
+    def total_size(self) -> int:
+        return self.data_offset + self.data_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    header: BlobHeader
+    tensors: dict[str, torch.Tensor]  # views of ``buffer``
+    buffer: torch.Tensor  # flat uint8 data section
+
+
+def pack(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[BlobHeader, list[Any]]:
+    """Header and the byte views to write, in order; the tensors are not copied.
+
+    Tensors must be on the CPU (stage device tensors into host buffers first); a
+    non-contiguous tensor is made contiguous (a copy).
+    """
+    import torch
+
+    metadata = dict(metadata or {})
+    for name, value in metadata.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError("blob metadata must map str to str")
+        if name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"metadata names starting with {RESERVED_PREFIX!r} are reserved: {name!r}")
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: aligned views
+    specs: dict[str, TensorSpec] = {}
+    views: list[Any] = []
+    digest = xxhash.xxh3_128()
+    position = 0
+    for name in order:
+        tensor = tensors[name]
+        if name == "__metadata__" or not isinstance(name, str) or not name:
+            raise ValueError(f"invalid tensor name {name!r}")
+        if tensor.device.type != "cpu":
+            raise ValueError(f"tensor {name!r} is on {tensor.device}; stage it to host memory first")
+        dtype_name = str(tensor.dtype).removeprefix("torch.")
+        if dtype_name not in _DTYPES:
+            raise TypeError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(raw).cast("B") if raw.size else memoryview(b"")
+        digest.update(view)
+        specs[name] = TensorSpec(name, _DTYPES[dtype_name][0], tuple(tensor.shape), position, position + view.nbytes)
+        position += view.nbytes
+        views.append(view)
+    checksum = f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+    header_json: dict[str, Any] = {"__metadata__": {**metadata, "kvswap.format": FORMAT_VERSION,
+                                                    "kvswap.checksum": checksum}}
+    for spec in specs.values():
+        header_json[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                                  "data_offsets": [spec.start, spec.end]}
+    encoded = json.dumps(header_json, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    prefix = struct.pack("<Q", len(encoded)) + encoded
+    header = BlobHeader(specs, metadata, checksum, len(prefix), position)
+    return header, [prefix, *views]
+
+
+def write_blob(connector: Connector, key: str, tensors: Mapping[str, torch.Tensor],
+               metadata: Mapping[str, str] | None = None, *, mode: PutMode = "overwrite") -> BlobHeader:
+    """Store ``tensors`` under ``key`` as one blob; returns its header."""
+    header, parts = pack(tensors, metadata)
+    connector.put(key, parts, mode=mode)
+    return header
+
+
+def parse_header(data: bytes | memoryview, key: str, blob_size: int | None = None) -> BlobHeader:
+    """Parse a header from the blob's first bytes (which must hold all of it)."""
+    view = memoryview(data)
+    if len(view) < 8:
+        raise IntegrityError(f"{key!r} is not a kvswap blob: {len(view)} bytes, too short for a header")
+    (length,) = struct.unpack_from("<Q", view)
+    if length > MAX_HEADER or (blob_size is not None and 8 + length > blob_size):
+        raise IntegrityError(f"{key!r} is not a kvswap blob: header length {length} is impossible")
+    if len(view) < 8 + length:
+        raise ValueError(f"need {8 + length} bytes to parse the header of {key!r}")
+    try:
+        raw = json.loads(bytes(view[8:8 + length]))
+        if not isinstance(raw, dict):
+            raise ValueError("header is not an object")
+        meta = raw.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ must map str to str")
+        specs = {name: TensorSpec(name, str(t["dtype"]), tuple(int(d) for d in t["shape"]),
+                                  int(t["data_offsets"][0]), int(t["data_offsets"][1]))
+                 for name, t in raw.items()}
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise IntegrityError(f"{key!r} has a malformed blob header: {exc}") from None
+    data_size = _check_layout(specs, key)
+    if blob_size is not None and 8 + length + data_size != blob_size:
+        raise IntegrityError(f"{key!r} holds {blob_size} bytes but its header describes {8 + length + data_size}")
+    version = meta.get("kvswap.format")
+    if version is not None and version != FORMAT_VERSION:
+        raise IntegrityError(f"{key!r} has blob format {version}; this kvswap reads {FORMAT_VERSION}")
+    user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX)}
+    return BlobHeader(specs, user, meta.get("kvswap.checksum"), 8 + length, data_size)
+
+
+def _check_layout(specs: Mapping[str, TensorSpec], key: str) -> int:
+    """Validate dtypes, sizes and that ranges tile the data section; return its size."""
+    position = 0
+    for spec in sorted(specs.values(), key=lambda s: (s.start, s.end)):
+        if spec.dtype not in _CODES:
+            raise IntegrityError(f"{key!r}: tensor {spec.name!r} has unknown dtype {spec.dtype!r}")
+        expected = math.prod(spec.shape) * _CODES[spec.dtype][1]
+        if spec.start != position or spec.end - spec.start != expected or min(spec.shape, default=0) < 0:
+            raise IntegrityError(f"{key!r}: tensor {spec.name!r} has an inconsistent byte range")
+        position = spec.end
+    return position
+
+
+def read_header(connector: Connector, key: str) -> BlobHeader:
+    header, _ = _read_header(connector, key)
+    return header
+
+
+def _read_header(connector: Connector, key: str) -> tuple[BlobHeader, memoryview]:
+    """The header and the bytes of the first read (header, perhaps some data)."""
+    probe = memoryview(connector.get(key, offset=0, length=HEADER_PROBE))
+    if len(probe) >= 8:
+        (length,) = struct.unpack_from("<Q", probe)
+        if 8 + length > len(probe) and length <= MAX_HEADER:
+            probe = memoryview(bytes(probe) + bytes(connector.get(key, offset=len(probe), length=8 + length - len(probe))))
+    blob_size = None if len(probe) >= HEADER_PROBE else len(probe)
+    header = parse_header(probe, key, blob_size)
+    return header, probe
+
+
+def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None,
+              require_checksum: bool = True) -> Blob:
+    """Read a blob; its data lands in ``out`` (a flat uint8 CPU tensor, e.g. pinned).
+
+    ``out`` must hold at least ``header.data_size`` bytes; without it a buffer is
+    allocated. The checksum is verified before any tensor is returned: a mismatch, a
+    truncated value or a malformed header raises :class:`IntegrityError`.
+    """
+    import torch
+
+    header, probe = _read_header(connector, key)
+    size = header.data_size
+    if out is None:
+        out = torch.empty(size, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or out.numel() < size:
+        raise ValueError(f"out must be a flat uint8 CPU tensor of at least {size} bytes")
+    buffer = out[:size]
+    target = memoryview(buffer.numpy()) if size else memoryview(bytearray())
+    have = min(max(len(probe) - header.data_offset, 0), size)
+    target[:have] = probe[header.data_offset:header.data_offset + have]
+    if have < size:
+        got = connector.get_into(key, target[have:], offset=header.data_offset + have)
+        if got != size - have:
+            raise IntegrityError(f"{key!r} is truncated: {header.data_offset + have + got} of {header.total_size} bytes")
+    verify(header, target, key, require_checksum)
+    tensors = {name: buffer[s.start:s.end].view(s.torch_dtype).reshape(s.shape) for name, s in header.tensors.items()}
+    return Blob(header, tensors, buffer)
+
+
+def verify(header: BlobHeader, data: Any, key: str, require_checksum: bool = True) -> None:
+    """Check ``data`` (the data section) against the header's checksum."""
+    if header.checksum is None:
+        if require_checksum:
+            raise IntegrityError(f"{key!r} carries no kvswap checksum (a plain safetensors file?)")
+        return
+    algorithm, _, expected = header.checksum.partition(":")
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise IntegrityError(f"{key!r} uses unknown checksum algorithm {algorithm!r}")
+    actual = xxhash.xxh3_128_hexdigest(data)
+    if actual != expected:
+        raise IntegrityError(f"checksum mismatch for {key!r}: stored {expected}, computed {actual}")

@@ -1,0 +1,345 @@
+"""``redis://``, ``rediss://``, ``valkey://``, ``valkeys://``: one implementation.
+
+The scheme picks the client library (redis-py for redis*, valkey-py for valkey*); the
+``s`` schemes use TLS. ``redis://[user:password@]host[:port][/db]?options``.
+
+Layout under the namespace ``prefix`` (default ``kvswap:``):
+
+* ``{prefix}m/{key}`` — the value's manifest: ``KVSM`` + u32 header length + JSON header
+  (size, chunk size, chunk count, write id) + the value itself when it fits in one chunk.
+* ``{prefix}c/{write_id}/{i}`` — chunk ``i`` of a larger value.
+
+A put writes its chunks first (each with a short expiry, so a writer that dies leaves
+nothing behind for long), removes the expiries, and publishes the manifest last, in one
+``SET``: a reader sees the whole value or none. Overwrites swap the manifest atomically
+(``SET ... GET``) and then drop the old chunks; a reader caught between the two re-reads
+the manifest. Chunks keep every Redis value far under its 512 MB cap and keep the server
+responsive; they are moved by several pipelined connections in parallel.
+
+redis-py's and valkey-py's C command packers copy large values (about 4x slower SETs,
+see notes/SERVICES.md); connections here keep the C reply parser but pack commands in
+Python, which sends big values as separate buffers without copying.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import struct
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kvswap.connectors.base import Buffer, Connector, PutMode, check_range
+from kvswap.errors import (
+    AlreadyExistsError,
+    BackendUnavailableError,
+    ConfigError,
+    IntegrityError,
+    KVSwapError,
+    NotFoundError,
+    StorageFullError,
+    translate_errors,
+)
+from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_seconds, parse_size
+
+MAGIC = b"KVSM"
+_HEADER = struct.Struct("<4sI")
+_HEADER_PROBE = 4096  # bytes of a manifest fetched to learn a value's size
+_READ_RETRIES = 3
+
+_LIBRARIES = {"redis": "redis", "rediss": "redis", "valkey": "valkey", "valkeys": "valkey"}
+
+
+def _connection_classes(lib: Any) -> tuple[type, type]:
+    """Connection classes of ``lib`` that pack commands in Python (see module doc)."""
+
+    def _construct_command_packer(self: Any, packer: Any) -> Any:
+        return packer or lib.connection.PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+    plain = type("PythonPackConnection", (lib.connection.Connection,),
+                 {"_construct_command_packer": _construct_command_packer})
+    tls = type("PythonPackSSLConnection", (lib.connection.SSLConnection,),
+               {"_construct_command_packer": _construct_command_packer})
+    return plain, tls
+
+
+def _error_table(lib: Any) -> dict[type[BaseException], type[KVSwapError]]:
+    exc = lib.exceptions
+    return {
+        exc.AuthenticationError: ConfigError,
+        exc.AuthorizationError: ConfigError,
+        exc.NoPermissionError: ConfigError,
+        exc.OutOfMemoryError: StorageFullError,
+        exc.ConnectionError: BackendUnavailableError,
+        exc.TimeoutError: BackendUnavailableError,
+        exc.RedisError if hasattr(exc, "RedisError") else exc.ValkeyError: BackendUnavailableError,
+        OSError: BackendUnavailableError,
+    }
+
+
+class RedisConnector(Connector):
+    OPTIONS = {
+        "timeout": Option(parse_seconds, 10.0, "seconds to wait for any reply"),
+        "connect_timeout": Option(parse_seconds, 5.0, "seconds to wait for a connection"),
+        "retries": Option(int, 1, "retries of a command after a connection error or timeout"),
+        "prefix": Option(str, "kvswap:", "namespace of every key this connector writes"),
+        "chunk_size": Option(parse_size, 4 << 20, "values larger than this are split into chunks"),
+        "parallel": Option(parse_positive_int, 4, "connections moving one value's chunks in parallel"),
+        "pending_ttl": Option(parse_seconds, 600.0, "expiry of chunks until their manifest is published"),
+        "max_connections": Option(parse_positive_int, 64, "connection pool size"),
+        "tls_ca_file": Option(str, None, "CA bundle for rediss:// and valkeys://"),
+        "tls_verify": Option(parse_bool, True, "verify the server's TLS certificate"),
+    }
+
+    def __init__(self, uri: URI, **options: Any) -> None:
+        super().__init__(uri, **options)
+        library = _LIBRARIES[uri.scheme]
+        lib = importlib.import_module(library)
+        self._errors_table = _error_table(lib)
+        opts = self.options
+        if opts["chunk_size"] > 256 << 20:
+            raise ConfigError("chunk_size must be at most 256MiB (Redis caps a value at 512MB)")
+        if opts["retries"] < 0:
+            raise ConfigError("retries must be >= 0")
+        db = 0
+        if uri.path not in ("", "/"):
+            try:
+                db = int(uri.path.strip("/"))
+            except ValueError:
+                raise ConfigError(f"the path of {uri} must be a database number, like /0") from None
+        if not uri.host:
+            raise ConfigError(f"{uri.scheme}:// needs a host, like {uri.scheme}://127.0.0.1:6379/0")
+        plain, tls = _connection_classes(lib)
+        kwargs: dict[str, Any] = dict(
+            host=uri.host, port=uri.port or 6379, db=db, username=uri.username, password=uri.password,
+            socket_timeout=opts["timeout"], socket_connect_timeout=opts["connect_timeout"],
+            retry=lib.retry.Retry(lib.backoff.ExponentialBackoff(cap=1.0, base=0.05), opts["retries"]),
+            max_connections=opts["max_connections"], connection_class=plain,
+        )
+        if uri.scheme in ("rediss", "valkeys"):
+            kwargs.update(connection_class=tls, ssl_ca_certs=opts["tls_ca_file"],
+                          ssl_cert_reqs="required" if opts["tls_verify"] else "none")
+        self._pool = lib.ConnectionPool(**kwargs)
+        self._client = lib.Redis(connection_pool=self._pool) if library == "redis" \
+            else lib.Valkey(connection_pool=self._pool)
+        self._threads: ThreadPoolExecutor | None = None
+        self._prefix = opts["prefix"]
+
+    # ---- layout -----------------------------------------------------------------
+
+    def _manifest_key(self, key: str) -> str:
+        return f"{self._prefix}m/{key}"
+
+    def _chunk_keys(self, write_id: str, count: int) -> list[str]:
+        return [f"{self._prefix}c/{write_id}/{i}" for i in range(count)]
+
+    def _errors(self, what: str, key: str) -> Any:
+        return translate_errors(self._errors_table, f"{what} {key!r} on {self.uri}")
+
+    # ---- put ----------------------------------------------------------------------
+
+    def _put(self, key: str, parts: list[memoryview], size: int, mode: PutMode) -> None:
+        chunk = self.options["chunk_size"]
+        with self._errors("writing", key):
+            if size <= chunk:
+                header = {"size": size, "chunks": 0}
+                self._publish(key, [_encode_header(header), *parts], mode, [])
+                return
+            write_id = uuid.uuid4().hex
+            count = -(-size // chunk)
+            chunk_keys = self._chunk_keys(write_id, count)
+            try:
+                pieces = _split(parts, chunk)
+                ttl_ms = int(self.options["pending_ttl"] * 1000)
+                self._pipelined([("set", k, piece, ttl_ms) for k, piece in zip(chunk_keys, pieces)])
+                self._pipelined([("persist", k) for k in chunk_keys])
+                header = {"size": size, "chunks": count, "chunk_size": chunk, "id": write_id}
+                self._publish(key, [_encode_header(header)], mode, chunk_keys)
+            except BaseException:
+                self._drop_quietly(chunk_keys)
+                raise
+
+    def _publish(self, key: str, manifest: list[Any], mode: PutMode, chunk_keys: list[str]) -> None:
+        value = manifest[0] if len(manifest) == 1 else b"".join(manifest)
+        name = self._manifest_key(key)
+        if mode == "create":
+            if not self._client.set(name, value, nx=True):
+                raise AlreadyExistsError(f"{key!r} already exists on {self.uri}")
+            return
+        old = self._client.set(name, value, get=True)
+        if old is not None:
+            old_header, _ = _decode_manifest(old, key)
+            if old_header["chunks"]:
+                self._drop_quietly(self._chunk_keys(old_header["id"], old_header["chunks"]))
+
+    def _drop_quietly(self, keys: list[str]) -> None:
+        """Best-effort removal of chunks; their expiry or a later sweep covers failures."""
+        try:
+            for start in range(0, len(keys), 512):
+                self._client.unlink(*keys[start:start + 512])
+        except tuple(self._errors_table):  # cleanup must not mask the error that led here
+            return
+
+    def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run commands over up to ``parallel`` pipelined connections; results in order."""
+        if not commands:
+            return []
+        lanes = min(self.options["parallel"], len(commands))
+        groups = [commands[i::lanes] for i in range(lanes)]
+        if lanes == 1:
+            results = [self._run_pipeline(groups[0])]
+        else:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis")
+            results = [f.result() for f in [self._threads.submit(self._run_pipeline, g) for g in groups]]
+        ordered: list[Any] = [None] * len(commands)
+        for lane, lane_results in enumerate(results):
+            ordered[lane::lanes] = lane_results
+        return ordered
+
+    def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for op, name, *args in commands:
+            if op == "set":
+                pipe.set(name, args[0], px=args[1])
+            elif op == "persist":
+                pipe.persist(name)
+            elif op == "get":
+                pipe.get(name)
+            elif op == "getrange":
+                pipe.getrange(name, args[0], args[1])
+        return pipe.execute()
+
+    # ---- get ----------------------------------------------------------------------
+
+    def _get(self, key: str, offset: int, length: int | None) -> Buffer:
+        for _ in range(_READ_RETRIES):
+            header, inline = self._manifest(key)
+            check_range(key, offset, header["size"])
+            count = header["size"] - offset if length is None else min(length, header["size"] - offset)
+            if not header["chunks"]:
+                return inline[offset:offset + count]
+            buffer = bytearray(count)
+            if self._read_chunks(key, header, memoryview(buffer), offset):
+                return buffer
+        raise IntegrityError(f"{key!r} on {self.uri}: chunks keep vanishing under a stable manifest")
+
+    def _read_into(self, key: str, buffer: memoryview, offset: int) -> int:
+        for _ in range(_READ_RETRIES):
+            header, inline = self._manifest(key)
+            check_range(key, offset, header["size"])
+            count = min(len(buffer), header["size"] - offset)
+            if not header["chunks"]:
+                buffer[:count] = inline[offset:offset + count]
+                return count
+            if self._read_chunks(key, header, buffer[:count], offset):
+                return count
+        raise IntegrityError(f"{key!r} on {self.uri}: chunks keep vanishing under a stable manifest")
+
+    def _manifest(self, key: str, probe: bool = False) -> tuple[dict[str, Any], memoryview]:
+        with self._errors("reading", key):
+            name = self._manifest_key(key)
+            raw = self._client.getrange(name, 0, _HEADER_PROBE - 1) if probe else self._client.get(name)
+        if not raw:
+            raise NotFoundError(f"{key!r} not found on {self.uri}")
+        return _decode_manifest(raw, key, partial=probe)
+
+    def _read_chunks(self, key: str, header: dict[str, Any], out: memoryview, offset: int) -> bool:
+        """Fill ``out`` from the chunks; False if a chunk vanished (overwritten: retry)."""
+        chunk, count = header["chunk_size"], len(out)
+        if count == 0:
+            return True
+        first, last = offset // chunk, (offset + count - 1) // chunk
+        names = self._chunk_keys(header["id"], header["chunks"])
+        commands = []
+        for index in range(first, last + 1):
+            start = max(offset, index * chunk) - index * chunk
+            end = min(offset + count, (index + 1) * chunk) - index * chunk
+            whole = start == 0 and end == min(chunk, header["size"] - index * chunk)
+            commands.append(("get", names[index]) if whole else ("getrange", names[index], start, end - 1))
+        with self._errors("reading", key):
+            values = self._pipelined(commands)
+        position = 0
+        for value in values:
+            if value is None or (not value and count):
+                return False
+            out[position:position + len(value)] = value
+            position += len(value)
+        if position != count:
+            raise IntegrityError(f"{key!r} on {self.uri}: chunks hold {position} bytes, manifest says {count}")
+        return True
+
+    def _size(self, key: str) -> int:
+        header, _ = self._manifest(key, probe=True)
+        return int(header["size"])
+
+    # ---- delete, list, close ----------------------------------------------------------
+
+    def _delete(self, key: str) -> None:
+        with self._errors("deleting", key):
+            old = self._client.getdel(self._manifest_key(key))
+        if old is not None:
+            header, _ = _decode_manifest(old, key)
+            if header["chunks"]:
+                with self._errors("deleting", key):
+                    self._client.unlink(*self._chunk_keys(header["id"], header["chunks"]))
+
+    def _list(self, prefix: str) -> Iterator[str]:
+        start = len(self._manifest_key(""))
+        pattern = _glob_escape(self._manifest_key(prefix)) + "*"
+        with self._errors("listing", prefix):
+            for name in self._client.scan_iter(match=pattern, count=1000):
+                yield (name.decode() if isinstance(name, bytes) else name)[start:]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._threads is not None:
+            self._threads.shutdown()
+        self._pool.disconnect()
+
+
+def _encode_header(header: dict[str, Any]) -> bytes:
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return _HEADER.pack(MAGIC, len(body)) + body
+
+
+def _decode_manifest(raw: bytes, key: str, partial: bool = False) -> tuple[dict[str, Any], memoryview]:
+    view = memoryview(raw)
+    try:
+        magic, length = _HEADER.unpack_from(view)
+        if magic != MAGIC:
+            raise ValueError("bad magic")
+        header = json.loads(bytes(view[_HEADER.size:_HEADER.size + length]))
+        inline = view[_HEADER.size + length:]
+        if not partial and not header["chunks"] and len(inline) != header["size"]:
+            raise ValueError(f"inline value holds {len(inline)} bytes, header says {header['size']}")
+    except (ValueError, KeyError, struct.error) as exc:
+        raise IntegrityError(f"corrupt manifest for {key!r}: {exc}") from None
+    return header, inline
+
+
+def _split(parts: list[memoryview], chunk: int) -> list[Any]:
+    """Re-cut the put's parts into ``chunk``-sized pieces (views; joins only at seams)."""
+    pieces: list[Any] = []
+    pending: list[memoryview] = []
+    pending_size = 0
+    for part in parts:
+        while part.nbytes:
+            take = min(chunk - pending_size, part.nbytes)
+            pending.append(part[:take])
+            pending_size += take
+            part = part[take:]
+            if pending_size == chunk:
+                pieces.append(pending[0] if len(pending) == 1 else b"".join(pending))
+                pending, pending_size = [], 0
+    if pending:
+        pieces.append(pending[0] if len(pending) == 1 else b"".join(pending))
+    return pieces
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)

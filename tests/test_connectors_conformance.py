@@ -1,0 +1,110 @@
+"""Every connector runs the whole conformance suite against its real server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvswap.connectors import open_connector
+from kvswap.connectors.base import Connector
+from kvswap.testing.connector_suite import ConnectorSuite, env_or_skip, flip_byte
+
+
+def _flip_file(path: Path) -> None:
+    path.write_bytes(flip_byte(path.read_bytes()))
+
+
+class TestFile(ConnectorSuite):
+    @pytest.fixture
+    def connector(self, tmp_path: Path) -> Iterator[Connector]:
+        with open_connector(f"file://{tmp_path}/store?parallel_min=1MiB&io_chunk=256KiB") as conn:
+            yield conn
+
+    @pytest.fixture
+    def corrupt(self, connector: Connector) -> Callable[[str], None]:
+        return lambda key: _flip_file(Path(connector.root) / key)
+
+
+class TestJuiceFS(ConnectorSuite):
+    """file:// on a mounted JuiceFS file system (the shared-FS case, like 3FS)."""
+
+    @pytest.fixture
+    def connector(self, unique: str) -> Iterator[Connector]:
+        mount = env_or_skip("KVSWAP_TEST_JUICEFS_DIR")
+        with open_connector(f"file://{mount}/{unique}?parallel_min=1MiB&io_chunk=256KiB") as conn:
+            yield conn
+
+    @pytest.fixture
+    def corrupt(self, connector: Connector) -> Callable[[str], None]:
+        return lambda key: _flip_file(Path(connector.root) / key)
+
+
+class TestMem(ConnectorSuite):
+    @pytest.fixture
+    def connector(self) -> Iterator[Connector]:
+        with open_connector("mem://") as conn:
+            yield conn
+
+    @pytest.fixture
+    def corrupt(self, connector: Connector) -> Callable[[str], None]:
+        def flip(key: str) -> None:
+            space = connector._space  # type: ignore[attr-defined]
+            space.values[key] = flip_byte(space.values[key])
+        return flip
+
+
+class _RedisLike(ConnectorSuite):
+    env_name = ""
+
+    @pytest.fixture
+    def connector(self, unique: str) -> Iterator[Connector]:
+        uri = env_or_skip(self.env_name)
+        with open_connector(f"{uri}?prefix={unique}:&chunk_size=1MiB&timeout=5") as conn:
+            yield conn
+
+    @pytest.fixture
+    def corrupt(self, connector: Connector) -> Callable[[str], None]:
+        from kvswap.connectors.redis import _decode_manifest
+
+        client = connector._client  # type: ignore[attr-defined]
+
+        def flip(key: str) -> None:
+            name = connector._manifest_key(key)  # type: ignore[attr-defined]
+            header, _ = _decode_manifest(client.get(name), key)
+            if header["chunks"]:
+                name = connector._chunk_keys(header["id"], header["chunks"])[-1]  # type: ignore[attr-defined]
+            client.set(name, flip_byte(client.get(name)))
+        return flip
+
+
+class TestRedis(_RedisLike):
+    env_name = "KVSWAP_TEST_REDIS_URI"
+
+
+class TestValkey(_RedisLike):
+    env_name = "KVSWAP_TEST_VALKEY_URI"
+
+
+class TestS3(ConnectorSuite):
+    @pytest.fixture
+    def connector(self, unique: str) -> Iterator[Connector]:
+        base = env_or_skip("KVSWAP_TEST_S3_URI")
+        head, _, query = base.partition("?")
+        with open_connector(f"{head.rstrip('/')}/{unique}?{query}&multipart_min=6MiB&part_size=5MiB") as conn:
+            yield conn
+
+    @pytest.fixture
+    def corrupt(self, connector: Connector, unique: str) -> Callable[[str], None]:
+        from kvswap.testing.servers import S3_BUCKET, s3_client
+
+        endpoint = os.environ["KVSWAP_TEST_S3_ENDPOINT"]
+        client = s3_client(int(endpoint.rsplit(":", 1)[1]))
+
+        def flip(key: str) -> None:
+            name = f"{unique}/{key}"
+            data = client.get_object(Bucket=S3_BUCKET, Key=name)["Body"].read()
+            client.put_object(Bucket=S3_BUCKET, Key=name, Body=flip_byte(data))
+        return flip
