@@ -49,6 +49,16 @@ def _bin(name: str) -> str | None:
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None) -> None:
+    """Poll ``check`` until true; on failure stop ``proc`` (never leave it behind) and raise."""
+    try:
+        _poll(check, timeout, what, proc)
+    except BaseException:
+        if proc is not None:
+            stop_pid(proc.pid)
+        raise
+
+
+def _poll(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
