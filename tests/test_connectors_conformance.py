@@ -80,6 +80,29 @@ class _RedisLike(ConnectorSuite):
         return flip
 
 
+    def test_missing_chunk_under_current_manifest_is_integrity_error(self, connector: Connector) -> None:
+        from kvswap.connectors.redis import _decode_manifest
+        from kvswap.errors import IntegrityError
+
+        connector.put("v", bytes(3 << 20))
+        client = connector._client  # type: ignore[attr-defined]
+        header, _ = _decode_manifest(client.get(connector._manifest_key("v")), "v")  # type: ignore[attr-defined]
+        client.delete(connector._chunk_keys(header["id"], header["chunks"])[1])  # type: ignore[attr-defined]
+        with pytest.raises(IntegrityError, match="unchanged manifest"):
+            connector.get("v")
+
+    def test_overwritten_chunks_expire_and_unpublished_chunks_are_gone(self, connector: Connector) -> None:
+        client = connector._client  # type: ignore[attr-defined]
+        prefix = connector._prefix  # type: ignore[attr-defined]
+        connector.put("v", bytes(3 << 20))
+        first = set(client.scan_iter(match=f"{prefix}c/*"))
+        assert first and all(client.pttl(k) == -1 for k in first)  # published: no expiry
+        connector.put("v", bytes(3 << 20))
+        assert all(0 < client.pttl(k) <= 10_000 for k in first)  # retired: readable a while
+        connector.delete("v")
+        assert not set(client.scan_iter(match=f"{prefix}c/*")) - first
+
+
 class TestRedis(_RedisLike):
     env_name = "KVSWAP_TEST_REDIS_URI"
 

@@ -12,9 +12,11 @@ Layout under the namespace ``prefix`` (default ``kvswap:``):
 A put writes its chunks first (each with a short expiry, so a writer that dies leaves
 nothing behind for long), removes the expiries, and publishes the manifest last, in one
 ``SET``: a reader sees the whole value or none. Overwrites swap the manifest atomically
-(``SET ... GET``) and then drop the old chunks; a reader caught between the two re-reads
-the manifest. Chunks keep every Redis value far under its 512 MB cap and keep the server
-responsive; they are moved by several pipelined connections in parallel.
+(``SET ... GET``) and give the old chunks a short expiry (``retire_grace``), so readers
+of the old manifest finish; a reader that still misses a chunk re-reads the manifest.
+Chunks keep every Redis value far under its 512 MB cap and keep the server responsive;
+they are moved by several pipelined connections in parallel, and read replies land
+straight in the caller's buffer.
 
 redis-py's and valkey-py's C command packers copy large values (about 4x slower SETs,
 see notes/SERVICES.md); connections here keep the C reply parser but pack commands in
@@ -24,6 +26,7 @@ Python, which sends big values as separate buffers without copying.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import struct
 import uuid
@@ -47,7 +50,7 @@ from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_second
 MAGIC = b"KVSM"
 _HEADER = struct.Struct("<4sI")
 _HEADER_PROBE = 4096  # bytes of a manifest fetched to learn a value's size
-_READ_RETRIES = 3
+_READ_ATTEMPTS = 10
 
 _LIBRARIES = {"redis": "redis", "rediss": "redis", "valkey": "valkey", "valkeys": "valkey"}
 
@@ -88,6 +91,7 @@ class RedisConnector(Connector):
         "chunk_size": Option(parse_size, 4 << 20, "values larger than this are split into chunks"),
         "parallel": Option(parse_positive_int, 4, "connections moving one value's chunks in parallel"),
         "pending_ttl": Option(parse_seconds, 600.0, "expiry of chunks until their manifest is published"),
+        "retire_grace": Option(parse_seconds, 10.0, "seconds an overwritten value's chunks stay readable"),
         "max_connections": Option(parse_positive_int, 64, "connection pool size"),
         "tls_ca_file": Option(str, None, "CA bundle for rediss:// and valkeys://"),
         "tls_verify": Option(parse_bool, True, "verify the server's TLS certificate"),
@@ -125,6 +129,9 @@ class RedisConnector(Connector):
         self._client = lib.Redis(connection_pool=self._pool) if library == "redis" \
             else lib.Valkey(connection_pool=self._pool)
         self._threads: ThreadPoolExecutor | None = None
+        # valkey-py still requires a command name here; redis-py deprecates passing one.
+        needs_name = inspect.signature(self._pool.get_connection).parameters.get("command_name")
+        self._checkout_args = ("GET",) if needs_name and needs_name.default is inspect.Parameter.empty else ()
         self._prefix = opts["prefix"]
 
     # ---- layout -----------------------------------------------------------------
@@ -171,8 +178,9 @@ class RedisConnector(Connector):
         old = self._client.set(name, value, get=True)
         if old is not None:
             old_header, _ = _decode_manifest(old, key)
-            if old_header["chunks"]:
-                self._drop_quietly(self._chunk_keys(old_header["id"], old_header["chunks"]))
+            if old_header["chunks"]:  # retire, don't delete: readers of the old manifest finish
+                grace_ms = int(self.options["retire_grace"] * 1000)
+                self._pipelined([("pexpire", k, grace_ms) for k in self._chunk_keys(old_header["id"], old_header["chunks"])])
 
     def _drop_quietly(self, keys: list[str]) -> None:
         """Best-effort removal of chunks; their expiry or a later sweep covers failures."""
@@ -191,13 +199,17 @@ class RedisConnector(Connector):
         if lanes == 1:
             results = [self._run_pipeline(groups[0])]
         else:
-            if self._threads is None:
-                self._threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis")
-            results = [f.result() for f in [self._threads.submit(self._run_pipeline, g) for g in groups]]
+            pool = self._thread_pool()
+            results = [f.result() for f in [pool.submit(self._run_pipeline, g) for g in groups]]
         ordered: list[Any] = [None] * len(commands)
         for lane, lane_results in enumerate(results):
             ordered[lane::lanes] = lane_results
         return ordered
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis")
+        return self._threads
 
     def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
@@ -206,37 +218,46 @@ class RedisConnector(Connector):
                 pipe.set(name, args[0], px=args[1])
             elif op == "persist":
                 pipe.persist(name)
-            elif op == "get":
-                pipe.get(name)
-            elif op == "getrange":
-                pipe.getrange(name, args[0], args[1])
+            elif op == "pexpire":
+                pipe.pexpire(name, args[0])
         return pipe.execute()
 
     # ---- get ----------------------------------------------------------------------
 
     def _get(self, key: str, offset: int, length: int | None) -> Buffer:
-        for _ in range(_READ_RETRIES):
-            header, inline = self._manifest(key)
-            check_range(key, offset, header["size"])
-            count = header["size"] - offset if length is None else min(length, header["size"] - offset)
-            if not header["chunks"]:
-                return inline[offset:offset + count]
-            buffer = bytearray(count)
-            if self._read_chunks(key, header, memoryview(buffer), offset):
-                return buffer
-        raise IntegrityError(f"{key!r} on {self.uri}: chunks keep vanishing under a stable manifest")
+        return self._read(key, offset, length, None)
 
     def _read_into(self, key: str, buffer: memoryview, offset: int) -> int:
-        for _ in range(_READ_RETRIES):
+        return self._read(key, offset, None, buffer)
+
+    def _read(self, key: str, offset: int, length: int | None, buffer: memoryview | None) -> Any:
+        """A consistent read: the bytes of one manifest's value, into ``buffer`` if given.
+
+        A chunk missing under a manifest that since changed means an overwrite won the
+        race: read the new manifest. Missing under an unchanged manifest: corruption.
+        """
+        failed_id = None
+        for _ in range(_READ_ATTEMPTS):
             header, inline = self._manifest(key)
             check_range(key, offset, header["size"])
-            count = min(len(buffer), header["size"] - offset)
+            count = header["size"] - offset
+            if length is not None:
+                count = min(count, length)
+            if buffer is not None:
+                count = min(count, len(buffer))
             if not header["chunks"]:
+                if buffer is None:
+                    return inline[offset:offset + count]
                 buffer[:count] = inline[offset:offset + count]
                 return count
-            if self._read_chunks(key, header, buffer[:count], offset):
-                return count
-        raise IntegrityError(f"{key!r} on {self.uri}: chunks keep vanishing under a stable manifest")
+            target = memoryview(bytearray(count)) if buffer is None else buffer[:count]
+            if self._read_chunks(key, header, target, offset):
+                return target.obj if buffer is None else count
+            if header["id"] == failed_id:
+                raise IntegrityError(f"{key!r} on {self.uri}: a chunk is missing under an unchanged manifest "
+                                     "(evicted by maxmemory, or deleted behind kvswap's back)")
+            failed_id = header["id"]
+        raise BackendUnavailableError(f"{key!r} on {self.uri} was overwritten {_READ_ATTEMPTS} times while being read")
 
     def _manifest(self, key: str, probe: bool = False) -> tuple[dict[str, Any], memoryview]:
         with self._errors("reading", key):
@@ -253,23 +274,42 @@ class RedisConnector(Connector):
             return True
         first, last = offset // chunk, (offset + count - 1) // chunk
         names = self._chunk_keys(header["id"], header["chunks"])
-        commands = []
+        reads: list[tuple[tuple[Any, ...], memoryview]] = []
         for index in range(first, last + 1):
             start = max(offset, index * chunk) - index * chunk
             end = min(offset + count, (index + 1) * chunk) - index * chunk
+            target = out[index * chunk + start - offset:index * chunk + end - offset]
             whole = start == 0 and end == min(chunk, header["size"] - index * chunk)
-            commands.append(("get", names[index]) if whole else ("getrange", names[index], start, end - 1))
+            reads.append((("GET", names[index]) if whole else ("GETRANGE", names[index], start, end - 1), target))
+        lanes = min(self.options["parallel"], len(reads))
         with self._errors("reading", key):
-            values = self._pipelined(commands)
-        position = 0
-        for value in values:
-            if value is None or (not value and count):
-                return False
-            out[position:position + len(value)] = value
-            position += len(value)
-        if position != count:
-            raise IntegrityError(f"{key!r} on {self.uri}: chunks hold {position} bytes, manifest says {count}")
-        return True
+            if lanes == 1:
+                return self._read_lane(reads)
+            pool = self._thread_pool()
+            return all(f.result() for f in [pool.submit(self._read_lane, reads[i::lanes]) for i in range(lanes)])
+
+    def _read_lane(self, reads: list[tuple[tuple[Any, ...], memoryview]]) -> bool:
+        """Pipeline the reads on one connection; bulk replies land straight in their targets.
+
+        redis-py's parsers build a bytes object per reply that we would copy again; here the
+        socket fills the caller's buffer directly (about 2x the throughput). The connection
+        comes from the pool, so auth, TLS and db selection are the library's; if anything is
+        unexpected the connection is dropped, never reused half-read.
+        """
+        conn = self._pool.get_connection(*self._checkout_args)
+        healthy = False
+        try:
+            conn.send_packed_command(conn.pack_commands([command for command, _ in reads]))
+            sock = conn._sock
+            complete = True
+            for _, target in reads:
+                complete &= _read_bulk_into(sock, target)
+            healthy = True
+            return complete
+        finally:
+            if not healthy:
+                conn.disconnect()
+            self._pool.release(conn)
 
     def _size(self, key: str) -> int:
         header, _ = self._manifest(key, probe=True)
@@ -339,6 +379,40 @@ def _split(parts: list[memoryview], chunk: int) -> list[Any]:
     if pending:
         pieces.append(pending[0] if len(pending) == 1 else b"".join(pending))
     return pieces
+
+
+def _read_bulk_into(sock: Any, target: memoryview) -> bool:
+    """Read one RESP2/RESP3 bulk reply into ``target``; False for a null (missing key)."""
+    line = bytearray()
+    while not line.endswith(b"\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise ConnectionError("server closed the connection mid-reply")
+        line += byte
+    if line == b"_\r\n":  # RESP3 null: the chunk is gone
+        return False
+    if line[:1] == b"-":
+        raise ConnectionError(f"server error: {line[1:-2].decode(errors='replace')}")
+    if line[:1] != b"$":
+        raise ConnectionError(f"unexpected reply {bytes(line[:20])!r}")
+    length = int(line[1:-2])
+    if length < 0:
+        return False
+    if length != len(target):
+        raise IntegrityError(f"a chunk holds {length} bytes where its manifest says {len(target)}")
+    got = 0
+    while got < length:
+        count = sock.recv_into(target[got:], length - got)
+        if not count:
+            raise ConnectionError("server closed the connection mid-reply")
+        got += count
+    tail = b""
+    while len(tail) < 2:
+        more = sock.recv(2 - len(tail))
+        if not more:
+            raise ConnectionError("server closed the connection mid-reply")
+        tail += more
+    return True
 
 
 def _glob_escape(text: str) -> str:
