@@ -12,7 +12,7 @@ Layout under the namespace ``prefix`` (default ``kvswap:``):
 A put writes its chunks first (each with a short expiry, so a writer that dies leaves
 nothing behind for long), removes the expiries, and publishes the manifest last, in one
 ``SET``: a reader sees the whole value or none. Overwrites swap the manifest atomically
-(``SET ... GET``) and give the old chunks a short expiry (``retire_grace``), so readers
+(MULTI: read the old head, SET) and give the old chunks a short expiry (``retire_grace``), so readers
 of the old manifest finish; a reader that still misses a chunk re-reads the manifest.
 Chunks keep every Redis value far under its 512 MB cap and keep the server responsive;
 they are moved by several pipelined connections in parallel, and read replies land
@@ -175,9 +175,14 @@ class RedisConnector(Connector):
             if not self._client.set(name, value, nx=True):
                 raise AlreadyExistsError(f"{key!r} already exists on {self.uri}")
             return
-        old = self._client.set(name, value, get=True)
-        if old is not None:
-            old_header, _ = _decode_manifest(old, key)
+        if self._client.set(name, value, nx=True):
+            return  # a new key, the common case: one plain SET
+        pipe = self._client.pipeline(transaction=True)  # an overwrite: learn what it replaces
+        pipe.getrange(name, 0, _HEADER_PROBE - 1)
+        pipe.set(name, value)
+        old, _ = pipe.execute()
+        if old:
+            old_header, _ = _decode_manifest(old, key, partial=True)
             if old_header["chunks"]:  # retire, don't delete: readers of the old manifest finish
                 grace_ms = int(self.options["retire_grace"] * 1000)
                 self._pipelined([("pexpire", k, grace_ms) for k in self._chunk_keys(old_header["id"], old_header["chunks"])])

@@ -1,0 +1,246 @@
+"""Connector throughput against the raw ceiling of the same path, measured in the same run.
+
+    .venv/bin/python bench/connectors.py [--sizes 1MiB,64MiB] [--only file,redis,...]
+
+Starts its own servers on loopback (kvswap.testing.servers), then for each connector and
+value size measures put and get (into a preallocated buffer) throughput, and the ceiling:
+
+* file:// and the JuiceFS mount: one plain file written with write+fsync, read with readinto;
+* redis:// and valkey://: ``redis-benchmark`` with the same value size (the better of 1 and
+  ``parallel`` clients);
+* s3://: the bare clients, obstore (put / get) and boto3 (put_object / 8-way ranged get),
+  the better of the two; both are reported, which is how the S3 connector's client was
+  chosen;
+* mem://: a plain memory copy of the value.
+
+Prints connector / ceiling ratios and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kvswap.connectors import open_connector
+from kvswap.testing import servers
+from kvswap.uri import parse_size
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median seconds of each function, run round-robin after one warm-up each.
+
+    Interleaving matters on shared machines: the disk and CPUs have slow spells, and a
+    connector timed in one block and its ceiling in another would see different ones.
+    """
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+class FreshKeys:
+    """Put ``data`` under a new key each call (kvswap's blobs are written once)."""
+
+    def __init__(self, put: Callable[[str, bytes], object], data: bytes) -> None:
+        self.put, self.data, self.keys = put, data, []
+
+    def __call__(self) -> None:
+        self.keys.append(f"bench/value-{len(self.keys)}")
+        self.put(self.keys[-1], self.data)
+
+
+def measure(data: bytes, repeat: int, connector_uri: str,
+            ceiling_put: Callable[[str, bytes], object] | None,
+            ceiling_get: Callable[[str, memoryview], object] | None) -> dict[str, dict[str, float]]:
+    """Connector and ceiling put/get GB/s, interleaved. Ceilings take (key, data|buffer)."""
+    size = len(data)
+    buffer = bytearray(size)
+    with open_connector(connector_uri) as store:
+        puts = {"connector": FreshKeys(store.put, data)}
+        if ceiling_put is not None:
+            puts["ceiling"] = FreshKeys(ceiling_put, data)
+        put_seconds = interleaved(puts, repeat)
+        last = puts["connector"].keys[-1]
+        gets: dict[str, Callable[[], object]] = {"connector": lambda: store.get_into(last, buffer)}
+        if ceiling_get is not None:
+            ceiling_last = puts["ceiling"].keys[-1]
+            gets["ceiling"] = lambda: ceiling_get(ceiling_last, memoryview(buffer))
+        get_seconds = interleaved(gets, repeat)
+        store.get_into(last, buffer)
+        assert buffer == data, "read back differs"
+        store.delete_many(puts["connector"].keys)
+    return {name: {"put_gbps": gbps(size, put_seconds[name]), "get_gbps": gbps(size, get_seconds[name])}
+            for name in get_seconds}
+
+
+def plain_file_ops(directory: Path) -> tuple[Callable, Callable]:
+    """Plain fresh files: write, flush, fsync, close; read with readinto."""
+    def put(key: str, data: bytes) -> None:
+        with open(directory / key.replace("/", "-"), "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def get(key: str, buffer: memoryview) -> None:
+        with open(directory / key.replace("/", "-"), "rb", buffering=0) as handle:
+            handle.readinto(buffer)
+
+    return put, get
+
+
+def redis_benchmark_ceiling(port: int, size: int, clients: list[int]) -> dict[str, float]:
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
+    best = {"put_gbps": 0.0, "get_gbps": 0.0}
+    requests = max(16, min(2000, (2 << 30) // size))
+    for count in clients:
+        out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-t", "set,get", "-d", str(size),
+                              "-n", str(requests), "-c", str(count), "-q"],
+                             capture_output=True, text=True, timeout=600, check=True).stdout
+        for op, field in (("SET", "put_gbps"), ("GET", "get_gbps")):
+            rate = float(re.findall(rf"{op}: ([\d.]+) requests per second", out.replace("\r", "\n"))[-1])
+            best[field] = max(best[field], rate * size / 1e9)
+    return best
+
+
+def s3_bare_ops(port: int) -> tuple[Callable, Callable]:
+    """The bare obstore client: one put (it chooses multipart itself), one get."""
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(servers.S3_BUCKET, endpoint=f"http://127.0.0.1:{port}", region="us-east-1",
+                    access_key_id=servers.S3_ACCESS_KEY, secret_access_key=servers.S3_SECRET_KEY,
+                    client_options={"allow_http": True})
+
+    def get(key: str, buffer: memoryview) -> None:
+        buffer[:] = memoryview(obstore.get(store, f"bare/{key}").bytes())
+
+    return (lambda key, data: obstore.put(store, f"bare/{key}", data)), get
+
+
+def boto3_figures(port: int, data: bytes, repeat: int) -> dict[str, float]:
+    """boto3 put_object and an 8-way ranged get, for choosing the S3 client."""
+    client = servers.s3_client(port)
+    bucket, key, size = servers.S3_BUCKET, "bench/boto3", len(data)
+    step = max(1 << 20, -(-size // 8))
+    buffer = bytearray(size)
+
+    def ranged_get() -> None:
+        def fetch(start: int) -> None:
+            end = min(start + step, size) - 1
+            body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end}")["Body"].read()
+            buffer[start:start + len(body)] = body
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(fetch, range(0, size, step)))
+
+    seconds = interleaved({"put": lambda: client.put_object(Bucket=bucket, Key=key, Body=data)}, repeat)
+    seconds.update(interleaved({"get": ranged_get}, repeat))
+    return {"put_gbps": gbps(size, seconds["put"]), "get_gbps": gbps(size, seconds["get"])}
+
+
+def memory_ops() -> tuple[Callable, Callable]:
+    """put: copy into new memory (as a store must); get: copy into the buffer."""
+    kept: dict[str, bytes] = {}
+
+    def put(key: str, data: bytes) -> None:
+        kept[key] = bytes(memoryview(data))
+
+    def get(key: str, buffer: memoryview) -> None:
+        buffer[:] = kept[key]
+
+    return put, get
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1MiB,64MiB")
+    parser.add_argument("--only", default="file,juicefs,redis,valkey,s3,mem")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    backends = args.only.split(",")
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    state = Path(tempfile.mkdtemp(prefix="kvswap-bench-"))
+    needed = tuple(n for n in ("redis", "valkey", "s3", "juicefs") if n in backends)
+    env = servers.up(state / "servers", needed)
+    rows = []
+    try:
+        for size in sizes:
+            data = os.urandom(size)
+            repeat = args.repeat if size >= 16 << 20 else args.repeat * 10
+            for backend in backends:
+                row: dict = {"backend": backend, "size": size}
+                parallel = 4
+                if backend in ("file", "juicefs"):
+                    root = state / "file" if backend == "file" else Path(env["KVSWAP_TEST_JUICEFS_DIR"])
+                    (root / "plain").mkdir(parents=True, exist_ok=True)
+                    figures = measure(data, repeat, f"file://{root}/kvswap", *plain_file_ops(root / "plain"))
+                    row["ceiling_what"] = "plain fresh file write+fsync / readinto"
+                elif backend in ("redis", "valkey"):
+                    uri = env[f"KVSWAP_TEST_{backend.upper()}_URI"]
+                    figures = measure(data, repeat, f"{uri}?parallel={parallel}", None, None)
+                    port = int(uri.rsplit(":", 1)[1].split("/")[0])
+                    figures["ceiling"] = redis_benchmark_ceiling(port, size, [1, parallel])
+                    row["ceiling_what"] = f"redis-benchmark -d {size}, best of -c 1 and -c {parallel}"
+                elif backend == "s3":
+                    port = int(env["KVSWAP_TEST_S3_ENDPOINT"].rsplit(":", 1)[1])
+                    figures = measure(data, repeat, env["KVSWAP_TEST_S3_URI"], *s3_bare_ops(port))
+                    bare = {"obstore": figures["ceiling"], "boto3": boto3_figures(port, data, repeat)}
+                    row["bare_clients"] = bare
+                    figures["ceiling"] = {f: max(bare["obstore"][f], bare["boto3"][f]) for f in ("put_gbps", "get_gbps")}
+                    row["ceiling_what"] = "bare obstore put/get or boto3 put_object/8-way ranged get, the better"
+                elif backend == "mem":
+                    figures = measure(data, repeat, "mem://", *memory_ops())
+                    row["ceiling_what"] = "copy into new memory (put) / into a buffer (get)"
+                else:
+                    raise SystemExit(f"unknown backend {backend}")
+                row["connector"], row["ceiling"] = figures["connector"], figures["ceiling"]
+                row["ratio"] = {f: row["connector"][f] / row["ceiling"][f] for f in ("put_gbps", "get_gbps")}
+                rows.append(row)
+                c, k, r = row["connector"], row["ceiling"], row["ratio"]
+                print(f"{backend:8} {size >> 20:>4} MiB  put {c['put_gbps']:6.2f} GB/s / {k['put_gbps']:6.2f} = "
+                      f"{r['put_gbps']:5.2f}   get {c['get_gbps']:6.2f} GB/s / {k['get_gbps']:6.2f} = {r['get_gbps']:5.2f}"
+                      + (f"   [obstore put {bare['obstore']['put_gbps']:.2f} get {bare['obstore']['get_gbps']:.2f};"
+                         f" boto3 put {bare['boto3']['put_gbps']:.2f} get {bare['boto3']['get_gbps']:.2f}]"
+                         if backend == "s3" else ""), flush=True)
+    finally:
+        servers.down(state / "servers")
+        shutil.rmtree(state, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    record = {"benchmark": "connectors", "when": stamp, "machine": {"host": platform.node(), "cpus": os.cpu_count(),
+              "python": sys.version.split()[0]}, "rows": rows}
+    path = args.out / f"connectors-{stamp}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
