@@ -28,7 +28,7 @@ class TestFile(ConnectorSuite):
         return lambda key: _flip_file(Path(connector.root) / key)
 
 
-class TestJuiceFS(ConnectorSuite):
+class TestJuiceFS(TestFile):
     """file:// on a mounted JuiceFS file system (the shared-FS case, like 3FS)."""
 
     @pytest.fixture
@@ -36,10 +36,6 @@ class TestJuiceFS(ConnectorSuite):
         mount = env_or_skip("KVSWAP_TEST_JUICEFS_DIR")
         with open_connector(f"file://{mount}/{unique}?parallel_min=1MiB&io_chunk=256KiB") as conn:
             yield conn
-
-    @pytest.fixture
-    def corrupt(self, connector: Connector) -> Callable[[str], None]:
-        return lambda key: _flip_file(Path(connector.root) / key)
 
 
 class TestMem(ConnectorSuite):
