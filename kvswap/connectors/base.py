@@ -27,7 +27,7 @@ import abc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, Union
 
-from kvswap.errors import BackendUnavailableError, InvalidKeyError, KVSwapError, NotFoundError
+from kvswap.errors import BackendUnavailableError, IntegrityError, InvalidKeyError, NotFoundError
 from kvswap.uri import URI, Option
 
 PutMode = Literal["overwrite", "create"]
@@ -146,7 +146,7 @@ class Connector(abc.ABC):
         buffer = bytearray(want)
         got = self._read_into(key, memoryview(buffer), offset)
         if got != want:
-            raise KVSwapError(f"{key!r} changed size while being read ({got} of {want} bytes)")
+            raise IntegrityError(f"{key!r} changed size while being read ({got} of {want} bytes)")
         return buffer
 
     # ---- the public contract -----------------------------------------------------

@@ -13,11 +13,11 @@ uses ``If-None-Match: *``, which the store must support.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
-from kvswap.connectors.base import Buffer, Connector, PutMode, check_range
+from kvswap.connectors.base import Buffer, Connector, PutMode, check_range, validate_key
 from kvswap.errors import (
     AlreadyExistsError,
     BackendUnavailableError,
@@ -146,13 +146,13 @@ class S3Connector(Connector):
                     if meta["path"].startswith(prefix):
                         yield meta["path"]
 
-    def delete_many(self, keys: Any) -> None:
-        keys = [k for k in keys]
-        for key in keys:
-            self._check_open()
-        with self._errors("deleting", f"{len(keys)} keys"):
-            if keys:
-                self._obstore.delete(self._store, keys)
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """One bulk DELETE request per 1000 keys instead of a request per key."""
+        self._check_open()
+        names = [validate_key(key) for key in keys]
+        with self._errors("deleting", f"{len(names)} keys"):
+            for start in range(0, len(names), 1000):
+                self._obstore.delete(self._store, names[start:start + 1000])
 
     def close(self) -> None:
         self._closed = True

@@ -207,6 +207,8 @@ class ConnectorSuite:
             connector.get_many(["batch/0", "batch/missing"])
         connector.delete_many(list(items)[:10])
         assert sorted(connector.list("batch/")) == sorted(list(items)[10:])
+        with pytest.raises(InvalidKeyError):
+            connector.delete_many(["batch/10", "../escape"])
 
     def test_blob_roundtrip_and_corruption(self, connector: Connector, corrupt: Callable[[str], None]) -> None:
         import torch
