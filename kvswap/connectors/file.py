@@ -101,11 +101,11 @@ class FileConnector(Connector):
     # ---- walking keys safely ------------------------------------------------------
 
     def _split(self, key: str) -> tuple[list[str], str]:
-        *dirs, name = key.split("/")
-        for segment in key.split("/"):
+        segments = key.split("/")
+        for segment in segments:
             if len(segment.encode()) > NAME_MAX:
                 raise InvalidKeyError(f"key segment longer than {NAME_MAX} bytes on file://: {segment[:40]!r}...")
-        return dirs, name
+        return segments[:-1], segments[-1]
 
     def _open_dirs(self, dirs: list[str], create: bool) -> int:
         """An fd of the key's directory, walked without following any symlink."""
@@ -177,18 +177,29 @@ class FileConnector(Connector):
             finally:
                 os.close(dir_fd)
 
+    def _get(self, key: str, offset: int, length: int | None) -> bytearray:
+        with self._opened(key) as (fd, size):  # one walk and open, not size() then read
+            check_range(key, offset, size)
+            buffer = bytearray(size - offset if length is None else min(length, size - offset))
+            self._fill(key, fd, memoryview(buffer), offset)
+            return buffer
+
     def _read_into(self, key: str, buffer: memoryview, offset: int) -> int:
         with self._opened(key) as (fd, size):
             check_range(key, offset, size)
             count = min(len(buffer), size - offset)
-            chunk = self.options["io_chunk"]
-            with _os_errors(f"reading {key!r} in {self.uri}"):
-                if count >= self.options["parallel_min"] and self.options["threads"] > 1:
-                    tasks = [(buffer[s:min(s + chunk, count)], offset + s) for s in range(0, count, chunk)]
-                    self._run_parallel(lambda task: _pread_exact(fd, *task, key), tasks)
-                else:
-                    _pread_exact(fd, buffer[:count], offset, key)
+            self._fill(key, fd, buffer[:count], offset)
             return count
+
+    def _fill(self, key: str, fd: int, target: memoryview, offset: int) -> None:
+        """Fill ``target`` from ``offset``; on several threads when it is large."""
+        count, chunk = len(target), self.options["io_chunk"]
+        with _os_errors(f"reading {key!r} in {self.uri}"):
+            if count >= self.options["parallel_min"] and self.options["threads"] > 1:
+                tasks = [(target[s:min(s + chunk, count)], offset + s) for s in range(0, count, chunk)]
+                self._run_parallel(lambda task: _pread_exact(fd, *task, key), tasks)
+            else:
+                _pread_exact(fd, target, offset, key)
 
     def _size(self, key: str) -> int:
         with self._opened(key) as (_, size):

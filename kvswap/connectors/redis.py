@@ -11,9 +11,10 @@ Layout under the namespace ``prefix`` (default ``kvswap:``):
 
 A put writes its chunks first (each with a short expiry, so a writer that dies leaves
 nothing behind for long), removes the expiries, and publishes the manifest last, in one
-``SET``: a reader sees the whole value or none. Overwrites swap the manifest atomically
-(MULTI: read the old head, SET) and give the old chunks a short expiry (``retire_grace``), so readers
-of the old manifest finish; a reader that still misses a chunk re-reads the manifest.
+``SET``: a reader sees the whole value or none. A new key is one ``SET NX``; an
+overwrite swaps the manifest atomically (MULTI: read the old head, SET) and gives the old
+chunks a short expiry (``retire_grace``), so readers of the old manifest finish; a reader
+that still misses a chunk re-reads the manifest.
 Chunks keep every Redis value far under its 512 MB cap and keep the server responsive;
 they are moved by several pipelined connections in parallel, and read replies land
 straight in the caller's buffer.
@@ -185,7 +186,8 @@ class RedisConnector(Connector):
             old_header, _ = _decode_manifest(old, key, partial=True)
             if old_header["chunks"]:  # retire, don't delete: readers of the old manifest finish
                 grace_ms = int(self.options["retire_grace"] * 1000)
-                self._pipelined([("pexpire", k, grace_ms) for k in self._chunk_keys(old_header["id"], old_header["chunks"])])
+                old_chunks = self._chunk_keys(old_header["id"], old_header["chunks"])
+                self._pipelined([("pexpire", k, grace_ms) for k in old_chunks])
 
     def _drop_quietly(self, keys: list[str]) -> None:
         """Best-effort removal of chunks; their expiry or a later sweep covers failures."""
@@ -199,22 +201,20 @@ class RedisConnector(Connector):
         """Run commands over up to ``parallel`` pipelined connections; results in order."""
         if not commands:
             return []
-        lanes = min(self.options["parallel"], len(commands))
-        groups = [commands[i::lanes] for i in range(lanes)]
-        if lanes == 1:
-            results = [self._run_pipeline(groups[0])]
-        else:
-            pool = self._thread_pool()
-            results = [f.result() for f in [pool.submit(self._run_pipeline, g) for g in groups]]
+        results = self._across_lanes(self._run_pipeline, commands)
         ordered: list[Any] = [None] * len(commands)
         for lane, lane_results in enumerate(results):
-            ordered[lane::lanes] = lane_results
+            ordered[lane::len(results)] = lane_results
         return ordered
 
-    def _thread_pool(self) -> ThreadPoolExecutor:
+    def _across_lanes(self, run: Any, items: list[Any]) -> list[Any]:
+        """``run`` each lane ``items[i::lanes]`` on its own connection; results by lane."""
+        lanes = min(self.options["parallel"], len(items))
+        if lanes == 1:
+            return [run(items)]
         if self._threads is None:
             self._threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis")
-        return self._threads
+        return [f.result() for f in [self._threads.submit(run, items[i::lanes]) for i in range(lanes)]]
 
     def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
@@ -286,12 +286,8 @@ class RedisConnector(Connector):
             target = out[index * chunk + start - offset:index * chunk + end - offset]
             whole = start == 0 and end == min(chunk, header["size"] - index * chunk)
             reads.append((("GET", names[index]) if whole else ("GETRANGE", names[index], start, end - 1), target))
-        lanes = min(self.options["parallel"], len(reads))
         with self._errors("reading", key):
-            if lanes == 1:
-                return self._read_lane(reads)
-            pool = self._thread_pool()
-            return all(f.result() for f in [pool.submit(self._read_lane, reads[i::lanes]) for i in range(lanes)])
+            return all(self._across_lanes(self._read_lane, reads))
 
     def _read_lane(self, reads: list[tuple[tuple[Any, ...], memoryview]]) -> bool:
         """Pipeline the reads on one connection; bulk replies land straight in their targets.
