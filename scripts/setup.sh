@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up kvswap in ./.venv (idempotent). With --test, also the test tools and the
-# Debian servers the tests start (redis-server, FUSE for JuiceFS).
+# Debian servers the tests start (redis-server, PostgreSQL, MariaDB, etcd, FUSE for JuiceFS).
 # torch==2.13.0 is installed first, exactly so: on these machines that takes the CPU
 # wheel on disk, where any other torch spec would pull GBs of CUDA wheels.
 set -euo pipefail
@@ -14,6 +14,9 @@ if [[ "$extras" == *test* ]]; then
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-benchmark >/dev/null || missing+=(redis-tools)
   command -v fusermount3 >/dev/null || missing+=(fuse3)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+  command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)
+  command -v etcd >/dev/null || missing+=(etcd-server)
   if ((${#missing[@]})); then
     echo "setup: apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -19,15 +19,12 @@ Chunks keep every Redis value far under its 512 MB cap and keep the server respo
 they are moved by several pipelined connections in parallel, and read replies land
 straight in the caller's buffer.
 
-redis-py's and valkey-py's C command packers copy large values (about 4x slower SETs,
-see notes/SERVICES.md); connections here keep the C reply parser but pack commands in
-Python, which sends big values as separate buffers without copying.
+Client construction (library by scheme, Python command packing) is shared with the meta
+store: :mod:`kvswap.redis_client`.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import struct
 import uuid
@@ -41,98 +38,37 @@ from kvswap.errors import (
     BackendUnavailableError,
     ConfigError,
     IntegrityError,
-    KVSwapError,
     NotFoundError,
-    StorageFullError,
     translate_errors,
 )
-from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_seconds, parse_size
+from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
+from kvswap.uri import URI, Option, parse_positive_int, parse_seconds, parse_size
 
 MAGIC = b"KVSM"
 _HEADER = struct.Struct("<4sI")
 _HEADER_PROBE = 4096  # bytes of a manifest fetched to learn a value's size
 _READ_ATTEMPTS = 10
 
-_LIBRARIES = {"redis": "redis", "rediss": "redis", "valkey": "valkey", "valkeys": "valkey"}
-
-
-def _connection_classes(lib: Any) -> tuple[type, type]:
-    """Connection classes of ``lib`` that pack commands in Python (see module doc)."""
-
-    def _construct_command_packer(self: Any, packer: Any) -> Any:
-        return packer or lib.connection.PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
-
-    plain = type("PythonPackConnection", (lib.connection.Connection,),
-                 {"_construct_command_packer": _construct_command_packer})
-    tls = type("PythonPackSSLConnection", (lib.connection.SSLConnection,),
-               {"_construct_command_packer": _construct_command_packer})
-    return plain, tls
-
-
-def _error_table(lib: Any) -> dict[type[BaseException], type[KVSwapError]]:
-    exc = lib.exceptions
-    return {
-        exc.AuthenticationError: ConfigError,
-        exc.AuthorizationError: ConfigError,
-        exc.NoPermissionError: ConfigError,
-        exc.OutOfMemoryError: StorageFullError,
-        exc.ConnectionError: BackendUnavailableError,
-        exc.TimeoutError: BackendUnavailableError,
-        exc.RedisError if hasattr(exc, "RedisError") else exc.ValkeyError: BackendUnavailableError,
-        OSError: BackendUnavailableError,
-    }
-
-
 class RedisConnector(Connector):
     OPTIONS = {
-        "timeout": Option(parse_seconds, 10.0, "seconds to wait for any reply"),
-        "connect_timeout": Option(parse_seconds, 5.0, "seconds to wait for a connection"),
+        **CLIENT_OPTIONS,
         "retries": Option(int, 1, "retries of a command after a connection error or timeout"),
         "prefix": Option(str, "kvswap:", "namespace of every key this connector writes"),
         "chunk_size": Option(parse_size, 4 << 20, "values larger than this are split into chunks"),
         "parallel": Option(parse_positive_int, 4, "connections moving one value's chunks in parallel"),
         "pending_ttl": Option(parse_seconds, 600.0, "expiry of chunks until their manifest is published"),
         "retire_grace": Option(parse_seconds, 10.0, "seconds an overwritten value's chunks stay readable"),
-        "max_connections": Option(parse_positive_int, 64, "connection pool size"),
-        "tls_ca_file": Option(str, None, "CA bundle for rediss:// and valkeys://"),
-        "tls_verify": Option(parse_bool, True, "verify the server's TLS certificate"),
     }
 
     def __init__(self, uri: URI, **options: Any) -> None:
         super().__init__(uri, **options)
-        library = _LIBRARIES[uri.scheme]
-        lib = importlib.import_module(library)
-        self._errors_table = _error_table(lib)
         opts = self.options
         if opts["chunk_size"] > 256 << 20:
             raise ConfigError("chunk_size must be at most 256MiB (Redis caps a value at 512MB)")
-        if opts["retries"] < 0:
-            raise ConfigError("retries must be >= 0")
-        db = 0
-        if uri.path not in ("", "/"):
-            try:
-                db = int(uri.path.strip("/"))
-            except ValueError:
-                raise ConfigError(f"the path of {uri} must be a database number, like /0") from None
-        if not uri.host:
-            raise ConfigError(f"{uri.scheme}:// needs a host, like {uri.scheme}://127.0.0.1:6379/0")
-        plain, tls = _connection_classes(lib)
-        kwargs: dict[str, Any] = dict(
-            host=uri.host, port=uri.port or 6379, db=db, username=uri.username, password=uri.password,
-            socket_timeout=opts["timeout"], socket_connect_timeout=opts["connect_timeout"],
-            retry=lib.retry.Retry(lib.backoff.ExponentialBackoff(cap=1.0, base=0.05), opts["retries"]),
-            max_connections=opts["max_connections"], connection_class=plain,
-        )
-        if uri.scheme in ("rediss", "valkeys"):
-            kwargs.update(connection_class=tls, ssl_ca_certs=opts["tls_ca_file"],
-                          ssl_cert_reqs="required" if opts["tls_verify"] else "none")
-        self._pool = lib.ConnectionPool(**kwargs)
-        self._client = lib.Redis(connection_pool=self._pool) if library == "redis" \
-            else lib.Valkey(connection_pool=self._pool)
+        self._redis = RedisClient(uri, opts, opts["retries"])
+        self._errors_table = self._redis.errors
+        self._pool, self._client, self._checkout_args = self._redis.pool, self._redis.client, self._redis.checkout_args
         self._threads: ThreadPoolExecutor | None = None
-        # valkey-py still requires a command name here; redis-py deprecates passing one.
-        needs_name = inspect.signature(self._pool.get_connection).parameters.get("command_name")
-        self._checkout_args = ("GET",) if needs_name and needs_name.default is inspect.Parameter.empty else ()
         self._prefix = opts["prefix"]
 
     # ---- layout -----------------------------------------------------------------

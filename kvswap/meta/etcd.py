@@ -1,0 +1,421 @@
+"""``etcd://host:2379/prefix``: transactions for compare-and-swap, etcd leases for ownership.
+
+Client: etcd's v3 gRPC API through ``grpcio`` with the generated stubs that the maintained
+``aetcd`` package ships (``aetcd.rpc``), called synchronously. The ``etcd3`` package does not
+import with today's protobuf (notes/SERVICES.md); aetcd's own client is asyncio-only and
+lacks range limits, which paging needs; its stubs work with protobuf 7 as installed.
+
+Keys under ``prefix/``: ``s/{id}`` the session (JSON, with its entry count),
+``e/{id}\\x00{seq:010d}`` one entry each (ids cannot contain NUL, so one session's range
+never reaches another's), ``l/{id}`` the lease holder, attached to an etcd lease so the
+server deletes it when the lease expires (etcd grants whole seconds, at least 2).
+
+Every change is one transaction guarded by the session key's ``mod_revision`` as read; a
+store remembers the revision of each session it last wrote, so an append that follows its
+own previous write is a single round trip. ``expired`` scans every session (O(sessions)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from kvswap.errors import (
+    AlreadyExistsError,
+    BackendUnavailableError,
+    ConfigError,
+    KVSwapError,
+    VersionConflictError,
+)
+from kvswap.meta.base import (
+    UNSET,
+    Entry,
+    EntrySpec,
+    LeaseError,
+    MetaStore,
+    Session,
+    SessionFilter,
+    SessionPage,
+    check_limit,
+    check_version,
+    decode_cursor,
+    encode_attrs,
+    encode_cursor,
+    entry_from_json,
+    entry_to_json,
+    not_found,
+    session_from_fields,
+    validate_session_id,
+)
+from kvswap.uri import URI, Option, parse_seconds
+
+_CACHE_LIMIT = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    """A session as read, with what a guarded write needs."""
+
+    session: Session
+    revision: int  # mod_revision of the session key
+    entry_count: int
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key starting with ``prefix`` (etcd's range_end idiom)."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+class EtcdMetaStore(MetaStore):
+    OPTIONS = {
+        "timeout": Option(parse_seconds, 10.0, "seconds any etcd call may take"),
+    }
+
+    def __init__(self, uri: URI, **options: Any) -> None:
+        super().__init__(uri, **options)
+        import grpc  # noqa: PLC0415 - optional driver
+        from aetcd import rpc  # noqa: PLC0415
+
+        self._grpc, self._rpc = grpc, rpc
+        if not uri.host:
+            raise ConfigError(f"etcd:// needs a host, like etcd://127.0.0.1:2379/kvswap, not {uri}")
+        name = uri.path.strip("/")
+        if not name or "\x00" in name:
+            raise ConfigError(f"etcd:// needs a key prefix as its path, like etcd://127.0.0.1:2379/kvswap, not {uri}")
+        self._root = name.encode("utf-8") + b"/"
+        self._timeout = self.options["timeout"]
+        self._channel = grpc.insecure_channel(f"{uri.host}:{uri.port or 2379}")
+        self._kv = rpc.KVStub(self._channel)
+        self._leases = rpc.LeaseStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._cache: dict[str, _Read] = {}
+        self._cache_lock = threading.Lock()
+        if uri.username is not None:
+            with self._errors("authenticating"):
+                reply = rpc.AuthStub(self._channel).Authenticate(
+                    rpc.AuthenticateRequest(name=uri.username, password=uri.password or ""), timeout=self._timeout)
+            self._metadata = (("token", reply.token),)
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except KVSwapError:
+            raise
+        except self._grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            kind: type[KVSwapError] = BackendUnavailableError
+            if code in (self._grpc.StatusCode.UNAUTHENTICATED, self._grpc.StatusCode.PERMISSION_DENIED,
+                        self._grpc.StatusCode.INVALID_ARGUMENT):
+                kind = ConfigError
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise kind(f"{what} on {self.uri}: {code.name if code else 'RpcError'}: {detail}") from exc
+
+    def _key(self, kind: str, session_id: str) -> bytes:
+        return self._root + kind.encode() + b"/" + session_id.encode("utf-8")
+
+    def _entries_prefix(self, session_id: str) -> bytes:
+        return self._key("e", session_id) + b"\x00"
+
+    def _entry_key(self, session_id: str, seq: int) -> bytes:
+        return self._entries_prefix(session_id) + b"%010d" % seq
+
+    def _call(self, method: Any, request: Any, what: str) -> Any:
+        with self._errors(what):
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+
+    def _range(self, key: bytes, end: bytes | None = None, limit: int = 0) -> Any:
+        return self._rpc.RangeRequest(key=key, range_end=end or b"", limit=limit)
+
+    def _txn(self, what: str, compare: list[Any], success: list[Any], failure: list[Any] = ()) -> Any:
+        ops = [self._op(op) for op in success]
+        fail_ops = [self._op(op) for op in failure]
+        return self._call(self._kv.Txn, self._rpc.TxnRequest(compare=compare, success=ops, failure=fail_ops), what)
+
+    def _op(self, request: Any) -> Any:
+        rpc = self._rpc
+        if isinstance(request, rpc.RangeRequest):
+            return rpc.RequestOp(request_range=request)
+        if isinstance(request, rpc.PutRequest):
+            return rpc.RequestOp(request_put=request)
+        return rpc.RequestOp(request_delete_range=request)
+
+    def _compare(self, key: bytes, target: str, value: int, result: str = "EQUAL") -> Any:
+        rpc = self._rpc
+        field = {"MOD": "mod_revision", "CREATE": "create_revision", "VERSION": "version"}[target]
+        return rpc.Compare(key=key, target=getattr(rpc.Compare, target), result=getattr(rpc.Compare, result),
+                           **{field: value})
+
+    def _put(self, key: bytes, value: str | bytes, lease: int = 0) -> Any:
+        return self._rpc.PutRequest(key=key, value=value.encode() if isinstance(value, str) else value, lease=lease)
+
+    def _delete_range(self, key: bytes, end: bytes | None = None) -> Any:
+        return self._rpc.DeleteRangeRequest(key=key, range_end=end or b"")
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def _decode(self, session_id: str, kv: Any, lease_kv: Any | None) -> _Read:
+        fields = json.loads(kv.value)
+        count = fields.pop("entry_count")
+        fields["id"] = session_id
+        if lease_kv is not None:
+            lease = json.loads(lease_kv.value)
+            if lease["expires"] > self.now():
+                fields["owner"], fields["lease_expires"] = lease["owner"], lease["expires"]
+        return _Read(session_from_fields(fields), kv.mod_revision, count)
+
+    def _read(self, session_id: str, with_entries: bool = False) -> tuple[_Read, list[Entry]]:
+        """Session (and entries) in one consistent transaction; NotFoundError if missing."""
+        validate_session_id(session_id)
+        ops = [self._range(self._key("s", session_id)), self._range(self._key("l", session_id))]
+        if with_entries:
+            prefix = self._entries_prefix(session_id)
+            ops.append(self._range(prefix, _prefix_end(prefix)))
+        reply = self._txn(f"reading session {session_id!r}", [], ops)
+        ranges = [r.response_range.kvs for r in reply.responses]
+        if not ranges[0]:
+            self._forget(session_id)
+            raise not_found(session_id)
+        read = self._decode(session_id, ranges[0][0], ranges[1][0] if ranges[1] else None)
+        entries = [entry_from_json(kv.value) for kv in ranges[2]] if with_entries else []
+        return read, entries
+
+    def _remember(self, read: _Read) -> None:
+        with self._cache_lock:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[read.session.id] = read
+
+    def _forget(self, session_id: str) -> None:
+        with self._cache_lock:
+            self._cache.pop(session_id, None)
+
+    def _guarded(self, session_id: str, expected_version: int | None, plan: Any, with_entries: bool = False,
+                 use_cache: bool = False) -> tuple[Session | None, Any]:
+        """Read (or reuse a remembered read), ``plan(read, entries) -> (ops, after, extra)``, and
+        commit ``ops`` if the session key did not change since; on a lost race read again.
+
+        ``after`` is the session's new state (None when deleted) with its entry count. Returns
+        ``(session after, with its current lease; extra)``."""
+        validate_session_id(session_id)
+        lease_key = self._key("l", session_id)
+        while True:
+            with self._cache_lock:
+                cached = self._cache.get(session_id) if use_cache else None
+            if cached is not None and cached.session.version == expected_version:
+                read, entries = cached, []
+            else:
+                read, entries = self._read(session_id, with_entries)
+            if expected_version is not None:
+                check_version(read.session, expected_version)
+            ops, after, extra = plan(read, entries)
+            key = self._key("s", session_id)
+            reply = self._txn(f"writing session {session_id!r}", [self._compare(key, "MOD", read.revision)],
+                              [*ops, self._range(lease_key)])
+            if not reply.succeeded:
+                self._forget(session_id)  # someone else wrote: look again (a version conflict, usually)
+                continue
+            if after is None:
+                self._forget(session_id)
+                return None, extra
+            self._remember(dataclasses.replace(after, revision=reply.header.revision))
+            lease = reply.responses[-1].response_range.kvs
+            holder = json.loads(lease[0].value) if lease else None
+            session = dataclasses.replace(after.session, owner=None, lease_expires=None)
+            if holder is not None and holder["expires"] > self.now():
+                session = dataclasses.replace(session, owner=holder["owner"], lease_expires=holder["expires"])
+            return session, extra
+
+    def _session_value(self, session: Session, entry_count: int) -> str:
+        fields = {f.name: getattr(session, f.name) for f in dataclasses.fields(Session)
+                  if f.name not in ("id", "owner", "lease_expires")}
+        fields["attrs"] = encode_attrs(session.attrs)
+        fields["entry_count"] = entry_count
+        return json.dumps(fields, separators=(",", ":"))
+
+    # ---- the contract -----------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Session:
+        return self._read(session_id)[0].session
+
+    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
+               attrs: Mapping[str, Any] | None = None) -> Session:
+        session = self._new_session(session_id, fingerprint, ttl, attrs)
+        key = self._key("s", session_id)
+        prefix = self._entries_prefix(session_id)
+        reply = self._txn(f"creating session {session_id!r}", [self._compare(key, "CREATE", 0)],
+                          [self._put(key, self._session_value(session, 0)),
+                           self._delete_range(prefix, _prefix_end(prefix))])
+        if not reply.succeeded:
+            raise AlreadyExistsError(f"session {session_id!r} already exists")
+        self._remember(_Read(session, reply.header.revision, 0))
+        return session
+
+    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
+               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
+        def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, None]:
+            new = self._updated(read.session, expected_version, fingerprint, ttl, attrs)
+            ops = [self._put(self._key("s", session_id), self._session_value(new, read.entry_count))]
+            return ops, dataclasses.replace(read, session=new), None
+
+        return self._guarded(session_id, expected_version, plan, use_cache=True)[0]
+
+    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
+        def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, Entry]:
+            new, entry = self._appended(read.session, expected_version, spec, read.entry_count)
+            ops = [self._put(self._entry_key(session_id, entry.seq), entry_to_json(entry)),
+                   self._put(self._key("s", session_id), self._session_value(new, read.entry_count + 1))]
+            return ops, _Read(new, 0, read.entry_count + 1), entry
+
+        return self._guarded(session_id, expected_version, plan, use_cache=True)
+
+    def entries(self, session_id: str) -> list[Entry]:
+        return self._read(session_id, with_entries=True)[1]
+
+    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
+        def plan(read: _Read, entries: list[Entry]) -> tuple[list[Any], _Read, list[Entry]]:
+            new, kept, removed = self._truncated(read.session, expected_version, token_offset, entries)
+            ops = [self._put(self._key("s", session_id), self._session_value(new, len(kept)))]
+            if removed:
+                ops.append(self._delete_range(self._entry_key(session_id, len(kept)),
+                                              _prefix_end(self._entries_prefix(session_id))))
+            return ops, _Read(new, 0, len(kept)), removed
+
+        return self._guarded(session_id, expected_version, plan, with_entries=True)
+
+    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
+        def plan(read: _Read, entries: list[Entry]) -> tuple[list[Any], None, list[Entry]]:
+            prefix = self._entries_prefix(session_id)
+            ops = [self._delete_range(self._key("s", session_id)), self._delete_range(prefix, _prefix_end(prefix)),
+                   self._delete_range(self._key("l", session_id))]
+            return ops, None, entries
+
+        return self._guarded(session_id, expected_version, plan, with_entries=True)[1]
+
+    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
+                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
+        check_limit(limit)
+        wanted = SessionFilter(owner, idle_since, fingerprint)
+        page: list[Session] = []
+        for batch, more in self._session_batches(decode_cursor(cursor), max(limit, 100)):
+            for position, session in enumerate(batch):
+                if wanted.matches(session):
+                    page.append(session)
+                    if len(page) == limit:
+                        rest = more or position + 1 < len(batch)
+                        return SessionPage(page, encode_cursor(session.id) if rest else None)
+        return SessionPage(page, None)
+
+    def _session_batches(self, after: str | None, size: int) -> Iterator[tuple[list[Session], bool]]:
+        """Sessions after ``after`` in byte order, ``size`` at a time (with their leases)."""
+        base = self._root + b"s/"
+        start = base if after is None else self._key("s", after) + b"\x00"
+        lease_base = self._root + b"l/"
+        while True:
+            reply = self._call(self._kv.Range, self._range(start, _prefix_end(base), size), "listing sessions")
+            kvs = list(reply.kvs)
+            if not kvs:
+                return
+            ids = [kv.key[len(base):].decode("utf-8") for kv in kvs]
+            leases_reply = self._call(self._kv.Range, self._range(
+                lease_base + ids[0].encode("utf-8"), lease_base + ids[-1].encode("utf-8") + b"\x00"), "listing leases")
+            leases = {kv.key[len(lease_base):].decode("utf-8"): kv for kv in leases_reply.kvs}
+            yield [self._decode(i, kv, leases.get(i)).session for i, kv in zip(ids, kvs)], reply.more
+            if not reply.more:
+                return
+            start = kvs[-1].key + b"\x00"
+
+    def expired(self, limit: int = 1000) -> list[Session]:
+        now, found = self.now(), []
+        for batch, _ in self._session_batches(None, 1000):
+            found.extend(s for s in batch if s.is_expired(now))
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    # ---- leases -------------------------------------------------------------------------------
+
+    def _lease_state(self, session_id: str) -> tuple[bool, Any]:
+        """(session exists, lease key-value or None)."""
+        validate_session_id(session_id)
+        reply = self._txn(f"reading the lease of {session_id!r}", [],
+                          [self._range(self._key("s", session_id)), self._range(self._key("l", session_id))])
+        session_kvs, lease_kvs = (r.response_range.kvs for r in reply.responses)
+        return bool(session_kvs), (lease_kvs[0] if lease_kvs else None)
+
+    def _grant(self, ttl: float) -> tuple[int, float]:
+        reply = self._call(self._leases.LeaseGrant, self._rpc.LeaseGrantRequest(TTL=max(2, math.ceil(ttl))),
+                           "granting a lease")
+        return reply.ID, float(reply.TTL)
+
+    def _revoke(self, lease_id: int) -> None:
+        with contextlib.suppress(BackendUnavailableError, ConfigError):  # it expires anyway
+            self._call(self._leases.LeaseRevoke, self._rpc.LeaseRevokeRequest(ID=lease_id), "revoking a lease")
+
+    def _take(self, session_id: str, owner: str, ttl: float, held: Any | None) -> Session:
+        """Put the lease key for ``owner`` if it is still as seen (``held``: its key-value or
+        None for absent) and the session exists. Returns the session; LeaseError on a lost race."""
+        lease_id, granted = self._grant(ttl)
+        key, skey = self._key("l", session_id), self._key("s", session_id)
+        guard = (self._compare(key, "MOD", held.mod_revision) if held is not None
+                 else self._compare(key, "CREATE", 0))
+        value = json.dumps({"owner": owner, "expires": self.now() + granted, "lease": lease_id})
+        reply = self._txn(f"taking the lease of {session_id!r}", [guard, self._compare(skey, "CREATE", 0, "GREATER")],
+                          [self._put(key, value, lease=lease_id)])
+        if not reply.succeeded:
+            self._revoke(lease_id)
+            exists, current = self._lease_state(session_id)
+            if not exists:
+                raise not_found(session_id)
+            holder = json.loads(current.value) if current is not None else {"owner": None, "expires": None}
+            raise LeaseError(f"{owner!r} lost the race for the lease of session {session_id!r}",
+                             holder["owner"], holder["expires"])
+        if held is not None:
+            self._revoke(json.loads(held.value)["lease"])
+        return self.get(session_id)
+
+    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        ttl = self._lease_ttl(owner, ttl)
+        exists, held = self._lease_state(session_id)
+        if not exists:
+            raise not_found(session_id)
+        if held is not None:
+            holder = json.loads(held.value)
+            if holder["owner"] != owner and holder["expires"] > self.now():  # else expired, etcd lags
+                raise LeaseError(f"session {session_id!r} is leased to {holder['owner']!r}",
+                                 holder["owner"], holder["expires"])
+        return self._take(session_id, owner, ttl, held)
+
+    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        ttl = self._lease_ttl(owner, ttl)
+        exists, held = self._lease_state(session_id)
+        if not exists:
+            raise not_found(session_id)
+        holder = json.loads(held.value) if held is not None else {"owner": None, "expires": None}
+        if holder["owner"] != owner or holder["expires"] <= self.now():
+            raise LeaseError(f"{owner!r} does not hold the lease of session {session_id!r}",
+                             holder["owner"], holder["expires"])
+        return self._take(session_id, owner, ttl, held)
+
+    def release_lease(self, session_id: str, owner: str) -> bool:
+        exists, held = self._lease_state(session_id)
+        if not exists:
+            raise not_found(session_id)
+        if held is None or json.loads(held.value)["owner"] != owner:
+            return False
+        key = self._key("l", session_id)
+        reply = self._txn(f"releasing the lease of {session_id!r}", [self._compare(key, "MOD", held.mod_revision)],
+                          [self._delete_range(key)])
+        if reply.succeeded:
+            self._revoke(json.loads(held.value)["lease"])
+        return bool(reply.succeeded)
+
+    def close(self) -> None:
+        self._channel.close()

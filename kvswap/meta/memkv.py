@@ -1,0 +1,170 @@
+"""``memkv://[name]``: sessions in this process's memory, no dependencies.
+
+Stores opened with the same name share one space (like ``mem://`` connectors); with no name
+each store is private. Nothing survives the process: use ``sqlite://`` for that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from kvswap.errors import AlreadyExistsError
+from kvswap.meta.base import (
+    UNSET,
+    Entry,
+    EntrySpec,
+    LeaseError,
+    MetaStore,
+    Session,
+    SessionFilter,
+    SessionPage,
+    check_limit,
+    check_version,
+    decode_cursor,
+    encode_cursor,
+    not_found,
+    validate_session_id,
+)
+from kvswap.uri import URI
+
+
+@dataclasses.dataclass
+class _Space:
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    sessions: dict[str, Session] = dataclasses.field(default_factory=dict)
+    entries: dict[str, list[Entry]] = dataclasses.field(default_factory=dict)
+
+
+_SPACES: dict[str, _Space] = {}
+_SPACES_LOCK = threading.Lock()
+
+
+class MemKVMetaStore(MetaStore):
+    def __init__(self, uri: URI, **options: Any) -> None:
+        super().__init__(uri, **options)
+        name = (uri.host or "") + uri.path.strip("/")
+        if name:
+            with _SPACES_LOCK:
+                self._space = _SPACES.setdefault(name, _Space())
+        else:
+            self._space = _Space()
+
+    def _session(self, session_id: str) -> Session:
+        """The stored session with its lease cleared if expired (caller holds the lock)."""
+        validate_session_id(session_id)
+        session = self._space.sessions.get(session_id)
+        if session is None:
+            raise not_found(session_id)
+        if session.owner is not None and session.lease_expires is not None and session.lease_expires <= self.now():
+            session = dataclasses.replace(session, owner=None, lease_expires=None)
+            self._space.sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        with self._space.lock:
+            return self._session(session_id)
+
+    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
+               attrs: Mapping[str, Any] | None = None) -> Session:
+        session = self._new_session(session_id, fingerprint, ttl, attrs)
+        with self._space.lock:
+            if session_id in self._space.sessions:
+                raise AlreadyExistsError(f"session {session_id!r} already exists")
+            self._space.sessions[session_id] = session
+            self._space.entries[session_id] = []
+        return session
+
+    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
+               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
+        with self._space.lock:
+            new = self._updated(self._session(session_id), expected_version, fingerprint, ttl, attrs)
+            self._space.sessions[session_id] = new
+            return new
+
+    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
+        with self._space.lock:
+            entries = self._space.entries.get(session_id, [])
+            new, entry = self._appended(self._session(session_id), expected_version, spec, len(entries))
+            entries.append(entry)
+            self._space.sessions[session_id] = new
+            return new, entry
+
+    def entries(self, session_id: str) -> list[Entry]:
+        with self._space.lock:
+            self._session(session_id)
+            return list(self._space.entries[session_id])
+
+    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
+        with self._space.lock:
+            session = self._session(session_id)
+            new, kept, removed = self._truncated(session, expected_version, token_offset,
+                                                 self._space.entries[session_id])
+            self._space.entries[session_id] = kept
+            self._space.sessions[session_id] = new
+            return new, removed
+
+    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
+        with self._space.lock:
+            session = self._session(session_id)
+            if expected_version is not None:
+                check_version(session, expected_version)
+            del self._space.sessions[session_id]
+            return self._space.entries.pop(session_id)
+
+    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
+                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
+        check_limit(limit)
+        after = decode_cursor(cursor)
+        wanted = SessionFilter(owner, idle_since, fingerprint)
+        with self._space.lock:
+            ids = sorted(self._space.sessions, key=lambda s: s.encode("utf-8"))
+            if after is not None:
+                ids = [i for i in ids if i.encode("utf-8") > after.encode("utf-8")]
+            page: list[Session] = []
+            for position, session_id in enumerate(ids):
+                session = self._session(session_id)
+                if wanted.matches(session):
+                    page.append(session)
+                if len(page) == limit:
+                    more = position + 1 < len(ids)
+                    return SessionPage(page, encode_cursor(session_id) if more else None)
+        return SessionPage(page, None)
+
+    def expired(self, limit: int = 1000) -> list[Session]:
+        now = self.now()
+        with self._space.lock:
+            return [s for s in self._space.sessions.values() if s.is_expired(now)][:limit]
+
+    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        ttl = self._lease_ttl(owner, ttl)
+        with self._space.lock:
+            session = self._session(session_id)
+            if session.owner not in (None, owner):
+                raise LeaseError(f"session {session_id!r} is leased to {session.owner!r}",
+                                 session.owner, session.lease_expires)
+            return self._set_lease(session, owner, self.now() + ttl)
+
+    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        ttl = self._lease_ttl(owner, ttl)
+        with self._space.lock:
+            session = self._session(session_id)
+            if session.owner != owner:
+                raise LeaseError(f"{owner!r} does not hold the lease of session {session_id!r}",
+                                 session.owner, session.lease_expires)
+            return self._set_lease(session, owner, self.now() + ttl)
+
+    def release_lease(self, session_id: str, owner: str) -> bool:
+        with self._space.lock:
+            session = self._session(session_id)
+            if session.owner != owner:
+                return False
+            self._set_lease(session, None, None)
+            return True
+
+    def _set_lease(self, session: Session, owner: str | None, expires: float | None) -> Session:
+        session = dataclasses.replace(session, owner=owner, lease_expires=expires)
+        self._space.sessions[session.id] = session
+        return session

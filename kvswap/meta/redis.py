@@ -1,0 +1,359 @@
+"""``redis://``, ``rediss://``, ``valkey://``, ``valkeys://``: one store, compare-and-swap in Lua.
+
+``scheme://[user:password@]host[:port][/db]?prefix=kvswap:meta:``. Keys under ``prefix``:
+
+* ``s:{id}`` a hash: fingerprint, version, total_tokens, created, last_access, ttl, attrs;
+* ``e:{id}`` a list of entry JSON objects (the list index is the entry's ``seq``);
+* ``l:{id}`` the lease holder's name, expiring with the lease (Redis expires it, in ms);
+* ``idx`` a sorted set of every id at score 0, paged in byte order with ZRANGEBYLEX;
+* ``ttl`` a sorted set of ids by ``last_access + ttl``, for :meth:`expired`.
+
+Every change is one Lua script that checks the version and writes, atomically on the server.
+Scripts are never retried after a lost connection (a retried append could land twice).
+Single Redis/Valkey primary; Redis Cluster is not supported (keys of one session span slots).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from kvswap.errors import AlreadyExistsError, ConfigError, VersionConflictError, translate_errors
+from kvswap.meta.base import (
+    UNSET,
+    Entry,
+    EntrySpec,
+    InvalidEntryError,
+    LeaseError,
+    MetaStore,
+    Session,
+    SessionFilter,
+    SessionPage,
+    check_limit,
+    check_version,
+    decode_cursor,
+    encode_attrs,
+    encode_cursor,
+    entry_to_json,
+    not_found,
+    session_from_fields,
+    validate_session_id,
+)
+from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
+from kvswap.uri import URI, Option
+
+# KEYS: session hash, entries list, lease, idx, ttl index. ARGV[1]: session id.
+_INDEX_TTL = """
+local function index_ttl(now)
+  local ttl = redis.call('HGET', KEYS[1], 'ttl')
+  if ttl and ttl ~= '' then
+    redis.call('ZADD', KEYS[5], tonumber(now) + tonumber(ttl), ARGV[1])
+  else
+    redis.call('ZREM', KEYS[5], ARGV[1])
+  end
+end
+local function state()
+  return {'ok', redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3]) or '', redis.call('PTTL', KEYS[3])}
+end
+local function guard(expected)
+  local v = redis.call('HGET', KEYS[1], 'version')
+  if not v then return {'missing'} end
+  if expected ~= '' and v ~= expected then return {'conflict', v} end
+  return nil
+end
+"""
+
+_CREATE = _INDEX_TTL + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[4], 0, ARGV[1])
+index_ttl(ARGV[2])
+return {'ok'}
+"""
+
+# ARGV: id, expected version, now, field, value, ...
+_UPDATE = _INDEX_TTL + """
+local failed = guard(ARGV[2]); if failed then return failed end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'last_access', ARGV[3], unpack(ARGV, 4))
+index_ttl(ARGV[3])
+return state()
+"""
+
+# ARGV: id, expected version, now, token offset, token end, entry JSON
+_APPEND = _INDEX_TTL + """
+local failed = guard(ARGV[2]); if failed then return failed end
+local total = redis.call('HGET', KEYS[1], 'total_tokens')
+if total ~= ARGV[4] then return {'gap', total} end
+local seq = redis.call('RPUSH', KEYS[2], ARGV[6]) - 1
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'last_access', ARGV[3], 'total_tokens', ARGV[5])
+index_ttl(ARGV[3])
+local result = state()
+result[5] = seq
+return result
+"""
+
+# ARGV: id, expected version, now, kept entries, new total
+_TRUNCATE = _INDEX_TTL + """
+local failed = guard(ARGV[2]); if failed then return failed end
+if tonumber(ARGV[4]) == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1) end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'last_access', ARGV[3], 'total_tokens', ARGV[5])
+index_ttl(ARGV[3])
+return state()
+"""
+
+# ARGV: id, expected version
+_DELETE = _INDEX_TTL + """
+local failed = guard(ARGV[2]); if failed then return failed end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return {'ok'}
+"""
+
+# ARGV: id, owner, ttl ms, mode ('acquire' | 'renew' | 'release')
+_LEASE = _INDEX_TTL + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local holder = redis.call('GET', KEYS[3])
+local mine = holder == ARGV[2]
+if ARGV[4] == 'release' then
+  if mine then redis.call('DEL', KEYS[3]) end
+  return {'ok', mine and 1 or 0}
+end
+if (holder and not mine) or (ARGV[4] == 'renew' and not mine) then
+  return {'held', holder or '', redis.call('PTTL', KEYS[3])}
+end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+return state()
+"""
+
+
+class RedisMetaStore(MetaStore):
+    OPTIONS = {
+        **CLIENT_OPTIONS,
+        "prefix": Option(str, "kvswap:meta:", "namespace of every key this store writes"),
+    }
+
+    def __init__(self, uri: URI, **options: Any) -> None:
+        super().__init__(uri, **options)
+        if not self.options["prefix"]:
+            raise ConfigError("prefix must not be empty")
+        self._redis = RedisClient(uri, self.options, retries=0)
+        self._client = self._redis.client
+        self._prefix = self.options["prefix"]
+        register = self._client.register_script
+        self._scripts = {name: register(body) for name, body in (
+            ("create", _CREATE), ("update", _UPDATE), ("append", _APPEND), ("truncate", _TRUNCATE),
+            ("delete", _DELETE), ("lease", _LEASE))}
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    def _errors(self, what: str) -> Any:
+        return translate_errors(self._redis.errors, f"{what} on {self.uri}")
+
+    def _keys(self, session_id: str) -> list[str]:
+        p = self._prefix
+        return [f"{p}s:{session_id}", f"{p}e:{session_id}", f"{p}l:{session_id}", f"{p}idx", f"{p}ttl"]
+
+    def _run(self, name: str, what: str, session_id: str, *args: Any) -> list[Any]:
+        validate_session_id(session_id)
+        with self._errors(f"{what} session {session_id!r}"):
+            reply = self._scripts[name](keys=self._keys(session_id), args=[session_id, *args])
+        status = _text(reply[0])
+        if status == "missing":
+            raise not_found(session_id)
+        if status == "conflict":
+            current = int(reply[1])
+            raise VersionConflictError(f"session {session_id!r} is at version {current}, not {args[0]}",
+                                       current=current)
+        return reply
+
+    def _state(self, session_id: str, fields: Any, holder: Any, pttl: Any) -> Session:
+        """A Session from a hash (dict or flat list), the lease holder and its PTTL in ms."""
+        if isinstance(fields, list):
+            fields = dict(zip(fields[::2], fields[1::2]))
+        if not fields:
+            raise not_found(session_id)
+        decoded = {_text(k): _text(v) for k, v in fields.items()}
+        decoded["id"] = session_id
+        holder = _text(holder) if holder else ""
+        if holder and int(pttl) > 0:
+            decoded["owner"], decoded["lease_expires"] = holder, self.now() + int(pttl) / 1000
+        return session_from_fields(decoded)
+
+    def _read(self, session_ids: list[str]) -> list[Session | None]:
+        """Sessions by id in one round trip (None for ids that do not exist)."""
+        with self._errors("reading sessions"):
+            pipe = self._client.pipeline(transaction=False)
+            for session_id in session_ids:
+                keys = self._keys(session_id)
+                pipe.hgetall(keys[0])
+                pipe.get(keys[2])
+                pipe.pttl(keys[2])
+            replies = pipe.execute()
+        sessions: list[Session | None] = []
+        for i, session_id in enumerate(session_ids):
+            fields, holder, pttl = replies[3 * i: 3 * i + 3]
+            sessions.append(self._state(session_id, fields, holder, pttl) if fields else None)
+        return sessions
+
+    def _entries_and_session(self, session_id: str) -> tuple[Session, list[Entry]]:
+        validate_session_id(session_id)
+        keys = self._keys(session_id)
+        with self._errors(f"reading session {session_id!r}"):
+            pipe = self._client.pipeline(transaction=True)  # one consistent snapshot
+            pipe.hgetall(keys[0])
+            pipe.get(keys[2])
+            pipe.pttl(keys[2])
+            pipe.lrange(keys[1], 0, -1)
+            fields, holder, pttl, raw = pipe.execute()
+        session = self._state(session_id, fields, holder, pttl)
+        entries = [Entry(**json.loads(item), session_id=session_id, seq=seq) for seq, item in enumerate(raw)]
+        return session, entries
+
+    # ---- the contract -----------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Session:
+        validate_session_id(session_id)
+        session = self._read([session_id])[0]
+        if session is None:
+            raise not_found(session_id)
+        return session
+
+    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
+               attrs: Mapping[str, Any] | None = None) -> Session:
+        session = self._new_session(session_id, fingerprint, ttl, attrs)
+        fields = _fields(session)
+        fields.update(version=1, total_tokens=0, created=repr(session.created))
+        reply = self._run("create", "creating", session_id, repr(session.last_access), *_flat(fields))
+        if _text(reply[0]) == "exists":
+            raise AlreadyExistsError(f"session {session_id!r} already exists")
+        return session
+
+    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
+               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
+        # Validate every field the way every backend does, on the caller's view of the session.
+        validate_session_id(session_id)
+        probe = Session(session_id, "-", expected_version, 0, 0.0, 0.0)
+        changed = self._updated(probe, expected_version, fingerprint, ttl, attrs)
+        fields = {name: value for name, value in _fields(changed).items()
+                  if {"fingerprint": fingerprint, "ttl": ttl, "attrs": attrs}.get(name, UNSET) is not UNSET}
+        reply = self._run("update", "updating", session_id, str(expected_version), repr(changed.last_access),
+                          *_flat(fields))
+        return self._state(session_id, *reply[1:4])
+
+    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
+        validate_session_id(session_id)
+        probe = Session(session_id, "-", expected_version, spec.token_offset, 0.0, 0.0)
+        _, entry = self._appended(probe, expected_version, spec, 0)  # validates the entry
+        body = {k: v for k, v in json.loads(entry_to_json(entry)).items() if k not in ("session_id", "seq")}
+        reply = self._run("append", "appending to", session_id, str(expected_version), repr(entry.created),
+                          str(spec.token_offset), str(entry.token_end), json.dumps(body, separators=(",", ":")))
+        if _text(reply[0]) == "gap":
+            total = int(reply[1])
+            raise InvalidEntryError(
+                f"session {session_id!r} holds tokens [0, {total}); an entry must start at {total}, "
+                f"not {spec.token_offset} (no gaps, no overlaps)")
+        session = self._state(session_id, *reply[1:4])
+        return session, Entry(**{**body, "session_id": session_id, "seq": int(reply[4])})
+
+    def entries(self, session_id: str) -> list[Entry]:
+        return self._entries_and_session(session_id)[1]
+
+    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
+        session, entries = self._entries_and_session(session_id)
+        new, kept, removed = self._truncated(session, expected_version, token_offset, entries)
+        # The script re-checks the version: the entries read above are still the stored ones.
+        reply = self._run("truncate", "truncating", session_id, str(expected_version), repr(new.last_access),
+                          str(len(kept)), str(new.total_tokens))
+        return self._state(session_id, *reply[1:4]), removed
+
+    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
+        while True:
+            session, entries = self._entries_and_session(session_id)
+            if expected_version is not None:
+                check_version(session, expected_version)
+            try:
+                self._run("delete", "deleting", session_id, str(session.version))
+                return entries
+            except VersionConflictError:
+                if expected_version is not None:
+                    raise  # else the session changed between our read and delete: read again
+
+    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
+                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
+        check_limit(limit)
+        wanted = SessionFilter(owner, idle_since, fingerprint)
+        page: list[Session] = []
+        last: str | None = None
+        for batch, more in self._id_batches(decode_cursor(cursor), max(limit, 100)):
+            for position, (session_id, session) in enumerate(zip(batch, self._read(batch))):
+                last = session_id
+                if session is not None and wanted.matches(session):
+                    page.append(session)
+                    if len(page) == limit:
+                        rest = more or position + 1 < len(batch)
+                        return SessionPage(page, encode_cursor(last) if rest else None)
+        return SessionPage(page, None)
+
+    def _id_batches(self, after: str | None, size: int) -> Iterator[tuple[list[str], bool]]:
+        """Ids after ``after`` in byte order, ``size`` at a time, with whether more follow."""
+        start = b"-" if after is None else b"(" + after.encode("utf-8")
+        while True:
+            with self._errors("listing sessions"):
+                raw = self._client.zrangebylex(f"{self._prefix}idx", start, b"+", start=0, num=size + 1)
+            ids = [_text(i) for i in raw]
+            more = len(ids) > size
+            batch = ids[:size]
+            if batch:
+                yield batch, more
+            if not more:
+                return
+            start = b"(" + batch[-1].encode("utf-8")
+
+    def expired(self, limit: int = 1000) -> list[Session]:
+        with self._errors("finding expired sessions"):
+            raw = self._client.zrangebyscore(f"{self._prefix}ttl", "-inf", repr(self.now()), start=0, num=limit)
+        return [s for s in self._read([_text(i) for i in raw]) if s is not None]
+
+    # ---- leases -------------------------------------------------------------------------------
+
+    def _lease(self, session_id: str, owner: str, ttl: float, mode: str) -> list[Any]:
+        reply = self._run("lease", f"{mode} the lease of", session_id, owner, str(max(1, round(ttl * 1000))), mode)
+        if _text(reply[0]) == "held":
+            holder = _text(reply[1]) or None
+            expires = self.now() + int(reply[2]) / 1000 if holder else None
+            raise LeaseError(f"{owner!r} cannot {mode} the lease of session {session_id!r}: held by {holder!r}",
+                             holder, expires)
+        return reply
+
+    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        reply = self._lease(session_id, owner, self._lease_ttl(owner, ttl), "acquire")
+        return self._state(session_id, *reply[1:4])
+
+    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        reply = self._lease(session_id, owner, self._lease_ttl(owner, ttl), "renew")
+        return self._state(session_id, *reply[1:4])
+
+    def release_lease(self, session_id: str, owner: str) -> bool:
+        return bool(int(self._lease(session_id, owner, 1.0, "release")[1]))
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _fields(session: Session) -> dict[str, Any]:
+    """The hash fields a change may set (floats as repr, so they round-trip exactly)."""
+    return {"fingerprint": session.fingerprint, "ttl": "" if session.ttl is None else repr(session.ttl),
+            "attrs": encode_attrs(session.attrs), "last_access": repr(session.last_access)}
+
+
+def _flat(fields: Mapping[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]

@@ -1,0 +1,459 @@
+"""``sqlite:///abs/path.db``, ``postgresql://...``, ``mysql://...``: one SQLAlchemy 2 store.
+
+Drivers: the standard library's sqlite3, psycopg 3 (``postgresql://``) and PyMySQL
+(``mysql://``, pure Python, maintained, no client library to compile). Every statement is
+SQLAlchemy Core with bound parameters; connections are pooled.
+
+Schema (names start with ``table_prefix``, default ``kvswap_``): ``sessions`` (one row per
+session, lease columns included), ``entries`` (primary key session id + seq) and ``schema``
+(a recorded version). It is created on first use; tables of those names without kvswap's
+schema record, or with another schema version, are a :class:`ConfigError`, never touched.
+Session ids are stored as their UTF-8 bytes (binary columns), so every database compares and
+orders them exactly, whatever its collation.
+
+Every change runs in one transaction that first locks the session's row (``SELECT ... FOR
+UPDATE``; SQLite takes its write lock with ``BEGIN IMMEDIATE``), checks the version with the
+rules in :mod:`kvswap.meta.base`, then writes. SQLite runs in WAL mode: several processes may
+share the file; a committed change survives a killed process (``synchronous=normal``) or also
+power loss (``?synchronous=full``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from kvswap.errors import (
+    AlreadyExistsError,
+    BackendUnavailableError,
+    ConfigError,
+    KVSwapError,
+    translate_errors,
+)
+from kvswap.meta.base import (
+    MAX_ID_BYTES,
+    UNSET,
+    Entry,
+    EntrySpec,
+    LeaseError,
+    MetaStore,
+    Session,
+    SessionPage,
+    check_limit,
+    check_version,
+    decode_cursor,
+    encode_attrs,
+    encode_cursor,
+    not_found,
+    session_from_fields,
+    validate_session_id,
+)
+from kvswap.uri import URI, Option, parse_positive_int, parse_seconds
+
+SCHEMA_VERSION = 1
+_PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,30}$")
+_DRIVERS = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
+
+
+class _Utf8Bytes(sa.types.TypeDecorator):
+    """A string stored as its UTF-8 bytes: exact comparison and byte order everywhere."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.VARBINARY(MAX_ID_BYTES))
+        return dialect.type_descriptor(sa.LargeBinary())
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> bytes | None:
+        return None if value is None else value.encode("utf-8")
+
+    def process_result_value(self, value: bytes | None, dialect: sa.Dialect) -> str | None:
+        return None if value is None else bytes(value).decode("utf-8")
+
+
+def _exact_string(length: int) -> sa.types.TypeEngine:
+    """A string compared byte for byte (MySQL's default collations ignore case)."""
+    return sa.String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
+
+
+def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table, sa.Table]:
+    md = sa.MetaData()
+    opts = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+    sessions = sa.Table(
+        f"{prefix}sessions", md,
+        sa.Column("id", _Utf8Bytes, primary_key=True),
+        sa.Column("fingerprint", _exact_string(1024), nullable=False),
+        sa.Column("version", sa.BigInteger, nullable=False),
+        sa.Column("total_tokens", sa.BigInteger, nullable=False),
+        sa.Column("entry_count", sa.Integer, nullable=False),
+        sa.Column("created", sa.Double, nullable=False),
+        sa.Column("last_access", sa.Double, nullable=False),
+        sa.Column("ttl", sa.Double, nullable=True),
+        sa.Column("expires_at", sa.Double, nullable=True),
+        sa.Column("owner", _exact_string(255), nullable=True),
+        sa.Column("lease_expires", sa.Double, nullable=True),
+        sa.Column("attrs", sa.Text, nullable=False),
+        sa.Index(f"{prefix}sessions_owner", "owner"),
+        sa.Index(f"{prefix}sessions_last_access", "last_access"),
+        sa.Index(f"{prefix}sessions_expires_at", "expires_at"),
+        **opts,
+    )
+    entries = sa.Table(
+        f"{prefix}entries", md,
+        sa.Column("session_id", _Utf8Bytes, primary_key=True),
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("token_offset", sa.BigInteger, nullable=False),
+        sa.Column("token_length", sa.BigInteger, nullable=False),
+        sa.Column("connector", sa.Text, nullable=False),
+        sa.Column("key", sa.Text, nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("checksum", sa.String(255), nullable=False),
+        sa.Column("prefix_hash", sa.String(255), nullable=False),
+        sa.Column("created", sa.Double, nullable=False),
+        **opts,
+    )
+    schema = sa.Table(
+        f"{prefix}schema", md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("version", sa.Integer, nullable=False),
+        **opts,
+    )
+    return md, sessions, entries, schema
+
+
+_ERRORS: dict[type[BaseException], type[KVSwapError]] = {
+    sa.exc.ProgrammingError: ConfigError,  # permissions, a schema that is not ours
+    sa.exc.OperationalError: BackendUnavailableError,  # down, timed out, locked
+    sa.exc.InterfaceError: BackendUnavailableError,
+    sa.exc.TimeoutError: BackendUnavailableError,  # no pooled connection in time
+    sa.exc.DBAPIError: BackendUnavailableError,
+    OSError: BackendUnavailableError,
+}
+_TRANSIENT = ("deadlock", "lock wait timeout", "could not serialize", "database is locked")
+
+
+class SQLMetaStore(MetaStore):
+    OPTIONS = {
+        "timeout": Option(parse_seconds, 10.0, "seconds a statement (or SQLite lock wait) may take"),
+        "connect_timeout": Option(parse_seconds, 5.0, "seconds to wait for a connection"),
+        "pool_size": Option(parse_positive_int, 8, "pooled connections (PostgreSQL, MySQL)"),
+        "table_prefix": Option(str, "kvswap_", "prefix of kvswap's table names"),
+        "synchronous": Option(str, "normal", "SQLite: normal (survives a killed process) or full (power loss)"),
+    }
+
+    def __init__(self, uri: URI, **options: Any) -> None:
+        super().__init__(uri, **options)
+        opts = self.options
+        if not _PREFIX_RE.match(opts["table_prefix"]):
+            raise ConfigError("table_prefix must be 1-31 of [a-z0-9_], starting with a letter or _")
+        self._dialect = uri.scheme
+        self._md, self._sessions, self._entries, self._schema = _tables(opts["table_prefix"])
+        self._engine = self._make_engine(uri, opts)
+        try:
+            self._ensure_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # ---- engine and schema ------------------------------------------------------------------
+
+    def _make_engine(self, uri: URI, opts: dict[str, Any]) -> sa.Engine:
+        timeout = opts["timeout"]
+        if self._dialect == "sqlite":
+            if uri.host or not uri.path.startswith("/") or uri.path.endswith("/"):
+                raise ConfigError(f"sqlite URIs name an absolute file path, like sqlite:///var/kvswap/meta.db, not {uri}")
+            if opts["synchronous"] not in ("normal", "full"):
+                raise ConfigError("synchronous must be normal or full")
+            engine = sa.create_engine(
+                sa.URL.create("sqlite+pysqlite", database=uri.path),
+                connect_args={"timeout": timeout, "check_same_thread": False},
+                pool_size=opts["pool_size"], max_overflow=opts["pool_size"])
+            sa.event.listen(engine, "connect", lambda conn, _: self._sqlite_connect(conn))
+            sa.event.listen(engine, "begin", _sqlite_begin)
+            return engine
+        if not uri.host or not uri.path.strip("/") or "/" in uri.path.strip("/"):
+            raise ConfigError(f"{uri.scheme}:// needs a host and a database, like {uri.scheme}://user@host/kvswap")
+        url = sa.URL.create(_DRIVERS[self._dialect], username=uri.username, password=uri.password,
+                            host=uri.host, port=uri.port, database=uri.path.strip("/"))
+        if self._dialect == "postgresql":
+            connect_args = {"connect_timeout": max(1, round(opts["connect_timeout"])),
+                            "options": f"-c statement_timeout={int(timeout * 1000)}"
+                                       f" -c lock_timeout={int(timeout * 1000)}",
+                            "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+            isolation = "READ COMMITTED"
+        else:
+            connect_args = {"connect_timeout": opts["connect_timeout"], "read_timeout": timeout,
+                            "write_timeout": timeout, "charset": "utf8mb4"}
+            isolation = "READ COMMITTED"
+        return sa.create_engine(url, connect_args=connect_args, pool_size=opts["pool_size"],
+                                max_overflow=opts["pool_size"], pool_timeout=timeout, pool_pre_ping=True,
+                                pool_recycle=3600, isolation_level=isolation)
+
+    def _sqlite_connect(self, dbapi_connection: Any) -> None:
+        dbapi_connection.isolation_level = None  # we send BEGIN ourselves (see _sqlite_begin)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={self.options['synchronous'].upper()}")
+        cursor.close()
+
+    def _ensure_schema(self) -> None:
+        """Create the tables on first use; refuse tables that are not kvswap's (see module doc)."""
+        for attempt in range(3):
+            with self._errors("opening the schema"):
+                try:
+                    if self._check_schema():
+                        return
+                    with self._engine.connect() as conn:
+                        conn = conn.execution_options(kvswap_write=True)
+                        with conn.begin():
+                            self._md.create_all(conn)
+                            conn.execute(sa.insert(self._schema).values(name="meta", version=SCHEMA_VERSION))
+                    return
+                except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.1 * (attempt + 1))  # a concurrent first open; look again
+
+    def _check_schema(self) -> bool:
+        """True if kvswap's tables are there; False if none is; ConfigError otherwise."""
+        names = set(sa.inspect(self._engine).get_table_names())
+        ours = [self._sessions.name, self._entries.name]
+        if self._schema.name not in names:
+            foreign = [n for n in ours if n in names]
+            if foreign:
+                raise ConfigError(
+                    f"table(s) {foreign} in {self.uri} are not kvswap's (no {self._schema.name} record); "
+                    "use another database or ?table_prefix=...")
+            return False
+        with self._engine.connect() as conn:
+            found = conn.execute(sa.select(self._schema.c.version).where(self._schema.c.name == "meta")).scalar()
+        if found != SCHEMA_VERSION:
+            raise ConfigError(f"{self.uri} holds kvswap meta schema version {found}; this kvswap uses "
+                              f"{SCHEMA_VERSION}")
+        missing = [n for n in ours if n not in names]
+        if missing:
+            raise ConfigError(f"kvswap tables {missing} are missing from {self.uri}")
+        return True
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return translate_errors(_ERRORS, f"{what} on {self.uri}")
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sa.Connection]:
+        with self._errors(what), self._engine.connect() as conn:
+            with conn.execution_options(kvswap_write=True).begin():
+                yield conn
+
+    def _retrying(self, what: str, work: Any) -> Any:
+        """Run ``work(conn)`` in a write transaction, again after a deadlock or busy database."""
+        for attempt in range(5):
+            try:
+                with self._transaction(what) as conn:
+                    return work(conn)
+            except BackendUnavailableError as exc:
+                cause = str(exc.__cause__).lower()
+                if attempt == 4 or not any(t in cause for t in _TRANSIENT):
+                    raise
+                time.sleep(0.02 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _locked(self, conn: sa.Connection, session_id: str) -> tuple[Session, int]:
+        """The session's row, locked until the transaction ends, and its entry count."""
+        validate_session_id(session_id)
+        row = conn.execute(sa.select(self._sessions).where(self._sessions.c.id == session_id)
+                           .with_for_update()).mappings().first()
+        if row is None:
+            raise not_found(session_id)
+        return self._session(row), row["entry_count"]
+
+    def _session(self, row: Mapping[str, Any]) -> Session:
+        session = session_from_fields(row)
+        if session.lease_expires is not None and session.lease_expires <= self.now():
+            session = dataclasses.replace(session, owner=None, lease_expires=None)
+        return session
+
+    def _write_session(self, conn: sa.Connection, session: Session, **extra: Any) -> None:
+        expires_at = None if session.ttl is None else session.last_access + session.ttl
+        conn.execute(sa.update(self._sessions).where(self._sessions.c.id == session.id).values(
+            fingerprint=session.fingerprint, version=session.version, total_tokens=session.total_tokens,
+            last_access=session.last_access, ttl=session.ttl, expires_at=expires_at,
+            attrs=encode_attrs(session.attrs), **extra))
+
+    def _entries_of(self, conn: sa.Connection, session_id: str) -> list[Entry]:
+        rows = conn.execute(sa.select(self._entries).where(self._entries.c.session_id == session_id)
+                            .order_by(self._entries.c.seq)).mappings().all()
+        return [Entry(**row) for row in rows]
+
+    # ---- the contract -----------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Session:
+        validate_session_id(session_id)
+        with self._errors(f"reading session {session_id!r}"), self._engine.connect() as conn:
+            row = conn.execute(sa.select(self._sessions).where(self._sessions.c.id == session_id)).mappings().first()
+        if row is None:
+            raise not_found(session_id)
+        return self._session(row)
+
+    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
+               attrs: Mapping[str, Any] | None = None) -> Session:
+        session = self._new_session(session_id, fingerprint, ttl, attrs)
+        with self._transaction(f"creating session {session_id!r}") as conn:
+            try:
+                conn.execute(sa.insert(self._sessions).values(
+                    id=session.id, fingerprint=session.fingerprint, version=1, total_tokens=0, entry_count=0,
+                    created=session.created, last_access=session.last_access, ttl=session.ttl,
+                    expires_at=None if session.ttl is None else session.last_access + session.ttl,
+                    attrs=encode_attrs(session.attrs)))
+            except sa.exc.IntegrityError:
+                raise AlreadyExistsError(f"session {session_id!r} already exists") from None
+        return session
+
+    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
+               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
+        def work(conn: sa.Connection) -> Session:
+            session, _ = self._locked(conn, session_id)
+            new = self._updated(session, expected_version, fingerprint, ttl, attrs)
+            self._write_session(conn, new)
+            return new
+
+        return self._retrying(f"updating session {session_id!r}", work)
+
+    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
+        def work(conn: sa.Connection) -> tuple[Session, Entry]:
+            session, count = self._locked(conn, session_id)
+            new, entry = self._appended(session, expected_version, spec, count)
+            conn.execute(sa.insert(self._entries).values(**dataclasses.asdict(entry)))
+            self._write_session(conn, new, entry_count=count + 1)
+            return new, entry
+
+        return self._retrying(f"appending to session {session_id!r}", work)
+
+    def entries(self, session_id: str) -> list[Entry]:
+        validate_session_id(session_id)
+        with self._errors(f"listing entries of {session_id!r}"), self._engine.connect() as conn:
+            entries = self._entries_of(conn, session_id)
+            if not entries and conn.execute(sa.select(self._sessions.c.version)
+                                            .where(self._sessions.c.id == session_id)).first() is None:
+                raise not_found(session_id)
+        return entries
+
+    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
+        def work(conn: sa.Connection) -> tuple[Session, list[Entry]]:
+            session, _ = self._locked(conn, session_id)
+            new, kept, removed = self._truncated(session, expected_version, token_offset,
+                                                 self._entries_of(conn, session_id))
+            if removed:
+                conn.execute(sa.delete(self._entries).where(self._entries.c.session_id == session_id,
+                                                            self._entries.c.seq >= len(kept)))
+            self._write_session(conn, new, entry_count=len(kept))
+            return new, removed
+
+        return self._retrying(f"truncating session {session_id!r}", work)
+
+    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
+        def work(conn: sa.Connection) -> list[Entry]:
+            session, _ = self._locked(conn, session_id)
+            if expected_version is not None:
+                check_version(session, expected_version)
+            entries = self._entries_of(conn, session_id)
+            conn.execute(sa.delete(self._entries).where(self._entries.c.session_id == session_id))
+            conn.execute(sa.delete(self._sessions).where(self._sessions.c.id == session_id))
+            return entries
+
+        return self._retrying(f"deleting session {session_id!r}", work)
+
+    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
+                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
+        check_limit(limit)
+        after = decode_cursor(cursor)
+        table = self._sessions
+        query = sa.select(table).order_by(table.c.id).limit(limit + 1)
+        if after is not None:
+            query = query.where(table.c.id > after)
+        if owner is not None:
+            query = query.where(table.c.owner == owner, table.c.lease_expires > self.now())
+        if idle_since is not None:
+            query = query.where(table.c.last_access <= idle_since)
+        if fingerprint is not None:
+            query = query.where(table.c.fingerprint == fingerprint)
+        with self._errors("listing sessions"), self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        sessions = [self._session(row) for row in rows[:limit]]
+        return SessionPage(sessions, encode_cursor(sessions[-1].id) if len(rows) > limit else None)
+
+    def expired(self, limit: int = 1000) -> list[Session]:
+        table = self._sessions
+        with self._errors("finding expired sessions"), self._engine.connect() as conn:
+            rows = conn.execute(sa.select(table).where(table.c.expires_at <= self.now())
+                                .order_by(table.c.expires_at).limit(limit)).mappings().all()
+        return [self._session(row) for row in rows]
+
+    # ---- leases -------------------------------------------------------------------------------
+
+    def _lease_update(self, what: str, session_id: str, owner: str, condition: sa.ColumnElement[bool],
+                      values: dict[str, Any]) -> Session | LeaseError:
+        """One conditional UPDATE of the lease columns; the session after it, or None if the
+        condition failed, a LeaseError to raise or not (NotFoundError if there is no session)."""
+        validate_session_id(session_id)
+        table = self._sessions
+
+        def work(conn: sa.Connection) -> tuple[bool, Session]:
+            changed = conn.execute(sa.update(table).where(table.c.id == session_id, condition)
+                                   .values(**values)).rowcount
+            row = conn.execute(sa.select(table).where(table.c.id == session_id)).mappings().first()
+            if row is None:
+                raise not_found(session_id)
+            return bool(changed), self._session(row)
+
+        changed, session = self._retrying(f"{what} the lease of {session_id!r}", work)
+        return session if changed else LeaseError(
+            f"{owner!r} cannot {what.split()[0]} the lease of session {session_id!r}: held by {session.owner!r}",
+            session.owner, session.lease_expires)
+
+    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        ttl = self._lease_ttl(owner, ttl)
+        now, table = self.now(), self._sessions
+        free = sa.or_(table.c.owner.is_(None), table.c.owner == owner, table.c.lease_expires <= now)
+        return _raise_lease(self._lease_update("acquiring", session_id, owner, free,
+                                               {"owner": owner, "lease_expires": now + ttl}))
+
+    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        ttl = self._lease_ttl(owner, ttl)
+        now, table = self.now(), self._sessions
+        held = sa.and_(table.c.owner == owner, table.c.lease_expires > now)
+        return _raise_lease(self._lease_update("renewing", session_id, owner, held,
+                                               {"lease_expires": now + ttl}))
+
+    def release_lease(self, session_id: str, owner: str) -> bool:
+        table = self._sessions
+        held = sa.and_(table.c.owner == owner, table.c.lease_expires > self.now())
+        result = self._lease_update("releasing", session_id, owner, held, {"owner": None, "lease_expires": None})
+        return isinstance(result, Session)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def _raise_lease(result: Session | LeaseError) -> Session:
+    if isinstance(result, LeaseError):
+        raise result
+    return result
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    """Writers take SQLite's write lock up front, so a read never has to upgrade (which
+    fails at once with 'database is locked' instead of waiting)."""
+    write = conn.get_execution_options().get("kvswap_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

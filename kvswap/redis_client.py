@@ -1,0 +1,102 @@
+"""One way to open a Redis or Valkey client from a kvswap URI (connectors and meta stores).
+
+``redis://``/``rediss://`` use redis-py, ``valkey://``/``valkeys://`` valkey-py; the ``s``
+schemes use TLS. ``scheme://[user:password@]host[:port][/db]``. Connections keep the C reply
+parser but pack commands in Python: the C packers copy large values (about 4x slower SETs,
+see notes/SERVICES.md), the Python one sends them as separate buffers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from kvswap.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    KVSwapError,
+    StorageFullError,
+)
+from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_seconds
+
+LIBRARIES = {"redis": "redis", "rediss": "redis", "valkey": "valkey", "valkeys": "valkey"}
+
+CLIENT_OPTIONS = {
+    "timeout": Option(parse_seconds, 10.0, "seconds to wait for any reply"),
+    "connect_timeout": Option(parse_seconds, 5.0, "seconds to wait for a connection"),
+    "max_connections": Option(parse_positive_int, 64, "connection pool size"),
+    "tls_ca_file": Option(str, None, "CA bundle for rediss:// and valkeys://"),
+    "tls_verify": Option(parse_bool, True, "verify the server's TLS certificate"),
+}
+
+
+def _connection_classes(lib: Any) -> tuple[type, type]:
+    """Connection classes of ``lib`` that pack commands in Python (see module doc)."""
+
+    def _construct_command_packer(self: Any, packer: Any) -> Any:
+        return packer or lib.connection.PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+    plain = type("PythonPackConnection", (lib.connection.Connection,),
+                 {"_construct_command_packer": _construct_command_packer})
+    tls = type("PythonPackSSLConnection", (lib.connection.SSLConnection,),
+               {"_construct_command_packer": _construct_command_packer})
+    return plain, tls
+
+
+def error_table(lib: Any) -> dict[type[BaseException], type[KVSwapError]]:
+    exc = lib.exceptions
+    return {
+        exc.AuthenticationError: ConfigError,
+        exc.AuthorizationError: ConfigError,
+        exc.NoPermissionError: ConfigError,
+        exc.OutOfMemoryError: StorageFullError,
+        exc.ConnectionError: BackendUnavailableError,
+        exc.TimeoutError: BackendUnavailableError,
+        exc.RedisError if hasattr(exc, "RedisError") else exc.ValkeyError: BackendUnavailableError,
+        OSError: BackendUnavailableError,
+    }
+
+
+class RedisClient:
+    """A pooled client for ``uri`` with the options of :data:`CLIENT_OPTIONS` (plus ``retries``).
+
+    ``client`` is the library's client, ``pool`` its pool, ``errors`` the exception table for
+    :func:`kvswap.errors.translate_errors`, ``checkout_args`` what ``pool.get_connection``
+    needs on this library version.
+    """
+
+    def __init__(self, uri: URI, opts: dict[str, Any], retries: int) -> None:
+        library = LIBRARIES[uri.scheme]
+        lib = importlib.import_module(library)
+        self.errors = error_table(lib)
+        if retries < 0:
+            raise ConfigError("retries must be >= 0")
+        db = 0
+        if uri.path not in ("", "/"):
+            try:
+                db = int(uri.path.strip("/"))
+            except ValueError:
+                raise ConfigError(f"the path of {uri} must be a database number, like /0") from None
+        if not uri.host:
+            raise ConfigError(f"{uri.scheme}:// needs a host, like {uri.scheme}://127.0.0.1:6379/0")
+        plain, tls = _connection_classes(lib)
+        kwargs: dict[str, Any] = dict(
+            host=uri.host, port=uri.port or 6379, db=db, username=uri.username, password=uri.password,
+            socket_timeout=opts["timeout"], socket_connect_timeout=opts["connect_timeout"],
+            retry=lib.retry.Retry(lib.backoff.ExponentialBackoff(cap=1.0, base=0.05), retries),
+            max_connections=opts["max_connections"], connection_class=plain,
+        )
+        if uri.scheme in ("rediss", "valkeys"):
+            kwargs.update(connection_class=tls, ssl_ca_certs=opts["tls_ca_file"],
+                          ssl_cert_reqs="required" if opts["tls_verify"] else "none")
+        self.pool = lib.ConnectionPool(**kwargs)
+        self.client = lib.Redis(connection_pool=self.pool) if library == "redis" \
+            else lib.Valkey(connection_pool=self.pool)
+        # valkey-py still requires a command name here; redis-py deprecates passing one.
+        needs_name = inspect.signature(self.pool.get_connection).parameters.get("command_name")
+        self.checkout_args = ("GET",) if needs_name and needs_name.default is inspect.Parameter.empty else ()
+
+    def close(self) -> None:
+        self.client.close()
+        self.pool.disconnect()
