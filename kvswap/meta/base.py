@@ -43,6 +43,7 @@ from __future__ import annotations
 import abc
 import base64
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -190,8 +191,14 @@ def validate_spec(spec: EntrySpec) -> None:
         raise InvalidEntryError("an entry must cover at least one token")
     for name in ("connector", "key", "checksum", "prefix_hash"):
         _text_field(name, getattr(spec, name))
+    _check_connector(spec.connector)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_connector(text: str) -> None:
+    """A connector URI fit for meta: parseable and without credentials (cached: few distinct)."""
     try:
-        connector = URI.parse(spec.connector)
+        connector = URI.parse(text)
     except ConfigError as exc:
         raise InvalidEntryError(f"entry connector is not a URI: {exc}") from None
     if connector.password is not None:
@@ -406,8 +413,8 @@ class MetaStore(abc.ABC):
         validate_spec(spec)
         check_append(session, expected_version, spec)
         now = self.now()
-        entry = Entry(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(EntrySpec)},
-                      session_id=session.id, seq=seq, created=now)
+        entry = Entry(spec.token_offset, spec.token_length, spec.connector, spec.key, spec.size, spec.checksum,
+                      spec.prefix_hash, session_id=session.id, seq=seq, created=now)
         return dataclasses.replace(session, version=session.version + 1, last_access=now,
                                    total_tokens=entry.token_end), entry
 
@@ -430,26 +437,36 @@ class MetaStore(abc.ABC):
         return float(ttl)
 
 
+ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
+
+
+def entry_fields(entry: Entry) -> dict[str, Any]:
+    """An entry's fields as a flat dict (cheaper than dataclasses.asdict)."""
+    return {name: getattr(entry, name) for name in ENTRY_FIELDS}
+
+
 def entry_to_json(entry: Entry) -> str:
     """An entry as canonical JSON (etcd and Redis values)."""
-    return json.dumps(dataclasses.asdict(entry), sort_keys=True, separators=(",", ":"))
+    return json.dumps(entry_fields(entry), sort_keys=True, separators=(",", ":"))
 
 
 def entry_from_json(text: str | bytes) -> Entry:
     return Entry(**json.loads(text))
 
 
-def session_from_fields(fields: Mapping[str, Any]) -> Session:
-    """A Session from stored fields (numbers may come back as strings or Decimals)."""
+def session_from_fields(fields: Mapping[str, Any], now: float | None = None) -> Session:
+    """A Session from stored fields (numbers may come back as strings or Decimals). With
+    ``now``, a lease that expired by then is left out."""
     ttl = fields.get("ttl")
     lease = fields.get("lease_expires")
+    lease = None if lease in (None, "", b"") else float(lease)
+    owner = fields.get("owner") or None
+    if lease is not None and now is not None and lease <= now:
+        owner = lease = None
     attrs = fields.get("attrs") or "{}"
     return Session(
-        id=fields["id"], fingerprint=fields["fingerprint"], version=int(fields["version"]),
-        total_tokens=int(fields["total_tokens"]), created=float(fields["created"]),
-        last_access=float(fields["last_access"]),
-        ttl=None if ttl in (None, "", b"") else float(ttl),
-        owner=fields.get("owner") or None,
-        lease_expires=None if lease in (None, "", b"") else float(lease),
-        attrs=json.loads(attrs) if isinstance(attrs, str | bytes) else dict(attrs),
+        fields["id"], fields["fingerprint"], int(fields["version"]), int(fields["total_tokens"]),
+        float(fields["created"]), float(fields["last_access"]), None if ttl in (None, "", b"") else float(ttl),
+        owner, lease,
+        {} if attrs == "{}" else json.loads(attrs) if isinstance(attrs, str | bytes) else dict(attrs),
     )

@@ -30,7 +30,6 @@ from kvswap.errors import (
     BackendUnavailableError,
     ConfigError,
     KVSwapError,
-    VersionConflictError,
 )
 from kvswap.meta.base import (
     UNSET,

@@ -35,7 +35,7 @@ from kvswap.meta.base import (
     decode_cursor,
     encode_attrs,
     encode_cursor,
-    entry_to_json,
+    entry_fields,
     not_found,
     session_from_fields,
     validate_session_id,
@@ -210,9 +210,7 @@ class RedisMetaStore(MetaStore):
             pipe.pttl(keys[2])
             pipe.lrange(keys[1], 0, -1)
             fields, holder, pttl, raw = pipe.execute()
-        session = self._state(session_id, fields, holder, pttl)
-        entries = [Entry(**json.loads(item), session_id=session_id, seq=seq) for seq, item in enumerate(raw)]
-        return session, entries
+        return self._state(session_id, fields, holder, pttl), _entries(session_id, raw)
 
     # ---- the contract -----------------------------------------------------------------------
 
@@ -249,7 +247,8 @@ class RedisMetaStore(MetaStore):
         validate_session_id(session_id)
         probe = Session(session_id, "-", expected_version, spec.token_offset, 0.0, 0.0)
         _, entry = self._appended(probe, expected_version, spec, 0)  # validates the entry
-        body = {k: v for k, v in json.loads(entry_to_json(entry)).items() if k not in ("session_id", "seq")}
+        body = entry_fields(entry)
+        del body["session_id"], body["seq"]
         reply = self._run("append", "appending to", session_id, str(expected_version), repr(entry.created),
                           str(spec.token_offset), str(entry.token_end), json.dumps(body, separators=(",", ":")))
         if _text(reply[0]) == "gap":
@@ -261,7 +260,13 @@ class RedisMetaStore(MetaStore):
         return session, Entry(**{**body, "session_id": session_id, "seq": int(reply[4])})
 
     def entries(self, session_id: str) -> list[Entry]:
-        return self._entries_and_session(session_id)[1]
+        validate_session_id(session_id)
+        keys = self._keys(session_id)
+        with self._errors(f"listing entries of {session_id!r}"):
+            raw = self._client.lrange(keys[1], 0, -1)
+            if not raw and not self._client.exists(keys[0]):
+                raise not_found(session_id)
+        return _entries(session_id, raw)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         session, entries = self._entries_and_session(session_id)
@@ -343,6 +348,12 @@ class RedisMetaStore(MetaStore):
 
     def close(self) -> None:
         self._redis.close()
+
+
+def _entries(session_id: str, raw: list[bytes]) -> list[Entry]:
+    """Entries from the stored list (one JSON parse for all of them)."""
+    decoded = json.loads(b"[" + b",".join(raw) + b"]")
+    return [Entry(**fields, session_id=session_id, seq=seq) for seq, fields in enumerate(decoded)]
 
 
 def _text(value: Any) -> str:

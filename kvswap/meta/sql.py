@@ -21,7 +21,6 @@ power loss (``?synchronous=full``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -50,7 +49,9 @@ from kvswap.meta.base import (
     check_version,
     decode_cursor,
     encode_attrs,
+    ENTRY_FIELDS,
     encode_cursor,
+    entry_fields,
     not_found,
     session_from_fields,
     validate_session_id,
@@ -159,15 +160,27 @@ class SQLMetaStore(MetaStore):
         self._dialect = uri.scheme
         self._md, self._sessions, self._entries, self._schema = _tables(opts["table_prefix"])
         self._engine = self._make_engine(uri, opts)
+        # Reads run on autocommit connections: no BEGIN/ROLLBACK round trips around a SELECT.
+        self._reader = self._engine if self._dialect == "sqlite" else self._make_engine(uri, opts, autocommit=True)
+        t, e = self._sessions, self._entries
+        self._q_session = sa.select(t).where(t.c.id == sa.bindparam("sid"))
+        self._q_locked = self._q_session.with_for_update()
+        self._q_exists = sa.select(t.c.version).where(t.c.id == sa.bindparam("sid"))
+        self._q_entries = (sa.select(*(e.c[name] for name in ENTRY_FIELDS))  # in Entry's field order
+                           .where(e.c.session_id == sa.bindparam("sid")).order_by(e.c.seq))
+        self._q_insert_entry = sa.insert(e)
+        written = ("fingerprint", "version", "total_tokens", "entry_count", "last_access", "ttl", "expires_at", "attrs")
+        self._q_write = sa.update(t).where(t.c.id == sa.bindparam("sid")).values(
+            {name: sa.bindparam(f"b_{name}") for name in written})
         try:
             self._ensure_schema()
         except BaseException:
-            self._engine.dispose()
+            self.close()
             raise
 
     # ---- engine and schema ------------------------------------------------------------------
 
-    def _make_engine(self, uri: URI, opts: dict[str, Any]) -> sa.Engine:
+    def _make_engine(self, uri: URI, opts: dict[str, Any], autocommit: bool = False) -> sa.Engine:
         timeout = opts["timeout"]
         if self._dialect == "sqlite":
             if uri.host or not uri.path.startswith("/") or uri.path.endswith("/"):
@@ -190,14 +203,14 @@ class SQLMetaStore(MetaStore):
                             "options": f"-c statement_timeout={int(timeout * 1000)}"
                                        f" -c lock_timeout={int(timeout * 1000)}",
                             "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
-            isolation = "READ COMMITTED"
         else:
             connect_args = {"connect_timeout": opts["connect_timeout"], "read_timeout": timeout,
                             "write_timeout": timeout, "charset": "utf8mb4"}
-            isolation = "READ COMMITTED"
+        # No pre-ping (a round trip per call): a read retries once on a dead pooled connection.
         return sa.create_engine(url, connect_args=connect_args, pool_size=opts["pool_size"],
-                                max_overflow=opts["pool_size"], pool_timeout=timeout, pool_pre_ping=True,
-                                pool_recycle=3600, isolation_level=isolation)
+                                max_overflow=opts["pool_size"], pool_timeout=timeout, pool_recycle=3600,
+                                isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
+                                pool_reset_on_return=None if autocommit else "rollback")
 
     def _sqlite_connect(self, dbapi_connection: Any) -> None:
         dbapi_connection.isolation_level = None  # we send BEGIN ourselves (see _sqlite_begin)
@@ -207,43 +220,44 @@ class SQLMetaStore(MetaStore):
         cursor.close()
 
     def _ensure_schema(self) -> None:
-        """Create the tables on first use; refuse tables that are not kvswap's (see module doc)."""
-        for attempt in range(3):
+        """Create the tables on first use; refuse tables that are not kvswap's (module doc).
+
+        The schema table and its record come first, so a concurrent first open (MySQL's DDL is
+        not transactional) sees either nothing, or kvswap's record, never bare tables."""
+        ours = [self._sessions, self._entries]
+        for attempt in range(20):
             with self._errors("opening the schema"):
                 try:
-                    if self._check_schema():
-                        return
-                    with self._engine.connect() as conn:
-                        conn = conn.execution_options(kvswap_write=True)
-                        with conn.begin():
-                            self._md.create_all(conn)
+                    names = set(sa.inspect(self._engine).get_table_names())
+                    if self._schema.name not in names:
+                        foreign = [t.name for t in ours if t.name in names]
+                        if foreign:
+                            raise ConfigError(
+                                f"table(s) {foreign} in {self.uri} are not kvswap's (no {self._schema.name} "
+                                "record); use another database or ?table_prefix=...")
+                        with self._engine.connect() as conn, conn.execution_options(kvswap_write=True).begin():
+                            self._schema.create(conn)
                             conn.execute(sa.insert(self._schema).values(name="meta", version=SCHEMA_VERSION))
+                    with self._engine.connect() as conn:
+                        found = conn.execute(sa.select(self._schema.c.version)
+                                             .where(self._schema.c.name == "meta")).scalar()
+                    if found is None:  # its creator has not inserted the record yet
+                        time.sleep(0.05)
+                        continue
+                    if found != SCHEMA_VERSION:
+                        raise ConfigError(f"{self.uri} holds kvswap meta schema version {found}; this kvswap "
+                                          f"uses {SCHEMA_VERSION}")
+                    if any(t.name not in names for t in ours):
+                        with self._engine.connect() as conn, conn.execution_options(kvswap_write=True).begin():
+                            for table in ours:
+                                table.create(conn, checkfirst=True)
                     return
-                except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
-                    if attempt == 2:
+                except sa.exc.DBAPIError as exc:
+                    racing = isinstance(exc, sa.exc.IntegrityError) or "already exists" in str(exc.orig).lower()
+                    if not racing or attempt == 19:
                         raise
-                    time.sleep(0.1 * (attempt + 1))  # a concurrent first open; look again
-
-    def _check_schema(self) -> bool:
-        """True if kvswap's tables are there; False if none is; ConfigError otherwise."""
-        names = set(sa.inspect(self._engine).get_table_names())
-        ours = [self._sessions.name, self._entries.name]
-        if self._schema.name not in names:
-            foreign = [n for n in ours if n in names]
-            if foreign:
-                raise ConfigError(
-                    f"table(s) {foreign} in {self.uri} are not kvswap's (no {self._schema.name} record); "
-                    "use another database or ?table_prefix=...")
-            return False
-        with self._engine.connect() as conn:
-            found = conn.execute(sa.select(self._schema.c.version).where(self._schema.c.name == "meta")).scalar()
-        if found != SCHEMA_VERSION:
-            raise ConfigError(f"{self.uri} holds kvswap meta schema version {found}; this kvswap uses "
-                              f"{SCHEMA_VERSION}")
-        missing = [n for n in ours if n not in names]
-        if missing:
-            raise ConfigError(f"kvswap tables {missing} are missing from {self.uri}")
-        return True
+                    time.sleep(0.05)  # a concurrent first open created it; look again
+        raise ConfigError(f"{self._schema.name} in {self.uri} has no kvswap record")
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -255,6 +269,18 @@ class SQLMetaStore(MetaStore):
         with self._errors(what), self._engine.connect() as conn:
             with conn.execution_options(kvswap_write=True).begin():
                 yield conn
+
+    def _reading(self, what: str, work: Any) -> Any:
+        """Run ``work(conn)`` on a reader connection; once more if a pooled connection was dead."""
+        for attempt in range(2):
+            try:
+                with self._errors(what), self._reader.connect() as conn:
+                    return work(conn)
+            except BackendUnavailableError as exc:
+                cause = exc.__cause__
+                if attempt or not getattr(cause, "connection_invalidated", False):
+                    raise
+        raise AssertionError("unreachable")
 
     def _retrying(self, what: str, work: Any) -> Any:
         """Run ``work(conn)`` in a write transaction, again after a deadlock or busy database."""
@@ -272,36 +298,30 @@ class SQLMetaStore(MetaStore):
     def _locked(self, conn: sa.Connection, session_id: str) -> tuple[Session, int]:
         """The session's row, locked until the transaction ends, and its entry count."""
         validate_session_id(session_id)
-        row = conn.execute(sa.select(self._sessions).where(self._sessions.c.id == session_id)
-                           .with_for_update()).mappings().first()
+        row = conn.execute(self._q_locked, {"sid": session_id}).mappings().first()
         if row is None:
             raise not_found(session_id)
         return self._session(row), row["entry_count"]
 
-    def _session(self, row: Mapping[str, Any]) -> Session:
-        session = session_from_fields(row)
-        if session.lease_expires is not None and session.lease_expires <= self.now():
-            session = dataclasses.replace(session, owner=None, lease_expires=None)
-        return session
+    def _session(self, row: Mapping[str, Any], now: float | None = None) -> Session:
+        return session_from_fields(row, self.now() if now is None else now)
 
-    def _write_session(self, conn: sa.Connection, session: Session, **extra: Any) -> None:
-        expires_at = None if session.ttl is None else session.last_access + session.ttl
-        conn.execute(sa.update(self._sessions).where(self._sessions.c.id == session.id).values(
-            fingerprint=session.fingerprint, version=session.version, total_tokens=session.total_tokens,
-            last_access=session.last_access, ttl=session.ttl, expires_at=expires_at,
-            attrs=encode_attrs(session.attrs), **extra))
+    def _write_session(self, conn: sa.Connection, session: Session, entry_count: int) -> None:
+        conn.execute(self._q_write, {
+            "sid": session.id, "b_fingerprint": session.fingerprint, "b_version": session.version,
+            "b_total_tokens": session.total_tokens, "b_entry_count": entry_count, "b_last_access": session.last_access,
+            "b_ttl": session.ttl, "b_expires_at": None if session.ttl is None else session.last_access + session.ttl,
+            "b_attrs": encode_attrs(session.attrs)})
 
     def _entries_of(self, conn: sa.Connection, session_id: str) -> list[Entry]:
-        rows = conn.execute(sa.select(self._entries).where(self._entries.c.session_id == session_id)
-                            .order_by(self._entries.c.seq)).mappings().all()
-        return [Entry(**row) for row in rows]
+        return [Entry(*row) for row in conn.execute(self._q_entries, {"sid": session_id})]
 
     # ---- the contract -----------------------------------------------------------------------
 
     def get(self, session_id: str) -> Session:
         validate_session_id(session_id)
-        with self._errors(f"reading session {session_id!r}"), self._engine.connect() as conn:
-            row = conn.execute(sa.select(self._sessions).where(self._sessions.c.id == session_id)).mappings().first()
+        row = self._reading(f"reading session {session_id!r}",
+                            lambda conn: conn.execute(self._q_session, {"sid": session_id}).mappings().first())
         if row is None:
             raise not_found(session_id)
         return self._session(row)
@@ -323,9 +343,9 @@ class SQLMetaStore(MetaStore):
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
                ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
         def work(conn: sa.Connection) -> Session:
-            session, _ = self._locked(conn, session_id)
+            session, count = self._locked(conn, session_id)
             new = self._updated(session, expected_version, fingerprint, ttl, attrs)
-            self._write_session(conn, new)
+            self._write_session(conn, new, count)
             return new
 
         return self._retrying(f"updating session {session_id!r}", work)
@@ -334,20 +354,22 @@ class SQLMetaStore(MetaStore):
         def work(conn: sa.Connection) -> tuple[Session, Entry]:
             session, count = self._locked(conn, session_id)
             new, entry = self._appended(session, expected_version, spec, count)
-            conn.execute(sa.insert(self._entries).values(**dataclasses.asdict(entry)))
-            self._write_session(conn, new, entry_count=count + 1)
+            conn.execute(self._q_insert_entry, entry_fields(entry))
+            self._write_session(conn, new, count + 1)
             return new, entry
 
         return self._retrying(f"appending to session {session_id!r}", work)
 
     def entries(self, session_id: str) -> list[Entry]:
         validate_session_id(session_id)
-        with self._errors(f"listing entries of {session_id!r}"), self._engine.connect() as conn:
+
+        def work(conn: sa.Connection) -> list[Entry]:
             entries = self._entries_of(conn, session_id)
-            if not entries and conn.execute(sa.select(self._sessions.c.version)
-                                            .where(self._sessions.c.id == session_id)).first() is None:
+            if not entries and conn.execute(self._q_exists, {"sid": session_id}).first() is None:
                 raise not_found(session_id)
-        return entries
+            return entries
+
+        return self._reading(f"listing entries of {session_id!r}", work)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         def work(conn: sa.Connection) -> tuple[Session, list[Entry]]:
@@ -357,7 +379,7 @@ class SQLMetaStore(MetaStore):
             if removed:
                 conn.execute(sa.delete(self._entries).where(self._entries.c.session_id == session_id,
                                                             self._entries.c.seq >= len(kept)))
-            self._write_session(conn, new, entry_count=len(kept))
+            self._write_session(conn, new, len(kept))
             return new, removed
 
         return self._retrying(f"truncating session {session_id!r}", work)
@@ -388,16 +410,15 @@ class SQLMetaStore(MetaStore):
             query = query.where(table.c.last_access <= idle_since)
         if fingerprint is not None:
             query = query.where(table.c.fingerprint == fingerprint)
-        with self._errors("listing sessions"), self._engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-        sessions = [self._session(row) for row in rows[:limit]]
+        rows = self._reading("listing sessions", lambda conn: conn.execute(query).mappings().all())
+        now = self.now()
+        sessions = [self._session(row, now) for row in rows[:limit]]
         return SessionPage(sessions, encode_cursor(sessions[-1].id) if len(rows) > limit else None)
 
     def expired(self, limit: int = 1000) -> list[Session]:
         table = self._sessions
-        with self._errors("finding expired sessions"), self._engine.connect() as conn:
-            rows = conn.execute(sa.select(table).where(table.c.expires_at <= self.now())
-                                .order_by(table.c.expires_at).limit(limit)).mappings().all()
+        query = sa.select(table).where(table.c.expires_at <= self.now()).order_by(table.c.expires_at).limit(limit)
+        rows = self._reading("finding expired sessions", lambda conn: conn.execute(query).mappings().all())
         return [self._session(row) for row in rows]
 
     # ---- leases -------------------------------------------------------------------------------
@@ -412,7 +433,7 @@ class SQLMetaStore(MetaStore):
         def work(conn: sa.Connection) -> tuple[bool, Session]:
             changed = conn.execute(sa.update(table).where(table.c.id == session_id, condition)
                                    .values(**values)).rowcount
-            row = conn.execute(sa.select(table).where(table.c.id == session_id)).mappings().first()
+            row = conn.execute(self._q_session, {"sid": session_id}).mappings().first()
             if row is None:
                 raise not_found(session_id)
             return bool(changed), self._session(row)
@@ -444,6 +465,8 @@ class SQLMetaStore(MetaStore):
 
     def close(self) -> None:
         self._engine.dispose()
+        if self._reader is not self._engine:
+            self._reader.dispose()
 
 
 def _raise_lease(result: Session | LeaseError) -> Session:
@@ -454,6 +477,7 @@ def _raise_lease(result: Session | LeaseError) -> Session:
 
 def _sqlite_begin(conn: sa.Connection) -> None:
     """Writers take SQLite's write lock up front, so a read never has to upgrade (which
-    fails at once with 'database is locked' instead of waiting)."""
-    write = conn.get_execution_options().get("kvswap_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+    fails at once with 'database is locked' instead of waiting). Reads are single statements
+    in autocommit mode: no transaction to begin."""
+    if conn.get_execution_options().get("kvswap_write", False):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -205,6 +205,15 @@ def start_juicefs(state: Path, redis_uri: str) -> Started:
                    stop_command=[binary, "umount", "--force", str(mountpoint)])
 
 
+def _run_setup(argv: list[str], user: str | None = None) -> None:
+    """Run a server's setup command; on failure raise with what it printed."""
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120, user=user, check=False)
+    if done.returncode:
+        tail = done.stdout.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"{Path(argv[0]).name} failed ({done.returncode}); the state directory and its parents "
+                           f"must be readable by {user or 'this user'}:\n{tail}")
+
+
 def _pg_binary(name: str) -> str:
     found = shutil.which(name)
     if found:
@@ -220,9 +229,8 @@ def start_postgres(state: Path) -> Started:
     user = _service_user("postgres")
     base = _owned_dir(state / "postgres", user)
     data, sockets = base / "data", _owned_dir(base / "sock", user)
-    subprocess.run([_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync",
-                    "-E", "UTF8", "--locale=C"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=120, user=user)
+    _run_setup([_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync",
+                "-E", "UTF8", "--locale=C"], user=user)
     port = free_port()
     proc = _spawn([_pg_binary("postgres"), "-D", str(data), "-c", "listen_addresses=127.0.0.1", "-p", str(port),
                    "-k", str(sockets)], base / "server.log", user=user)
@@ -247,9 +255,8 @@ def start_mariadb(state: Path) -> Started:
     server = shutil.which("mariadbd") or (shutil.which("mariadbd", path="/usr/sbin"))
     if not install or not server:
         raise RuntimeError("mariadb not found (apt-get install mariadb-server)")
-    subprocess.run([install, f"--user={user or os.environ.get('USER', 'root')}", f"--datadir={data}",
-                    "--auth-root-authentication-method=normal", "--skip-test-db"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+    _run_setup([install, f"--user={user or os.environ.get('USER', 'root')}", f"--datadir={data}",
+                "--auth-root-authentication-method=normal", "--skip-test-db"])
     port = free_port()
     argv = [server, "--no-defaults", f"--datadir={data}", "--bind-address=127.0.0.1", f"--port={port}",
             f"--socket={base / 'mysqld.sock'}", f"--pid-file={base / 'mysqld.pid'}", "--skip-log-bin",

@@ -1,0 +1,380 @@
+"""Meta-store operations per second against the raw driver's nearest operation, same run.
+
+    .venv/bin/python bench/meta.py [--only memkv,sqlite,postgresql,mysql,etcd,redis,valkey]
+                                   [--sessions 100000] [--rounds 3]
+
+Starts its own servers on loopback (kvswap.testing.servers). For each backend, one thread:
+
+* get session         vs one parameterized SELECT by primary key / Redis GET / etcd get;
+* append (CAS)        vs one parameterized INSERT, autocommit / Redis SET / etcd put;
+* list 100 entries    vs one SELECT of 100 rows / LRANGE of 100 / etcd range of 100 keys;
+* page 100k sessions  (1000 per page) vs SELECT ... WHERE id > ? ORDER BY id LIMIT 1000 /
+                      ZRANGEBYLEX + pipelined HGETALL of 1000 / etcd range with limit 1000.
+
+Raw and kvswap runs alternate (``--rounds``), the median per-op time of each is kept; the
+ratio is kvswap's cost per operation over the raw driver's (goal: <= 2). memkv has no driver;
+its raw column is a dict lookup / list append. JSON goes to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kvswap.meta import EntrySpec, MetaStore, open_meta_store
+from kvswap.testing import servers
+from kvswap.uri import URI
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OPS = ("get", "append", "list100", "page")
+ENV = {"postgresql": "KVSWAP_TEST_POSTGRES_URI", "mysql": "KVSWAP_TEST_MYSQL_URI", "etcd": "KVSWAP_TEST_ETCD_URI",
+       "redis": "KVSWAP_TEST_REDIS_URI", "valkey": "KVSWAP_TEST_VALKEY_URI"}
+SERVER = {"postgresql": "postgres", "mysql": "mariadb", "etcd": "etcd", "redis": "redis", "valkey": "valkey"}
+VALUE = json.dumps({"fingerprint": "llama-3-8b/bf16/paged16/tp0of1", "version": 7, "total_tokens": 4096,
+                    "attrs": {}, "created": time.time(), "last_access": time.time(), "ttl": None})
+
+
+def spec(offset: int, length: int = 16) -> EntrySpec:
+    return EntrySpec(offset, length, "file:///var/kvswap", f"sessions/bench/{offset}", length * 131072,
+                     f"xxh3:{offset:032x}", f"{offset + length:064x}")
+
+
+# ---- the raw drivers ----------------------------------------------------------------------------
+
+
+class RawSQL:
+    """The same database through its bare DB-API driver, autocommit, parameterized."""
+
+    def __init__(self, uri: URI) -> None:
+        self.scheme = uri.scheme
+        if uri.scheme == "sqlite":
+            self.conn = sqlite3.connect(uri.path.replace("meta.db", "raw.db"), isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.mark = "?"
+        elif uri.scheme == "postgresql":
+            import psycopg
+
+            self.conn = psycopg.connect(host=uri.host, port=uri.port, user=uri.username, password=uri.password,
+                                        dbname=uri.path.strip("/"), autocommit=True)
+            self.mark = "%s"
+        else:
+            import pymysql
+
+            self.conn = pymysql.connect(host=uri.host, port=uri.port, user=uri.username, password=uri.password,
+                                        database=uri.path.strip("/"), autocommit=True)
+            self.mark = "%s"
+        self.execute("DROP TABLE IF EXISTS rawbench_kv")
+        self.execute("DROP TABLE IF EXISTS rawbench_log")
+        self.execute("CREATE TABLE rawbench_kv (id VARCHAR(255) PRIMARY KEY, v TEXT)")
+        self.execute("CREATE TABLE rawbench_log (sid VARCHAR(255), seq INTEGER, v TEXT, PRIMARY KEY (sid, seq))")
+        self.seq = 0
+
+    def execute(self, sql: str, params: tuple = (), fetch: bool = False) -> Any:
+        cursor = self.conn.cursor()
+        cursor.execute(sql.replace("?", self.mark), params)
+        rows = cursor.fetchall() if fetch else None
+        cursor.close()
+        return rows
+
+    def seed(self, ids: list[str]) -> None:
+        cursor = self.conn.cursor()
+        if self.scheme != "sqlite":
+            self.conn.autocommit(False) if self.scheme == "mysql" else setattr(self.conn, "autocommit", False)
+        else:
+            cursor.execute("BEGIN")
+        sql = f"INSERT INTO rawbench_kv VALUES ({self.mark}, {self.mark})"
+        cursor.executemany(sql, [(i, VALUE) for i in ids])
+        cursor.executemany(f"INSERT INTO rawbench_log VALUES ({self.mark}, {self.mark}, {self.mark})",
+                           [("list", i, VALUE) for i in range(100)])
+        self.conn.commit()
+        if self.scheme == "mysql":
+            self.conn.autocommit(True)
+        elif self.scheme == "postgresql":
+            self.conn.autocommit = True
+        cursor.close()
+
+    def get(self, i: int) -> Any:
+        return self.execute("SELECT v FROM rawbench_kv WHERE id = ?", (f"s{i:07d}",), fetch=True)
+
+    def append(self, i: int) -> Any:
+        self.seq += 1
+        return self.execute("INSERT INTO rawbench_log VALUES (?, ?, ?)", ("append", self.seq, VALUE))
+
+    def list100(self, i: int) -> Any:
+        return self.execute("SELECT * FROM rawbench_log WHERE sid = ? ORDER BY seq LIMIT 100", ("list",), fetch=True)
+
+    def page_all(self) -> int:
+        after, total = "", 0
+        while True:
+            rows = self.execute("SELECT id, v FROM rawbench_kv WHERE id > ? ORDER BY id LIMIT 1000", (after,),
+                                fetch=True)
+            if not rows:
+                return total
+            total += len(rows)
+            after = rows[-1][0]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RawRedis:
+    def __init__(self, uri: URI) -> None:
+        lib = __import__("redis" if uri.scheme == "redis" else "valkey")
+        self.client = lib.Redis(host=uri.host, port=uri.port, db=int(uri.path.strip("/") or 0))
+        self.seq = 0
+
+    def seed(self, ids: list[str]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for n, session_id in enumerate(ids):
+            pipe.hset(f"raw:s:{session_id}", mapping={"v": VALUE})
+            pipe.zadd("raw:idx", {session_id: 0})
+            if n % 5000 == 4999:
+                pipe.execute()
+        pipe.rpush("raw:list", *[VALUE] * 100)
+        pipe.execute()
+
+    def get(self, i: int) -> Any:
+        return self.client.get(f"raw:kv:{i % 1000}")
+
+    def append(self, i: int) -> Any:
+        self.seq += 1
+        return self.client.set(f"raw:kv:{self.seq % 1000}", VALUE)
+
+    def list100(self, i: int) -> Any:
+        return self.client.lrange("raw:list", 0, 99)
+
+    def page_all(self) -> int:
+        start, total = b"-", 0
+        while True:
+            ids = self.client.zrangebylex("raw:idx", start, b"+", start=0, num=1000)
+            if not ids:
+                return total
+            pipe = self.client.pipeline(transaction=False)
+            for session_id in ids:
+                pipe.hgetall(b"raw:s:" + session_id)
+            total += len(pipe.execute())
+            start = b"(" + ids[-1]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RawEtcd:
+    """etcd's gRPC KV API through the same stubs the store uses."""
+
+    def __init__(self, uri: URI) -> None:
+        import grpc
+        from aetcd import rpc
+
+        self.rpc = rpc
+        self.channel = grpc.insecure_channel(f"{uri.host}:{uri.port}")
+        self.kv = rpc.KVStub(self.channel)
+        self.seq = 0
+
+    def seed(self, ids: list[str]) -> None:
+        rpc = self.rpc
+        for start in range(0, len(ids), 100):
+            ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=f"raw/s/{i}".encode(), value=VALUE.encode()))
+                   for i in ids[start:start + 100]]
+            self.kv.Txn(rpc.TxnRequest(success=ops), timeout=10)
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=b"raw/l/%03d" % i, value=VALUE.encode()))
+               for i in range(100)]
+        self.kv.Txn(rpc.TxnRequest(success=ops), timeout=10)
+
+    def get(self, i: int) -> Any:
+        return self.kv.Range(self.rpc.RangeRequest(key=f"raw/s/s{i:07d}".encode()), timeout=10)
+
+    def append(self, i: int) -> Any:
+        self.seq += 1
+        return self.kv.Put(self.rpc.PutRequest(key=b"raw/a/%d" % self.seq, value=VALUE.encode()), timeout=10)
+
+    def list100(self, i: int) -> Any:
+        return self.kv.Range(self.rpc.RangeRequest(key=b"raw/l/", range_end=b"raw/l0"), timeout=10)
+
+    def page_all(self) -> int:
+        start, total = b"raw/s/", 0
+        while True:
+            reply = self.kv.Range(self.rpc.RangeRequest(key=start, range_end=b"raw/s0", limit=1000), timeout=10)
+            total += len(reply.kvs)
+            if not reply.more:
+                return total
+            start = reply.kvs[-1].key + b"\x00"
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class RawMemory:
+    """memkv's nearest 'driver': a dict under a lock."""
+
+    def __init__(self, uri: URI) -> None:
+        import threading
+
+        self.lock, self.data, self.log = threading.Lock(), {}, []
+
+    def seed(self, ids: list[str]) -> None:
+        self.data = {i: VALUE for i in ids}
+        self.ids = sorted(ids)
+
+    def get(self, i: int) -> Any:
+        with self.lock:
+            return self.data.get(f"s{i:07d}")
+
+    def append(self, i: int) -> Any:
+        with self.lock:
+            self.log.append(VALUE)
+
+    def list100(self, i: int) -> Any:
+        with self.lock:
+            return self.log[:100]
+
+    def page_all(self) -> int:
+        with self.lock:
+            return len([self.data[i] for i in self.ids])
+
+    def close(self) -> None:
+        pass
+
+
+RAW: dict[str, Callable[[URI], Any]] = {"memkv": RawMemory, "sqlite": RawSQL, "postgresql": RawSQL,
+                                         "mysql": RawSQL, "etcd": RawEtcd, "redis": RawRedis, "valkey": RawRedis}
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class KVSwapOps:
+    meta: MetaStore
+    session: Any = None
+
+    def prepare(self) -> None:
+        self.meta.create("bench-append", "fp")
+        self.session = self.meta.get("bench-append")
+        listed = self.meta.create("bench-list", "fp")
+        for _ in range(100):
+            listed, _ = self.meta.append("bench-list", listed.version, spec(listed.total_tokens))
+
+    def get(self, i: int) -> Any:
+        return self.meta.get(f"s{i:07d}")
+
+    def append(self, i: int) -> Any:
+        self.session, _ = self.meta.append("bench-append", self.session.version, spec(self.session.total_tokens))
+
+    def list100(self, i: int) -> Any:
+        return self.meta.entries("bench-list")
+
+    def page_all(self) -> int:
+        cursor, total = None, 0
+        while True:
+            page = self.meta.list_sessions(limit=1000, cursor=cursor)
+            total += len(page.sessions)
+            if (cursor := page.cursor) is None:
+                return total
+
+
+def per_op(fn: Callable[[int], Any], count: int, sessions: int) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        fn(i % sessions)
+    return (time.perf_counter() - start) / count
+
+
+def seed_sessions(meta: MetaStore, ids: list[str]) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: meta.create(i, "fp"), ids, chunksize=256))
+    return time.perf_counter() - start
+
+
+def bench_backend(name: str, uri: URI, sessions: int, rounds: int, counts: dict[str, int]) -> dict[str, Any]:
+    meta = open_meta_store(uri)
+    raw = RAW[name](uri)
+    ids = [f"s{i:07d}" for i in range(sessions)]
+    seconds = seed_sessions(meta, ids)
+    print(f"  {name}: seeded {sessions} sessions in {seconds:.1f} s ({sessions / seconds:,.0f}/s)", flush=True)
+    raw.seed(ids)
+    ops = KVSwapOps(meta)
+    ops.prepare()
+    samples: dict[str, dict[str, list[float]]] = {op: {"kvswap": [], "raw": []} for op in OPS}
+    for _ in range(rounds):
+        for op in OPS:
+            for side, target in (("raw", raw), ("kvswap", ops)):
+                if op == "page":
+                    start = time.perf_counter()
+                    seen = target.page_all()
+                    assert seen >= sessions, (name, side, seen)  # kvswap also holds the two bench sessions
+                    samples[op][side].append((time.perf_counter() - start) / seen)
+                else:
+                    samples[op][side].append(per_op(getattr(target, op), counts[op], sessions))
+    meta.close()
+    raw.close()
+    row: dict[str, Any] = {"backend": name, "uri": str(uri)}
+    for op in OPS:
+        kv, rw = (statistics.median(samples[op][side]) for side in ("kvswap", "raw"))
+        unit = "sessions/s" if op == "page" else "ops/s"
+        row[op] = {"kvswap_per_s": 1 / kv, "raw_per_s": 1 / rw, "cost_ratio": kv / rw, "unit": unit}
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="memkv,sqlite,postgresql,mysql,etcd,redis,valkey")
+    parser.add_argument("--sessions", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    backends = args.only.split(",")
+    state = Path(tempfile.mkdtemp(prefix="kvswap-bench-meta-"))
+    state.chmod(0o755)  # the database servers run as their own users
+    env = servers.up(state / "servers", tuple(SERVER[b] for b in backends if b in SERVER))
+    counts = {"get": 2000, "append": 1000, "list100": 500}
+    rows = []
+    try:
+        for name in backends:
+            if name == "memkv":
+                uri = URI.parse("memkv://")
+            elif name == "sqlite":
+                uri = URI.parse(f"sqlite://{state}/meta.db")
+            else:
+                uri = URI.parse(env[ENV[name]])
+            rows.append(bench_backend(name, uri, args.sessions, args.rounds, counts))
+            print_row(rows[-1])
+    finally:
+        servers.down(state / "servers")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"meta-{stamp}.json"
+    out.write_text(json.dumps({"when": stamp, "machine": platform.node(), "python": sys.version.split()[0],
+                               "cpus": __import__("os").cpu_count(), "sessions": args.sessions,
+                               "rounds": args.rounds, "counts": counts, "rows": rows}, indent=1))
+    print(f"\n{'backend':<11}" + "".join(f"{op + ' kvswap/raw (ratio)':>34}" for op in OPS))
+    for row in rows:
+        print(f"{row['backend']:<11}" + "".join(
+            f"{row[op]['kvswap_per_s']:>12,.0f} /{row[op]['raw_per_s']:>10,.0f} ({row[op]['cost_ratio']:.2f})"
+            for op in OPS))
+    print(f"wrote {out}")
+    return 0
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print("  " + ", ".join(f"{op}: {row[op]['kvswap_per_s']:,.0f} vs {row[op]['raw_per_s']:,.0f} {row[op]['unit']}"
+                           f" (cost x{row[op]['cost_ratio']:.2f})" for op in OPS), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
