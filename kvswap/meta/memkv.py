@@ -6,6 +6,7 @@ each store is private. Nothing survives the process: use ``sqlite://`` for that.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ class _Space:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict)
     entries: dict[str, list[Entry]] = dataclasses.field(default_factory=dict)
+    order: list[bytes] = dataclasses.field(default_factory=list)  # UTF-8 ids, sorted
 
 
 _SPACES: dict[str, _Space] = {}
@@ -75,6 +77,7 @@ class MemKVMetaStore(MetaStore):
                 raise AlreadyExistsError(f"session {session_id!r} already exists")
             self._space.sessions[session_id] = session
             self._space.entries[session_id] = []
+            bisect.insort(self._space.order, session_id.encode("utf-8"))
         return session
 
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
@@ -112,6 +115,8 @@ class MemKVMetaStore(MetaStore):
             if expected_version is not None:
                 check_version(session, expected_version)
             del self._space.sessions[session_id]
+            order = self._space.order
+            del order[bisect.bisect_left(order, session_id.encode("utf-8"))]
             return self._space.entries.pop(session_id)
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
@@ -120,17 +125,16 @@ class MemKVMetaStore(MetaStore):
         after = decode_cursor(cursor)
         wanted = SessionFilter(owner, idle_since, fingerprint)
         with self._space.lock:
-            ids = sorted(self._space.sessions, key=lambda s: s.encode("utf-8"))
-            if after is not None:
-                ids = [i for i in ids if i.encode("utf-8") > after.encode("utf-8")]
+            order = self._space.order
+            start = 0 if after is None else bisect.bisect_right(order, after.encode("utf-8"))
             page: list[Session] = []
-            for position, session_id in enumerate(ids):
-                session = self._session(session_id)
+            for position in range(start, len(order)):
+                session = self._session(order[position].decode("utf-8"))
                 if wanted.matches(session):
                     page.append(session)
                 if len(page) == limit:
-                    more = position + 1 < len(ids)
-                    return SessionPage(page, encode_cursor(session_id) if more else None)
+                    more = position + 1 < len(order)
+                    return SessionPage(page, encode_cursor(session.id) if more else None)
         return SessionPage(page, None)
 
     def expired(self, limit: int = 1000) -> list[Session]:
