@@ -65,6 +65,29 @@ class _Read:
     entry_count: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Holder:
+    """The lease key as stored: who holds it, until when (client clock), which etcd lease."""
+
+    owner: str | None = None
+    expires: float | None = None
+    lease: int = 0
+    revision: int = 0  # mod_revision of the lease key (0: absent)
+
+    @classmethod
+    def parse(cls, kv: Any | None) -> _Holder:
+        if kv is None:
+            return cls()
+        fields = json.loads(kv.value)
+        return cls(fields["owner"], fields["expires"], fields["lease"], kv.mod_revision)
+
+    def active(self, now: float) -> bool:
+        return self.owner is not None and self.expires is not None and self.expires > now
+
+    def error(self, message: str) -> LeaseError:
+        return LeaseError(message, self.owner, self.expires)
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """The first key after every key starting with ``prefix`` (etcd's range_end idiom)."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
@@ -164,11 +187,14 @@ class EtcdMetaStore(MetaStore):
         fields = json.loads(kv.value)
         count = fields.pop("entry_count")
         fields["id"] = session_id
-        if lease_kv is not None:
-            lease = json.loads(lease_kv.value)
-            if lease["expires"] > self.now():
-                fields["owner"], fields["lease_expires"] = lease["owner"], lease["expires"]
-        return _Read(session_from_fields(fields), kv.mod_revision, count)
+        return _Read(self._with_lease(session_from_fields(fields), lease_kv), kv.mod_revision, count)
+
+    def _with_lease(self, session: Session, lease_kv: Any | None) -> Session:
+        """``session`` with the owner and expiry of its lease key, if that lease is active."""
+        holder = _Holder.parse(lease_kv)
+        if holder.active(self.now()):
+            return dataclasses.replace(session, owner=holder.owner, lease_expires=holder.expires)
+        return dataclasses.replace(session, owner=None, lease_expires=None)
 
     def _read(self, session_id: str, with_entries: bool = False) -> tuple[_Read, list[Entry]]:
         """Session (and entries) in one consistent transaction; NotFoundError if missing."""
@@ -226,11 +252,7 @@ class EtcdMetaStore(MetaStore):
                 return None, extra
             self._remember(dataclasses.replace(after, revision=reply.header.revision))
             lease = reply.responses[-1].response_range.kvs
-            holder = json.loads(lease[0].value) if lease else None
-            session = dataclasses.replace(after.session, owner=None, lease_expires=None)
-            if holder is not None and holder["expires"] > self.now():
-                session = dataclasses.replace(session, owner=holder["owner"], lease_expires=holder["expires"])
-            return session, extra
+            return self._with_lease(after.session, lease[0] if lease else None), extra
 
     def _session_value(self, session: Session, entry_count: int) -> str:
         fields = {f.name: getattr(session, f.name) for f in dataclasses.fields(Session)
@@ -341,13 +363,15 @@ class EtcdMetaStore(MetaStore):
 
     # ---- leases -------------------------------------------------------------------------------
 
-    def _lease_state(self, session_id: str) -> tuple[bool, Any]:
-        """(session exists, lease key-value or None)."""
+    def _holder(self, session_id: str) -> _Holder:
+        """The session's lease key as stored; NotFoundError if the session does not exist."""
         validate_session_id(session_id)
         reply = self._txn(f"reading the lease of {session_id!r}", [],
                           [self._range(self._key("s", session_id)), self._range(self._key("l", session_id))])
         session_kvs, lease_kvs = (r.response_range.kvs for r in reply.responses)
-        return bool(session_kvs), (lease_kvs[0] if lease_kvs else None)
+        if not session_kvs:
+            raise not_found(session_id)
+        return _Holder.parse(lease_kvs[0] if lease_kvs else None)
 
     def _grant(self, ttl: float) -> tuple[int, float]:
         reply = self._call(self._leases.LeaseGrant, self._rpc.LeaseGrantRequest(TTL=max(2, math.ceil(ttl))),
@@ -358,62 +382,46 @@ class EtcdMetaStore(MetaStore):
         with contextlib.suppress(BackendUnavailableError, ConfigError):  # it expires anyway
             self._call(self._leases.LeaseRevoke, self._rpc.LeaseRevokeRequest(ID=lease_id), "revoking a lease")
 
-    def _take(self, session_id: str, owner: str, ttl: float, held: Any | None) -> Session:
-        """Put the lease key for ``owner`` if it is still as seen (``held``: its key-value or
-        None for absent) and the session exists. Returns the session; LeaseError on a lost race."""
+    def _take(self, session_id: str, owner: str, ttl: float, held: _Holder) -> Session:
+        """Put the lease key for ``owner`` if it is still as seen (``held``) and the session
+        exists. Returns the session; LeaseError on a lost race."""
         lease_id, granted = self._grant(ttl)
         key, skey = self._key("l", session_id), self._key("s", session_id)
-        guard = (self._compare(key, "MOD", held.mod_revision) if held is not None
+        guard = (self._compare(key, "MOD", held.revision) if held.revision
                  else self._compare(key, "CREATE", 0))
         value = json.dumps({"owner": owner, "expires": self.now() + granted, "lease": lease_id})
         reply = self._txn(f"taking the lease of {session_id!r}", [guard, self._compare(skey, "CREATE", 0, "GREATER")],
                           [self._put(key, value, lease=lease_id)])
         if not reply.succeeded:
             self._revoke(lease_id)
-            exists, current = self._lease_state(session_id)
-            if not exists:
-                raise not_found(session_id)
-            holder = json.loads(current.value) if current is not None else {"owner": None, "expires": None}
-            raise LeaseError(f"{owner!r} lost the race for the lease of session {session_id!r}",
-                             holder["owner"], holder["expires"])
-        if held is not None:
-            self._revoke(json.loads(held.value)["lease"])
+            raise self._holder(session_id).error(f"{owner!r} lost the race for the lease of session {session_id!r}")
+        if held.revision:
+            self._revoke(held.lease)
         return self.get(session_id)
 
     def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         ttl = self._lease_ttl(owner, ttl)
-        exists, held = self._lease_state(session_id)
-        if not exists:
-            raise not_found(session_id)
-        if held is not None:
-            holder = json.loads(held.value)
-            if holder["owner"] != owner and holder["expires"] > self.now():  # else expired, etcd lags
-                raise LeaseError(f"session {session_id!r} is leased to {holder['owner']!r}",
-                                 holder["owner"], holder["expires"])
+        held = self._holder(session_id)
+        if held.owner != owner and held.active(self.now()):  # an expired one may linger: etcd lags
+            raise held.error(f"session {session_id!r} is leased to {held.owner!r}")
         return self._take(session_id, owner, ttl, held)
 
     def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         ttl = self._lease_ttl(owner, ttl)
-        exists, held = self._lease_state(session_id)
-        if not exists:
-            raise not_found(session_id)
-        holder = json.loads(held.value) if held is not None else {"owner": None, "expires": None}
-        if holder["owner"] != owner or holder["expires"] <= self.now():
-            raise LeaseError(f"{owner!r} does not hold the lease of session {session_id!r}",
-                             holder["owner"], holder["expires"])
+        held = self._holder(session_id)
+        if held.owner != owner or not held.active(self.now()):
+            raise held.error(f"{owner!r} does not hold the lease of session {session_id!r}")
         return self._take(session_id, owner, ttl, held)
 
     def release_lease(self, session_id: str, owner: str) -> bool:
-        exists, held = self._lease_state(session_id)
-        if not exists:
-            raise not_found(session_id)
-        if held is None or json.loads(held.value)["owner"] != owner:
+        held = self._holder(session_id)
+        if held.owner != owner:
             return False
         key = self._key("l", session_id)
-        reply = self._txn(f"releasing the lease of {session_id!r}", [self._compare(key, "MOD", held.mod_revision)],
+        reply = self._txn(f"releasing the lease of {session_id!r}", [self._compare(key, "MOD", held.revision)],
                           [self._delete_range(key)])
         if reply.succeeded:
-            self._revoke(json.loads(held.value)["lease"])
+            self._revoke(held.lease)
         return bool(reply.succeeded)
 
     def close(self) -> None:

@@ -184,15 +184,19 @@ class RedisMetaStore(MetaStore):
             decoded["owner"], decoded["lease_expires"] = holder, self.now() + int(pttl) / 1000
         return session_from_fields(decoded)
 
+    def _queue_read(self, pipe: Any, session_id: str) -> None:
+        """Queue what :meth:`_state` needs: the session hash, the lease holder, its PTTL."""
+        keys = self._keys(session_id)
+        pipe.hgetall(keys[0])
+        pipe.get(keys[2])
+        pipe.pttl(keys[2])
+
     def _read(self, session_ids: list[str]) -> list[Session | None]:
         """Sessions by id in one round trip (None for ids that do not exist)."""
         with self._errors("reading sessions"):
             pipe = self._client.pipeline(transaction=False)
             for session_id in session_ids:
-                keys = self._keys(session_id)
-                pipe.hgetall(keys[0])
-                pipe.get(keys[2])
-                pipe.pttl(keys[2])
+                self._queue_read(pipe, session_id)
             replies = pipe.execute()
         sessions: list[Session | None] = []
         for i, session_id in enumerate(session_ids):
@@ -205,9 +209,7 @@ class RedisMetaStore(MetaStore):
         keys = self._keys(session_id)
         with self._errors(f"reading session {session_id!r}"):
             pipe = self._client.pipeline(transaction=True)  # one consistent snapshot
-            pipe.hgetall(keys[0])
-            pipe.get(keys[2])
-            pipe.pttl(keys[2])
+            self._queue_read(pipe, session_id)
             pipe.lrange(keys[1], 0, -1)
             fields, holder, pttl, raw = pipe.execute()
         return self._state(session_id, fields, holder, pttl), _entries(session_id, raw)

@@ -235,7 +235,7 @@ class SQLMetaStore(MetaStore):
                             raise ConfigError(
                                 f"table(s) {foreign} in {self.uri} are not kvswap's (no {self._schema.name} "
                                 "record); use another database or ?table_prefix=...")
-                        with self._engine.connect() as conn, conn.execution_options(kvswap_write=True).begin():
+                        with self._write_transaction() as conn:
                             self._schema.create(conn)
                             conn.execute(sa.insert(self._schema).values(name="meta", version=SCHEMA_VERSION))
                     with self._engine.connect() as conn:
@@ -248,7 +248,7 @@ class SQLMetaStore(MetaStore):
                         raise ConfigError(f"{self.uri} holds kvswap meta schema version {found}; this kvswap "
                                           f"uses {SCHEMA_VERSION}")
                     if any(t.name not in names for t in ours):
-                        with self._engine.connect() as conn, conn.execution_options(kvswap_write=True).begin():
+                        with self._write_transaction() as conn:
                             for table in ours:
                                 table.create(conn, checkfirst=True)
                     return
@@ -265,10 +265,15 @@ class SQLMetaStore(MetaStore):
         return translate_errors(_ERRORS, f"{what} on {self.uri}")
 
     @contextlib.contextmanager
+    def _write_transaction(self) -> Iterator[sa.Connection]:
+        """A writer connection in a transaction (SQLite: holding the write lock from BEGIN)."""
+        with self._engine.connect() as conn, conn.execution_options(kvswap_write=True).begin():
+            yield conn
+
+    @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[sa.Connection]:
-        with self._errors(what), self._engine.connect() as conn:
-            with conn.execution_options(kvswap_write=True).begin():
-                yield conn
+        with self._errors(what), self._write_transaction() as conn:
+            yield conn
 
     def _reading(self, what: str, work: Any) -> Any:
         """Run ``work(conn)`` on a reader connection; once more if a pooled connection was dead."""
