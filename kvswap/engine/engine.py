@@ -1,0 +1,96 @@
+"""Greedy generation for chat sessions, reusing each session's KV through the session cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvswap.engine.paged_cache import PagedCache
+from kvswap.session_cache.manager import SessionCache
+
+
+@dataclasses.dataclass
+class Generation:
+    """One turn's result. ``cached`` history tokens were reused, ``computed`` were prefilled;
+    ``logits`` (when asked for) are the float32 logits that chose each new token."""
+
+    tokens: list[int]
+    cached: int
+    computed: int
+    ttft: float  # seconds from the request to its first new token, swap-in included
+    seconds: float
+    logits: torch.Tensor | None = None
+
+
+class Engine:
+    """A causal LM plus a session cache over its pool. One request at a time."""
+
+    def __init__(self, model: torch.nn.Module, cache: SessionCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.pool.device
+
+    @torch.inference_mode()
+    def generate(self, session_id: str, tokens: Sequence[int], max_new_tokens: int, *,
+                 stop_token: int | None = None, return_logits: bool = False) -> Generation:
+        """Continue ``tokens`` (the whole conversation so far) by up to ``max_new_tokens``.
+
+        The session's KV for the longest verified prefix is reused; the rest is computed and
+        the KV of everything but the last new token stays with the session for its next turn.
+        """
+        if not tokens or max_new_tokens < 1:
+            raise ValueError("generate needs at least one token and max_new_tokens >= 1")
+        began = time.perf_counter()
+        with self.cache.open(session_id, tokens) as handle:
+            cached = handle.cached
+            handle.reserve(len(tokens) + max_new_tokens - 1)
+            past = PagedCache(self.cache.pool, handle.blocks, cached)
+            prefill_began = time.perf_counter()
+            logits = self._forward(tokens[cached:], past)
+            self._sync()
+            self.cache.observe_prefill(len(tokens) - cached, time.perf_counter() - prefill_began)
+            new, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
+            ttft = new[1]
+            handle.commit(list(tokens) + new[0][:-1])
+        return Generation(new[0], cached, len(tokens) - cached, ttft - began, time.perf_counter() - began,
+                          torch.stack(kept) if return_logits else None)
+
+    @torch.inference_mode()
+    def generate_uncached(self, tokens: Sequence[int], max_new_tokens: int, *, stop_token: int | None = None,
+                          return_logits: bool = False) -> Generation:
+        """The reference: recompute everything with transformers' own DynamicCache, no kvswap."""
+        from transformers import DynamicCache
+
+        began = time.perf_counter()
+        past = DynamicCache(config=self.model.config)
+        logits = self._forward(tokens, past)
+        new, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
+        return Generation(new[0], 0, len(tokens), new[1] - began, time.perf_counter() - began,
+                          torch.stack(kept) if return_logits else None)
+
+    def _forward(self, tokens: Sequence[int], past: object) -> torch.Tensor:
+        ids = torch.tensor([list(tokens)], dtype=torch.int64, device=self.device)
+        return self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+    def _decode(self, logits: torch.Tensor, past: object, max_new_tokens: int, stop_token: int | None,
+                return_logits: bool) -> tuple[tuple[list[int], float], list[torch.Tensor]]:
+        new: list[int] = []
+        kept: list[torch.Tensor] = []
+        first_at = 0.0
+        while True:
+            token = int(torch.argmax(logits))
+            if not new:
+                first_at = time.perf_counter()
+            new.append(token)
+            if return_logits:
+                kept.append(logits.float().cpu())
+            if len(new) >= max_new_tokens or token == stop_token:
+                return (new, first_at), kept
+            logits = self._forward([token], past)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,28 @@
+"""The session cache: sessions' KV in a paged pool, swapped between HBM, host memory and stores.
+
+>>> from kvswap.session_cache import KVLayout, PagedKVPool, SessionCache
+>>> from kvswap.meta import open_meta_store
+>>> from kvswap.connectors import open_connector
+>>> layout = KVLayout("my-model@rev", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32")
+>>> pool = PagedKVPool(layout, num_blocks=64, block_size=16)
+>>> cache = SessionCache(pool, open_meta_store("memkv://"), [open_connector("mem://")])
+"""
+
+from kvswap.session_cache.base import (
+    KVLayout,
+    KVPool,
+    OutOfBlocksError,
+    SessionBusyError,
+    SwapError,
+    chain_hash,
+    prefix_hashes,
+    root_hash,
+)
+from kvswap.session_cache.manager import CacheStats, SessionCache, SessionHandle
+from kvswap.session_cache.pool import PagedKVPool
+from kvswap.session_cache.tiers import HostTier, StoreTier, store_location
+from kvswap.session_cache.transfer import KVMover
+
+__all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "OutOfBlocksError", "PagedKVPool",
+           "SessionBusyError", "SessionCache", "SessionHandle", "StoreTier", "SwapError", "chain_hash",
+           "prefix_hashes", "root_hash", "store_location"]

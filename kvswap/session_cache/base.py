@@ -1,0 +1,185 @@
+"""The session-cache contract: the KV layout, the pool adapter, fingerprints and prefix hashes.
+
+An engine's KV memory is a :class:`KVPool`: per layer, a K and a V tensor addressed by
+*slot* (one slot holds one token's K or V: ``[num_kv_heads, head_dim]``), handed out in
+blocks of ``block_size`` consecutive slots. The reference pool (:mod:`.pool`) is one
+tensor; a vLLM pool (per layer ``[2, num_blocks, block_size, heads, dim]``) or an SGLang
+token pool (per layer ``k_buffer[size, heads, dim]``) fits the same interface by
+returning views of its own tensors from :meth:`KVPool.layer_slots`, so the swap engine
+never depends on the engine's layout.
+
+Stored KV is *token-major*, independent of blocks: a span of ``n`` tokens is one tensor
+``[num_layers, 2, n, num_kv_heads, head_dim]``. A pool with another block size, or
+another engine with the same model, reads it back.
+
+Reuse is safe only when three things match, and every swap-in checks all three:
+
+* the **fingerprint** (:class:`KVLayout.fingerprint`): model identity, dtype, KV shape
+  and tensor-parallel rank; another model's KV is a miss;
+* the **prefix hash** (:func:`prefix_hashes`): a hash chained over the token ids from the
+  first token, so KV for a span is used only after the same history;
+* the **checksum** of the bytes (:mod:`kvswap.blob`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from kvswap.errors import KVSwapError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class OutOfBlocksError(KVSwapError):
+    """The pool cannot hold the request: too few free blocks even after swapping out every
+    unpinned session (the request is larger than the pool, or everything else is pinned)."""
+
+
+class SessionBusyError(KVSwapError):
+    """The session is in use: pinned by a request on this instance, or leased by another."""
+
+
+class SwapError(KVSwapError):
+    """A swap-out could not store the session; it stays resident and nothing was freed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """The shape of one token's KV and what it belongs to.
+
+    ``model`` names the weights (a checkpoint id and revision, or a hash of random-init
+    parameters); two layouts produce interchangeable KV only if their fingerprints match.
+    """
+
+    model: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without "torch.": "bfloat16", "float32", ...
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of K and V of one token over all layers."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def itemsize(self) -> int:
+        import torch
+
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        return dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """``model|dtype|L<layers>xH<kv heads>xD<head dim>|tp<rank>/<size>``, readable and exact."""
+        return (f"{self.model}|{self.dtype}|L{self.num_layers}xH{self.num_kv_heads}xD{self.head_dim}"
+                f"|tp{self.tp_rank}/{self.tp_size}")
+
+    def span_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+
+
+class KVPool(abc.ABC):
+    """An engine's paged KV memory on its device (the adapter interface).
+
+    Blocks are numbered ``0 .. num_blocks - 1``; block ``b`` holds slots
+    ``b * block_size .. (b + 1) * block_size - 1`` of every layer. The pool owns the
+    allocator; the session cache decides which session gets which blocks.
+    """
+
+    layout: KVLayout
+    block_size: int
+    num_blocks: int
+    device: torch.device
+
+    @abc.abstractmethod
+    def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``layer`` as ``[num_blocks * block_size, num_kv_heads, head_dim]`` views
+        of the pool's memory (writes through them land in the pool)."""
+
+    @abc.abstractmethod
+    def allocate(self, count: int) -> list[int]:
+        """Take ``count`` free blocks; OutOfBlocksError (taking none) if fewer are free."""
+
+    @abc.abstractmethod
+    def free(self, blocks: Sequence[int]) -> None:
+        """Return blocks to the free list."""
+
+    @property
+    @abc.abstractmethod
+    def free_blocks(self) -> int:
+        """How many blocks are free now."""
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def slots(self, blocks: Sequence[int], start: int, stop: int) -> torch.Tensor:
+        """Slot indices (int64, on the pool's device) of token positions ``start..stop-1`` of a
+        sequence laid out in ``blocks``."""
+        import torch
+
+        positions = torch.arange(start, stop, dtype=torch.int64)
+        table = torch.as_tensor(blocks, dtype=torch.int64)
+        slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots.to(self.device, non_blocking=True)
+
+
+# ---- prefix hashes -------------------------------------------------------------------------
+
+
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    """Token ids as little-endian int32, the form that is hashed and stored."""
+    import numpy as np
+
+    return np.asarray(tokens, dtype="<i4").tobytes()
+
+
+def root_hash(fingerprint: str) -> str:
+    """The chain's start: binds every prefix hash to the model that computed the KV."""
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+
+
+def chain_hash(previous: str, tokens: Sequence[int]) -> str:
+    """The prefix hash after ``tokens``, given the hash of everything before them."""
+    digest = xxhash.xxh3_128(previous.encode())
+    digest.update(token_bytes(tokens))
+    return digest.hexdigest()
+
+
+def prefix_hashes(fingerprint: str, tokens: Sequence[int], boundaries: Sequence[int]) -> list[str]:
+    """The prefix hash of ``tokens[:b]`` for each boundary ``b`` (ascending, each <= len)."""
+    hashes = []
+    previous, start = root_hash(fingerprint), 0
+    for end in boundaries:
+        previous = chain_hash(previous, tokens[start:end])
+        hashes.append(previous)
+        start = end
+    return hashes
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    import numpy as np
+
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if diff.size else n

@@ -1,0 +1,197 @@
+"""Where swapped-out KV lives below HBM: a bounded host-memory tier and connector-backed stores.
+
+:class:`HostTier` keeps whole sessions (token-major host tensors, pinned on GPU
+machines) in LRU order within a byte budget; it is this process's memory, so it needs no
+checksum and is lost on exit. :class:`StoreTier` writes spans as kvswap blobs through a
+connector and reads them back verified; what a span is (offsets, prefix hash) is
+recorded in the meta store by the session cache, data first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from kvswap.blob import read_blob, write_blob
+from kvswap.errors import IntegrityError
+from kvswap.session_cache.base import KVLayout, token_bytes
+from kvswap.uri import URI
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvswap.connectors.base import Connector
+    from kvswap.meta.base import Entry, EntrySpec
+
+
+@dataclasses.dataclass
+class HostCopy:
+    """A session's KV in host memory: ``kv`` holds the tokens ``tokens`` (all of them)."""
+
+    tokens: list[int]
+    kv: torch.Tensor
+    stored: StoredState
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+@dataclasses.dataclass
+class StoredState:
+    """What of a session the meta store holds, as this instance last saw it.
+
+    ``entries`` are ``(token_end, prefix_hash)`` of the stored entries this instance may
+    build on; ``meta_total`` is the store's ``total_tokens``, which exceeds the last kept
+    entry's end when a request diverged inside stored history (the store is truncated
+    before the next append). ``version`` is None until the session exists in the store.
+    """
+
+    version: int | None = None
+    meta_total: int = 0
+    entries: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    fingerprint_ok: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.entries[-1][0] if self.entries else 0
+
+    def keep_up_to(self, count: int) -> None:
+        """Forget entries that end after ``count`` tokens (they are no longer ours to extend)."""
+        while self.entries and self.entries[-1][0] > count:
+            self.entries.pop()
+
+
+class HostTier:
+    """Whole sessions in host memory, least recently used first out, within ``capacity`` bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._copies: collections.OrderedDict[str, HostCopy] = collections.OrderedDict()
+        self.used = 0
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._copies
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.capacity
+
+    def put(self, session_id: str, copy: HostCopy) -> None:
+        self.pop(session_id)
+        self._copies[session_id] = copy
+        self.used += copy.nbytes
+
+    def peek(self, session_id: str) -> HostCopy | None:
+        return self._copies.get(session_id)
+
+    def pop(self, session_id: str) -> HostCopy | None:
+        copy = self._copies.pop(session_id, None)
+        if copy is not None:
+            self.used -= copy.nbytes
+        return copy
+
+    def oldest(self) -> Iterator[str]:
+        """Session ids, least recently stored first (a snapshot)."""
+        return iter(list(self._copies))
+
+
+def store_location(uri: URI) -> str:
+    """A store's identity as meta records it: scheme, host, port and path; no credentials,
+    no tuning options (two instances with other timeouts still share entries)."""
+    return dataclasses.replace(uri, username=None, password=None, query=()).render()
+
+
+class StoreTier:
+    """Session spans as blobs under ``{prefix}/{session hash}/{start}-{end}-{ms}-{rand}``.
+
+    The session id is hashed into the key (ids may hold any character); the time in the
+    key lets garbage collection spare blobs younger than a grace period, whose meta entry
+    may still be on its way.
+    """
+
+    def __init__(self, connector: Connector, layout: KVLayout, prefix: str = "kv") -> None:
+        self.connector = connector
+        self.layout = layout
+        self.prefix = prefix.strip("/")
+        self.location = store_location(connector.uri)
+        self.read_seconds = 0.0
+        self.read_bytes = 0
+        self.write_seconds = 0.0
+        self.write_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"StoreTier({self.location!r})"
+
+    def session_prefix(self, session_id: str) -> str:
+        return f"{self.prefix}/{hashlib.sha256(session_id.encode()).hexdigest()[:32]}/"
+
+    def new_key(self, session_id: str, start: int, end: int) -> str:
+        return f"{self.session_prefix(session_id)}{start:010d}-{end:010d}-{int(time.time() * 1000):013d}-{os.urandom(4).hex()}"
+
+    @staticmethod
+    def key_time(key: str) -> float | None:
+        """When the blob under ``key`` was named (seconds), or None for a foreign key."""
+        parts = key.rsplit("/", 1)[-1].split("-")
+        if len(parts) != 4 or not parts[2].isdigit():
+            return None
+        return int(parts[2]) / 1000
+
+    def write(self, session_id: str, kv: torch.Tensor, tokens: Sequence[int], start: int,
+              prefix_hash: str) -> EntrySpec:
+        """Store ``kv`` (token-major host tensor) for ``tokens`` at ``start``; the entry to append."""
+        import torch
+
+        from kvswap.meta.base import EntrySpec
+
+        end = start + len(tokens)
+        key = self.new_key(session_id, start, end)
+        token_tensor = torch.frombuffer(bytearray(token_bytes(tokens)), dtype=torch.int32)
+        began = time.perf_counter()
+        header = write_blob(self.connector, key, {"kv": kv, "tokens": token_tensor},
+                            {"fingerprint": self.layout.fingerprint, "token_offset": str(start),
+                             "token_length": str(len(tokens)), "prefix_hash": prefix_hash}, mode="create")
+        self.write_seconds += time.perf_counter() - began
+        self.write_bytes += header.total_size
+        return EntrySpec(token_offset=start, token_length=len(tokens), connector=self.location, key=key,
+                         size=header.total_size, checksum=header.checksum or "", prefix_hash=prefix_hash)
+
+    def read(self, entry: Entry, pin: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """The entry's KV (token-major host tensor) and token ids, verified against the entry:
+        checksum, fingerprint, offsets and shapes. IntegrityError if anything disagrees;
+        NotFoundError if the blob is gone."""
+        import torch
+
+        began = time.perf_counter()
+        out = torch.empty(entry.size, dtype=torch.uint8, pin_memory=pin)
+        blob = read_blob(self.connector, entry.key, out=out)
+        self.read_seconds += time.perf_counter() - began
+        self.read_bytes += blob.header.total_size
+        header, meta = blob.header, blob.header.metadata
+        if header.checksum != entry.checksum:
+            raise IntegrityError(f"{entry.key!r} holds checksum {header.checksum}, meta recorded {entry.checksum}")
+        if meta.get("fingerprint") != self.layout.fingerprint:
+            raise IntegrityError(f"{entry.key!r} was computed by {meta.get('fingerprint')!r}, "
+                                 f"not {self.layout.fingerprint!r}")
+        if (meta.get("token_offset"), meta.get("token_length"), meta.get("prefix_hash")) != (
+                str(entry.token_offset), str(entry.token_length), entry.prefix_hash):
+            raise IntegrityError(f"{entry.key!r} describes another span than its meta entry")
+        kv, tokens = blob.tensors.get("kv"), blob.tensors.get("tokens")
+        if (kv is None or tokens is None or tokens.dtype != torch.int32
+                or tuple(tokens.shape) != (entry.token_length,)
+                or tuple(kv.shape) != self.layout.span_shape(entry.token_length)
+                or kv.dtype != self.layout.torch_dtype):
+            raise IntegrityError(f"{entry.key!r} does not hold a KV span of this layout")
+        return kv, tokens.tolist()
+
+    @property
+    def read_bandwidth(self) -> float | None:
+        """Bytes per second of reads so far (None before the first read)."""
+        return self.read_bytes / self.read_seconds if self.read_seconds > 0 else None

@@ -1,0 +1,98 @@
+"""Moving a session's KV between the pool's scattered blocks and one token-major host tensor.
+
+On a CUDA pool, copies run on a side stream so they never queue behind the model's
+kernels: each (layer, K|V) slice is gathered by ``index_select`` into a small device
+staging tensor and copied to pinned host memory (and the reverse for swap-in). The side
+stream first waits for the compute stream (the KV must be written before it is read);
+after a swap-in the compute stream waits for the side stream (the model must not read
+blocks before they are filled). Both calls return when the host side is done, so the
+host tensor may be reused or freed at once. On a CPU pool the same gathers write
+straight into the host tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvswap.session_cache.base import KVPool
+
+if TYPE_CHECKING:
+    import torch
+
+
+class KVMover:
+    """Gathers and scatters token spans of one pool. One mover per pool; not thread-safe."""
+
+    def __init__(self, pool: KVPool) -> None:
+        import torch
+
+        self.pool = pool
+        self.layout = pool.layout
+        self.cuda = pool.device.type == "cuda"
+        self._stream = torch.cuda.Stream(pool.device) if self.cuda else None
+
+    def host_tensor(self, num_tokens: int) -> torch.Tensor:
+        """An empty token-major span ``[layers, 2, num_tokens, heads, dim]`` in host memory,
+        pinned when the pool is on a GPU (PyTorch caches pinned blocks, so reuse is cheap)."""
+        import torch
+
+        return torch.empty(self.layout.span_shape(num_tokens), dtype=self.layout.torch_dtype, pin_memory=self.cuda)
+
+    def gather(self, blocks: Sequence[int], start: int, stop: int, out: torch.Tensor) -> None:
+        """Copy token positions ``start..stop-1`` of the sequence in ``blocks`` into ``out``."""
+        import torch
+
+        count = stop - start
+        self._check_span(out, count)
+        if count == 0:
+            return
+        index = self.pool.slots(blocks, start, stop)
+        if not self.cuda:
+            for layer in range(self.layout.num_layers):
+                for which, view in enumerate(self.pool.layer_slots(layer)):
+                    torch.index_select(view, 0, index, out=out[layer, which])
+            return
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+        with torch.cuda.stream(stream):
+            staging = torch.empty(out.shape[2:], dtype=out.dtype, device=self.pool.device)
+            for layer in range(self.layout.num_layers):
+                for which, view in enumerate(self.pool.layer_slots(layer)):
+                    torch.index_select(view, 0, index, out=staging)
+                    out[layer, which].copy_(staging, non_blocking=True)
+        stream.synchronize()
+
+    def scatter(self, src: torch.Tensor, blocks: Sequence[int], start: int) -> None:
+        """Copy ``src`` (token-major, on the host) into positions ``start..`` of ``blocks``."""
+        import torch
+
+        count = src.shape[2]
+        self._check_span(src, count)
+        if count == 0:
+            return
+        index = self.pool.slots(blocks, start, start + count)
+        if not self.cuda:
+            for layer in range(self.layout.num_layers):
+                for which, view in enumerate(self.pool.layer_slots(layer)):
+                    view.index_copy_(0, index, src[layer, which])
+            return
+        stream = self._stream
+        current = torch.cuda.current_stream(self.pool.device)
+        stream.wait_stream(current)  # blocks may have been handed over by a just-finished kernel
+        with torch.cuda.stream(stream):
+            staging = [torch.empty(src.shape[2:], dtype=src.dtype, device=self.pool.device) for _ in range(2)]
+            for step, (layer, which) in enumerate((l, w) for l in range(self.layout.num_layers) for w in (0, 1)):
+                buffer = staging[step % 2]
+                buffer.copy_(src[layer, which], non_blocking=True)
+                self.pool.layer_slots(layer)[which].index_copy_(0, index, buffer)
+        current.wait_stream(stream)
+        stream.synchronize()
+
+    def _check_span(self, tensor: torch.Tensor, count: int) -> None:
+        expected = self.layout.span_shape(count)
+        if tuple(tensor.shape) != expected or tensor.dtype != self.layout.torch_dtype or tensor.device.type != "cpu":
+            raise ValueError(f"expected a host tensor {expected} of {self.layout.dtype}, "
+                             f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
+        if not tensor.is_contiguous():
+            raise ValueError("the host tensor must be contiguous")
