@@ -105,12 +105,14 @@ class SessionCache:
     ``stores`` are connector-backed tiers; new spans are written to the first, entries
     naming any of them are read. ``meta`` records where spans are (shared between
     instances when it is a server). ``host_bytes`` bounds the host tier (0: none).
+    ``recompute_when_faster``: skip loading from a store when its observed read bandwidth
+    predicts a longer load than the engine's observed prefill rate would take to recompute.
     """
 
     def __init__(self, pool: KVPool, meta: MetaStore, stores: Sequence[Connector] = (), *,
                  host_bytes: int = 0, policy: Policy = "write-back", instance_id: str | None = None,
                  lease_ttl: float | None = 30.0, session_ttl: float | None = None, key_prefix: str = "kv",
-                 read_threads: int = 4, gc_grace: float = 600.0) -> None:
+                 read_threads: int = 4, gc_grace: float = 600.0, recompute_when_faster: bool = True) -> None:
         if policy not in ("write-back", "write-through"):
             raise ValueError(f"policy must be 'write-back' or 'write-through', not {policy!r}")
         if policy == "write-through" and not stores:
@@ -131,6 +133,7 @@ class SessionCache:
         self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()  # LRU first
         self._lock = threading.RLock()
         self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="kvswap-read")
+        self.recompute_when_faster = recompute_when_faster
         self._recompute_rate: float | None = None  # tokens/s the engine prefills, as observed
 
     def __repr__(self) -> str:
@@ -552,7 +555,7 @@ class SessionCache:
         return resident
 
     def _slower_than_recompute(self, plan: Sequence[tuple[Entry, StoreTier]]) -> bool:
-        if self._recompute_rate is None:
+        if self._recompute_rate is None or not self.recompute_when_faster:
             return False
         per_store: dict[str, int] = {}
         tokens = 0
