@@ -204,6 +204,24 @@ class SessionCache:
                 raise SessionBusyError(f"session {session_id!r} is in use")
             self._evict(session_id, resident, to_store=to_store)
 
+    def flush(self) -> int:
+        """Store every unpinned session (HBM and host tier) and empty HBM of them: what a
+        graceful shutdown calls. Returns how many sessions were stored; SwapError on the first
+        that cannot be (the rest stay where they are)."""
+        with self._lock:
+            count = 0
+            for session_id, resident in list(self._resident.items()):
+                if not resident.pins:
+                    self._evict(session_id, resident, to_store=bool(self.stores))
+                    count += 1
+            for session_id in self.host.oldest():
+                copy = self.host.peek(session_id)
+                if self.stores and copy.stored.tokens < len(copy.tokens):
+                    start = copy.stored.tokens
+                    self._store(session_id, copy.stored, copy.tokens, copy.kv[:, :, start:].contiguous(), start)
+                    count += 1
+            return count
+
     def prefetch(self, session_id: str) -> int:
         """Bring a stored session into HBM ahead of its request; returns the tokens resident."""
         with self._lock:
