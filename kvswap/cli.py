@@ -103,6 +103,14 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """Run the multi-session chat demo (kvswap.demo) with the options given."""
+    from kvswap.demo import DemoConfig, run_demo
+
+    fields = {name: getattr(args, name) for name in DemoConfig.__dataclass_fields__ if getattr(args, name, None) is not None}
+    return run_demo(DemoConfig(**fields))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvswap", description="KV-cache swapping and weight loading for LLM serving")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="connector URI (default file:///tmp/kvswap)")
     check.add_argument("--size", type=parse_size, default=64 << 20, help="large value size (default 64MiB)")
     check.set_defaults(run=_check)
+    demo = commands.add_parser("demo", help="multi-session chat with forced swaps, checked against recompute")
+    demo.add_argument("--sessions", type=int, help="chat sessions (8)")
+    demo.add_argument("--turns", type=int, help="turns per session (4)")
+    demo.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="tokens generated per turn (24)")
+    demo.add_argument("--model", help="model config: small (default), tiny or llama-8b")
+    demo.add_argument("--device", help="cpu (default) or cuda")
+    demo.add_argument("--dtype", help="float32 (default), bfloat16, float16")
+    demo.add_argument("--hbm-sessions", dest="hbm_sessions", type=float, help="pool size, in sessions (3)")
+    demo.add_argument("--host-sessions", dest="host_sessions", type=float, help="host tier size, in sessions (2)")
+    demo.add_argument("--policy", choices=["write-back", "write-through"], help="when to store (write-back)")
+    demo.add_argument("--dir", dest="directory", help="where SQLite meta and the file store live (/tmp/kvswap-demo)")
+    demo.add_argument("--meta", help="meta store URI (default sqlite:///<dir>/meta.db)")
+    demo.add_argument("--store", help="KV store URI (default file://<dir>/kv)")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults, no server needed: set up, then self-check the
-# connector layer on a local directory (put, get, ranges, tensor blobs, list, delete).
+# The main job on embedded defaults, no server needed: set up, then run `kvswap demo` (a
+# multi-session chat whose KV is swapped between a small pool, host memory and a local
+# directory, with SQLite meta; every turn checked against recomputing). Arguments go to it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/kvswap check "${1:-file:///tmp/kvswap}"
+exec .venv/bin/kvswap demo "$@"

@@ -20,6 +20,9 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     # A few hundred thousand parameters: CPU tests and the demo.
     "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=65536),
+    # ~20M parameters: the demo, where recomputing a history costs noticeably more than loading it.
+    "small": dict(vocab_size=320, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=65536),
     # Llama-3-8B's shapes.
     "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
