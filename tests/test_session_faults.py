@@ -20,7 +20,7 @@ from kvswap.meta import EntrySpec, open_meta_store
 from kvswap.session_cache import OutOfBlocksError, PagedKVPool, SessionCache, StoreTier
 from kvswap.testing.chat import first_prompt, user_turn
 
-from test_session_reuse import LAYOUT, MODEL, TOKENIZER, converse, make_cache
+from test_session_reuse import DEVICE, LAYOUT, MODEL, TOKENIZER, make_cache
 
 
 def _one_turn_then_store(tmp_path: Path, words: int = 40) -> tuple[SessionCache, Engine, list[int]]:
@@ -101,8 +101,8 @@ def test_swapped_kv_from_another_model_is_never_used(tmp_path: Path) -> None:
     from kvswap.engine import build_model
 
     cache, engine, request = _one_turn_then_store(tmp_path)
-    other_model, other_layout = build_model("tiny", seed=1)
-    other = SessionCache(PagedKVPool(other_layout, 60, 16), cache.meta, [c.connector for c in cache.stores],
+    other_model, other_layout = build_model("tiny", seed=1, device=DEVICE)
+    other = SessionCache(PagedKVPool(other_layout, 60, 16, DEVICE), cache.meta, [c.connector for c in cache.stores],
                          recompute_when_faster=False)
     other_engine = Engine(other_model, other)
     assert _check_exact(other_engine, "s", request) == 0

@@ -17,7 +17,8 @@ from kvswap.testing.chat import first_prompt, user_turn
 from kvswap.testing.connector_suite import env_or_skip
 
 TOKENIZER = ByteTokenizer()
-MODEL, LAYOUT = build_model("tiny")
+DEVICE = os.environ.get("KVSWAP_TEST_DEVICE", "cpu")  # "cuda" runs the pool and model on the GPU
+MODEL, LAYOUT = build_model("tiny", device=DEVICE)
 
 
 def _store_uri(kind: str, tmp_path: Path, unique: str) -> str | None:
@@ -41,11 +42,11 @@ TIERS = ["host", "mem", "file", "juicefs", "redis", "valkey", "s3"]
 
 
 def make_cache(store: str | None, *, blocks: int, host_bytes: int = 0, policy: str = "write-back",
-               meta: str = "memkv://") -> SessionCache:
-    pool = PagedKVPool(LAYOUT, blocks, block_size=16)
+               meta: str = "memkv://", **options: object) -> SessionCache:
+    pool = PagedKVPool(LAYOUT, blocks, block_size=16, device=DEVICE)
     stores = [open_connector(store)] if store else []
     return SessionCache(pool, open_meta_store(meta), stores, host_bytes=host_bytes, policy=policy,
-                        recompute_when_faster=False)
+                        recompute_when_faster=False, **options)
 
 
 def converse(engine: Engine, sessions: int, turns: int, max_new: int = 12) -> list[list]:
@@ -92,6 +93,15 @@ def test_write_through_stores_every_turn_and_host_tier_spills_to_store(tmp_path:
         entries = cache.meta.entries(f"chat-{s}")
         assert len(entries) == 3 and session.total_tokens == entries[-1].token_end  # one entry per turn
     assert cache.stats.host_hits > 0 and cache.stats.store_hits > 0
+
+
+def test_long_spans_are_split_into_entries_written_and_read_in_parallel(tmp_path: Path) -> None:
+    cache = make_cache(f"file://{tmp_path}/kv", blocks=20, entry_bytes=LAYOUT.token_bytes * 32)
+    converse(Engine(MODEL, cache), sessions=3, turns=3)
+    entries = cache.meta.entries("chat-0")
+    assert len(entries) > 6 and max(e.token_length for e in entries) == 32
+    assert [e.token_offset for e in entries[1:]] == [e.token_end for e in entries[:-1]]
+    assert cache.stats.store_hits >= 5
 
 
 def test_edited_history_reuses_only_the_matching_prefix(tmp_path: Path) -> None:
@@ -180,7 +190,7 @@ def test_gc_removes_expired_sessions_and_orphan_blobs(tmp_path: Path) -> None:
     now = [1000.0]
     store = open_connector(f"file://{tmp_path}/kv")
     meta = open_meta_store("memkv://", clock=lambda: now[0])
-    cache = SessionCache(PagedKVPool(LAYOUT, 40, 16), meta, [store], session_ttl=60, gc_grace=0)
+    cache = SessionCache(PagedKVPool(LAYOUT, 40, 16, DEVICE), meta, [store], session_ttl=60, gc_grace=0)
     engine = Engine(MODEL, cache)
     for name, at in (("old", 1000.0), ("young", 1050.0)):
         now[0] = at

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from kvswap.errors import AlreadyExistsError, BackendUnavailableError, IntegrityError, KVSwapError, NotFoundError, \
@@ -105,6 +105,8 @@ class SessionCache:
     ``stores`` are connector-backed tiers; new spans are written to the first, entries
     naming any of them are read. ``meta`` records where spans are (shared between
     instances when it is a server). ``host_bytes`` bounds the host tier (0: none).
+    A span longer than ``entry_bytes`` is stored as several entries, written (and later read)
+    in parallel by ``io_threads`` threads, overlapping with device copies.
     ``recompute_when_faster``: skip loading from a store when its observed read bandwidth
     predicts a longer load than the engine's observed prefill rate would take to recompute.
     """
@@ -112,7 +114,8 @@ class SessionCache:
     def __init__(self, pool: KVPool, meta: MetaStore, stores: Sequence[Connector] = (), *,
                  host_bytes: int = 0, policy: Policy = "write-back", instance_id: str | None = None,
                  lease_ttl: float | None = 30.0, session_ttl: float | None = None, key_prefix: str = "kv",
-                 read_threads: int = 4, gc_grace: float = 600.0, recompute_when_faster: bool = True) -> None:
+                 io_threads: int = 4, entry_bytes: int = 256 << 20, gc_grace: float = 600.0,
+                 recompute_when_faster: bool = True) -> None:
         if policy not in ("write-back", "write-through"):
             raise ValueError(f"policy must be 'write-back' or 'write-through', not {policy!r}")
         if policy == "write-through" and not stores:
@@ -132,7 +135,8 @@ class SessionCache:
         self.mover = KVMover(pool)
         self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()  # LRU first
         self._lock = threading.RLock()
-        self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="kvswap-read")
+        self.entry_tokens = max(pool.block_size, entry_bytes // pool.layout.token_bytes)
+        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="kvswap-io")
         self.recompute_when_faster = recompute_when_faster
         self._recompute_rate: float | None = None  # tokens/s the engine prefills, as observed
 
@@ -141,7 +145,7 @@ class SessionCache:
                 f"stores={[s.location for s in self.stores]}, policy={self.policy!r})")
 
     def close(self) -> None:
-        self._readers.shutdown(wait=True)
+        self._io.shutdown(wait=True)
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -217,8 +221,7 @@ class SessionCache:
             for session_id in self.host.oldest():
                 copy = self.host.peek(session_id)
                 if self.stores and copy.stored.tokens < len(copy.tokens):
-                    start = copy.stored.tokens
-                    self._store(session_id, copy.stored, copy.tokens, copy.kv[:, :, start:].contiguous(), start)
+                    self._store(session_id, copy.stored, copy.tokens, self._slicer(copy.kv))
                     count += 1
             return count
 
@@ -409,10 +412,7 @@ class SessionCache:
         if unstored > 0:
             if not self.stores:
                 raise SwapError(f"session {session_id!r} has {unstored} unstored tokens and nowhere to put them")
-            start = resident.stored.tokens
-            kv = self.mover.host_tensor(unstored)
-            self.mover.gather(resident.blocks, start, count, kv)
-            self._store(session_id, resident.stored, resident.tokens, kv, start)
+            self._store(session_id, resident.stored, resident.tokens, self._gatherer(resident.blocks))
         self._release_blocks(session_id)
         self.stats.swap_outs += 1
         self.stats.swap_out_bytes += nbytes
@@ -429,7 +429,7 @@ class SessionCache:
                 if not self.stores:
                     continue
                 try:
-                    self._store(session_id, copy.stored, copy.tokens, copy.kv[:, :, start:].contiguous(), start)
+                    self._store(session_id, copy.stored, copy.tokens, self._slicer(copy.kv))
                 except SwapError as exc:
                     log.warning("host tier kept session %r: %s", session_id, exc)
                     continue
@@ -437,35 +437,62 @@ class SessionCache:
 
     # ---- internals: the store path ----------------------------------------------------------
 
-    def _store(self, session_id: str, stored: StoredState, tokens: Sequence[int], kv: torch.Tensor,
-               start: int) -> None:
-        """Write ``tokens[start:]`` (KV in ``kv``) as one blob, then append it to meta (CAS).
+    def _gatherer(self, blocks: list[int]) -> Callable[[int, int], torch.Tensor]:
+        def gather(start: int, stop: int) -> torch.Tensor:
+            kv = self.mover.host_tensor(stop - start)
+            self.mover.gather(blocks, start, stop, kv)
+            return kv
+        return gather
 
-        Updates ``stored`` on success; raises SwapError (nothing in meta changed that points at
-        missing data) on any failure.
+    @staticmethod
+    def _slicer(kv: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+        return lambda start, stop: kv[:, :, start:stop].contiguous()
+
+    def _store(self, session_id: str, stored: StoredState, tokens: Sequence[int],
+               fetch: Callable[[int, int], torch.Tensor]) -> None:
+        """Store ``tokens[stored.tokens:]`` (``fetch(a, b)`` gives the KV of tokens a..b-1 on the
+        host): blobs first, in entries of at most ``entry_tokens``, written in parallel; then
+        one meta append per entry, in order (compare-and-swap).
+
+        Updates ``stored`` for every entry appended; raises SwapError on any failure, after
+        which meta points only at complete blobs.
         """
         store = self.stores[0]
+        writes: list[concurrent.futures.Future] = []
         try:
             self._prepare_meta(session_id, stored)
             previous = stored.entries[-1][1] if stored.entries else root_hash(self.fingerprint)
-            span = tokens[start:]
-            prefix_hash = chain_hash(previous, span)
-            spec = store.write(session_id, kv, span, start, prefix_hash)
+            for start in range(stored.tokens, len(tokens), self.entry_tokens):
+                stop = min(start + self.entry_tokens, len(tokens))
+                previous = chain_hash(previous, tokens[start:stop])
+                writes.append(self._io.submit(store.write, session_id, fetch(start, stop), tokens[start:stop],
+                                              start, previous))
+            concurrent.futures.wait(writes)
+            specs = [write.result() for write in writes]
         except KVSwapError as exc:
+            concurrent.futures.wait(writes)
+            self._delete_keys(store, [w.result().key for w in writes if w.exception() is None])
             self.stats.store_errors += 1
             raise SwapError(f"could not store session {session_id!r}: {exc}") from exc
+        for index, spec in enumerate(specs):
+            try:
+                session, _ = self.meta.append(session_id, stored.version, spec)
+            except KVSwapError as exc:
+                # A conflict appended nothing; another failure may have landed unseen: gc keeps that blob.
+                unappended = specs[index:] if isinstance(exc, VersionConflictError) else specs[index + 1:]
+                self._delete_keys(store, [s.key for s in unappended])
+                self.stats.store_errors += 1
+                raise SwapError(f"could not record session {session_id!r} in meta: {exc}") from exc
+            stored.version = session.version
+            stored.meta_total = session.total_tokens
+            stored.entries.append((spec.token_offset + spec.token_length, spec.prefix_hash))
+
+    @staticmethod
+    def _delete_keys(store: StoreTier, keys: Sequence[str]) -> None:
         try:
-            session, _ = self.meta.append(session_id, stored.version, spec)
-        except VersionConflictError as exc:
-            store.connector.delete(spec.key)  # the append did not happen: nothing points at it
-            self.stats.store_errors += 1
-            raise SwapError(f"session {session_id!r} changed in meta meanwhile (version {exc.current})") from exc
+            store.connector.delete_many(keys)
         except KVSwapError as exc:
-            self.stats.store_errors += 1  # the blob stays for gc: the append may have landed unseen
-            raise SwapError(f"could not record session {session_id!r} in meta: {exc}") from exc
-        stored.version = session.version
-        stored.meta_total = session.total_tokens
-        stored.entries.append((spec.token_offset + spec.token_length, prefix_hash))
+            log.warning("could not delete %d unreferenced blobs (gc will): %s", len(keys), exc)
 
     def _prepare_meta(self, session_id: str, stored: StoredState) -> None:
         """Make the meta record ready for an append at ``stored.tokens``: create it, adopt it,
@@ -532,7 +559,7 @@ class SessionCache:
         began = time.perf_counter()
         resident.blocks = self._allocate(self.pool.blocks_for(total), exclude=session_id)
         pin = self.mover.cuda
-        reads = [self._readers.submit(store.read, entry, pin) for entry, store in plan]
+        reads = [self._io.submit(store.read, entry, pin) for entry, store in plan]
         previous, loaded, nbytes = root_hash(self.fingerprint), 0, 0
         try:
             for (entry, _), future in zip(plan, reads):
@@ -617,11 +644,8 @@ class SessionCache:
                 self.pool.free(resident.blocks[keep:])
                 del resident.blocks[keep:]
                 if self.policy == "write-through" and resident.stored.tokens < len(resident.tokens):
-                    start = resident.stored.tokens
-                    kv = self.mover.host_tensor(len(resident.tokens) - start)
-                    self.mover.gather(resident.blocks, start, len(resident.tokens), kv)
                     try:
-                        self._store(session_id, resident.stored, resident.tokens, kv, start)
+                        self._store(session_id, resident.stored, resident.tokens, self._gatherer(resident.blocks))
                     except SwapError as exc:
                         log.warning("write-through deferred to eviction: %s", exc)
             finally:
