@@ -47,7 +47,7 @@ class Engine:
         with self.cache.open(session_id, tokens) as handle:
             cached = handle.cached
             handle.reserve(len(tokens) + max_new_tokens - 1)
-            past = PagedCache(self.cache.pool, handle.blocks, cached)
+            past = PagedCache(self.cache.pool, handle.blocks, cached, handle.layer_events)
             prefill_began = time.perf_counter()
             logits = self._forward(tokens[cached:], past)
             self._sync()

@@ -1,5 +1,8 @@
 """A transformers ``Cache`` whose layers read and write a session's KV in a kvswap pool.
 
+When a swap-in is still copying (``ready``: one CUDA event per layer), each layer waits
+for its own event only, so the copy of later layers overlaps the compute of earlier ones.
+
 The model keeps its own attention (sdpa or eager): each layer's ``update`` writes the new
 keys and values into the session's slots of the pool and returns the whole history
 gathered from them, shaped ``[1, kv_heads, seq, head_dim]`` as transformers expects.
@@ -39,8 +42,10 @@ class PagedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, pool: KVPool, layer: int, slots: _Slots, length: int) -> None:
+    def __init__(self, pool: KVPool, layer: int, slots: _Slots, length: int,
+                 ready: torch.cuda.Event | None = None) -> None:
         super().__init__()
+        self.ready = ready
         self.k_pool, self.v_pool = pool.layer_slots(layer)
         self.slots = slots
         self.length = length
@@ -54,6 +59,9 @@ class PagedLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if key_states.shape[0] != 1:
             raise ValueError("the paged cache serves one sequence at a time")
+        if self.ready is not None:  # this layer's KV may still be on its way in
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+            self.ready = None
         start, end = self.length, self.length + key_states.shape[-2]
         slots = self.slots.upto(end)
         self.k_pool.index_copy_(0, slots[start:end], key_states[0].transpose(0, 1).to(self.dtype))
@@ -76,6 +84,8 @@ class PagedLayer(CacheLayerMixin):
 class PagedCache(Cache):
     """The session's KV for transformers: ``length`` positions already hold valid KV in ``blocks``."""
 
-    def __init__(self, pool: KVPool, blocks: Sequence[int], length: int) -> None:
+    def __init__(self, pool: KVPool, blocks: Sequence[int], length: int,
+                 ready: Sequence[torch.cuda.Event] | None = None) -> None:
         slots = _Slots(pool, blocks)
-        super().__init__(layers=[PagedLayer(pool, i, slots, length) for i in range(pool.layout.num_layers)])
+        super().__init__(layers=[PagedLayer(pool, i, slots, length, ready[i] if ready else None)
+                                 for i in range(pool.layout.num_layers)])

@@ -97,6 +97,7 @@ class _Resident:
     blocks: list[int]
     stored: StoredState
     pins: int = 0
+    pending: tuple[list, torch.Tensor] | None = None  # per-layer copy events, and their source
 
 
 class SessionCache:
@@ -114,7 +115,7 @@ class SessionCache:
     def __init__(self, pool: KVPool, meta: MetaStore, stores: Sequence[Connector] = (), *,
                  host_bytes: int = 0, policy: Policy = "write-back", instance_id: str | None = None,
                  lease_ttl: float | None = 30.0, session_ttl: float | None = None, key_prefix: str = "kv",
-                 io_threads: int = 4, entry_bytes: int = 256 << 20, gc_grace: float = 600.0,
+                 io_threads: int = 8, entry_bytes: int = 256 << 20, gc_grace: float = 600.0,
                  recompute_when_faster: bool = True) -> None:
         if policy not in ("write-back", "write-through"):
             raise ValueError(f"policy must be 'write-back' or 'write-through', not {policy!r}")
@@ -165,7 +166,7 @@ class SessionCache:
                 raise SessionBusyError(f"session {session_id!r} is already open on this instance")
             record = self._lease(session_id)
             try:
-                resident, source = self._sync_local(session_id, record)
+                resident, source = self._sync_local(session_id, record, tokens)
                 if resident is None:
                     resident, source = self._bring_back(session_id, record, tokens), "store"
             except BaseException:
@@ -234,7 +235,7 @@ class SessionCache:
                 record = self.meta.get(session_id)
             except NotFoundError:
                 record = None
-            resident, _ = self._sync_local(session_id, record)
+            resident, _ = self._sync_local(session_id, record, None)
             if resident is None:
                 resident = self._bring_back(session_id, record, None)
             if not resident.tokens:
@@ -328,7 +329,8 @@ class SessionCache:
         except (NotFoundError, BackendUnavailableError) as exc:
             log.warning("could not release the lease of session %r: %s", session_id, exc)
 
-    def _sync_local(self, session_id: str, record: Session | None) -> tuple[_Resident | None, str]:
+    def _sync_local(self, session_id: str, record: Session | None,
+                    tokens: list[int] | None = None) -> tuple[_Resident | None, str]:
         """The resident copy ("hbm"), or one made from the host tier ("host"), if it is still
         current with meta.
 
@@ -344,11 +346,16 @@ class SessionCache:
         copy = self.host.pop(session_id)
         if copy is None or not self._current(copy.stored, record):
             return None, "store"
+        count = len(copy.tokens) if tokens is None else common_prefix(copy.tokens, tokens)
         began = time.perf_counter()
-        blocks = self._allocate(self.pool.blocks_for(len(copy.tokens)), exclude=session_id)
-        self.mover.scatter(copy.kv, blocks, 0)
-        self._count_in(copy.nbytes, time.perf_counter() - began, len(copy.tokens))
-        resident = _Resident(copy.tokens, blocks, copy.stored)
+        blocks = self._allocate(self.pool.blocks_for(count), exclude=session_id)
+        # For a request, the copy overlaps the model's first layers (events); a prefetch waits.
+        events = self.mover.scatter(copy.kv[:, :, :count], blocks, 0, per_layer=tokens is not None)
+        self._count_in(count * self.layout.token_bytes, time.perf_counter() - began, count)
+        copy.stored.keep_up_to(count)
+        resident = _Resident(copy.tokens[:count], blocks, copy.stored)
+        if events:
+            resident.pending = (events, copy.kv)
         self._resident[session_id] = resident
         return resident, "host"
 
@@ -639,6 +646,9 @@ class SessionCache:
 
     def _finish(self, session_id: str, resident: _Resident) -> None:
         with self._lock:
+            if resident.pending is not None:
+                self.mover.synchronize()
+                resident.pending = None
             try:
                 keep = self.pool.blocks_for(len(resident.tokens))
                 self.pool.free(resident.blocks[keep:])
@@ -679,6 +689,12 @@ class SessionHandle:
     @property
     def blocks(self) -> list[int]:
         return self._resident.blocks
+
+    @property
+    def layer_events(self) -> list | None:
+        """CUDA events, one per layer, that the model must wait on before reading that layer's
+        KV (a swap-in still in flight), or None."""
+        return self._resident.pending[0] if self._resident.pending else None
 
     @property
     def tokens(self) -> list[int]:

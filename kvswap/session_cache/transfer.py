@@ -63,36 +63,57 @@ class KVMover:
                     out[layer, which].copy_(staging, non_blocking=True)
         stream.synchronize()
 
-    def scatter(self, src: torch.Tensor, blocks: Sequence[int], start: int) -> None:
-        """Copy ``src`` (token-major, on the host) into positions ``start..`` of ``blocks``."""
+    def scatter(self, src: torch.Tensor, blocks: Sequence[int], start: int, *,
+                per_layer: bool = False) -> list[torch.cuda.Event] | None:
+        """Copy ``src`` (token-major, on the host) into positions ``start..`` of ``blocks``.
+
+        With ``per_layer`` on a CUDA pool, returns at once with one event per layer, recorded
+        when that layer's K and V are in place: the model waits on each before reading that
+        layer, so the copy of layer ``l + 1`` overlaps the compute of layer ``l``. The caller
+        keeps ``src`` alive until the last event (or :meth:`synchronize`). Otherwise returns
+        None when everything is copied.
+        """
         import torch
 
         count = src.shape[2]
         self._check_span(src, count)
         if count == 0:
-            return
+            return None
         index = self.pool.slots(blocks, start, start + count)
         if not self.cuda:
             for layer in range(self.layout.num_layers):
                 for which, view in enumerate(self.pool.layer_slots(layer)):
                     view.index_copy_(0, index, src[layer, which])
-            return
+            return None
         stream = self._stream
         current = torch.cuda.current_stream(self.pool.device)
         stream.wait_stream(current)  # blocks may have been handed over by a just-finished kernel
+        events = []
         with torch.cuda.stream(stream):
             staging = [torch.empty(src.shape[2:], dtype=src.dtype, device=self.pool.device) for _ in range(2)]
-            for step, (layer, which) in enumerate((l, w) for l in range(self.layout.num_layers) for w in (0, 1)):
-                buffer = staging[step % 2]
-                buffer.copy_(src[layer, which], non_blocking=True)
-                self.pool.layer_slots(layer)[which].index_copy_(0, index, buffer)
+            for layer in range(self.layout.num_layers):
+                for which in (0, 1):
+                    buffer = staging[which]
+                    buffer.copy_(src[layer, which], non_blocking=True)
+                    self.pool.layer_slots(layer)[which].index_copy_(0, index, buffer)
+                if per_layer:
+                    events.append(torch.cuda.Event())
+                    events[-1].record(stream)
+        if per_layer:
+            return events
         current.wait_stream(stream)
         stream.synchronize()
+        return None
+
+    def synchronize(self) -> None:
+        """Wait for every copy this mover started."""
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def _check_span(self, tensor: torch.Tensor, count: int) -> None:
         expected = self.layout.span_shape(count)
         if tuple(tensor.shape) != expected or tensor.dtype != self.layout.torch_dtype or tensor.device.type != "cpu":
             raise ValueError(f"expected a host tensor {expected} of {self.layout.dtype}, "
                              f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
-        if not tensor.is_contiguous():
-            raise ValueError("the host tensor must be contiguous")
+        if count and not tensor[0, 0].is_contiguous() or tensor.stride(1) != tensor.stride(0) // 2:
+            raise ValueError("each (layer, K|V) slice of the host tensor must be contiguous")
