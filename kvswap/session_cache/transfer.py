@@ -55,6 +55,7 @@ class KVMover:
             return
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+        index.record_stream(stream)
         with torch.cuda.stream(stream):
             staging = torch.empty(out.shape[2:], dtype=out.dtype, device=self.pool.device)
             for layer in range(self.layout.num_layers):
@@ -88,6 +89,7 @@ class KVMover:
         stream = self._stream
         current = torch.cuda.current_stream(self.pool.device)
         stream.wait_stream(current)  # blocks may have been handed over by a just-finished kernel
+        index.record_stream(stream)  # made on the compute stream: not to be reused while we copy
         events = []
         with torch.cuda.stream(stream):
             staging = [torch.empty(src.shape[2:], dtype=src.dtype, device=self.pool.device) for _ in range(2)]
