@@ -99,6 +99,8 @@ def run_demo(config: DemoConfig, echo=print) -> int:
     echo(f"  exactness       {exact}/{total} turns produced the same tokens as recomputing"
          + ("" if not mismatches else f"; MISMATCH: {', '.join(mismatches)}"))
     echo(f"  errors          {stats.store_errors} store errors, {stats.dropped_entries} dropped entries")
+    for s in range(config.sessions):  # leave the directory as small as we found it
+        cache.drop(f"demo-{run}-{s}")
     cache.close()
     return 0 if not mismatches else 1
 
