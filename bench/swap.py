@@ -73,6 +73,7 @@ def main() -> int:
     parser.add_argument("--tiers", default="host,file,valkey")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--entry-bytes", default="256MiB", help="the session cache's entry size (default 256MiB)")
     parser.add_argument("--dir", default=None, help="where the file tier writes (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -123,7 +124,7 @@ def main() -> int:
                 print(f"  host    out {row['host']['out_gbps']:6.1f} GB/s ({row['host']['out_ratio']:.2f} of D2H)"
                       f"   in {row['host']['in_gbps']:6.1f} GB/s ({row['host']['in_ratio']:.2f} of H2D)")
             for name, uri in stores.items():
-                row[name] = bench_store(name, uri, pool, tokens, nbytes, args.repeat, sync)
+                row[name] = bench_store(name, uri, pool, tokens, nbytes, args.repeat, sync, parse_size(args.entry_bytes))
                 r = row[name]
                 print(f"  {name:<7} out {r['out_gbps']:6.2f} GB/s ({r['out_ratio']:.2f} of put {r['put_gbps']:.2f})"
                       f"   in {r['in_gbps']:6.2f} GB/s ({r['in_ratio']:.2f} of get {r['get_gbps']:.2f})")
@@ -137,13 +138,14 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out / f"swap-{stamp}.json"
     out.write_text(json.dumps({"when": stamp, "device": device_name, "host": platform.node(),
+                               "entry_bytes": parse_size(args.entry_bytes),
                                "torch": torch.__version__, "layout": LAYOUT_8B, "rows": rows}, indent=1))
     print(f"\nwrote {out}")
     return 0
 
 
 def bench_store(name: str, uri: str, pool: PagedKVPool, tokens: int, nbytes: int, repeat: int,
-                sync: Callable[[], None]) -> dict[str, float]:
+                sync: Callable[[], None], entry_bytes: int) -> dict[str, float]:
     """Session-cache swap-out / prefetch through ``uri`` vs the connector's raw put / get_into."""
     connector = open_connector(uri)
     pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pool.device.type == "cuda")
@@ -151,7 +153,8 @@ def bench_store(name: str, uri: str, pool: PagedKVPool, tokens: int, nbytes: int
     put = timed(lambda: connector.put("bench/raw", raw), repeat, sync)
     get = timed(lambda: connector.get_into("bench/raw", raw), repeat, sync)
     connector.delete("bench/raw")
-    cache = SessionCache(pool, open_meta_store("memkv://"), [connector], lease_ttl=None, recompute_when_faster=False)
+    cache = SessionCache(pool, open_meta_store("memkv://"), [connector], lease_ttl=None, recompute_when_faster=False,
+                         entry_bytes=entry_bytes)
     ids = list(range(tokens))
     outs, ins = [], []
     for round_ in range(repeat + 1):

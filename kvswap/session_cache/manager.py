@@ -568,6 +568,7 @@ class SessionCache:
         pin = self.mover.cuda
         reads = [self._io.submit(store.read, entry, pin) for entry, store in plan]
         previous, loaded, nbytes = root_hash(self.fingerprint), 0, 0
+        in_flight: list[torch.Tensor] = []  # host sources of copies not yet known to be done
         try:
             for (entry, _), future in zip(plan, reads):
                 try:
@@ -584,8 +585,9 @@ class SessionCache:
                     break
                 wanted = span if tokens is None else tokens[entry.token_offset:entry.token_end]
                 take = min(common_prefix(span, wanted), total - entry.token_offset)
-                self.mover.scatter(kv[:, :, :take].contiguous() if take < len(span) else kv, resident.blocks,
-                                   entry.token_offset)
+                # Asynchronous on a GPU: this entry's copy overlaps the wait for the next one.
+                self.mover.scatter(kv[:, :, :take], resident.blocks, entry.token_offset, per_layer=True)
+                in_flight.append(kv)
                 resident.tokens.extend(span[:take])
                 loaded += take
                 nbytes += entry.size
@@ -594,12 +596,15 @@ class SessionCache:
                 stored.entries.append((entry.token_end, entry.prefix_hash))
                 previous = entry.prefix_hash
         except BaseException:
+            self.mover.synchronize()
             self.pool.free(resident.blocks)
             raise
         finally:
             for future in reads:
                 future.cancel()
             concurrent.futures.wait(reads)
+        self.mover.synchronize()
+        in_flight.clear()
         self._count_in(nbytes, time.perf_counter() - began, loaded)
         keep = self.pool.blocks_for(loaded)
         self.pool.free(resident.blocks[keep:])

@@ -108,8 +108,11 @@ class KVMover:
         return None
 
     def synchronize(self) -> None:
-        """Wait for every copy this mover started."""
+        """Wait for every copy this mover started, and order the compute stream after them."""
+        import torch
+
         if self._stream is not None:
+            torch.cuda.current_stream(self.pool.device).wait_stream(self._stream)
             self._stream.synchronize()
 
     def _check_span(self, tensor: torch.Tensor, count: int) -> None:
