@@ -61,7 +61,7 @@ def run_demo(config: DemoConfig, echo=print) -> int:
     history = {s: first_prompt(tokenizer, s, config.words) for s in range(config.sessions)}
     exact = reused_turns = 0
     mismatches: list[str] = []
-    saved = cached_ttft = recompute_ttft = 0.0
+    cached_ttft = recompute_ttft = 0.0
     with tqdm(total=config.sessions * config.turns, desc="turns", unit="turn", leave=False) as progress:
         for turn in range(config.turns):
             for s in range(config.sessions):

@@ -52,10 +52,9 @@ class Engine:
             logits = self._forward(tokens[cached:], past)
             self._sync()
             self.cache.observe_prefill(len(tokens) - cached, time.perf_counter() - prefill_began)
-            new, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
-            ttft = new[1]
-            handle.commit(list(tokens) + new[0][:-1])
-        return Generation(new[0], cached, len(tokens) - cached, ttft - began, time.perf_counter() - began,
+            new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
+            handle.commit(list(tokens) + new[:-1])
+        return Generation(new, cached, len(tokens) - cached, first_at - began, time.perf_counter() - began,
                           torch.stack(kept) if return_logits else None)
 
     @torch.inference_mode()
@@ -67,8 +66,8 @@ class Engine:
         began = time.perf_counter()
         past = DynamicCache(config=self.model.config)
         logits = self._forward(tokens, past)
-        new, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
-        return Generation(new[0], 0, len(tokens), new[1] - began, time.perf_counter() - began,
+        new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
+        return Generation(new, 0, len(tokens), first_at - began, time.perf_counter() - began,
                           torch.stack(kept) if return_logits else None)
 
     def _forward(self, tokens: Sequence[int], past: object) -> torch.Tensor:
@@ -76,7 +75,8 @@ class Engine:
         return self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1).logits[0, -1]
 
     def _decode(self, logits: torch.Tensor, past: object, max_new_tokens: int, stop_token: int | None,
-                return_logits: bool) -> tuple[tuple[list[int], float], list[torch.Tensor]]:
+                return_logits: bool) -> tuple[list[int], float, list[torch.Tensor]]:
+        """Greedy tokens, the time the first was chosen, and (if asked) each step's logits."""
         new: list[int] = []
         kept: list[torch.Tensor] = []
         first_at = 0.0
@@ -88,7 +88,7 @@ class Engine:
             if return_logits:
                 kept.append(logits.float().cpu())
             if len(new) >= max_new_tokens or token == stop_token:
-                return (new, first_at), kept
+                return new, first_at, kept
             logits = self._forward([token], past)
 
     def _sync(self) -> None:

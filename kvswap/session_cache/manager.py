@@ -222,7 +222,7 @@ class SessionCache:
             for session_id in self.host.oldest():
                 copy = self.host.peek(session_id)
                 if self.stores and copy.stored.tokens < len(copy.tokens):
-                    self._store(session_id, copy.stored, copy.tokens, self._slicer(copy.kv))
+                    self._store_host_copy(session_id, copy)
                     count += 1
             return count
 
@@ -369,9 +369,13 @@ class SessionCache:
             return
         del resident.tokens[count:]
         resident.stored.keep_up_to(count)
-        keep = self.pool.blocks_for(count)
-        self.pool.free(resident.blocks[keep:])
-        del resident.blocks[keep:]
+        self._trim_blocks(resident.blocks, count)
+
+    def _trim_blocks(self, blocks: list[int], num_tokens: int) -> None:
+        """Free the blocks beyond those ``num_tokens`` tokens need (in place)."""
+        keep = self.pool.blocks_for(num_tokens)
+        self.pool.free(blocks[keep:])
+        del blocks[keep:]
 
     def _release_blocks(self, session_id: str) -> None:
         resident = self._resident.pop(session_id, None)
@@ -431,16 +435,20 @@ class SessionCache:
             if self.host.used + nbytes <= self.host.capacity:
                 return
             copy = self.host.peek(session_id)
-            start = copy.stored.tokens
-            if start < len(copy.tokens):
+            if copy.stored.tokens < len(copy.tokens):
                 if not self.stores:
                     continue
                 try:
-                    self._store(session_id, copy.stored, copy.tokens, self._slicer(copy.kv))
+                    self._store_host_copy(session_id, copy)
                 except SwapError as exc:
                     log.warning("host tier kept session %r: %s", session_id, exc)
                     continue
             self.host.pop(session_id)
+
+    def _store_host_copy(self, session_id: str, copy: HostCopy) -> None:
+        """Store the tokens of a host copy that are not stored yet (SwapError on failure)."""
+        self._store(session_id, copy.stored, copy.tokens,
+                    lambda start, stop: copy.kv[:, :, start:stop].contiguous())
 
     # ---- internals: the store path ----------------------------------------------------------
 
@@ -450,10 +458,6 @@ class SessionCache:
             self.mover.gather(blocks, start, stop, kv)
             return kv
         return gather
-
-    @staticmethod
-    def _slicer(kv: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
-        return lambda start, stop: kv[:, :, start:stop].contiguous()
 
     def _store(self, session_id: str, stored: StoredState, tokens: Sequence[int],
                fetch: Callable[[int, int], torch.Tensor]) -> None:
@@ -499,7 +503,7 @@ class SessionCache:
         try:
             store.connector.delete_many(keys)
         except KVSwapError as exc:
-            log.warning("could not delete %d unreferenced blobs (gc will): %s", len(keys), exc)
+            log.warning("could not delete %d blobs no entry points to (gc will retry): %s", len(keys), exc)
 
     def _prepare_meta(self, session_id: str, stored: StoredState) -> None:
         """Make the meta record ready for an append at ``stored.tokens``: create it, adopt it,
@@ -526,15 +530,11 @@ class SessionCache:
             stored.keep_up_to(session.total_tokens)
 
     def _delete_blobs(self, entries: Sequence[Entry]) -> None:
-        """Best effort (meta no longer points at them; gc retries what fails)."""
-        for entry in entries:
-            store = self._store_for(entry)
-            if store is None:
-                continue
-            try:
-                store.connector.delete(entry.key)
-            except KVSwapError as exc:
-                log.warning("could not delete blob %r (gc will retry): %s", entry.key, exc)
+        """Best effort, one batch per store (meta no longer points at them; gc retries what fails)."""
+        for store in self.stores:
+            keys = [entry.key for entry in entries if entry.connector == store.location]
+            if keys:
+                self._delete_keys(store, keys)
 
     def _store_for(self, entry: Entry) -> StoreTier | None:
         return next((s for s in self.stores if s.location == entry.connector), None)
@@ -606,9 +606,7 @@ class SessionCache:
         self.mover.synchronize()
         in_flight.clear()
         self._count_in(nbytes, time.perf_counter() - began, loaded)
-        keep = self.pool.blocks_for(loaded)
-        self.pool.free(resident.blocks[keep:])
-        del resident.blocks[keep:]
+        self._trim_blocks(resident.blocks, loaded)
         return resident
 
     def _slower_than_recompute(self, plan: Sequence[tuple[Entry, StoreTier]]) -> bool:
@@ -655,9 +653,7 @@ class SessionCache:
                 self.mover.synchronize()
                 resident.pending = None
             try:
-                keep = self.pool.blocks_for(len(resident.tokens))
-                self.pool.free(resident.blocks[keep:])
-                del resident.blocks[keep:]
+                self._trim_blocks(resident.blocks, len(resident.tokens))
                 if self.policy == "write-through" and resident.stored.tokens < len(resident.tokens):
                     try:
                         self._store(session_id, resident.stored, resident.tokens, self._gatherer(resident.blocks))
