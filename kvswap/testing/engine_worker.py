@@ -36,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=64)
     parser.add_argument("--instance", default=None)
     parser.add_argument("--lease-ttl", type=float, default=30.0)
+    parser.add_argument("--recompute-when-faster", action="store_true",
+                        help="let the cache recompute when a load is predicted slower (off: tests assert hits, "
+                             "and the tiny model on a slow CPU can out-run a store)")
     args = parser.parse_args(argv)
     model, layout = build_model("tiny")
     cache = SessionCache(PagedKVPool(layout, args.blocks, 16), open_meta_store(args.meta),
                          [open_connector(args.store)], policy=args.policy, instance_id=args.instance,
-                         lease_ttl=args.lease_ttl)
+                         lease_ttl=args.lease_ttl, recompute_when_faster=args.recompute_when_faster)
     engine = Engine(model, cache)
     held: dict[str, SessionHandle] = {}
     print(json.dumps({"ready": True, "fingerprint": layout.fingerprint}), flush=True)
