@@ -111,6 +111,64 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(DemoConfig(**fields))
 
 
+def _weights_save(args: argparse.Namespace) -> int:
+    from kvswap.weights import save
+
+    manifest = save(args.src, args.dest, tp=args.tp, pp=args.pp, chunk_bytes=args.chunk_size, threads=args.threads)
+    size = sum(r.nbytes for r in manifest.ranks)
+    print(f"saved {len(manifest.ranks)} rank(s) (tp={manifest.tp}, pp={manifest.pp}), {size / 1e9:.2f} GB in "
+          f"{sum(len(r.chunks) for r in manifest.ranks)} chunks, {len(manifest.files)} files; "
+          f"source {manifest.source_fingerprint[:19]}")
+    return 0
+
+
+def _weights_load(args: argparse.Namespace) -> int:
+    """Fetch and verify one rank (every chunk's checksum); optionally write out the files."""
+    import pathlib
+
+    from kvswap.weights import load, read_files
+
+    result = load(None, args.uri, rank=args.rank, tp=args.tp, device=args.device, threads=args.threads,
+                  token=os.environ.get("KVSWAP_SEED_TOKEN"))
+    stats = result.stats.as_dict()
+    print(f"rank {args.rank}: {result.stats.summary()}; per worker: fetch "
+          f"{stats['fetch_thread_gbps'] or 0:.2f} GB/s, verify {stats['verify_thread_gbps'] or 0:.2f} GB/s; "
+          f"copy {stats['copy_gbps'] or 0:.2f} GB/s")
+    if args.files_to:
+        out = pathlib.Path(args.files_to)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in read_files(args.uri).items():
+            (out / name).write_bytes(data)
+            print(f"  wrote {out / name} ({len(data)} bytes, checksum verified)")
+    return 0
+
+
+def _weights_seed(args: argparse.Namespace) -> int:
+    """Load weights from any source, then serve them to booting instances until stopped."""
+    import json
+    import socket
+
+    import uvicorn
+
+    from kvswap.weights import load
+    from kvswap.weights.seed import WeightSeed
+    from kvswap.weights.seed_app import seed_app
+
+    token = os.environ.get("KVSWAP_SEED_TOKEN")
+    if not token:
+        print("kvswap: set KVSWAP_SEED_TOKEN (the bearer token clients must present)", file=sys.stderr)
+        return 2
+    result = load(None, args.src, rank=args.rank, tp=args.tp, device=args.device, token=token, progress=False)
+    seed = WeightSeed(result.tensors, token=token, advertise_host=args.advertise_host, bucket_bytes=args.bucket_size)
+    listener = socket.create_server((args.host, args.port))
+    port = listener.getsockname()[1]
+    print(json.dumps({"seed": f"instance://{args.advertise_host or args.host}:{port}",
+                      "tensors": len(seed.tensors), "port": port}), flush=True)
+    server = uvicorn.Server(uvicorn.Config(seed_app(seed), log_level="warning"))
+    server.run(sockets=[listener])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvswap", description="KV-cache swapping and weight loading for LLM serving")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--meta", help="meta store URI (default sqlite:///<dir>/meta.db)")
     demo.add_argument("--store", help="KV store URI (default file://<dir>/kv)")
     demo.set_defaults(run=_demo)
+
+    weights = commands.add_parser("weights", help="save, load and seed model weights").add_subparsers(
+        dest="weights_command", required=True)
+    save = weights.add_parser("save", help="split a Hugging Face checkpoint per rank and store it")
+    save.add_argument("src", help="checkpoint directory or URI (config.json + *.safetensors)")
+    save.add_argument("dest", help="connector URI: file://, redis://, valkey://, s3://")
+    save.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1)")
+    save.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (1)")
+    save.add_argument("--chunk-size", type=parse_size, default=64 << 20, help="bytes per chunk (64MiB)")
+    save.add_argument("--threads", type=int, default=8, help="parallel chunk writers (8)")
+    save.set_defaults(run=_weights_save)
+    load = weights.add_parser("load", help="fetch one rank from a save, checkpoint or seed, and verify it")
+    load.add_argument("uri")
+    load.add_argument("--rank", type=int, default=0)
+    load.add_argument("--tp", type=int, default=0, help="expected (save) or wanted (checkpoint) TP size")
+    load.add_argument("--device", default="cpu")
+    load.add_argument("--threads", type=int, default=8)
+    load.add_argument("--files-to", help="also write the save's config/tokenizer files into this directory")
+    load.set_defaults(run=_weights_load)
+    seed = weights.add_parser("seed", help="serve weights to booting instances (token: KVSWAP_SEED_TOKEN)")
+    seed.add_argument("src", help="where to load them from first: a save, a checkpoint or instance://")
+    seed.add_argument("--rank", type=int, default=0)
+    seed.add_argument("--tp", type=int, default=0)
+    seed.add_argument("--device", default="cpu")
+    seed.add_argument("--host", default="127.0.0.1")
+    seed.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    seed.add_argument("--bucket-size", type=parse_size, default=32 << 20, help="bytes per broadcast bucket (32MiB)")
+    seed.add_argument("--advertise-host", help="address clients reach this seed at, for the transfer group")
+    seed.set_defaults(run=_weights_seed)
     return parser
 
 

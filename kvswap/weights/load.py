@@ -1,0 +1,353 @@
+"""Load one rank's weights into a model: parallel fetches, verified, overlapped with device copies.
+
+``load(model, uri, rank=r)`` works from a kvswap save (:mod:`kvswap.weights.save`), a plain
+Hugging Face checkpoint on ``file://`` or ``s3://`` (sliced per rank on the fly) or a seed
+instance (``instance://host:port``, :mod:`kvswap.weights.seed`). The model may be built on
+the meta device (it is materialised on ``device`` first) or already hold tensors.
+
+Before any byte moves, the plan's names, shapes and dtypes are checked against the
+model's parameters and persistent buffers: a mismatch is a :class:`ConfigError` naming
+the tensor. Then ``threads`` workers fetch reads (chunks, or coalesced file ranges) into
+a ring of pinned host buffers and verify their checksums, while the caller's thread
+copies each finished buffer to the device on a side CUDA stream; a buffer is reused once
+its copy's event has completed. A checksum mismatch or a truncated read is an
+:class:`IntegrityError` naming the tensors involved; after an error the model's contents
+are undefined (load again).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from kvswap.errors import ConfigError, IntegrityError, NotFoundError
+from kvswap.uri import URI
+from kvswap.weights.manifest import Manifest
+from kvswap.weights.save import as_connector
+from kvswap.weights.sources import RankPlan, Read, TensorInfo, open_source, rank_plan
+from kvswap.weights.tp import shard
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_READ_BYTES = 32 << 20
+
+
+@dataclasses.dataclass
+class LoadStats:
+    """What a load moved and how fast, per stage.
+
+    ``fetch_seconds`` and ``verify_seconds`` add up the busy time of every worker thread
+    (so ``*_thread_gbps`` is one worker's rate); ``copy_seconds`` is the device copy time
+    (CUDA events, or host copy time on CPU); ``seconds`` is wall time from plan to last
+    tensor in place.
+    """
+
+    source: str
+    rank: int
+    tensors: int = 0
+    bytes: int = 0
+    read_bytes: int = 0
+    seconds: float = 0.0
+    plan_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    threads: int = 0
+
+    @staticmethod
+    def _rate(nbytes: int, seconds: float) -> float | None:
+        return nbytes / seconds / 1e9 if seconds > 0 else None
+
+    @property
+    def gbps(self) -> float | None:
+        return self._rate(self.bytes, self.seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(gbps=self.gbps, fetch_thread_gbps=self._rate(self.read_bytes, self.fetch_seconds),
+                   verify_thread_gbps=self._rate(self.read_bytes, self.verify_seconds),
+                   copy_gbps=self._rate(self.bytes, self.copy_seconds))
+        return out
+
+    def summary(self) -> str:
+        parts = [f"{self.tensors} tensors, {self.bytes / 1e9:.2f} GB in {self.seconds:.2f} s"]
+        if self.gbps:
+            parts.append(f"{self.gbps:.2f} GB/s")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass
+class LoadResult:
+    tensors: dict[str, torch.Tensor]  # the model's own tensors when a model was given
+    stats: LoadStats
+
+
+Target = Any  # torch.nn.Module | MutableMapping[str, torch.Tensor] | None
+
+
+def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int = 0,
+         device: str | torch.device | None = None, threads: int = 8, read_bytes: int = DEFAULT_READ_BYTES,
+         progress: bool | None = None, strict: bool = True, token: str | None = None, timeout: float = 120.0,
+         on_progress: Callable[[int, int], None] | None = None) -> LoadResult:
+    """Load global ``rank``'s weights from ``uri`` into ``target``.
+
+    ``target``: a model (parameters and persistent buffers by name; meta tensors are
+    materialised on ``device``), a mapping of name -> tensor to fill, or None (tensors are
+    allocated on ``device``, default CPU). ``tp``/``pp``: for a save, the layout the caller
+    expects (0 = whatever was saved; a difference is an error); for a checkpoint, how to
+    slice it. ``strict``: every tensor of the model must come from the source and every
+    source tensor must land in the model. ``token``/``timeout`` are for ``instance://``.
+    ``on_progress(done_bytes, total_bytes)`` is called after each read lands.
+    """
+    text = uri.render(hide_password=False) if isinstance(uri, URI) else str(uri)
+    if text.startswith("instance://"):
+        from kvswap.weights.seed import load_from_seed
+
+        return load_from_seed(target, text, device=device, token=token, timeout=timeout, strict=strict,
+                              progress=progress, on_progress=on_progress)
+    import torch
+
+    began = time.perf_counter()
+    connector = as_connector(text)
+    try:
+        source = open_source(connector)
+        where = connector.uri.render()
+        plan = rank_plan(source, rank, tp=tp, pp=pp, read_bytes=read_bytes, where=where)
+        device = torch.device(device) if device is not None else _device_of(target)
+        tensors = bind_targets(target, plan.tensors, device, strict=strict,
+                               hint=_layout_hint(source, plan))
+        stats = LoadStats(where, rank, len(plan.tensors), plan.nbytes, threads=threads,
+                          plan_seconds=time.perf_counter() - began)
+        _execute(connector, plan, tensors, device, threads, stats, progress, on_progress)
+    finally:
+        connector.close()
+    stats.seconds = time.perf_counter() - began
+    return LoadResult(tensors, stats)
+
+
+def _layout_hint(source: Manifest | Any, plan: RankPlan) -> str:
+    kind = "saved" if isinstance(source, Manifest) else "sliced"
+    return f" (the source is {kind} for tp={plan.tp}, pp={plan.pp}: is the model built for the same layout?)"
+
+
+def _device_of(target: Target) -> torch.device:
+    import torch
+
+    tensors = named_tensors(target) if target is not None else {}
+    devices = {t.device for t in tensors.values() if not t.is_meta}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
+def named_tensors(target: Target) -> dict[str, torch.Tensor]:
+    import torch
+
+    if isinstance(target, torch.nn.Module):
+        named = dict(target.named_parameters())  # tied parameters appear once
+        for module_name, module in target.named_modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if name not in module._non_persistent_buffers_set and buffer is not None:
+                    named[f"{module_name}.{name}" if module_name else name] = buffer
+        return named
+    return dict(target)
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give a model built on the meta device real (uninitialised) storage on ``device``.
+
+    Non-persistent buffers (rotary tables) are not in checkpoints: modules holding them
+    are rebuilt from their ``config`` on ``device``.
+    """
+    import torch
+
+    stale = [(name, module) for name, module in model.named_modules()
+             if any(b is not None and b.is_meta for n, b in module.named_buffers(recurse=False)
+                    if n in module._non_persistent_buffers_set)]
+    model.to_empty(device=device)
+    for name, module in stale:
+        config = getattr(module, "config", None)
+        if config is None:
+            raise ConfigError(f"module {name!r} has non-persistent buffers on the meta device and no config "
+                              "to rebuild them from; build the model with real buffers")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with torch.device(device):
+            setattr(parent, child, type(module)(config))
+
+
+def bind_targets(target: Target, plan: dict[str, TensorInfo], device: torch.device, *, strict: bool = True,
+                 hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors to fill, checked against the plan (names, shapes, dtypes) before any copy."""
+    import torch
+
+    if target is None:
+        return {name: torch.empty(info.shape, dtype=getattr(torch, info.dtype), device=device)
+                for name, info in plan.items()}
+    if isinstance(target, torch.nn.Module) and any(t.is_meta for t in named_tensors(target).values()):
+        materialize(target, device)
+    named = named_tensors(target)
+    missing = [n for n in named if n not in plan]
+    extra = [n for n in plan if n not in named]
+    if strict and (missing or extra):
+        detail = []
+        if missing:
+            detail.append(f"not in the source: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if extra:
+            detail.append(f"not in the model: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+        raise ConfigError("the source and the model hold different tensors; " + "; ".join(detail))
+    bound = {}
+    for name, info in plan.items():
+        tensor = named.get(name)
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != info.shape:
+            raise ConfigError(f"tensor {name!r}: the model has shape {list(tensor.shape)}, "
+                              f"the source {list(info.shape)}{hint}")
+        if str(tensor.dtype).removeprefix("torch.") != info.dtype:
+            raise ConfigError(f"tensor {name!r}: the model has dtype {tensor.dtype}, the source {info.dtype}")
+        if not tensor.is_contiguous():
+            raise ConfigError(f"tensor {name!r} is not contiguous in the model")
+        bound[name] = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    return bound
+
+
+def read_files(uri: str | URI) -> dict[str, bytes]:
+    """The non-weight files of a save (config, tokenizer...), checksums verified."""
+    from kvswap.weights.manifest import read_manifest
+
+    with as_connector(uri) as connector:
+        manifest = read_manifest(connector)
+        files = {}
+        for entry in manifest.files:
+            try:
+                data = bytes(connector.get(entry.key))
+            except NotFoundError:
+                raise IntegrityError(f"file {entry.name!r} of the save is missing ({entry.key!r})") from None
+            if f"xxh3_128:{xxhash.xxh3_128_hexdigest(data)}" != entry.checksum:
+                raise IntegrityError(f"checksum mismatch in file {entry.name!r} of the save")
+            files[entry.name] = data
+        return files
+
+
+def _fetch(connector: Any, read: Read, buffer: torch.Tensor) -> tuple[float, float]:
+    began = time.perf_counter()
+    view = buffer[:read.length].numpy()
+    try:
+        got = connector.get_into(read.key, view, offset=read.offset)
+    except NotFoundError:
+        raise IntegrityError(f"{read.describe()} is missing: the source is damaged") from None
+    fetched = time.perf_counter()
+    if got != read.length:
+        raise IntegrityError(f"{read.describe()} is truncated: {got} of {read.length} bytes")
+    if read.checksum is not None:
+        actual = f"xxh3_128:{xxhash.xxh3_128_hexdigest(memoryview(view))}"
+        if actual != read.checksum:
+            raise IntegrityError(f"checksum mismatch in {read.describe()}: stored {read.checksum}, read {actual}")
+    return fetched - began, time.perf_counter() - fetched
+
+
+class _Slot:
+    """A pinned staging buffer and the event of the last copy out of it."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.event: Any = None
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+
+def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.Tensor], device: torch.device,
+             threads: int, stats: LoadStats, progress: bool | None,
+             on_progress: Callable[[int, int], None] | None) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    cuda = device.type == "cuda"
+    flat = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
+    reads = [r for r in plan.reads if any(p.name in flat for p in r.pieces)]
+    regular = [r.length for r in reads if r.narrow is None]
+    slot_bytes = max(regular, default=0)
+    depth = min(len(reads), threads + 4)
+    slots = collections.deque(_Slot(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=cuda))
+                              for _ in range(depth if regular else 0))
+    stream = torch.cuda.Stream(device) if cuda else None
+    timings: list[tuple[Any, Any]] = []
+    in_flight: collections.deque = collections.deque()
+    total = sum(r.length for r in reads)
+    done = 0
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"load rank {stats.rank}",
+               disable=None if progress is None else not progress)
+
+    def land(read: Read, slot: _Slot, future: concurrent.futures.Future) -> None:
+        nonlocal done
+        fetch_s, verify_s = future.result()
+        stats.fetch_seconds += fetch_s
+        stats.verify_seconds += verify_s
+        began = time.perf_counter()
+        buffer = slot.buffer
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            start = torch.cuda.Event(enable_timing=True) if cuda else None
+            if start is not None:
+                start.record(stream)
+            if read.narrow is not None:
+                n = read.narrow
+                full = buffer[:read.length].view(getattr(torch, n.dtype)).reshape(n.shape)
+                piece = read.pieces[0]
+                tensors[piece.name].copy_(shard(full, n.split, n.tp, n.tp_rank).contiguous())
+            else:
+                for piece in read.pieces:
+                    if piece.name in flat:
+                        flat[piece.name][piece.dst_offset:piece.dst_offset + piece.nbytes].copy_(
+                            buffer[piece.src_offset:piece.src_offset + piece.nbytes], non_blocking=cuda)
+            if cuda:
+                slot.event = torch.cuda.Event(enable_timing=True)
+                slot.event.record(stream)
+                timings.append((start, slot.event))
+        if not cuda:
+            stats.copy_seconds += time.perf_counter() - began
+        stats.read_bytes += read.length
+        done += read.length
+        bar.update(read.length)
+        if on_progress is not None:
+            on_progress(done, total)
+
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvswap-load") as pool, bar:
+        try:
+            for read in reads:
+                if read.narrow is not None or read.length > slot_bytes:
+                    slot = _Slot(torch.empty(read.length, dtype=torch.uint8, pin_memory=cuda))
+                    own = True
+                else:
+                    while not slots:
+                        oldest = in_flight.popleft()
+                        land(*oldest[:3])
+                        if not oldest[3]:
+                            slots.append(oldest[1])
+                    slot = slots.popleft()
+                    slot.wait()
+                    own = False
+                in_flight.append((read, slot, pool.submit(_fetch, connector, read, slot.buffer), own))
+            while in_flight:
+                oldest = in_flight.popleft()
+                land(*oldest[:3])
+            if stream is not None:
+                stream.synchronize()
+                stats.copy_seconds = sum(a.elapsed_time(b) for a, b in timings) / 1e3
+        except BaseException:
+            for _, _, future, _ in in_flight:
+                future.cancel()
+            concurrent.futures.wait([f for _, _, f, _ in in_flight])
+            if stream is not None:
+                stream.synchronize()
+            raise
+

@@ -1,0 +1,361 @@
+"""Seed instances: a process holding loaded weights sends them to a booting one.
+
+Protocol (``instance://seed-host:port``), every call with ``Authorization: Bearer <token>``:
+
+1. ``GET /weights/manifest`` -> names, shapes, dtypes in send order, total bytes, the
+   seed's device. The client refuses any difference from its model before anything moves.
+2. ``POST /init_weights_send_group_for_remote_instance`` (``{"backend", "timeout_s"}``) ->
+   ``{"transfer_id", "master_address", "master_port", "backend", "bucket_bytes"}``: the
+   seed reserves itself (one transfer at a time: a second client gets 409 with the holder's
+   start time), opens a ``TCPStore`` on a free port and, in a background thread, joins a
+   two-rank process group (rank 0) with the client (rank 1): NCCL when both sides are on
+   GPUs, gloo otherwise.
+3. ``POST /send_weights_to_remote_instance`` (``{"transfer_id"}``) -> 202: the seed
+   broadcasts the tensors in manifest order, small ones packed into buckets of
+   ``bucket_bytes``, large ones straight from their storage.
+4. ``GET /weights/transfers/{id}`` -> the transfer's state (``joining``, ``sending``,
+   ``done``, ``failed: ...``).
+
+Every step has a timeout (HTTP calls, the rendezvous, each collective). A failure on
+either side ends the transfer on both: the peer's next collective fails (connection lost)
+or times out, the group is torn down, and the seed goes back to idle, still serving. A
+process that loaded its weights from a seed holds them like any other and can serve as a
+seed itself, so a fleet boots as a tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hmac
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from kvswap.errors import BackendUnavailableError, ConfigError, KVSwapError
+from kvswap.uri import URI
+from kvswap.weights.sources import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 32 << 20
+INIT_ROUTE = "/init_weights_send_group_for_remote_instance"
+SEND_ROUTE = "/send_weights_to_remote_instance"
+MANIFEST_ROUTE = "/weights/manifest"
+
+
+class SeedBusyError(KVSwapError):
+    """The seed is sending to another client; try later."""
+
+
+def buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[list[tuple[str, int]]]:
+    """Group tensors (name, nbytes), in order, into broadcasts: consecutive small tensors
+    share a bucket of at most ``bucket_bytes``; a tensor at least that large goes alone
+    (broadcast in place). Both sides compute the same grouping from the manifest."""
+    groups: list[list[tuple[str, int]]] = []
+    current: list[tuple[str, int]] = []
+    filled = 0
+    for name, nbytes in sizes:
+        if nbytes >= bucket_bytes:
+            if current:
+                groups.append(current)
+                current, filled = [], 0
+            groups.append([(name, nbytes)])
+            continue
+        if filled + nbytes > bucket_bytes:
+            groups.append(current)
+            current, filled = [], 0
+        current.append((name, nbytes))
+        filled += nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _group(backend: str, store: Any, rank: int, timeout: float, address: str) -> Any:
+    import torch.distributed as dist
+
+    delta = datetime.timedelta(seconds=timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = delta
+        return dist.ProcessGroupNCCL(store, rank, 2, options)
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = delta
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+    return dist.ProcessGroupGloo(store, rank, 2, options)
+
+
+def _broadcast_all(group: Any, tensors: Mapping[str, torch.Tensor], order: list[tuple[str, int]],
+                   bucket_bytes: int, comm_device: torch.device, sending: bool,
+                   on_bucket: Callable[[int], None] | None = None) -> None:
+    """Run every broadcast of a transfer (rank 0 sends, rank 1 receives into ``tensors``)."""
+    import torch
+    import torch.distributed as dist
+
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    scratch = torch.empty(bucket_bytes, dtype=torch.uint8, device=comm_device)
+    for group_items in buckets(order, bucket_bytes):
+        total = sum(n for _, n in group_items)
+        direct = len(group_items) == 1 and total >= bucket_bytes and tensors[group_items[0][0]].device == comm_device
+        if direct:
+            buffer = _flat(tensors[group_items[0][0]])
+        else:
+            buffer = scratch[:total] if total <= bucket_bytes else torch.empty(total, dtype=torch.uint8,
+                                                                                  device=comm_device)
+            if sending:
+                at = 0
+                for name, nbytes in group_items:
+                    buffer[at:at + nbytes].copy_(_flat(tensors[name]))
+                    at += nbytes
+        group.broadcast([buffer], options).wait()
+        if not direct and not sending:
+            at = 0
+            for name, nbytes in group_items:
+                _flat(tensors[name]).copy_(buffer[at:at + nbytes])
+                at += nbytes
+        if on_bucket is not None:
+            on_bucket(total)
+    if comm_device.type == "cuda":
+        torch.cuda.synchronize(comm_device)
+
+
+@dataclasses.dataclass
+class _Transfer:
+    id: str
+    backend: str
+    timeout: float
+    started: float
+    state: str = "joining"
+    send: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class WeightSeed:
+    """The sending side: serves ``tensors`` (a model's, or a name -> tensor mapping)."""
+
+    def __init__(self, tensors: Any, *, token: str, advertise_host: str | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_timeout: float = 600.0) -> None:
+        from kvswap.weights.load import named_tensors
+
+        if not token:
+            raise ConfigError("a seed needs a token")
+        self.tensors = named_tensors(tensors)
+        self._token = token
+        self.advertise_host = advertise_host
+        self.bucket_bytes = bucket_bytes
+        self.max_timeout = max_timeout
+        self._lock = threading.Lock()
+        self._current: _Transfer | None = None
+        self._history: dict[str, str] = {}
+        devices = {t.device for t in self.tensors.values()}
+        self.device = devices.pop() if len(devices) == 1 else None
+        if self.device is None:
+            raise ConfigError("a seed's tensors must all be on one device")
+
+    def __repr__(self) -> str:  # the token stays out of logs
+        return f"WeightSeed({len(self.tensors)} tensors on {self.device}, bucket={self.bucket_bytes})"
+
+    def authorized(self, header: str | None) -> bool:
+        scheme, _, given = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), self._token.encode())
+
+    def manifest(self) -> dict[str, Any]:
+        return {"tensors": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                            for n, t in self.tensors.items()],
+                "bytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
+                "device": str(self.device), "bucket_bytes": self.bucket_bytes}
+
+    def begin(self, backend: str, timeout: float, host_seen: str) -> dict[str, Any]:
+        """Reserve the seed and open the rendezvous; the group forms in the background."""
+        import torch.distributed as dist
+
+        if backend not in ("nccl", "gloo"):
+            raise ConfigError(f"backend must be nccl or gloo, not {backend!r}")
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ConfigError("this seed holds its weights in host memory: use gloo")
+        timeout = min(max(float(timeout), 1.0), self.max_timeout)
+        with self._lock:
+            if self._current is not None:
+                raise SeedBusyError(f"seed is sending to another client since "
+                                    f"{time.time() - self._current.started:.1f} s ago; retry later")
+            transfer = self._current = _Transfer(uuid.uuid4().hex, backend, timeout, time.time())
+        address = self.advertise_host or host_seen
+        try:
+            store = dist.TCPStore("0.0.0.0", 0, 2, True, datetime.timedelta(seconds=timeout),
+                                  wait_for_workers=False)
+        except Exception:
+            self._finish(transfer, "failed: could not open the rendezvous")
+            raise
+        threading.Thread(target=self._run, args=(transfer, store, address), daemon=True,
+                         name=f"kvswap-seed-{transfer.id[:8]}").start()
+        return {"transfer_id": transfer.id, "master_address": address, "master_port": store.port,
+                "backend": backend, "bucket_bytes": self.bucket_bytes, "timeout_s": timeout}
+
+    def start_sending(self, transfer_id: str) -> None:
+        with self._lock:
+            current = self._current
+            if current is None or current.id != transfer_id:
+                raise KeyError(transfer_id)
+            current.send.set()
+
+    def state(self, transfer_id: str) -> str:
+        with self._lock:
+            if self._current is not None and self._current.id == transfer_id:
+                return self._current.state
+            if transfer_id in self._history:
+                return self._history[transfer_id]
+        raise KeyError(transfer_id)
+
+    def _run(self, transfer: _Transfer, store: Any, address: str) -> None:
+        import torch
+
+        group = None
+        try:
+            group = _group(transfer.backend, store, 0, transfer.timeout, address)
+            if not transfer.send.wait(transfer.timeout):
+                raise TimeoutError("the client did not ask for the weights in time")
+            transfer.state = "sending"
+            comm = self.device if transfer.backend == "nccl" else torch.device("cpu")
+            order = [(n, t.numel() * t.element_size()) for n, t in self.tensors.items()]
+            began = time.perf_counter()
+            _broadcast_all(group, self.tensors, order, self.bucket_bytes, comm, sending=True)
+            log.info("seed sent %d tensors over %s in %.2f s", len(order), transfer.backend,
+                     time.perf_counter() - began)
+            self._finish(transfer, "done")
+        except Exception as exc:  # the client died, timed out or failed: abort, keep serving
+            log.warning("seed transfer %s failed: %s", transfer.id[:8], exc)
+            if group is not None and hasattr(group, "abort"):
+                try:
+                    group.abort()
+                except Exception:  # noqa: BLE001 - best effort teardown
+                    pass
+            self._finish(transfer, f"failed: {exc}")
+        finally:
+            del group, store
+
+    def _finish(self, transfer: _Transfer, state: str) -> None:
+        with self._lock:
+            transfer.state = state
+            self._history[transfer.id] = state
+            if len(self._history) > 100:
+                self._history.pop(next(iter(self._history)))
+            if self._current is transfer:
+                self._current = None
+
+
+def _local_address_towards(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (what the seed can reach us at)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, port))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | None = None, timeout: float = 120.0,
+                   strict: bool = True, progress: bool | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> Any:
+    """The client side of ``instance://host:port``: see the module docstring."""
+    import os
+
+    import httpx
+    import torch
+    from tqdm.auto import tqdm
+
+    from kvswap.weights.load import LoadResult, LoadStats, _device_of, bind_targets
+
+    parsed = URI.parse(uri)
+    if not parsed.host or not parsed.port:
+        raise ConfigError(f"instance:// needs host and port, like instance://seed-host:8000; got {parsed.render()}")
+    token = token or parsed.password or os.environ.get("KVSWAP_SEED_TOKEN")
+    if not token:
+        raise ConfigError("loading from a seed needs its token (token=..., or KVSWAP_SEED_TOKEN)")
+    base = f"http://{parsed.host}:{parsed.port}"
+    began = time.perf_counter()
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=min(timeout, 30.0)) as http:
+        manifest = _call(http, "GET", MANIFEST_ROUTE)
+        plan = {t["name"]: TensorInfo(t["dtype"], tuple(t["shape"])) for t in manifest["tensors"]}
+        device = torch.device(device) if device is not None else _device_of(target)
+        try:
+            tensors = bind_targets(target, plan, device, strict=strict)
+        except ConfigError as exc:
+            raise ConfigError(f"refusing the weights of seed {base}: {exc}") from None
+        backend = "nccl" if device.type == "cuda" and manifest["device"].startswith("cuda") else "gloo"
+        offer = _call(http, "POST", INIT_ROUTE, json={"backend": backend, "timeout_s": timeout})
+        stats = LoadStats(parsed.render(), 1, len(plan), int(manifest["bytes"]), threads=1,
+                          plan_seconds=time.perf_counter() - began)
+        store = group = None
+        try:
+            store = torch.distributed.TCPStore(offer["master_address"], int(offer["master_port"]), 2, False,
+                                               datetime.timedelta(seconds=timeout))
+            group = _group(backend, store, 1, timeout, _local_address_towards(parsed.host, parsed.port))
+            _call(http, "POST", SEND_ROUTE, json={"transfer_id": offer["transfer_id"]})
+            comm = device if backend == "nccl" else torch.device("cpu")
+            if comm.type == "cuda":
+                torch.cuda.set_device(comm)
+            order = [(n, plan[n].nbytes) for n in plan]
+            bar = tqdm(total=stats.bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="load from seed",
+                       disable=None if progress is None else not progress)
+            done = 0
+
+            def landed(nbytes: int) -> None:
+                nonlocal done
+                done += nbytes
+                bar.update(nbytes)
+                if on_progress is not None:
+                    on_progress(done, stats.bytes)
+
+            with bar:
+                _broadcast_all(group, _complete(tensors, plan, comm), order, int(offer["bucket_bytes"]), comm,
+                               sending=False, on_bucket=landed)
+        except KVSwapError:
+            raise
+        except Exception as exc:
+            raise BackendUnavailableError(f"weights transfer from seed {base} failed: {exc}") from None
+        finally:
+            del group, store
+    stats.read_bytes = stats.bytes
+    stats.seconds = time.perf_counter() - began
+    return LoadResult(tensors, stats)
+
+
+def _complete(tensors: dict[str, torch.Tensor], plan: dict[str, TensorInfo], device: torch.device) -> dict:
+    """Receive buffers for every tensor the seed sends, the caller's where it has one."""
+    import torch
+
+    return {name: tensors[name] if name in tensors else torch.empty(info.shape, dtype=getattr(torch, info.dtype),
+                                                                    device=device)
+            for name, info in plan.items()}
+
+
+def _call(http: Any, method: str, route: str, **kwargs: Any) -> dict[str, Any]:
+    import httpx
+
+    try:
+        response = http.request(method, route, **kwargs)
+    except httpx.HTTPError as exc:
+        raise BackendUnavailableError(f"seed {http.base_url} unreachable on {route}: {exc}") from None
+    if response.status_code == 409:
+        raise SeedBusyError(response.json().get("detail", "seed busy"))
+    if response.status_code in (401, 403):
+        raise ConfigError(f"seed {http.base_url} refused the token ({response.status_code})")
+    if response.status_code >= 400:
+        raise BackendUnavailableError(f"seed {http.base_url} answered {response.status_code} on {route}: "
+                                      f"{response.text[:300]}")
+    return response.json()

@@ -1,0 +1,203 @@
+"""Weights: save per rank through every connector, load back bit for bit, refuse what is wrong."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvswap.connectors import open_connector
+from kvswap.engine import build_model
+from kvswap.errors import ConfigError, IntegrityError, NotFoundError
+from kvswap.testing.connector_suite import env_or_skip
+from kvswap.weights import load, read_files, read_manifest, save
+from kvswap.weights.manifest import MANIFEST_KEY
+
+TOKENIZER_BYTES = bytes(range(256)) * 3 + os.urandom(100)  # a binary tokenizer file rides along
+
+
+def make_checkpoint(directory: Path, *, dtype: str = "float32", seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """A tiny Llama saved as a Hugging Face checkpoint in several safetensors shards."""
+    model, _ = build_model("tiny", dtype=dtype, seed=seed, **overrides)
+    model.save_pretrained(directory, max_shard_size="100KB")
+    (directory / "tokenizer.model").write_bytes(TOKENIZER_BYTES)
+    (directory / "tokenizer_config.json").write_text('{"model_max_length": 4096}')
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    directory = tmp_path_factory.mktemp("ckpt")
+    model = make_checkpoint(directory)
+    return directory, {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def store_uri(kind: str, tmp_path: Path) -> str:
+    unique = f"w{os.urandom(5).hex()}"
+    if kind == "file":
+        return f"file://{tmp_path}/saved"
+    if kind == "juicefs":
+        return f"file://{env_or_skip('KVSWAP_TEST_JUICEFS_DIR')}/{unique}"
+    if kind in ("redis", "valkey"):
+        return f"{env_or_skip(f'KVSWAP_TEST_{kind.upper()}_URI')}?prefix={unique}:&timeout=5"
+    if kind == "s3":
+        head, _, query = env_or_skip("KVSWAP_TEST_S3_URI").partition("?")
+        return f"{head.rstrip('/')}/{unique}?{query}"
+    raise ValueError(kind)
+
+
+def empty_model(**overrides: object) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvswap.engine.model import MODEL_CONFIGS
+
+    config = LlamaConfig(**{**MODEL_CONFIGS["tiny"], **overrides}, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).eval()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(1, 40).unsqueeze(0)).logits
+
+
+STORES = ["file", "juicefs", "redis", "valkey", "s3"]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_save_and_load_round_trip(kind: str, checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, original = checkpoint
+    uri = store_uri(kind, tmp_path)
+    manifest = save(directory, uri, tp=1, chunk_bytes=48 << 10, progress=False)  # tensors span chunks
+    assert any(len(r.chunks) > 1 for r in manifest.ranks)
+    assert max(t.nbytes for t in manifest.ranks[0].tensors) > manifest.chunk_bytes
+    model = empty_model()
+    result = load(model, uri, progress=False)
+    assert set(result.tensors) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(result.tensors[name], tensor), name
+    reference = _from_pretrained(directory)
+    assert torch.equal(logits(model), logits(reference))
+    files = read_files(uri)
+    assert files["tokenizer.model"] == TOKENIZER_BYTES
+    assert files["config.json"] == (directory / "config.json").read_bytes()
+    assert result.stats.bytes == sum(t.numel() * t.element_size() for t in original.values())
+
+
+def _from_pretrained(directory: Path) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(directory).eval()
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_load_straight_from_a_checkpoint_directory(kind: str, checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, original = checkpoint
+    if kind == "file":
+        uri = f"file://{directory}"
+    else:
+        uri = store_uri("s3", tmp_path)
+        with open_connector(uri) as s3:
+            for path in directory.iterdir():
+                s3.put(path.name, path.read_bytes())
+    model = empty_model()
+    result = load(model, uri, read_bytes=40 << 10, progress=False)
+    for name, tensor in original.items():
+        assert torch.equal(result.tensors[name], tensor), name
+    assert torch.equal(logits(model), logits(_from_pretrained(directory)))
+
+
+@pytest.mark.parametrize("source", ["saved", "checkpoint"])
+def test_tp2_shards_reassemble(source: str, checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, original = checkpoint
+    uri = f"file://{directory}"
+    if source == "saved":
+        uri = f"file://{tmp_path}/tp2"
+        manifest = save(directory, uri, tp=2, chunk_bytes=32 << 10, progress=False)
+        assert (manifest.tp, len(manifest.ranks)) == (2, 2)
+    shards = [load(None, uri, rank=r, tp=2, progress=False, read_bytes=32 << 10).tensors for r in range(2)]
+    splits = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1,
+              "lm_head": 0}
+    for name, tensor in original.items():
+        kind = next((dim for key, dim in splits.items() if f"{key}." in name), None)
+        if kind is None:  # replicated: whole on both ranks
+            assert torch.equal(shards[0][name], tensor) and torch.equal(shards[1][name], tensor), name
+        else:
+            assert shards[0][name].shape[kind] == tensor.shape[kind] // 2, name
+            assert torch.equal(torch.cat([shards[0][name], shards[1][name]], dim=kind), tensor), name
+
+
+def test_corrupted_chunk_names_the_tensor(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, _ = checkpoint
+    uri = f"file://{tmp_path}/saved"
+    manifest = save(directory, uri, chunk_bytes=64 << 10, progress=False)
+    chunk = manifest.ranks[0].chunks[3]
+    path = tmp_path / "saved" / chunk.key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"checksum mismatch in .*holding model\."):
+        load(None, uri, progress=False)
+    path.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        load(None, uri, progress=False)
+
+
+def test_missing_and_half_written_saves_fail_clearly(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, _ = checkpoint
+    with pytest.raises(NotFoundError, match="nothing to load"):
+        load(None, f"file://{tmp_path}/nothing", progress=False)
+    uri = f"file://{tmp_path}/half"
+    save(directory, uri, progress=False)
+    (tmp_path / "half" / MANIFEST_KEY).unlink()  # what a save that died before its last step leaves
+    with pytest.raises(NotFoundError, match="did not finish"):
+        load(None, uri, progress=False)
+    with pytest.raises(NotFoundError, match="did not finish"):
+        read_manifest(open_connector(uri))
+
+
+def test_resave_replaces_the_old_chunks(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, original = checkpoint
+    uri = f"file://{tmp_path}/again"
+    first = save(directory, uri, tp=2, chunk_bytes=64 << 10, progress=False)
+    second = save(directory, uri, tp=1, chunk_bytes=64 << 10, progress=False)
+    keys = set(open_connector(uri).list("ranks/"))
+    assert keys == {c.key for r in second.ranks for c in r.chunks}
+    assert not keys & {c.key for r in first.ranks for c in r.chunks}
+    loaded = load(None, uri, progress=False).tensors
+    assert all(torch.equal(loaded[n], t) for n, t in original.items())
+
+
+def test_tp_mismatch_and_wrong_model_are_refused(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, _ = checkpoint
+    uri = f"file://{tmp_path}/tp2"
+    save(directory, uri, tp=2, progress=False)
+    with pytest.raises(ConfigError, match="saved for tp=2; asked to load tp=1"):
+        load(None, uri, tp=1, progress=False)
+    with pytest.raises(ConfigError, match=r"q_proj.weight.*shape .*tp=2"):
+        load(empty_model(), uri, rank=0, progress=False)  # a whole model cannot take a TP shard
+    with pytest.raises(ConfigError, match="rank 2 is outside"):
+        load(None, uri, rank=2, progress=False)
+    with pytest.raises(ConfigError, match="not in the model: model.layers.3"):
+        load(empty_model(num_hidden_layers=4 - 1), f"file://{directory}", progress=False)
+    with pytest.raises(ConfigError, match="does not split evenly over tp=3|does not split over tp=3"):
+        save(directory, f"file://{tmp_path}/tp3", tp=3, progress=False)
+
+
+def test_bfloat16_and_pipeline_stages(tmp_path: Path) -> None:
+    directory = tmp_path / "bf16"
+    model = make_checkpoint(directory, dtype="bfloat16", seed=3)
+    original = model.state_dict()
+    uri = f"file://{tmp_path}/pp2"
+    manifest = save(directory, uri, tp=2, pp=2, chunk_bytes=32 << 10, progress=False)
+    assert [(r.rank, r.tp_rank, r.pp_rank) for r in manifest.ranks] == [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)]
+    stage = {r.rank: {t.name for t in r.tensors} for r in manifest.ranks}
+    assert "model.embed_tokens.weight" in stage[0] and "model.embed_tokens.weight" not in stage[2]
+    assert "lm_head.weight" in stage[2] and "model.layers.3.mlp.up_proj.weight" in stage[3]
+    assert "model.layers.0.mlp.up_proj.weight" not in stage[2]
+    assert stage[0] | stage[2] == set(original)
+    loaded = load(None, uri, rank=3, progress=False).tensors
+    name = "model.layers.3.self_attn.o_proj.weight"
+    assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], original[name].chunk(2, dim=1)[1])
