@@ -225,6 +225,8 @@ class WeightSeed:
 
         group = None
         try:
+            if transfer.backend == "nccl":
+                torch.cuda.set_device(self.device)
             group = _group(transfer.backend, store, 0, transfer.timeout, address)
             if not transfer.send.wait(transfer.timeout):
                 raise TimeoutError("the client did not ask for the weights in time")

@@ -142,7 +142,8 @@ class Checkpoint:
 
     def layout(self, tp: int, pp: int, plan: dict[str, str] | None = None) -> dict[int, list[tuple[str, Split]]]:
         """Global rank -> its tensors (source order) and how each is split; checks divisibility."""
-        plan = tp_plan_for(self.config) if plan is None else plan
+        if plan is None:  # with one TP rank every tensor is whole: no need for transformers' plan
+            plan = tp_plan_for(self.config) if tp > 1 else {}
         num_layers = self.config.get("num_hidden_layers")
         if pp > 1 and not isinstance(num_layers, int):
             raise ConfigError("pp > 1 needs num_hidden_layers in config.json")
