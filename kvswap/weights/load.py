@@ -104,7 +104,8 @@ def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int 
     allocated on ``device``, default CPU). ``tp``/``pp``: for a save, the layout the caller
     expects (0 = whatever was saved; a difference is an error); for a checkpoint, how to
     slice it. ``strict``: every tensor of the model must come from the source and every
-    source tensor must land in the model. ``token``/``timeout`` are for ``instance://``.
+    source tensor must land in the model. ``token``/``timeout`` are for ``instance://`` (a seed
+    sends the tensors it holds, its own rank's: ``rank``/``tp``/``pp`` do not apply).
     ``on_progress(done_bytes, total_bytes)`` is called after each read lands.
     """
     text = uri.render(hide_password=False) if isinstance(uri, URI) else str(uri)

@@ -300,7 +300,7 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
             raise ConfigError(f"refusing the weights of seed {base}: {exc}") from None
         backend = "nccl" if device.type == "cuda" and manifest["device"].startswith("cuda") else "gloo"
         offer = _call(http, "POST", INIT_ROUTE, json={"backend": backend, "timeout_s": timeout})
-        stats = LoadStats(parsed.render(), 1, len(plan), int(manifest["bytes"]), threads=1,
+        stats = LoadStats(parsed.render(), 0, len(plan), int(manifest["bytes"]), threads=1,
                           plan_seconds=time.perf_counter() - began)
         store = group = None
         try:
