@@ -60,7 +60,7 @@ def empty_model(**overrides: object) -> torch.nn.Module:
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return model(torch.arange(1, 40).unsqueeze(0)).logits
+        return model(torch.arange(1, 40, device=next(model.parameters()).device).unsqueeze(0)).logits
 
 
 STORES = ["file", "juicefs", "redis", "valkey", "s3"]

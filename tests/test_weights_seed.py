@@ -22,15 +22,19 @@ from kvswap.weights.seed import INIT_ROUTE, SeedBusyError
 from test_weights import empty_model, logits, make_checkpoint
 
 TOKEN = "seed-test-token"
+# KVSWAP_TEST_DEVICE=cuda: the seed on GPU 0 and the client on GPU 1 (NCCL); else both on CPU (gloo).
+CUDA = os.environ.get("KVSWAP_TEST_DEVICE") == "cuda"
+SEED_DEVICE, CLIENT_DEVICE = ("cuda:0", f"cuda:{min(1, torch.cuda.device_count() - 1)}") if CUDA else ("cpu", "cpu")
 
 
 class Seed:
     """``kvswap weights seed`` in its own process."""
 
-    def __init__(self, source: str, *, bucket: str = "64KiB") -> None:
+    def __init__(self, source: str, *, bucket: str = "64KiB", device: str = SEED_DEVICE) -> None:
         env = {**os.environ, "KVSWAP_SEED_TOKEN": TOKEN}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kvswap.cli", "weights", "seed", source, "--bucket-size", bucket],
+            [sys.executable, "-m", "kvswap.cli", "weights", "seed", source, "--bucket-size", bucket,
+             "--device", device],
             stdout=subprocess.PIPE, text=True, env=env)
         line = self.process.stdout.readline()
         assert line, "seed exited before it was ready"
@@ -59,17 +63,18 @@ def seed(checkpoint: tuple[Path, dict]) -> Iterator[Seed]:
 def test_transfer_and_a_tree_of_seeds(seed: Seed, checkpoint: tuple[Path, dict]) -> None:
     directory, original = checkpoint
     model = empty_model()
-    result = load(model, seed.uri, token=TOKEN, timeout=30, progress=False)
+    result = load(model, seed.uri, token=TOKEN, timeout=30, progress=False, device=CLIENT_DEVICE)
     for name, tensor in original.items():
-        assert torch.equal(result.tensors[name], tensor), name
+        assert torch.equal(result.tensors[name].cpu(), tensor), name
     reference = empty_model()
-    load(reference, f"file://{directory}", progress=False)
+    load(reference, f"file://{directory}", progress=False, device=CLIENT_DEVICE)
     assert torch.equal(logits(model), logits(reference))
-    # The instance that booted from the seed serves the next one.
-    child = Seed(seed.uri)
+    # The instance that booted from the seed serves the next one (on GPUs: the child boots on
+    # the second GPU over NCCL, then serves a client on its own GPU through host memory).
+    child = Seed(seed.uri, device=CLIENT_DEVICE)
     try:
-        grandchild = load(None, child.uri, token=TOKEN, timeout=30, progress=False).tensors
-        assert all(torch.equal(grandchild[n], t) for n, t in original.items())
+        grandchild = load(None, child.uri, token=TOKEN, timeout=30, progress=False, device=CLIENT_DEVICE).tensors
+        assert all(torch.equal(grandchild[n].cpu(), t) for n, t in original.items())
     finally:
         child.kill()
 
@@ -118,7 +123,8 @@ def test_seed_killed_mid_transfer_fails_the_client_in_time(checkpoint: tuple[Pat
     began = time.monotonic()
     try:
         with pytest.raises(BackendUnavailableError, match="transfer from seed"):
-            load(None, doomed.uri, token=TOKEN, timeout=10, progress=False, on_progress=kill_seed)
+            load(None, doomed.uri, token=TOKEN, timeout=10, progress=False, on_progress=kill_seed,
+                 device=CLIENT_DEVICE)
     finally:
         doomed.kill()
     assert calls and calls[-1] < sum(t.numel() * t.element_size() for t in checkpoint[1].values())
@@ -128,20 +134,20 @@ def test_seed_killed_mid_transfer_fails_the_client_in_time(checkpoint: tuple[Pat
 CLIENT_THAT_DIES = """
 import os, signal, sys
 from kvswap.weights import load
-load(None, sys.argv[1], token=sys.argv[2], timeout=10, progress=False,
+load(None, sys.argv[1], token=sys.argv[2], timeout=10, progress=False, device=sys.argv[3],
      on_progress=lambda done, total: os.kill(os.getpid(), signal.SIGKILL))
 """
 
 
 def test_client_killed_mid_transfer_leaves_the_seed_serving(seed: Seed, checkpoint: tuple[Path, dict]) -> None:
-    dead = subprocess.run([sys.executable, "-c", CLIENT_THAT_DIES, seed.uri, TOKEN], timeout=60)
+    dead = subprocess.run([sys.executable, "-c", CLIENT_THAT_DIES, seed.uri, TOKEN, CLIENT_DEVICE], timeout=60)
     assert dead.returncode == -signal.SIGKILL
     began = time.monotonic()
     while True:
         try:
-            tensors = load(None, seed.uri, token=TOKEN, timeout=20, progress=False).tensors
+            tensors = load(None, seed.uri, token=TOKEN, timeout=20, progress=False, device=CLIENT_DEVICE).tensors
             break
         except SeedBusyError:
             assert time.monotonic() - began < 30, "the seed stayed busy after its client died"
             time.sleep(0.5)
-    assert all(torch.equal(tensors[n], t) for n, t in checkpoint[1].items())
+    assert all(torch.equal(tensors[n].cpu(), t) for n, t in checkpoint[1].items())

@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import hmac
 import logging
+import os
 import socket
 import threading
 import time
@@ -85,6 +86,10 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
+_NCCL_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+_NCCL_ENV_LOCK = threading.Lock()
+
+
 def _group(backend: str, store: Any, rank: int, timeout: float, address: str) -> Any:
     import torch.distributed as dist
 
@@ -92,7 +97,20 @@ def _group(backend: str, store: Any, rank: int, timeout: float, address: str) ->
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = delta
-        return dist.ProcessGroupNCCL(store, rank, 2, options)
+        # Read when the group is built: each wait blocks and raises on timeout, and a timed-out
+        # communicator is aborted without killing the process (NCCL's default tears it down),
+        # so a dead peer ends the transfer, not the seed.
+        with _NCCL_ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in _NCCL_ENV}
+            os.environ.update(_NCCL_ENV)
+            try:
+                return dist.ProcessGroupNCCL(store, rank, 2, options)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
     options = dist.ProcessGroupGloo._Options()
     options._timeout = delta
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
@@ -177,7 +195,7 @@ class WeightSeed:
         return {"tensors": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                             for n, t in self.tensors.items()],
                 "bytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
-                "device": str(self.device), "bucket_bytes": self.bucket_bytes}
+                "device": str(self.device), "device_uuid": _gpu_uuid(self.device), "bucket_bytes": self.bucket_bytes}
 
     def begin(self, backend: str, timeout: float, host_seen: str) -> dict[str, Any]:
         """Reserve the seed and open the rendezvous; the group forms in the background."""
@@ -259,6 +277,16 @@ class WeightSeed:
                 self._current = None
 
 
+def _gpu_uuid(device: Any) -> str | None:
+    """A GPU's identity across processes (device indexes depend on CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 def _local_address_towards(host: str, port: int) -> str:
     """This machine's address on the route to ``host`` (what the seed can reach us at)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -273,8 +301,6 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
                    strict: bool = True, progress: bool | None = None,
                    on_progress: Callable[[int, int], None] | None = None) -> Any:
     """The client side of ``instance://host:port``: see the module docstring."""
-    import os
-
     import httpx
     import torch
     from tqdm.auto import tqdm
@@ -298,7 +324,9 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
             tensors = bind_targets(target, plan, device, strict=strict)
         except ConfigError as exc:
             raise ConfigError(f"refusing the weights of seed {base}: {exc}") from None
-        backend = "nccl" if device.type == "cuda" and manifest["device"].startswith("cuda") else "gloo"
+        # NCCL needs two GPUs: a client on the seed's own GPU goes through host memory (gloo).
+        backend = "nccl" if (device.type == "cuda" and manifest["device"].startswith("cuda")
+                             and manifest.get("device_uuid") != _gpu_uuid(device)) else "gloo"
         offer = _call(http, "POST", INIT_ROUTE, json={"backend": backend, "timeout_s": timeout})
         stats = LoadStats(parsed.render(), 0, len(plan), int(manifest["bytes"]), threads=1,
                           plan_seconds=time.perf_counter() - began)
