@@ -14,7 +14,7 @@ from kvswap.engine import ByteTokenizer, Engine, build_model
 from kvswap.meta import open_meta_store
 from kvswap.session_cache import OutOfBlocksError, PagedKVPool, SessionCache
 from kvswap.testing.chat import first_prompt, user_turn
-from kvswap.testing.connector_suite import env_or_skip
+from kvswap.testing.connector_suite import store_uri
 
 TOKENIZER = ByteTokenizer()
 DEVICE = os.environ.get("KVSWAP_TEST_DEVICE", "cpu")  # "cuda" runs the pool and model on the GPU
@@ -26,16 +26,7 @@ def _store_uri(kind: str, tmp_path: Path, unique: str) -> str | None:
         return None
     if kind == "mem":
         return f"mem://{unique}"
-    if kind == "file":
-        return f"file://{tmp_path}/kv"
-    if kind == "juicefs":
-        return f"file://{env_or_skip('KVSWAP_TEST_JUICEFS_DIR')}/{unique}"
-    if kind in ("redis", "valkey"):
-        return f"{env_or_skip(f'KVSWAP_TEST_{kind.upper()}_URI')}?prefix={unique}:&chunk_size=64KiB&timeout=5"
-    if kind == "s3":
-        head, _, query = env_or_skip("KVSWAP_TEST_S3_URI").partition("?")
-        return f"{head.rstrip('/')}/{unique}?{query}"
-    raise ValueError(kind)
+    return store_uri(kind, f"{tmp_path}/kv", unique, "&chunk_size=64KiB")
 
 
 TIERS = ["host", "mem", "file", "juicefs", "redis", "valkey", "s3"]

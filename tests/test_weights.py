@@ -11,7 +11,7 @@ import torch
 from kvswap.connectors import open_connector
 from kvswap.engine import build_model
 from kvswap.errors import ConfigError, IntegrityError, NotFoundError
-from kvswap.testing.connector_suite import env_or_skip
+from kvswap.testing.connector_suite import store_uri as shared_store_uri
 from kvswap.weights import load, read_files, read_manifest, save
 from kvswap.weights.manifest import MANIFEST_KEY
 
@@ -35,17 +35,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 
 def store_uri(kind: str, tmp_path: Path) -> str:
-    unique = f"w{os.urandom(5).hex()}"
-    if kind == "file":
-        return f"file://{tmp_path}/saved"
-    if kind == "juicefs":
-        return f"file://{env_or_skip('KVSWAP_TEST_JUICEFS_DIR')}/{unique}"
-    if kind in ("redis", "valkey"):
-        return f"{env_or_skip(f'KVSWAP_TEST_{kind.upper()}_URI')}?prefix={unique}:&timeout=5"
-    if kind == "s3":
-        head, _, query = env_or_skip("KVSWAP_TEST_S3_URI").partition("?")
-        return f"{head.rstrip('/')}/{unique}?{query}"
-    raise ValueError(kind)
+    return shared_store_uri(kind, f"{tmp_path}/saved", f"w{os.urandom(5).hex()}")
 
 
 def empty_model(**overrides: object) -> torch.nn.Module:

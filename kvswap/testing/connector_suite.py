@@ -254,3 +254,19 @@ def env_or_skip(name: str) -> str:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def store_uri(kind: str, directory: str, unique: str, redis_options: str = "") -> str:
+    """A connector URI of ``kind`` for one test: ``file`` under ``directory``, the shared
+    file system, Redis/Valkey (prefix ``unique``) or S3 (key prefix ``unique``) from the
+    servers scripts/test.sh starts."""
+    if kind == "file":
+        return f"file://{directory}"
+    if kind == "juicefs":
+        return f"file://{env_or_skip('KVSWAP_TEST_JUICEFS_DIR')}/{unique}"
+    if kind in ("redis", "valkey"):
+        return f"{env_or_skip(f'KVSWAP_TEST_{kind.upper()}_URI')}?prefix={unique}:{redis_options}&timeout=5"
+    if kind == "s3":
+        head, _, query = env_or_skip("KVSWAP_TEST_S3_URI").partition("?")
+        return f"{head.rstrip('/')}/{unique}?{query}"
+    raise ValueError(kind)
