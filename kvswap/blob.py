@@ -50,6 +50,13 @@ _DTYPES: dict[str, tuple[str, int]] = {  # torch dtype name -> (safetensors code
     "bool": ("BOOL", 1), "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
 }
 _CODES = {code: (name, size) for name, (code, size) in _DTYPES.items()}
+ITEMSIZE = {name: size for name, (_, size) in _DTYPES.items()}  # torch dtype name -> bytes per element
+DTYPE_NAMES = {code: name for code, (name, _) in _CODES.items()}  # safetensors code -> torch dtype name
+
+
+def checksum(data: Any) -> str:
+    """The checksum string kvswap stores for ``data``: ``xxh3_128:<hex>``."""
+    return f"{CHECKSUM_ALGORITHM}:{xxhash.xxh3_128_hexdigest(data)}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,8 +25,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-import xxhash
-
+from kvswap.blob import checksum
 from kvswap.errors import ConfigError, IntegrityError, NotFoundError
 from kvswap.uri import URI
 from kvswap.weights.manifest import Manifest
@@ -231,7 +230,7 @@ def read_files(uri: str | URI) -> dict[str, bytes]:
                 data = bytes(connector.get(entry.key))
             except NotFoundError:
                 raise IntegrityError(f"file {entry.name!r} of the save is missing ({entry.key!r})") from None
-            if f"xxh3_128:{xxhash.xxh3_128_hexdigest(data)}" != entry.checksum:
+            if checksum(data) != entry.checksum:
                 raise IntegrityError(f"checksum mismatch in file {entry.name!r} of the save")
             files[entry.name] = data
         return files
@@ -248,7 +247,7 @@ def _fetch(connector: Any, read: Read, buffer: torch.Tensor) -> tuple[float, flo
     if got != read.length:
         raise IntegrityError(f"{read.describe()} is truncated: {got} of {read.length} bytes")
     if read.checksum is not None:
-        actual = f"xxh3_128:{xxhash.xxh3_128_hexdigest(memoryview(view))}"
+        actual = checksum(memoryview(view))
         if actual != read.checksum:
             raise IntegrityError(f"checksum mismatch in {read.describe()}: stored {read.checksum}, read {actual}")
     return fetched - began, time.perf_counter() - fetched

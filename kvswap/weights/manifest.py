@@ -19,17 +19,12 @@ import json
 import math
 from typing import Any
 
+from kvswap.blob import ITEMSIZE
 from kvswap.errors import ConfigError, IntegrityError, NotFoundError
 
 MANIFEST_KEY = "manifest.json"
 FORMAT = "kvswap-weights/1"
-ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-            "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint16": 2, "uint32": 4,
-            "uint64": 8}
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
-                      "U64": "uint64"}
+
 
 
 def chunk_key(rank: int, save_id: str, index: int) -> str:

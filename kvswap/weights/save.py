@@ -19,13 +19,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
 from typing import Any
 
-import xxhash
-
+from kvswap.blob import checksum
 from kvswap.connectors import Connector, open_connector
 from kvswap.errors import IntegrityError, KVSwapError
 from kvswap.uri import URI
@@ -54,8 +54,6 @@ def as_connector(where: str | URI | Connector) -> Connector:
         return where
     text = where.render(hide_password=False) if isinstance(where, URI) else str(where)
     if "://" not in text:
-        import os
-
         text = "file://" + os.path.abspath(text)
     return open_connector(text)
 
@@ -143,7 +141,7 @@ def _previous_manifest(target: Connector) -> Manifest | None:
 def _copy_file(source: Connector, target: Connector, name: str) -> FileEntry:
     data = bytes(source.get(name))
     target.put(file_key(name), data)
-    return FileEntry(name, file_key(name), len(data), f"xxh3_128:{xxhash.xxh3_128_hexdigest(data)}")
+    return FileEntry(name, file_key(name), len(data), checksum(data))
 
 
 class _NarrowedShards:
@@ -217,7 +215,7 @@ def _write_chunk(checkpoint: Checkpoint, target: Connector, key: str, size: int,
                                             offset=base + segment.start)
         if got != length:
             raise IntegrityError(f"{tensor.key!r} is truncated inside tensor {segment.name!r}")
-    checksum = f"xxh3_128:{xxhash.xxh3_128_hexdigest(memoryview(view))}"
+    digest = checksum(memoryview(view))
     target.put(key, memoryview(view), mode="create")
     bar.update(size)
-    return ChunkEntry(key, size, checksum)
+    return ChunkEntry(key, size, digest)

@@ -22,13 +22,12 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from kvswap.blob import read_header
+from kvswap.blob import DTYPE_NAMES, read_header
 from kvswap.connectors import Connector
 from kvswap.errors import ConfigError, NotFoundError
 from kvswap.weights.manifest import (
     ITEMSIZE,
     MANIFEST_KEY,
-    SAFETENSORS_DTYPES,
     Manifest,
     TensorEntry,
     read_manifest,
@@ -135,7 +134,7 @@ class Checkpoint:
             for name, spec in sorted(header.tensors.items(), key=lambda item: item[1].start):
                 if name in self.tensors:
                     raise ConfigError(f"tensor {name!r} appears in both {self.tensors[name].key!r} and {key!r}")
-                self.tensors[name] = SourceTensor(key, SAFETENSORS_DTYPES[spec.dtype], spec.shape,
+                self.tensors[name] = SourceTensor(key, DTYPE_NAMES[spec.dtype], spec.shape,
                                                   header.data_offset + spec.start, header.data_offset + spec.end)
                 fingerprint.update(f"{name}|{spec.dtype}|{spec.shape}|{spec.end - spec.start};".encode())
         self.fingerprint = f"sha256:{fingerprint.hexdigest()}"
