@@ -253,10 +253,14 @@ class SQLMetaStore(MetaStore):
                                 table.create(conn, checkfirst=True)
                     return
                 except sa.exc.DBAPIError as exc:
-                    racing = isinstance(exc, sa.exc.IntegrityError) or "already exists" in str(exc.orig).lower()
+                    cause = str(exc.orig).lower()
+                    # A concurrent first open created it, or holds the lock (switching a new SQLite
+                    # file to WAL answers "database is locked" without waiting): look again.
+                    racing = (isinstance(exc, sa.exc.IntegrityError) or "already exists" in cause
+                              or any(t in cause for t in _TRANSIENT))
                     if not racing or attempt == 19:
                         raise
-                    time.sleep(0.05)  # a concurrent first open created it; look again
+                    time.sleep(0.05)
         raise ConfigError(f"{self._schema.name} in {self.uri} has no kvswap record")
 
     # ---- plumbing ---------------------------------------------------------------------------
