@@ -159,7 +159,8 @@ def _weights_seed(args: argparse.Namespace) -> int:
         print("kvswap: set KVSWAP_SEED_TOKEN (the bearer token clients must present)", file=sys.stderr)
         return 2
     result = load(None, args.src, rank=args.rank, tp=args.tp, device=args.device, token=token, progress=False)
-    seed = WeightSeed(result.tensors, token=token, advertise_host=args.advertise_host, bucket_bytes=args.bucket_size)
+    seed = WeightSeed(result.tensors, token=token, advertise_host=args.advertise_host, bucket_bytes=args.bucket_size,
+                      fingerprint=result.stats.digest)
     listener = socket.create_server((args.host, args.port))
     port = listener.getsockname()[1]
     print(json.dumps({"seed": f"instance://{args.advertise_host or args.host}:{port}",
@@ -220,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--bucket-size", type=parse_size, default=32 << 20, help="bytes per broadcast bucket (32MiB)")
     seed.add_argument("--advertise-host", help="address clients reach this seed at, for the transfer group")
     seed.set_defaults(run=_weights_seed)
+
+    from kvswap.service.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 

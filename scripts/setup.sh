@@ -17,10 +17,15 @@ if [[ "$extras" == *test* ]]; then
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
   command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)
   command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
   if ((${#missing[@]})); then
     echo "setup: apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # No service may start at install time (nginx would take port 80): the tests start their own.
+    policy=""
+    [[ -e /usr/sbin/policy-rc.d ]] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; policy=1; }
     apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ -n "$policy" ]]; then rm -f /usr/sbin/policy-rc.d; fi
   fi
 fi
 

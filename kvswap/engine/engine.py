@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,11 +35,13 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, session_id: str, tokens: Sequence[int], max_new_tokens: int, *,
-                 stop_token: int | None = None, return_logits: bool = False) -> Generation:
+                 stop_token: int | None = None, return_logits: bool = False,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
         """Continue ``tokens`` (the whole conversation so far) by up to ``max_new_tokens``.
 
         The session's KV for the longest verified prefix is reused; the rest is computed and
         the KV of everything but the last new token stays with the session for its next turn.
+        ``on_token(t)`` is called with each new token as soon as it is chosen (streaming).
         """
         if not tokens or max_new_tokens < 1:
             raise ValueError("generate needs at least one token and max_new_tokens >= 1")
@@ -52,7 +54,7 @@ class Engine:
             logits = self._forward(tokens[cached:], past)
             self._sync()
             self.cache.observe_prefill(len(tokens) - cached, time.perf_counter() - prefill_began)
-            new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
+            new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits, on_token)
             handle.commit(list(tokens) + new[:-1])
         return Generation(new, cached, len(tokens) - cached, first_at - began, time.perf_counter() - began,
                           torch.stack(kept) if return_logits else None)
@@ -75,7 +77,8 @@ class Engine:
         return self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1).logits[0, -1]
 
     def _decode(self, logits: torch.Tensor, past: object, max_new_tokens: int, stop_token: int | None,
-                return_logits: bool) -> tuple[list[int], float, list[torch.Tensor]]:
+                return_logits: bool, on_token: Callable[[int], None] | None = None,
+                ) -> tuple[list[int], float, list[torch.Tensor]]:
         """Greedy tokens, the time the first was chosen, and (if asked) each step's logits."""
         new: list[int] = []
         kept: list[torch.Tensor] = []
@@ -85,6 +88,8 @@ class Engine:
             if not new:
                 first_at = time.perf_counter()
             new.append(token)
+            if on_token is not None:
+                on_token(token)
             if return_logits:
                 kept.append(logits.float().cpu())
             if len(new) >= max_new_tokens or token == stop_token:

@@ -18,11 +18,11 @@ from kvswap.session_cache.base import (
     prefix_hashes,
     root_hash,
 )
-from kvswap.session_cache.manager import CacheStats, SessionCache, SessionHandle
+from kvswap.session_cache.manager import CacheStats, LocalState, SessionCache, SessionHandle
 from kvswap.session_cache.pool import PagedKVPool
 from kvswap.session_cache.tiers import HostTier, StoreTier, store_location
 from kvswap.session_cache.transfer import KVMover
 
-__all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "OutOfBlocksError", "PagedKVPool",
+__all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "LocalState", "OutOfBlocksError", "PagedKVPool",
            "SessionBusyError", "SessionCache", "SessionHandle", "StoreTier", "SwapError", "chain_hash",
            "prefix_hashes", "root_hash", "store_location"]

@@ -91,6 +91,16 @@ class CacheStats:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalState:
+    """What this instance holds of one session (``SessionCache.local_state``)."""
+
+    hbm_tokens: int = 0
+    hbm_blocks: int = 0
+    host_tokens: int = 0
+    pinned: bool = False
+
+
 @dataclasses.dataclass
 class _Resident:
     tokens: list[int]  # ids whose KV the blocks hold, position by position
@@ -198,12 +208,28 @@ class SessionCache:
         with self._lock:
             return list(self._resident)
 
+    def local_state(self, session_id: str) -> LocalState:
+        """Tokens of ``session_id`` in HBM and in the host tier here, and whether a request has it open."""
+        with self._lock:
+            resident = self._resident.get(session_id)
+            copy = self.host.peek(session_id)
+            return LocalState(len(resident.tokens) if resident else 0, len(resident.blocks) if resident else 0,
+                              len(copy.tokens) if copy else 0, bool(resident and resident.pins))
+
     def swap_out(self, session_id: str, *, to_store: bool = False) -> None:
         """Move an unpinned session out of HBM (to the host tier if it fits and ``to_store`` is
-        false, else to the first store). No-op if it is not resident."""
+        false, else to the first store). With ``to_store``, a host-tier copy is stored and leaves
+        the host tier too. No-op if this instance does not hold the session."""
         with self._lock:
             resident = self._resident.get(session_id)
             if resident is None:
+                copy = self.host.peek(session_id) if to_store else None
+                if copy is not None:
+                    if copy.stored.tokens < len(copy.tokens):
+                        if not self.stores:
+                            raise SwapError(f"session {session_id!r}: no store to move its host copy to")
+                        self._store_host_copy(session_id, copy)
+                    self.host.pop(session_id)
                 return
             if resident.pins:
                 raise SessionBusyError(f"session {session_id!r} is in use")

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import concurrent.futures
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,10 @@ class LoadStats:
     verify_seconds: float = 0.0
     copy_seconds: float = 0.0
     threads: int = 0
+    # What was loaded, by content: sha256 over every read's xxh3_128 in plan order (a seed's
+    # own identity for instance://). Same source and rank -> same digest; it names the
+    # weights in KV fingerprints, so KV of other weights is never reused.
+    digest: str = ""
 
     @staticmethod
     def _rate(nbytes: int, seconds: float) -> float | None:
@@ -236,7 +241,7 @@ def read_files(uri: str | URI) -> dict[str, bytes]:
         return files
 
 
-def _fetch(connector: Any, read: Read, buffer: torch.Tensor) -> tuple[float, float]:
+def _fetch(connector: Any, read: Read, buffer: torch.Tensor) -> tuple[float, float, str]:
     began = time.perf_counter()
     view = buffer[:read.length].numpy()
     try:
@@ -246,11 +251,10 @@ def _fetch(connector: Any, read: Read, buffer: torch.Tensor) -> tuple[float, flo
     fetched = time.perf_counter()
     if got != read.length:
         raise IntegrityError(f"{read.describe()} is truncated: {got} of {read.length} bytes")
-    if read.checksum is not None:
-        actual = checksum(memoryview(view))
-        if actual != read.checksum:
-            raise IntegrityError(f"checksum mismatch in {read.describe()}: stored {read.checksum}, read {actual}")
-    return fetched - began, time.perf_counter() - fetched
+    actual = checksum(memoryview(view))  # also for plain checkpoints: it feeds LoadStats.digest
+    if read.checksum is not None and actual != read.checksum:
+        raise IntegrityError(f"checksum mismatch in {read.describe()}: stored {read.checksum}, read {actual}")
+    return fetched - began, time.perf_counter() - fetched, actual
 
 
 class _Slot:
@@ -285,12 +289,14 @@ def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.
     in_flight: collections.deque = collections.deque()
     total = sum(r.length for r in reads)
     done = 0
+    digest = hashlib.sha256()
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"load rank {stats.rank}",
                disable=None if progress is None else not progress)
 
     def land(read: Read, slot: _Slot, future: concurrent.futures.Future) -> None:
         nonlocal done
-        fetch_s, verify_s = future.result()
+        fetch_s, verify_s, read_checksum = future.result()
+        digest.update(f"{read.key}@{read.offset}:{read.length}={read_checksum};".encode())
         stats.fetch_seconds += fetch_s
         stats.verify_seconds += verify_s
         began = time.perf_counter()
@@ -340,6 +346,7 @@ def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.
             while in_flight:
                 oldest = in_flight.popleft()
                 land(*oldest[:3])
+            stats.digest = f"sha256:{digest.hexdigest()}"
             if stream is not None:
                 stream.synchronize()
                 stats.copy_seconds = sum(a.elapsed_time(b) for a, b in timings) / 1e3

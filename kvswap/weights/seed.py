@@ -166,7 +166,8 @@ class WeightSeed:
     """The sending side: serves ``tensors`` (a model's, or a name -> tensor mapping)."""
 
     def __init__(self, tensors: Any, *, token: str, advertise_host: str | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_timeout: float = 600.0) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_timeout: float = 600.0,
+                 fingerprint: str = "", config: Mapping[str, Any] | None = None) -> None:
         from kvswap.weights.load import named_tensors
 
         if not token:
@@ -176,6 +177,8 @@ class WeightSeed:
         self.advertise_host = advertise_host
         self.bucket_bytes = bucket_bytes
         self.max_timeout = max_timeout
+        self.fingerprint = fingerprint  # what clients adopt as their weights' identity (LoadStats.digest)
+        self.config = dict(config or {})  # the model's transformers config, for clients that build the model
         self._lock = threading.Lock()
         self._current: _Transfer | None = None
         self._history: dict[str, str] = {}
@@ -195,7 +198,8 @@ class WeightSeed:
         return {"tensors": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                             for n, t in self.tensors.items()],
                 "bytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
-                "device": str(self.device), "device_uuid": _gpu_uuid(self.device), "bucket_bytes": self.bucket_bytes}
+                "device": str(self.device), "device_uuid": _gpu_uuid(self.device), "bucket_bytes": self.bucket_bytes,
+                "fingerprint": self.fingerprint, "config": self.config}
 
     def begin(self, backend: str, timeout: float, host_seen: str) -> dict[str, Any]:
         """Reserve the seed and open the rendezvous; the group forms in the background."""
@@ -301,22 +305,15 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
                    strict: bool = True, progress: bool | None = None,
                    on_progress: Callable[[int, int], None] | None = None) -> Any:
     """The client side of ``instance://host:port``: see the module docstring."""
-    import httpx
     import torch
     from tqdm.auto import tqdm
 
     from kvswap.weights.load import LoadResult, LoadStats, _device_of, bind_targets
 
-    parsed = URI.parse(uri)
-    if not parsed.host or not parsed.port:
-        raise ConfigError(f"instance:// needs host and port, like instance://seed-host:8000; got {parsed.render()}")
-    token = token or parsed.password or os.environ.get("KVSWAP_SEED_TOKEN")
-    if not token:
-        raise ConfigError("loading from a seed needs its token (token=..., or KVSWAP_SEED_TOKEN)")
-    base = f"http://{parsed.host}:{parsed.port}"
     began = time.perf_counter()
-    headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=base, headers=headers, timeout=min(timeout, 30.0)) as http:
+    parsed = URI.parse(uri)
+    with _seed_http(parsed, token, timeout) as http:
+        base = str(http.base_url).rstrip("/")
         manifest = _call(http, "GET", MANIFEST_ROUTE)
         plan = {t["name"]: TensorInfo(t["dtype"], tuple(t["shape"])) for t in manifest["tensors"]}
         device = torch.device(device) if device is not None else _device_of(target)
@@ -361,8 +358,29 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
         finally:
             del group, store
     stats.read_bytes = stats.bytes
+    stats.digest = manifest.get("fingerprint") or ""
     stats.seconds = time.perf_counter() - began
     return LoadResult(tensors, stats)
+
+
+def seed_manifest(uri: str, *, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """What the seed at ``instance://host:port`` holds: tensors, bytes, device, fingerprint, config."""
+    with _seed_http(URI.parse(uri), token, timeout) as http:
+        return _call(http, "GET", MANIFEST_ROUTE)
+
+
+def _seed_http(parsed: URI, token: str | None, timeout: float) -> Any:
+    """An HTTP client for the seed at ``parsed`` with its bearer token (argument, URI password
+    or KVSWAP_SEED_TOKEN)."""
+    import httpx
+
+    if not parsed.host or not parsed.port:
+        raise ConfigError(f"instance:// needs host and port, like instance://seed-host:8000; got {parsed.render()}")
+    token = token or parsed.password or os.environ.get("KVSWAP_SEED_TOKEN")
+    if not token:
+        raise ConfigError("loading from a seed needs its token (token=..., or KVSWAP_SEED_TOKEN)")
+    return httpx.Client(base_url=f"http://{parsed.host}:{parsed.port}", headers={"Authorization": f"Bearer {token}"},
+                        timeout=min(timeout, 30.0))
 
 
 def _complete(tensors: dict[str, torch.Tensor], plan: dict[str, TensorInfo], device: torch.device) -> dict:
