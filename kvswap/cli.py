@@ -146,12 +146,12 @@ def _weights_load(args: argparse.Namespace) -> int:
 def _weights_seed(args: argparse.Namespace) -> int:
     """Load weights from any source, then serve them to booting instances until stopped."""
     import json
-    import socket
 
     import uvicorn
 
     from kvswap.weights import load
     from kvswap.weights.seed import WeightSeed
+    from kvswap.service.cli import listening_socket
     from kvswap.weights.seed_app import seed_app
 
     token = os.environ.get("KVSWAP_SEED_TOKEN")
@@ -161,7 +161,7 @@ def _weights_seed(args: argparse.Namespace) -> int:
     result = load(None, args.src, rank=args.rank, tp=args.tp, device=args.device, token=token, progress=False)
     seed = WeightSeed(result.tensors, token=token, advertise_host=args.advertise_host, bucket_bytes=args.bucket_size,
                       fingerprint=result.stats.digest)
-    listener = socket.create_server((args.host, args.port))
+    listener = listening_socket(args.host, args.port)
     port = listener.getsockname()[1]
     print(json.dumps({"seed": f"instance://{args.advertise_host or args.host}:{port}",
                       "tensors": len(seed.tensors), "port": port}), flush=True)

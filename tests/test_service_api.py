@@ -23,12 +23,15 @@ from kvswap.testing.service import chat_reference, start_serve
 API, ADMIN = "api-token-for-tests", "admin-token-for-tests"
 TOKENIZER = ByteTokenizer()
 TOKENS = {"KVSWAP_API_TOKEN": API, "KVSWAP_ADMIN_TOKEN": ADMIN}
+# KVSWAP_TEST_DEVICE=cuda: instances and the reference on GPU 0; the seed test boots GPU 1 from GPU 0 (NCCL).
+CUDA = os.environ.get("KVSWAP_TEST_DEVICE") == "cuda"
+DEVICE = "cuda:0" if CUDA else "cpu"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("serve")
-    served = start_serve(["--dir", str(directory), "--hbm-blocks", "256", "--max-new-tokens", "3000",
+    served = start_serve(["--dir", str(directory), "--device", DEVICE, "--hbm-blocks", "256", "--max-new-tokens", "3000",
                           "--max-body", "65536", "--no-recompute-when-faster"], directory / "serve.log", env=TOKENS)
     yield served
     served.stop()
@@ -36,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def reference():
-    return chat_reference()
+    return chat_reference(DEVICE)
 
 
 @pytest.fixture
@@ -257,11 +260,12 @@ def test_an_instance_boots_from_a_checkpoint_and_another_from_it(tmp_path: Path)
     model.save_pretrained(checkpoint)
     shared = ["--meta", f"sqlite:///{tmp_path}/meta.db", "--store", f"file://{tmp_path}/kv",
               "--no-recompute-when-faster"]
-    a = start_serve(["--model", str(checkpoint), *shared], tmp_path / "a.log", env=TOKENS)
+    a = start_serve(["--model", str(checkpoint), "--device", DEVICE, *shared], tmp_path / "a.log", env=TOKENS)
     b = None
     try:
         assert a.fingerprint.startswith("weights:sha256:")
-        b = start_serve(["--model", a.url.replace("http://", "instance://"), *shared], tmp_path / "b.log",
+        b = start_serve(["--model", a.url.replace("http://", "instance://"), "--device", "cuda:1" if CUDA else "cpu",
+                         *shared], tmp_path / "b.log",
                         env={**TOKENS, "KVSWAP_SEED_TOKEN": ADMIN})
         assert b.fingerprint == a.fingerprint
         history = TOKENIZER.encode("booted from a seed", bos=True)

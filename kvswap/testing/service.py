@@ -142,13 +142,13 @@ class Conversation:
         self.history.extend(tokens)
 
 
-def chat_reference() -> Any:
-    """A function (tokens, max_new) -> tokens that recomputes with the tiny model, no kvswap:
-    what every instance's answer must equal."""
+def chat_reference(device: str = "cpu") -> Any:
+    """A function (tokens, max_new) -> tokens that recomputes with the tiny model on ``device``,
+    no kvswap: what every instance's answer must equal."""
     from kvswap.engine import Engine, build_model
     from kvswap.meta import open_meta_store
     from kvswap.session_cache import PagedKVPool, SessionCache
 
-    model, layout = build_model("tiny")
-    engine = Engine(model, SessionCache(PagedKVPool(layout, 1, 16), open_meta_store("memkv://")))
+    model, layout = build_model("tiny", device=device)
+    engine = Engine(model, SessionCache(PagedKVPool(layout, 1, 16, device), open_meta_store("memkv://")))
     return lambda tokens, max_new: engine.generate_uncached(tokens, max_new).tokens

@@ -1,0 +1,25 @@
+"""One way every benchmark writes its JSON record to bench/results/."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_record(out: Path, name: str, fields: dict[str, Any]) -> Path:
+    """``out/<name>-<UTC stamp>.json`` holding ``fields`` plus when, host, CPUs and Python."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{stamp}.json"
+    record = {"when": stamp, "host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+              **fields}
+    path.write_text(json.dumps(record, indent=1, default=str))
+    print(f"\nwrote {path}")
+    return path
