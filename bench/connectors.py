@@ -19,10 +19,7 @@ Prints connector / ceiling ratios and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -37,8 +34,8 @@ from pathlib import Path
 from kvswap.connectors import open_connector
 from kvswap.testing import servers
 from kvswap.uri import parse_size
+from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -232,13 +229,7 @@ def main() -> int:
     finally:
         servers.down(state / "servers")
         shutil.rmtree(state, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    record = {"benchmark": "connectors", "when": stamp, "machine": {"host": platform.node(), "cpus": os.cpu_count(),
-              "python": sys.version.split()[0]}, "rows": rows}
-    path = args.out / f"connectors-{stamp}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
+    write_record(args.out, "connectors", {"benchmark": "connectors", "rows": rows})
     return 0
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import sqlite3
 import statistics
 import sys
@@ -36,8 +34,8 @@ from typing import Any
 from kvswap.meta import EntrySpec, MetaStore, open_meta_store
 from kvswap.testing import servers
 from kvswap.uri import URI
+from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OPS = ("get", "append", "list100", "page")
 ENV = {"postgresql": "KVSWAP_TEST_POSTGRES_URI", "mysql": "KVSWAP_TEST_MYSQL_URI", "etcd": "KVSWAP_TEST_ETCD_URI",
        "redis": "KVSWAP_TEST_REDIS_URI", "valkey": "KVSWAP_TEST_VALKEY_URI"}
@@ -356,18 +354,13 @@ def main() -> int:
             print_row(rows[-1])
     finally:
         servers.down(state / "servers")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"meta-{stamp}.json"
-    out.write_text(json.dumps({"when": stamp, "machine": platform.node(), "python": sys.version.split()[0],
-                               "cpus": __import__("os").cpu_count(), "sessions": args.sessions,
-                               "rounds": args.rounds, "counts": counts, "rows": rows}, indent=1))
+    write_record(args.out, "meta", {"sessions": args.sessions, "rounds": args.rounds, "counts": counts,
+                                    "rows": rows})
     print(f"\n{'backend':<11}" + "".join(f"{op + ' kvswap/raw (ratio)':>34}" for op in OPS))
     for row in rows:
         print(f"{row['backend']:<11}" + "".join(
             f"{row[op]['kvswap_per_s']:>12,.0f} /{row[op]['raw_per_s']:>10,.0f} ({row[op]['cost_ratio']:.2f})"
             for op in OPS))
-    print(f"wrote {out}")
     return 0
 
 

@@ -20,8 +20,6 @@ Prints the figures and ratios; writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 import random
 import shutil
@@ -40,8 +38,8 @@ from kvswap.meta import open_meta_store
 from kvswap.session_cache import KVLayout, KVMover, PagedKVPool, SessionCache
 from kvswap.testing import servers
 from kvswap.uri import parse_size
+from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUT_8B = dict(model="bench-8b-shapes", num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 
 
@@ -134,13 +132,8 @@ def main() -> int:
         shutil.rmtree(state, ignore_errors=True)
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out / f"swap-{stamp}.json"
-    out.write_text(json.dumps({"when": stamp, "device": device_name, "host": platform.node(),
-                               "entry_bytes": parse_size(args.entry_bytes),
-                               "torch": torch.__version__, "layout": LAYOUT_8B, "rows": rows}, indent=1))
-    print(f"\nwrote {out}")
+    write_record(args.out, "swap", {"device": device_name, "entry_bytes": parse_size(args.entry_bytes),
+                                    "torch": torch.__version__, "layout": LAYOUT_8B, "rows": rows})
     return 0
 
 

@@ -18,9 +18,6 @@ Prints TTFTs and recompute/tier speedups; writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import platform
 import random
 import shutil
@@ -36,8 +33,8 @@ from kvswap.connectors import open_connector
 from kvswap.engine import Engine, build_model
 from kvswap.meta import open_meta_store
 from kvswap.session_cache import PagedKVPool, SessionCache
+from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def drop_page_cache() -> bool:
@@ -125,13 +122,9 @@ def main() -> int:
         cache.close()
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out / f"ttft-{args.model}-{device.type}-{stamp}.json"
-    out.write_text(json.dumps({"when": stamp, "device": device_name, "model": args.model, "dtype": dtype,
-                               "host": platform.node(), "torch": torch.__version__, "pid": os.getpid(),
-                               "rows": rows}, indent=1))
-    print(f"\nwrote {out}")
+    write_record(args.out, f"ttft-{args.model}-{device.type}", {"device": device_name, "model": args.model,
+                                                                 "dtype": dtype, "torch": torch.__version__,
+                                                                 "rows": rows})
     return 0
 
 

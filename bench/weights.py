@@ -25,7 +25,6 @@ Prints each figure with its baseline and ratio; writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -41,8 +40,8 @@ import torch
 from kvswap.engine.model import MODEL_CONFIGS
 from kvswap.testing import servers
 from kvswap.weights import load, save
+from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHARD_BYTES = 5 << 30
 TOKEN = "bench-seed-token"
 
@@ -306,13 +305,9 @@ def main() -> int:
             rows["seed"] = bench_seed(checkpoint, nbytes, shapes, device, args.repeat)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out / f"weights-{args.model}-{device.type}-{stamp}.json"
-    out.write_text(json.dumps({"when": stamp, "device": name, "host": platform.node(), "model": args.model,
-                               "dtype": str(dtype), "bytes": nbytes, "torch": torch.__version__, "rows": rows},
-                              indent=1, default=str))
-    print(f"\nwrote {out}")
+    write_record(args.out, f"weights-{args.model}-{device.type}", {"device": name, "model": args.model,
+                                                                    "dtype": str(dtype), "bytes": nbytes,
+                                                                    "torch": torch.__version__, "rows": rows})
     return 0
 
 
