@@ -191,3 +191,14 @@ def test_bfloat16_and_pipeline_stages(tmp_path: Path) -> None:
     loaded = load(None, uri, rank=3, progress=False).tensors
     name = "model.layers.3.self_attn.o_proj.weight"
     assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], original[name].chunk(2, dim=1)[1])
+
+
+def test_the_digest_names_the_weights_by_content(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    """LoadStats.digest (what the service puts in KV fingerprints): same bytes, same digest;
+    other weights in the same shapes and files, another; digest=False skips it for checkpoints."""
+    path, _ = checkpoint
+    first = load(None, f"file://{path}").stats.digest
+    assert first.startswith("sha256:") and load(None, f"file://{path}").stats.digest == first
+    assert load(None, f"file://{path}", digest=False).stats.digest == ""
+    make_checkpoint(tmp_path / "other", seed=1)
+    assert load(None, f"file://{tmp_path / 'other'}").stats.digest != first

@@ -92,7 +92,8 @@ def _load_weights(spec: str, *, device: str, dtype: str | None, model_id: str | 
     dtype = dtype.removeprefix("torch.")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), attn_implementation="sdpa")
-    result = load(model, uri, device=device, token=seed_token, progress=progress)
+    # A given model_id names the weights: no need to hash a plain checkpoint's bytes for it.
+    result = load(model, uri, device=device, token=seed_token, progress=progress, digest=model_id is None)
     model.eval()
     heads = config.num_attention_heads
     if uri.scheme == "instance":  # the seed's own name for its weights, adopted as is
