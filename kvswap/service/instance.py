@@ -160,12 +160,19 @@ class Instance:
             session, entries = None, []
         return SessionView(session, entries, local)
 
+    def require(self, session_id: str) -> None:
+        """NotFoundError unless meta or this instance knows the session (one meta read, no entries)."""
+        validate_session_id(session_id)
+        local = self.cache.local_state(session_id)
+        if not (local.hbm_tokens or local.host_tokens):
+            self.cache.meta.get(session_id)
+
     def prefetch(self, session_id: str) -> int:
-        self.view(session_id)  # 404 for an unknown session
+        self.require(session_id)
         return self.cache.prefetch(session_id)
 
     def swap_out(self, session_id: str, *, to_store: bool) -> LocalState:
-        self.view(session_id)  # 404 for an unknown session
+        self.require(session_id)
         self.cache.swap_out(session_id, to_store=to_store)
         return self.cache.local_state(session_id)
 
