@@ -419,8 +419,9 @@ class MetaStore(abc.ABC):
         now = self.now()
         entry = Entry(spec.token_offset, spec.token_length, spec.connector, spec.key, spec.size, spec.checksum,
                       spec.prefix_hash, session_id=session.id, seq=seq, created=now)
-        return dataclasses.replace(session, version=session.version + 1, last_access=now,
-                                   total_tokens=entry.token_end), entry
+        # Built directly: dataclasses.replace costs more than the rest of an in-memory append.
+        return Session(session.id, session.fingerprint, session.version + 1, entry.token_end, session.created, now,
+                       session.ttl, session.owner, session.lease_expires, session.attrs), entry
 
     def _truncated(self, session: Session, expected_version: int, token_offset: int,
                    entries: Sequence[Entry]) -> tuple[Session, list[Entry], list[Entry]]:
