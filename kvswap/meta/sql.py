@@ -1,8 +1,11 @@
 """``sqlite:///abs/path.db``, ``postgresql://...``, ``mysql://...``: one SQLAlchemy 2 store.
 
 Drivers: the standard library's sqlite3, psycopg 3 (``postgresql://``) and PyMySQL
-(``mysql://``, pure Python, maintained, no client library to compile). Every statement is
-SQLAlchemy Core with bound parameters; connections are pooled.
+(``mysql://``, pure Python, maintained, no client library to compile). Every statement has
+bound parameters. The schema and the rarer changes are SQLAlchemy Core; the hot calls (get,
+append, entries, listing) run prebuilt driver SQL on the pooled DBAPI connection, because
+SQLAlchemy's Connection costs more than the statement itself. PostgreSQL and MySQL
+connections are pooled; each thread keeps its own SQLite connection.
 
 Schema (names start with ``table_prefix``, default ``kvswap_``): ``sessions`` (one row per
 session, lease columns included), ``entries`` (primary key session id + seq) and ``schema``
