@@ -2,10 +2,10 @@
 
 Drivers: the standard library's sqlite3, psycopg 3 (``postgresql://``) and PyMySQL
 (``mysql://``, pure Python, maintained, no client library to compile). Every statement has
-bound parameters. The schema and the rarer changes are SQLAlchemy Core; the hot calls (get,
-append, entries, listing) run prebuilt driver SQL on the pooled DBAPI connection, because
-SQLAlchemy's Connection costs more than the statement itself. PostgreSQL and MySQL
-connections are pooled; each thread keeps its own SQLite connection.
+bound parameters. The schema is made with SQLAlchemy Core; every call after that runs
+prebuilt driver SQL (:class:`_DriverSQL`) on a DBAPI connection from SQLAlchemy's pool,
+because SQLAlchemy's Connection costs more than a statement (SQLite: 40 us against 5).
+PostgreSQL and MySQL connections are pooled; each thread keeps its own SQLite connection.
 
 Schema (names start with ``table_prefix``, default ``kvswap_``): ``sessions`` (one row per
 session, lease columns included), ``entries`` (primary key session id + seq) and ``schema``
@@ -16,7 +16,8 @@ orders them exactly, whatever its collation.
 
 Every change runs in one transaction that first locks the session's row (``SELECT ... FOR
 UPDATE``; SQLite takes its write lock with ``BEGIN IMMEDIATE``), checks the version with the
-rules in :mod:`kvswap.meta.base`, then writes. SQLite runs in WAL mode: several processes may
+rules in :mod:`kvswap.meta.base`, then writes; a PostgreSQL append is one statement whose
+``WHERE`` is those rules. SQLite runs in WAL mode: several processes may
 share the file; a committed change survives a killed process (``synchronous=normal``) or also
 power loss (``?synchronous=full``).
 """
@@ -55,11 +56,9 @@ from kvswap.meta.base import (
     check_version,
     decode_cursor,
     encode_attrs,
-    ENTRY_FIELDS,
     check_append,
     encode_cursor,
     not_found,
-    session_from_fields,
     validate_session_id,
     validate_spec,
 )
@@ -172,14 +171,6 @@ class SQLMetaStore(MetaStore):
         self._engine = self._make_engine(uri, opts)
         # Reads run on autocommit connections: no BEGIN/ROLLBACK round trips around a SELECT.
         self._reader = self._engine if self._dialect == "sqlite" else self._make_engine(uri, opts, autocommit=True)
-        t, e = self._sessions, self._entries
-        self._q_session = sa.select(t).where(t.c.id == sa.bindparam("sid"))
-        self._q_locked = self._q_session.with_for_update()
-        self._q_entries = (sa.select(*(e.c[name] for name in ENTRY_FIELDS))  # in Entry's field order
-                           .where(e.c.session_id == sa.bindparam("sid")).order_by(e.c.seq))
-        written = ("fingerprint", "version", "total_tokens", "entry_count", "last_access", "ttl", "expires_at", "attrs")
-        self._q_write = sa.update(t).where(t.c.id == sa.bindparam("sid")).values(
-            {name: sa.bindparam(f"b_{name}") for name in written})
         self._dbapi = self._engine.dialect.dbapi
         self._error_table = {self._dbapi.ProgrammingError: ConfigError, self._dbapi.Error: BackendUnavailableError,
                              **_ERRORS}
@@ -380,56 +371,21 @@ class SQLMetaStore(MetaStore):
         with self._engine.connect() as conn, conn.execution_options(kvswap_write=True).begin():
             yield conn
 
-    @contextlib.contextmanager
-    def _transaction(self, what: str) -> Iterator[sa.Connection]:
-        with self._errors(what), self._write_transaction() as conn:
-            yield conn
-
-    def _reading(self, what: str, work: Any) -> Any:
-        """Run ``work(conn)`` on a reader connection; once more if a pooled connection was dead."""
-        for attempt in range(2):
-            try:
-                with self._errors(what), self._reader.connect() as conn:
-                    return work(conn)
-            except BackendUnavailableError as exc:
-                cause = exc.__cause__
-                if attempt or not getattr(cause, "connection_invalidated", False):
-                    raise
-        raise AssertionError("unreachable")
-
-    def _retrying(self, what: str, work: Any) -> Any:
-        """Run ``work(conn)`` in a write transaction, again after a deadlock or busy database."""
-        for attempt in range(5):
-            try:
-                with self._transaction(what) as conn:
-                    return work(conn)
-            except BackendUnavailableError as exc:
-                cause = str(exc.__cause__).lower()
-                if attempt == 4 or not any(t in cause for t in _TRANSIENT):
-                    raise
-                time.sleep(0.02 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def _locked(self, conn: sa.Connection, session_id: str) -> tuple[Session, int]:
+    def _locked(self, cursor: Any, session_id: str) -> tuple[Session, int]:
         """The session's row, locked until the transaction ends, and its entry count."""
-        validate_session_id(session_id)
-        row = conn.execute(self._q_locked, {"sid": session_id}).mappings().first()
+        row = _one(cursor, self._sql.locked, (session_id.encode(),))
         if row is None:
             raise not_found(session_id)
-        return self._session(row), row["entry_count"]
+        return self._row_session(row, self.now()), row[4]
 
-    def _session(self, row: Mapping[str, Any], now: float | None = None) -> Session:
-        return session_from_fields(row, self.now() if now is None else now)
+    def _write(self, cursor: Any, session: Session, entry_count: int) -> None:
+        cursor.execute(self._sql.write, (session.fingerprint, session.version, session.total_tokens, entry_count,
+                                         session.last_access, session.ttl, _expiry(session),
+                                         encode_attrs(session.attrs), session.id.encode()))
 
-    def _write_session(self, conn: sa.Connection, session: Session, entry_count: int) -> None:
-        conn.execute(self._q_write, {
-            "sid": session.id, "b_fingerprint": session.fingerprint, "b_version": session.version,
-            "b_total_tokens": session.total_tokens, "b_entry_count": entry_count, "b_last_access": session.last_access,
-            "b_ttl": session.ttl, "b_expires_at": None if session.ttl is None else session.last_access + session.ttl,
-            "b_attrs": encode_attrs(session.attrs)})
-
-    def _entries_of(self, conn: sa.Connection, session_id: str) -> list[Entry]:
-        return [Entry(*row) for row in conn.execute(self._q_entries, {"sid": session_id})]
+    def _entries_of(self, cursor: Any, session_id: str) -> list[Entry]:
+        cursor.execute(self._sql.entries, (session_id.encode(),))
+        return [Entry(*row[:7], session_id, *row[7:]) for row in cursor.fetchall()]
 
     # ---- the contract -----------------------------------------------------------------------
 
@@ -444,43 +400,43 @@ class SQLMetaStore(MetaStore):
     def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
                attrs: Mapping[str, Any] | None = None) -> Session:
         session = self._new_session(session_id, fingerprint, ttl, attrs)
-        with self._transaction(f"creating session {session_id!r}") as conn:
+
+        def work(cursor: Any) -> None:
             try:
-                conn.execute(sa.insert(self._sessions).values(
-                    id=session.id, fingerprint=session.fingerprint, version=1, total_tokens=0, entry_count=0,
-                    created=session.created, last_access=session.last_access, ttl=session.ttl,
-                    expires_at=None if session.ttl is None else session.last_access + session.ttl,
-                    attrs=encode_attrs(session.attrs)))
-            except sa.exc.IntegrityError:
+                cursor.execute(self._sql.insert_session, (session_id.encode(), fingerprint, session.created,
+                                                          session.last_access, session.ttl, _expiry(session),
+                                                          encode_attrs(session.attrs)))
+            except self._dbapi.IntegrityError:
                 raise AlreadyExistsError(f"session {session_id!r} already exists") from None
+
+        self._driver_write(f"creating session {session_id!r}", work)
         return session
 
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
                ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
-        def work(conn: sa.Connection) -> Session:
-            session, count = self._locked(conn, session_id)
+        validate_session_id(session_id)
+
+        def work(cursor: Any) -> Session:
+            session, count = self._locked(cursor, session_id)
             new = self._updated(session, expected_version, fingerprint, ttl, attrs)
-            self._write_session(conn, new, count)
+            self._write(cursor, new, count)
             return new
 
-        return self._retrying(f"updating session {session_id!r}", work)
+        return self._driver_write(f"updating session {session_id!r}", work)
 
     def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         validate_session_id(session_id)
-        sid = session_id.encode()
         what = f"appending to session {session_id!r}"
         if self._dialect == "postgresql":
             validate_spec(spec)
             return self._append_one_statement(session_id, expected_version, spec, what)
 
         def work(cursor: Any) -> tuple[Session, Entry]:
-            row = _one(cursor, self._sql.locked, (sid,))
-            if row is None:
-                raise not_found(session_id)
-            new, entry = self._appended(self._row_session(row, self.now()), expected_version, spec, row[4])
-            cursor.execute(self._sql.insert_entry, (sid, entry.seq, *_spec_values(spec), entry.created))
-            cursor.execute(self._sql.write_appended, (new.version, new.total_tokens, entry.seq + 1, new.last_access,
-                                                      _expiry(new), sid))
+            session, count = self._locked(cursor, session_id)
+            new, entry = self._appended(session, expected_version, spec, count)
+            cursor.execute(self._sql.insert_entry, (session_id.encode(), entry.seq, *_spec_values(spec),
+                                                    entry.created))
+            self._write(cursor, new, count + 1)
             return new, entry
 
         return self._driver_write(what, work)
@@ -503,41 +459,41 @@ class SQLMetaStore(MetaStore):
     def entries(self, session_id: str) -> list[Entry]:
         validate_session_id(session_id)
 
-        sid = session_id.encode()
-
         def work(cursor: Any) -> list[Entry]:
-            cursor.execute(self._sql.entries, (sid,))
-            entries = [Entry(*row[:7], session_id, *row[7:]) for row in cursor.fetchall()]
-            if not entries and _one(cursor, self._sql.exists, (sid,)) is None:
+            entries = self._entries_of(cursor, session_id)
+            if not entries and _one(cursor, self._sql.exists, (session_id.encode(),)) is None:
                 raise not_found(session_id)
             return entries
 
         return self._driver_read(f"listing entries of {session_id!r}", work)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
-        def work(conn: sa.Connection) -> tuple[Session, list[Entry]]:
-            session, _ = self._locked(conn, session_id)
+        validate_session_id(session_id)
+
+        def work(cursor: Any) -> tuple[Session, list[Entry]]:
+            session, _ = self._locked(cursor, session_id)
             new, kept, removed = self._truncated(session, expected_version, token_offset,
-                                                 self._entries_of(conn, session_id))
+                                                 self._entries_of(cursor, session_id))
             if removed:
-                conn.execute(sa.delete(self._entries).where(self._entries.c.session_id == session_id,
-                                                            self._entries.c.seq >= len(kept)))
-            self._write_session(conn, new, len(kept))
+                cursor.execute(self._sql.delete_entries_from, (session_id.encode(), len(kept)))
+            self._write(cursor, new, len(kept))
             return new, removed
 
-        return self._retrying(f"truncating session {session_id!r}", work)
+        return self._driver_write(f"truncating session {session_id!r}", work)
 
     def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
-        def work(conn: sa.Connection) -> list[Entry]:
-            session, _ = self._locked(conn, session_id)
+        validate_session_id(session_id)
+
+        def work(cursor: Any) -> list[Entry]:
+            session, _ = self._locked(cursor, session_id)
             if expected_version is not None:
                 check_version(session, expected_version)
-            entries = self._entries_of(conn, session_id)
-            conn.execute(sa.delete(self._entries).where(self._entries.c.session_id == session_id))
-            conn.execute(sa.delete(self._sessions).where(self._sessions.c.id == session_id))
+            entries = self._entries_of(cursor, session_id)
+            cursor.execute(self._sql.delete_entries_from, (session_id.encode(), 0))
+            cursor.execute(self._sql.delete_session, (session_id.encode(),))
             return entries
 
-        return self._retrying(f"deleting session {session_id!r}", work)
+        return self._driver_write(f"deleting session {session_id!r}", work)
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
@@ -563,51 +519,49 @@ class SQLMetaStore(MetaStore):
         return SessionPage(sessions, encode_cursor(sessions[-1].id) if len(rows) > limit else None)
 
     def expired(self, limit: int = 1000) -> list[Session]:
-        table = self._sessions
-        query = sa.select(table).where(table.c.expires_at <= self.now()).order_by(table.c.expires_at).limit(limit)
-        rows = self._reading("finding expired sessions", lambda conn: conn.execute(query).mappings().all())
-        return [self._session(row) for row in rows]
+        now = self.now()
+
+        def work(cursor: Any) -> list[tuple]:
+            cursor.execute(self._sql.expired, (now, limit))
+            return cursor.fetchall()
+
+        return [self._row_session(row, now) for row in self._driver_read("finding expired sessions", work)]
 
     # ---- leases -------------------------------------------------------------------------------
 
-    def _lease_update(self, what: str, session_id: str, owner: str, condition: sa.ColumnElement[bool],
-                      values: dict[str, Any]) -> Session | LeaseError:
-        """One conditional UPDATE of the lease columns; the session after it, or None if the
-        condition failed, a LeaseError to raise or not (NotFoundError if there is no session)."""
-        validate_session_id(session_id)
-        table = self._sessions
+    def _lease_update(self, what: str, session_id: str, owner: str, sql: str, params: tuple) -> Session | LeaseError:
+        """One conditional UPDATE of the lease columns (``sql``, ``params``): the session after
+        it, or the LeaseError for the caller to raise or not when the condition failed
+        (NotFoundError if there is no session). The caller has validated ``session_id``."""
 
-        def work(conn: sa.Connection) -> tuple[bool, Session]:
-            changed = conn.execute(sa.update(table).where(table.c.id == session_id, condition)
-                                   .values(**values)).rowcount
-            row = conn.execute(self._q_session, {"sid": session_id}).mappings().first()
+        def work(cursor: Any) -> tuple[bool, Session]:
+            cursor.execute(sql, params)
+            changed = cursor.rowcount
+            row = _one(cursor, self._sql.get, (session_id.encode(),))
             if row is None:
                 raise not_found(session_id)
-            return bool(changed), self._session(row)
+            return bool(changed), self._row_session(row, self.now())
 
-        changed, session = self._retrying(f"{what} the lease of {session_id!r}", work)
+        changed, session = self._driver_write(f"{what} the lease of {session_id!r}", work)
         return session if changed else LeaseError(
             f"{owner!r} cannot {what.split()[0]} the lease of session {session_id!r}: held by {session.owner!r}",
             session.owner, session.lease_expires)
 
     def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         ttl = self._lease_ttl(owner, ttl)
-        now, table = self.now(), self._sessions
-        free = sa.or_(table.c.owner.is_(None), table.c.owner == owner, table.c.lease_expires <= now)
-        return _raise_lease(self._lease_update("acquiring", session_id, owner, free,
-                                               {"owner": owner, "lease_expires": now + ttl}))
+        sid, now = validate_session_id(session_id).encode(), self.now()
+        return _raise_lease(self._lease_update("acquiring", session_id, owner, self._sql.acquire,
+                                               (owner, now + ttl, sid, owner, now)))
 
     def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         ttl = self._lease_ttl(owner, ttl)
-        now, table = self.now(), self._sessions
-        held = sa.and_(table.c.owner == owner, table.c.lease_expires > now)
-        return _raise_lease(self._lease_update("renewing", session_id, owner, held,
-                                               {"lease_expires": now + ttl}))
+        sid, now = validate_session_id(session_id).encode(), self.now()
+        return _raise_lease(self._lease_update("renewing", session_id, owner, self._sql.renew,
+                                               (now + ttl, sid, owner, now)))
 
     def release_lease(self, session_id: str, owner: str) -> bool:
-        table = self._sessions
-        held = sa.and_(table.c.owner == owner, table.c.lease_expires > self.now())
-        result = self._lease_update("releasing", session_id, owner, held, {"owner": None, "lease_expires": None})
+        sid = validate_session_id(session_id).encode()
+        result = self._lease_update("releasing", session_id, owner, self._sql.release, (sid, owner, self.now()))
         return isinstance(result, Session)
 
     def close(self) -> None:
@@ -621,7 +575,7 @@ class SQLMetaStore(MetaStore):
 
 
 class _DriverSQL:
-    """The hot statements as driver SQL (``?`` or ``%s`` placeholders), built once per store."""
+    """Every statement after the schema, as driver SQL (``?`` or ``%s`` placeholders), built once."""
 
     def __init__(self, dialect: str, prefix: str, quote: Any) -> None:
         self.mark = "?" if dialect == "sqlite" else "%s"
@@ -636,8 +590,20 @@ class _DriverSQL:
                                    "WHERE session_id = ? ORDER BY seq")
         self.insert_entry = self._marks(f"INSERT INTO {self.entries_table} (session_id, seq, {spec}, created) "
                                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-        self.write_appended = self._marks(f"UPDATE {self.sessions} SET version = ?, total_tokens = ?, entry_count = ?, "
-                                          "last_access = ?, expires_at = ? WHERE id = ?")
+        self.insert_session = self._marks(
+            f"INSERT INTO {self.sessions} ({columns}) VALUES (?, ?, 1, 0, 0, ?, ?, ?, ?, NULL, NULL, ?)")
+        self.write = self._marks(f"UPDATE {self.sessions} SET fingerprint = ?, version = ?, total_tokens = ?, "
+                                 "entry_count = ?, last_access = ?, ttl = ?, expires_at = ?, attrs = ? WHERE id = ?")
+        self.delete_entries_from = self._marks(f"DELETE FROM {self.entries_table} WHERE session_id = ? AND seq >= ?")
+        self.delete_session = self._marks(f"DELETE FROM {self.sessions} WHERE id = ?")
+        self.expired = self._marks(f"SELECT {columns} FROM {self.sessions} WHERE expires_at <= ? "
+                                   "ORDER BY expires_at LIMIT ?")
+        self.acquire = self._marks(f"UPDATE {self.sessions} SET owner = ?, lease_expires = ? WHERE id = ? AND "
+                                   "(owner IS NULL OR owner = ? OR lease_expires <= ?)")
+        self.renew = self._marks(f"UPDATE {self.sessions} SET lease_expires = ? WHERE id = ? AND owner = ? "
+                                 "AND lease_expires > ?")
+        self.release = self._marks(f"UPDATE {self.sessions} SET owner = NULL, lease_expires = NULL WHERE id = ? "
+                                   "AND owner = ? AND lease_expires > ?")
         returning = ", ".join(f"s.{c}" for c in SESSION_COLUMNS)
         self.append_pg = self._marks(
             f"WITH s AS (UPDATE {self.sessions} SET version = version + 1, entry_count = entry_count + 1, "

@@ -56,7 +56,7 @@ STATUS_OF: List[tuple] = [
 ]
 RETRY_LATER = {409, 503}
 
-ADMIN_ERRORS = {401: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody},
+ERROR_RESPONSES = {401: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody},
                 404: {"model": schemas.ErrorBody}, 409: {"model": schemas.ErrorBody},
                 503: {"model": schemas.ErrorBody}}
 
@@ -154,7 +154,7 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
     # ---- generate ----------------------------------------------------------------------------
 
     @app.post("/v1/sessions/{session_id:path}/generate", response_model=schemas.GenerateResponse,
-              dependencies=[user], tags=["generate"], responses=ADMIN_ERRORS)
+              dependencies=[user], tags=["generate"], responses=ERROR_RESPONSES)
     async def generate(body: schemas.GenerateRequest, session_id: str = Path(...)) -> Any:
         """Continue the session's conversation (all of it, as the client keeps it): KV of its
         longest verified stored prefix is reused, the rest computed. ``stream``: server-sent
@@ -176,7 +176,7 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
                              on_done=lambda r: ("done", respond(r)))
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletionResponse, dependencies=[user],
-              tags=["generate"], responses=ADMIN_ERRORS)
+              tags=["generate"], responses=ERROR_RESPONSES)
     async def chat_completions(body: schemas.ChatCompletionRequest) -> Any:
         """OpenAI-style chat completions; ``session_id`` (required) names whose KV to reuse.
         Greedy decoding; messages are rendered as ``<|role|>\\ncontent\\n`` turns."""
@@ -215,7 +215,7 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
     # ---- admin -------------------------------------------------------------------------------
 
     @app.get("/v1/sessions", response_model=schemas.SessionList, dependencies=[admin], tags=["sessions"],
-             responses=ADMIN_ERRORS)
+             responses=ERROR_RESPONSES)
     def list_sessions(owner: Optional[str] = Query(None, max_length=256, description="lease holder"),
                       idle_since: Optional[float] = Query(None, ge=0, allow_inf_nan=False,
                                                           description="last access at or before (epoch s)"),
@@ -227,18 +227,18 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
         return schemas.SessionList(sessions=[_summary(s) for s in page.sessions], cursor=page.cursor)
 
     @app.get("/v1/sessions/{session_id:path}", response_model=schemas.SessionDetail, dependencies=[admin],
-             tags=["sessions"], responses=ADMIN_ERRORS)
+             tags=["sessions"], responses=ERROR_RESPONSES)
     def get_session(session_id: str = Path(...)) -> Any:
         return _detail(session_id, instance.view(session_id), instance.instance_id)
 
     @app.post("/v1/sessions/{session_id:path}/prefetch", response_model=schemas.PrefetchResult,
-              dependencies=[admin], tags=["sessions"], responses=ADMIN_ERRORS)
+              dependencies=[admin], tags=["sessions"], responses=ERROR_RESPONSES)
     def prefetch(session_id: str = Path(...)) -> Any:
         """Bring the session's stored KV into HBM ahead of its next request."""
         return schemas.PrefetchResult(session_id=session_id, resident_tokens=instance.prefetch(session_id))
 
     @app.post("/v1/sessions/{session_id:path}/swap-out", response_model=schemas.SwapOutResult,
-              dependencies=[admin], tags=["sessions"], responses=ADMIN_ERRORS)
+              dependencies=[admin], tags=["sessions"], responses=ERROR_RESPONSES)
     def swap_out(session_id: str = Path(...),
                  to: Literal["auto", "store"] = Query("auto", description="auto: the host tier if it fits, "
                                                       "else the store; store: the store (host copy too)")) -> Any:
@@ -247,14 +247,14 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
         return schemas.SwapOutResult(session_id=session_id, local=_local(local, instance.instance_id))
 
     @app.delete("/v1/sessions/{session_id:path}", status_code=204, dependencies=[admin], tags=["sessions"],
-                responses=ADMIN_ERRORS)
+                responses=ERROR_RESPONSES)
     def delete_session(session_id: str = Path(...)) -> Response:
         """Forget the session everywhere: HBM, host tier, meta, stored blobs. 409 while in use."""
         instance.delete(session_id)
         return Response(status_code=204)
 
     @app.post("/v1/admin/gc", response_model=schemas.GCResult, dependencies=[admin], tags=["sessions"],
-              responses=ADMIN_ERRORS)
+              responses=ERROR_RESPONSES)
     def collect_garbage() -> Any:
         """Delete expired sessions and blobs that no meta entry points to (older than the grace period)."""
         return schemas.GCResult(**instance.gc())
