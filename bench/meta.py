@@ -50,35 +50,48 @@ def spec(offset: int, length: int = 16) -> EntrySpec:
 
 
 # ---- the raw drivers ----------------------------------------------------------------------------
+# Each raw store holds the same data in the same shape as kvswap's (a copy of kvswap's rows,
+# hashes or values under other names), so a ratio is kvswap's cost over the bare driver's for
+# the same bytes, not over a thinner data model.
+
+LIST_ID, APPEND_ID = "bench-list", "bench-append"
 
 
 class RawSQL:
-    """The same database through its bare DB-API driver, autocommit, parameterized."""
+    """The same tables (kvswap's DDL, prefix ``rawbench_``) through the bare DB-API driver,
+    autocommit, parameterized."""
 
     def __init__(self, uri: URI) -> None:
+        import sqlalchemy as sa
+
+        from kvswap.meta.sql import tables
+
         self.scheme = uri.scheme
         if uri.scheme == "sqlite":
-            self.conn = sqlite3.connect(uri.path.replace("meta.db", "raw.db"), isolation_level=None,
-                                        check_same_thread=False)
+            self.conn = sqlite3.connect(uri.path, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.mark = "?"
+            url = f"sqlite:///{uri.path}"
         elif uri.scheme == "postgresql":
             import psycopg
 
             self.conn = psycopg.connect(host=uri.host, port=uri.port, user=uri.username, password=uri.password,
                                         dbname=uri.path.strip("/"), autocommit=True)
             self.mark = "%s"
+            url = uri.render(hide_password=False).replace("postgresql://", "postgresql+psycopg://", 1)
         else:
             import pymysql
 
             self.conn = pymysql.connect(host=uri.host, port=uri.port, user=uri.username, password=uri.password,
                                         database=uri.path.strip("/"), autocommit=True)
             self.mark = "%s"
-        self.execute("DROP TABLE IF EXISTS rawbench_kv")
-        self.execute("DROP TABLE IF EXISTS rawbench_log")
-        self.execute("CREATE TABLE rawbench_kv (id VARCHAR(255) PRIMARY KEY, v TEXT)")
-        self.execute("CREATE TABLE rawbench_log (sid VARCHAR(255), seq INTEGER, v TEXT, PRIMARY KEY (sid, seq))")
+            url = uri.render(hide_password=False).replace("mysql://", "mysql+pymysql://", 1)
+        engine = sa.create_engine(url)
+        md = tables("rawbench_")[0]
+        md.drop_all(engine)
+        md.create_all(engine)
+        engine.dispose()
         self.seq = 0
 
     def execute(self, sql: str, params: tuple = (), fetch: bool = False) -> Any:
@@ -89,36 +102,29 @@ class RawSQL:
         return rows
 
     def seed(self, ids: list[str]) -> None:
-        cursor = self.conn.cursor()
-        if self.scheme != "sqlite":
-            self.conn.autocommit(False) if self.scheme == "mysql" else setattr(self.conn, "autocommit", False)
-        else:
-            cursor.execute("BEGIN")
-        sql = f"INSERT INTO rawbench_kv VALUES ({self.mark}, {self.mark})"
-        cursor.executemany(sql, [(i, VALUE) for i in ids])
-        cursor.executemany(f"INSERT INTO rawbench_log VALUES ({self.mark}, {self.mark}, {self.mark})",
-                           [("list", i, VALUE) for i in range(100)])
-        self.conn.commit()
-        if self.scheme == "mysql":
-            self.conn.autocommit(True)
-        elif self.scheme == "postgresql":
-            self.conn.autocommit = True
-        cursor.close()
+        """Copy kvswap's rows: every session, and the listed session's entries."""
+        self.execute("INSERT INTO rawbench_sessions SELECT * FROM kvswap_sessions")
+        self.execute("INSERT INTO rawbench_entries SELECT * FROM kvswap_entries WHERE session_id = ?",
+                     (LIST_ID.encode(),))
+        self.entry = self.execute("SELECT * FROM rawbench_entries WHERE session_id = ? AND seq = 0",
+                                  (LIST_ID.encode(),), fetch=True)[0]
 
     def get(self, i: int) -> Any:
-        return self.execute("SELECT v FROM rawbench_kv WHERE id = ?", (f"s{i:07d}",), fetch=True)
+        return self.execute("SELECT * FROM rawbench_sessions WHERE id = ?", (b"s%07d" % i,), fetch=True)
 
     def append(self, i: int) -> Any:
         self.seq += 1
-        return self.execute("INSERT INTO rawbench_log VALUES (?, ?, ?)", ("append", self.seq, VALUE))
+        return self.execute("INSERT INTO rawbench_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (APPEND_ID.encode(), self.seq, *self.entry[2:]))
 
     def list100(self, i: int) -> Any:
-        return self.execute("SELECT * FROM rawbench_log WHERE sid = ? ORDER BY seq LIMIT 100", ("list",), fetch=True)
+        return self.execute("SELECT * FROM rawbench_entries WHERE session_id = ? ORDER BY seq",
+                            (LIST_ID.encode(),), fetch=True)
 
     def page_all(self) -> int:
-        after, total = "", 0
+        after, total = b"", 0
         while True:
-            rows = self.execute("SELECT id, v FROM rawbench_kv WHERE id > ? ORDER BY id LIMIT 1000", (after,),
+            rows = self.execute("SELECT * FROM rawbench_sessions WHERE id > ? ORDER BY id LIMIT 1000", (after,),
                                 fetch=True)
             if not rows:
                 return total
@@ -130,30 +136,36 @@ class RawSQL:
 
 
 class RawRedis:
+    """Copies of kvswap's session hashes, id index and entry list, under ``raw:``."""
+
     def __init__(self, uri: URI) -> None:
         lib = __import__("redis" if uri.scheme == "redis" else "valkey")
         self.client = lib.Redis(host=uri.host, port=uri.port, db=int(uri.path.strip("/") or 0))
         self.seq = 0
 
     def seed(self, ids: list[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for n, session_id in enumerate(ids):
-            pipe.hset(f"raw:s:{session_id}", mapping={"v": VALUE})
-            pipe.zadd("raw:idx", {session_id: 0})
-            if n % 5000 == 4999:
-                pipe.execute()
-        pipe.rpush("raw:list", *[VALUE] * 100)
-        pipe.execute()
+        prefix = "kvswap:meta:"
+        for start in range(0, len(ids), 5000):
+            batch = ids[start:start + 5000]
+            read = self.client.pipeline(transaction=False)
+            for session_id in batch:
+                read.hgetall(f"{prefix}s:{session_id}")
+            write = self.client.pipeline(transaction=False)
+            for session_id, fields in zip(batch, read.execute()):
+                write.hset(f"raw:s:{session_id}", mapping=fields)
+                write.zadd("raw:idx", {session_id: 0})
+            write.execute()
+        self.entries = self.client.lrange(f"{prefix}e:{LIST_ID}", 0, -1)
+        self.client.rpush("raw:list", *self.entries)
 
     def get(self, i: int) -> Any:
-        return self.client.get(f"raw:kv:{i % 1000}")
+        return self.client.hgetall(f"raw:s:s{i:07d}")
 
     def append(self, i: int) -> Any:
-        self.seq += 1
-        return self.client.set(f"raw:kv:{self.seq % 1000}", VALUE)
+        return self.client.rpush("raw:append", self.entries[0])
 
     def list100(self, i: int) -> Any:
-        return self.client.lrange("raw:list", 0, 99)
+        return self.client.lrange("raw:list", 0, -1)
 
     def page_all(self) -> int:
         start, total = b"-", 0
@@ -172,33 +184,43 @@ class RawRedis:
 
 
 class RawEtcd:
-    """etcd's gRPC KV API through the same stubs the store uses."""
+    """Copies of kvswap's session and entry values under ``raw/``, through etcd's gRPC KV API
+    with the same stubs the store uses."""
 
     def __init__(self, uri: URI) -> None:
         import grpc
         from aetcd import rpc
 
         self.rpc = rpc
+        self.root = uri.path.strip("/").encode() + b"/"
         self.channel = grpc.insecure_channel(f"{uri.host}:{uri.port}")
         self.kv = rpc.KVStub(self.channel)
         self.seq = 0
 
+    def copy(self, start: bytes, end: bytes, rename: Callable[[bytes], bytes]) -> list[bytes]:
+        rpc, values = self.rpc, []
+        while True:
+            reply = self.kv.Range(rpc.RangeRequest(key=start, range_end=end, limit=100), timeout=30)
+            ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=rename(kv.key), value=kv.value)) for kv in reply.kvs]
+            if ops:
+                self.kv.Txn(rpc.TxnRequest(success=ops), timeout=30)
+            values += [kv.value for kv in reply.kvs]
+            if not reply.more:
+                return values
+            start = reply.kvs[-1].key + b"\x00"
+
     def seed(self, ids: list[str]) -> None:
-        rpc = self.rpc
-        for start in range(0, len(ids), 100):
-            ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=f"raw/s/{i}".encode(), value=VALUE.encode()))
-                   for i in ids[start:start + 100]]
-            self.kv.Txn(rpc.TxnRequest(success=ops), timeout=10)
-        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=b"raw/l/%03d" % i, value=VALUE.encode()))
-               for i in range(100)]
-        self.kv.Txn(rpc.TxnRequest(success=ops), timeout=10)
+        sessions = self.root + b"s/"
+        self.copy(sessions, self.root + b"s0", lambda key: b"raw/s/" + key[len(sessions):])
+        entries = self.root + b"e/" + LIST_ID.encode() + b"\x00"
+        self.entries = self.copy(entries, entries[:-1] + b"\x01", lambda key: b"raw/l/" + key[len(entries):])
 
     def get(self, i: int) -> Any:
-        return self.kv.Range(self.rpc.RangeRequest(key=f"raw/s/s{i:07d}".encode()), timeout=10)
+        return self.kv.Range(self.rpc.RangeRequest(key=b"raw/s/s%07d" % i), timeout=10)
 
     def append(self, i: int) -> Any:
         self.seq += 1
-        return self.kv.Put(self.rpc.PutRequest(key=b"raw/a/%d" % self.seq, value=VALUE.encode()), timeout=10)
+        return self.kv.Put(self.rpc.PutRequest(key=b"raw/a/%010d" % self.seq, value=self.entries[0]), timeout=10)
 
     def list100(self, i: int) -> Any:
         return self.kv.Range(self.rpc.RangeRequest(key=b"raw/l/", range_end=b"raw/l0"), timeout=10)
@@ -227,6 +249,7 @@ class RawMemory:
     def seed(self, ids: list[str]) -> None:
         self.data = {i: VALUE for i in ids}
         self.ids = sorted(ids)
+        self.entries = [VALUE] * 100
 
     def get(self, i: int) -> Any:
         with self.lock:
@@ -238,11 +261,14 @@ class RawMemory:
 
     def list100(self, i: int) -> Any:
         with self.lock:
-            return self.log[:100]
+            return list(self.entries)
 
     def page_all(self) -> int:
-        with self.lock:
-            return len([self.data[i] for i in self.ids])
+        total = 0
+        for start in range(0, len(self.ids), 1000):
+            with self.lock:
+                total += len(list(map(self.data.__getitem__, self.ids[start:start + 1000])))
+        return total
 
     def close(self) -> None:
         pass
@@ -261,20 +287,20 @@ class KVSwapOps:
     session: Any = None
 
     def prepare(self) -> None:
-        self.meta.create("bench-append", "fp")
-        self.session = self.meta.get("bench-append")
-        listed = self.meta.create("bench-list", "fp")
+        self.meta.create(APPEND_ID, "fp")
+        self.session = self.meta.get(APPEND_ID)
+        listed = self.meta.create(LIST_ID, "fp")
         for _ in range(100):
-            listed, _ = self.meta.append("bench-list", listed.version, spec(listed.total_tokens))
+            listed, _ = self.meta.append(LIST_ID, listed.version, spec(listed.total_tokens))
 
     def get(self, i: int) -> Any:
         return self.meta.get(f"s{i:07d}")
 
     def append(self, i: int) -> Any:
-        self.session, _ = self.meta.append("bench-append", self.session.version, spec(self.session.total_tokens))
+        self.session, _ = self.meta.append(APPEND_ID, self.session.version, spec(self.session.total_tokens))
 
     def list100(self, i: int) -> Any:
-        return self.meta.entries("bench-list")
+        return self.meta.entries(LIST_ID)
 
     def page_all(self) -> int:
         cursor, total = None, 0
@@ -305,9 +331,9 @@ def bench_backend(name: str, uri: URI, sessions: int, rounds: int, counts: dict[
     ids = [f"s{i:07d}" for i in range(sessions)]
     seconds = seed_sessions(meta, ids)
     print(f"  {name}: seeded {sessions} sessions in {seconds:.1f} s ({sessions / seconds:,.0f}/s)", flush=True)
-    raw.seed(ids)
     ops = KVSwapOps(meta)
     ops.prepare()
+    raw.seed(ids)
     samples: dict[str, dict[str, list[float]]] = {op: {"kvswap": [], "raw": []} for op in OPS}
     for _ in range(rounds):
         for op in OPS:

@@ -75,10 +75,21 @@ def translate_errors(table: ExceptionTable, what: str) -> Iterator[None]:
     except KVSwapError:
         raise
     except BaseException as exc:
-        for backend_type, kind in table.items():
-            if isinstance(exc, backend_type):
-                raise kind(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
-        raise
+        error = translated(table, what, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def translated(table: ExceptionTable, what: str, exc: BaseException) -> KVSwapError | None:
+    """The kvswap error that :func:`translate_errors` raises for ``exc`` (None: not in
+    ``table``), for hot paths that catch themselves rather than enter a context manager."""
+    if isinstance(exc, KVSwapError):
+        return exc
+    for backend_type, kind in table.items():
+        if isinstance(exc, backend_type):
+            return kind(f"{what}: {type(exc).__name__}: {_first_line(exc)}")
+    return None
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

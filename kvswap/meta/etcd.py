@@ -5,8 +5,9 @@ Client: etcd's v3 gRPC API through ``grpcio`` with the generated stubs that the 
 import with today's protobuf (notes/SERVICES.md); aetcd's own client is asyncio-only and
 lacks range limits, which paging needs; its stubs work with protobuf 7 as installed.
 
-Keys under ``prefix/``: ``s/{id}`` the session (JSON, with its entry count),
-``e/{id}\\x00{seq:010d}`` one entry each (ids cannot contain NUL, so one session's range
+Keys under ``prefix/``: ``s/{id}`` the session (a JSON array: its fields, then its entry
+count), ``e/{id}\\x00{seq:010d}`` one entry each (:func:`kvswap.meta.base.entry_value`;
+ids cannot contain NUL, so one session's range
 never reaches another's), ``l/{id}`` the lease holder, attached to an etcd lease so the
 server deletes it when the lease expires (etcd grants whole seconds, at least 2).
 
@@ -23,7 +24,7 @@ import json
 import math
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvswap.errors import (
     AlreadyExistsError,
@@ -42,13 +43,11 @@ from kvswap.meta.base import (
     SessionPage,
     check_limit,
     check_version,
+    collect_page,
     decode_cursor,
-    encode_attrs,
-    encode_cursor,
-    entry_from_json,
-    entry_to_json,
+    entries_from_values,
+    entry_value,
     not_found,
-    session_from_fields,
     validate_session_id,
 )
 from kvswap.uri import URI, Option, parse_seconds
@@ -56,8 +55,7 @@ from kvswap.uri import URI, Option, parse_seconds
 _CACHE_LIMIT = 10_000
 
 
-@dataclasses.dataclass(frozen=True)
-class _Read:
+class _Read(NamedTuple):
     """A session as read, with what a guarded write needs."""
 
     session: Session
@@ -183,18 +181,27 @@ class EtcdMetaStore(MetaStore):
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def _decode(self, session_id: str, kv: Any, lease_kv: Any | None) -> _Read:
-        fields = json.loads(kv.value)
-        count = fields.pop("entry_count")
-        fields["id"] = session_id
-        return _Read(self._with_lease(session_from_fields(fields), lease_kv), kv.mod_revision, count)
+    def _decode(self, session_ids: list[str], kvs: Any, lease_kvs: Mapping[str, Any]) -> list[_Read]:
+        """Sessions from their keys' values (one JSON parse for all) and lease keys by id."""
+        values = json.loads(b"[" + b",".join([kv.value for kv in kvs]) + b"]")
+        now, reads = self.now(), []
+        for session_id, kv, value in zip(session_ids, kvs, values):
+            owner = expires = None
+            lease_kv = lease_kvs.get(session_id)
+            if lease_kv is not None:
+                holder = _Holder.parse(lease_kv)
+                if holder.active(now):
+                    owner, expires = holder.owner, holder.expires
+            session = Session(session_id, *value[:6], owner, expires, value[6])
+            reads.append(_Read(session, kv.mod_revision, value[7]))
+        return reads
 
     def _with_lease(self, session: Session, lease_kv: Any | None) -> Session:
         """``session`` with the owner and expiry of its lease key, if that lease is active."""
         holder = _Holder.parse(lease_kv)
         if holder.active(self.now()):
-            return dataclasses.replace(session, owner=holder.owner, lease_expires=holder.expires)
-        return dataclasses.replace(session, owner=None, lease_expires=None)
+            return session._replace(owner=holder.owner, lease_expires=holder.expires)
+        return session._replace(owner=None, lease_expires=None)
 
     def _read(self, session_id: str, with_entries: bool = False) -> tuple[_Read, list[Entry]]:
         """Session (and entries) in one consistent transaction; NotFoundError if missing."""
@@ -208,8 +215,8 @@ class EtcdMetaStore(MetaStore):
         if not ranges[0]:
             self._forget(session_id)
             raise not_found(session_id)
-        read = self._decode(session_id, ranges[0][0], ranges[1][0] if ranges[1] else None)
-        entries = [entry_from_json(kv.value) for kv in ranges[2]] if with_entries else []
+        read = self._decode([session_id], ranges[0], {session_id: ranges[1][0]} if ranges[1] else {})[0]
+        entries = entries_from_values(session_id, [kv.value for kv in ranges[2]]) if with_entries else []
         return read, entries
 
     def _remember(self, read: _Read) -> None:
@@ -250,16 +257,16 @@ class EtcdMetaStore(MetaStore):
             if after is None:
                 self._forget(session_id)
                 return None, extra
-            self._remember(dataclasses.replace(after, revision=reply.header.revision))
+            self._remember(after._replace(revision=reply.header.revision))
             lease = reply.responses[-1].response_range.kvs
             return self._with_lease(after.session, lease[0] if lease else None), extra
 
-    def _session_value(self, session: Session, entry_count: int) -> str:
-        fields = {f.name: getattr(session, f.name) for f in dataclasses.fields(Session)
-                  if f.name not in ("id", "owner", "lease_expires")}
-        fields["attrs"] = encode_attrs(session.attrs)
-        fields["entry_count"] = entry_count
-        return json.dumps(fields, separators=(",", ":"))
+    @staticmethod
+    def _session_value(session: Session, entry_count: int) -> str:
+        """What ``s/{id}`` holds (its lease is the lease key's)."""
+        return json.dumps([session.fingerprint, session.version, session.total_tokens, session.created,
+                           session.last_access, session.ttl, session.attrs_json, entry_count],
+                          separators=(",", ":"))
 
     # ---- the contract -----------------------------------------------------------------------
 
@@ -284,14 +291,14 @@ class EtcdMetaStore(MetaStore):
         def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, None]:
             new = self._updated(read.session, expected_version, fingerprint, ttl, attrs)
             ops = [self._put(self._key("s", session_id), self._session_value(new, read.entry_count))]
-            return ops, dataclasses.replace(read, session=new), None
+            return ops, read._replace(session=new), None
 
         return self._guarded(session_id, expected_version, plan, use_cache=True)[0]
 
     def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, Entry]:
             new, entry = self._appended(read.session, expected_version, spec, read.entry_count)
-            ops = [self._put(self._entry_key(session_id, entry.seq), entry_to_json(entry)),
+            ops = [self._put(self._entry_key(session_id, entry.seq), entry_value(entry)),
                    self._put(self._key("s", session_id), self._session_value(new, read.entry_count + 1))]
             return ops, _Read(new, 0, read.entry_count + 1), entry
 
@@ -324,15 +331,7 @@ class EtcdMetaStore(MetaStore):
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
         check_limit(limit)
         wanted = SessionFilter(owner, idle_since, fingerprint)
-        page: list[Session] = []
-        for batch, more in self._session_batches(decode_cursor(cursor), max(limit, 100)):
-            for position, session in enumerate(batch):
-                if wanted.matches(session):
-                    page.append(session)
-                    if len(page) == limit:
-                        rest = more or position + 1 < len(batch)
-                        return SessionPage(page, encode_cursor(session.id) if rest else None)
-        return SessionPage(page, None)
+        return collect_page(self._session_batches(decode_cursor(cursor), max(limit, 100)), wanted, limit)
 
     def _session_batches(self, after: str | None, size: int) -> Iterator[tuple[list[Session], bool]]:
         """Sessions after ``after`` in byte order, ``size`` at a time (with their leases)."""
@@ -348,7 +347,7 @@ class EtcdMetaStore(MetaStore):
             leases_reply = self._call(self._kv.Range, self._range(
                 lease_base + ids[0].encode("utf-8"), lease_base + ids[-1].encode("utf-8") + b"\x00"), "listing leases")
             leases = {kv.key[len(lease_base):].decode("utf-8"): kv for kv in leases_reply.kvs}
-            yield [self._decode(i, kv, leases.get(i)).session for i, kv in zip(ids, kvs)], reply.more
+            yield [read.session for read in self._decode(ids, kvs, leases)], reply.more
             if not reply.more:
                 return
             start = kvs[-1].key + b"\x00"

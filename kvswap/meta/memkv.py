@@ -38,6 +38,19 @@ class _Space:
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict)
     entries: dict[str, list[Entry]] = dataclasses.field(default_factory=dict)
     order: list[bytes] = dataclasses.field(default_factory=list)  # UTF-8 ids, sorted
+    ids: list[str] = dataclasses.field(default_factory=list)  # the same ids as str, same order
+    leased: set[str] = dataclasses.field(default_factory=set)  # ids whose record names an owner
+
+    def insert(self, session_id: str) -> None:
+        encoded = session_id.encode("utf-8")
+        position = bisect.bisect_left(self.order, encoded)
+        self.order.insert(position, encoded)
+        self.ids.insert(position, session_id)
+
+    def remove(self, session_id: str) -> None:
+        position = bisect.bisect_left(self.order, session_id.encode("utf-8"))
+        del self.order[position], self.ids[position]
+        self.leased.discard(session_id)
 
 
 _SPACES: dict[str, _Space] = {}
@@ -61,8 +74,9 @@ class MemKVMetaStore(MetaStore):
         if session is None:
             raise not_found(session_id)
         if session.owner is not None and session.lease_expires is not None and session.lease_expires <= self.now():
-            session = dataclasses.replace(session, owner=None, lease_expires=None)
+            session = session._replace(owner=None, lease_expires=None)
             self._space.sessions[session_id] = session
+            self._space.leased.discard(session_id)
         return session
 
     def get(self, session_id: str) -> Session:
@@ -77,7 +91,7 @@ class MemKVMetaStore(MetaStore):
                 raise AlreadyExistsError(f"session {session_id!r} already exists")
             self._space.sessions[session_id] = session
             self._space.entries[session_id] = []
-            bisect.insort(self._space.order, session_id.encode("utf-8"))
+            self._space.insert(session_id)
         return session
 
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
@@ -96,9 +110,12 @@ class MemKVMetaStore(MetaStore):
             return new, entry
 
     def entries(self, session_id: str) -> list[Entry]:
+        validate_session_id(session_id)
         with self._space.lock:
-            self._session(session_id)
-            return list(self._space.entries[session_id])
+            entries = self._space.entries.get(session_id)
+            if entries is None:
+                raise not_found(session_id)
+            return list(entries)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         with self._space.lock:
@@ -115,8 +132,7 @@ class MemKVMetaStore(MetaStore):
             if expected_version is not None:
                 check_version(session, expected_version)
             del self._space.sessions[session_id]
-            order = self._space.order
-            del order[bisect.bisect_left(order, session_id.encode("utf-8"))]
+            self._space.remove(session_id)
             return self._space.entries.pop(session_id)
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
@@ -124,16 +140,24 @@ class MemKVMetaStore(MetaStore):
         check_limit(limit)
         after = decode_cursor(cursor)
         wanted = SessionFilter(owner, idle_since, fingerprint)
-        with self._space.lock:
-            order = self._space.order
-            start = 0 if after is None else bisect.bisect_right(order, after.encode("utf-8"))
+        space = self._space
+        with space.lock:
+            start = 0 if after is None else bisect.bisect_right(space.order, after.encode("utf-8"))
+            if not wanted.any():  # the common case, without a call per session
+                ids = space.ids[start:start + limit]
+                if not space.leased.isdisjoint(ids):
+                    for session_id in space.leased.intersection(ids):
+                        self._session(session_id)  # clears leases that expired
+                page = list(map(space.sessions.__getitem__, ids))
+                more = start + limit < len(space.ids)
+                return SessionPage(page, encode_cursor(ids[-1]) if more else None)
             page: list[Session] = []
-            for position in range(start, len(order)):
-                session = self._session(order[position].decode("utf-8"))
+            for position in range(start, len(space.ids)):
+                session = self._session(space.ids[position])
                 if wanted.matches(session):
                     page.append(session)
                 if len(page) == limit:
-                    more = position + 1 < len(order)
+                    more = position + 1 < len(space.ids)
                     return SessionPage(page, encode_cursor(session.id) if more else None)
         return SessionPage(page, None)
 
@@ -169,6 +193,10 @@ class MemKVMetaStore(MetaStore):
             return True
 
     def _set_lease(self, session: Session, owner: str | None, expires: float | None) -> Session:
-        session = dataclasses.replace(session, owner=owner, lease_expires=expires)
+        session = session._replace(owner=owner, lease_expires=expires)
         self._space.sessions[session.id] = session
+        if owner is None:
+            self._space.leased.discard(session.id)
+        else:
+            self._space.leased.add(session.id)
         return session

@@ -3,23 +3,24 @@
 ``scheme://[user:password@]host[:port][/db]?prefix=kvswap:meta:``. Keys under ``prefix``:
 
 * ``s:{id}`` a hash: fingerprint, version, total_tokens, created, last_access, ttl, attrs;
-* ``e:{id}`` a list of entry JSON objects (the list index is the entry's ``seq``);
+* ``e:{id}`` a list of entries, each a JSON array (:func:`kvswap.meta.base.entry_value`;
+  the list index is the entry's ``seq``);
 * ``l:{id}`` the lease holder's name, expiring with the lease (Redis expires it, in ms);
 * ``idx`` a sorted set of every id at score 0, paged in byte order with ZRANGEBYLEX;
 * ``ttl`` a sorted set of ids by ``last_access + ttl``, for :meth:`expired`.
 
-Every change is one Lua script that checks the version and writes, atomically on the server.
+Every change is one Lua script that checks the version and writes, atomically on the server;
+reads of many sessions (a page) are one script call too.
 Scripts are never retried after a lost connection (a retried append could land twice).
 Single Redis/Valkey primary; Redis Cluster is not supported (keys of one session span slots).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
-from kvswap.errors import AlreadyExistsError, ConfigError, VersionConflictError, translate_errors
+from kvswap.errors import AlreadyExistsError, ConfigError, VersionConflictError, translate_errors, translated
 from kvswap.meta.base import (
     UNSET,
     Entry,
@@ -32,19 +33,36 @@ from kvswap.meta.base import (
     SessionPage,
     check_limit,
     check_version,
+    collect_page,
     decode_cursor,
-    encode_attrs,
-    encode_cursor,
-    entry_fields,
+    entries_from_values,
+    entry_value,
     not_found,
-    session_from_fields,
     validate_session_id,
 )
 from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
 from kvswap.uri import URI, Option
 
+# A session as scripts return it: its hash fields (_FIELDS, in order), lease holder, lease PTTL.
+_FIELDS = ("fingerprint", "version", "total_tokens", "created", "last_access", "ttl", "attrs")
+_LUA_READ = """
+local function read(skey, lkey)
+  local r = redis.call('HMGET', skey, %s)
+  r[8] = redis.call('GET', lkey)
+  r[9] = redis.call('PTTL', lkey)
+  return r
+end
+""" % ", ".join(f"'{f}'" for f in _FIELDS)
+
+# KEYS: session hash and lease of each session, in pairs.
+_READ = _LUA_READ + """
+local out = {}
+for i = 1, #KEYS, 2 do out[#out + 1] = read(KEYS[i], KEYS[i + 1]) end
+return out
+"""
+
 # KEYS: session hash, entries list, lease, idx, ttl index. ARGV[1]: session id.
-_INDEX_TTL = """
+_INDEX_TTL = _LUA_READ + """
 local function index_ttl(now)
   local ttl = redis.call('HGET', KEYS[1], 'ttl')
   if ttl and ttl ~= '' then
@@ -54,7 +72,7 @@ local function index_ttl(now)
   end
 end
 local function state()
-  return {'ok', redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3]) or '', redis.call('PTTL', KEYS[3])}
+  return {'ok', read(KEYS[1], KEYS[3])}
 end
 local function guard(expected)
   local v = redis.call('HGET', KEYS[1], 'version')
@@ -91,7 +109,7 @@ redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'last_access', ARGV[3], 'total_tokens', ARGV[5])
 index_ttl(ARGV[3])
 local result = state()
-result[5] = seq
+result[3] = seq
 return result
 """
 
@@ -147,12 +165,19 @@ class RedisMetaStore(MetaStore):
         register = self._client.register_script
         self._scripts = {name: register(body) for name, body in (
             ("create", _CREATE), ("update", _UPDATE), ("append", _APPEND), ("truncate", _TRUNCATE),
-            ("delete", _DELETE), ("lease", _LEASE))}
+            ("delete", _DELETE), ("lease", _LEASE), ("read", _READ))}
 
     # ---- plumbing -----------------------------------------------------------------------------
 
     def _errors(self, what: str) -> Any:
         return translate_errors(self._redis.errors, f"{what} on {self.uri}")
+
+    def _reraise(self, exc: Exception, what: str) -> NoReturn:
+        """Raise ``exc`` as kvswap's kind (hot paths catch themselves: cheaper than _errors)."""
+        error = translated(self._redis.errors, f"{what} on {self.uri}", exc)
+        if error is None:
+            raise exc
+        raise error from exc
 
     def _keys(self, session_id: str) -> list[str]:
         p = self._prefix
@@ -160,8 +185,10 @@ class RedisMetaStore(MetaStore):
 
     def _run(self, name: str, what: str, session_id: str, *args: Any) -> list[Any]:
         validate_session_id(session_id)
-        with self._errors(f"{what} session {session_id!r}"):
+        try:
             reply = self._scripts[name](keys=self._keys(session_id), args=[session_id, *args])
+        except Exception as exc:
+            self._reraise(exc, f"{what} session {session_id!r}")
         status = _text(reply[0])
         if status == "missing":
             raise not_found(session_id)
@@ -171,48 +198,45 @@ class RedisMetaStore(MetaStore):
                                        current=current)
         return reply
 
-    def _state(self, session_id: str, fields: Any, holder: Any, pttl: Any) -> Session:
-        """A Session from a hash (dict or flat list), the lease holder and its PTTL in ms."""
-        if isinstance(fields, list):
-            fields = dict(zip(fields[::2], fields[1::2]))
-        if not fields:
-            raise not_found(session_id)
-        decoded = {_text(k): _text(v) for k, v in fields.items()}
-        decoded["id"] = session_id
-        holder = _text(holder) if holder else ""
-        if holder and int(pttl) > 0:
-            decoded["owner"], decoded["lease_expires"] = holder, self.now() + int(pttl) / 1000
-        return session_from_fields(decoded)
+    def _state(self, session_id: str, state: list[Any]) -> Session | None:
+        """A Session from what the scripts' ``read`` returns (None: no such session)."""
+        fingerprint, version, total, created, last_access, ttl, attrs, holder, pttl = state
+        if version is None:
+            return None
+        owner = lease = None
+        if holder and pttl > 0:
+            owner, lease = holder.decode("utf-8"), self.now() + pttl / 1000
+        return Session(session_id, fingerprint.decode("utf-8"), int(version), int(total), float(created),
+                       float(last_access), float(ttl) if ttl else None, owner, lease,
+                       attrs.decode("utf-8") if attrs else "{}")
 
-    def _queue_read(self, pipe: Any, session_id: str) -> None:
-        """Queue what :meth:`_state` needs: the session hash, the lease holder, its PTTL."""
-        keys = self._keys(session_id)
-        pipe.hgetall(keys[0])
-        pipe.get(keys[2])
-        pipe.pttl(keys[2])
+    def _existing(self, session_id: str, state: list[Any]) -> Session:
+        session = self._state(session_id, state)
+        if session is None:
+            raise not_found(session_id)
+        return session
 
     def _read(self, session_ids: list[str]) -> list[Session | None]:
-        """Sessions by id in one round trip (None for ids that do not exist)."""
-        with self._errors("reading sessions"):
-            pipe = self._client.pipeline(transaction=False)
-            for session_id in session_ids:
-                self._queue_read(pipe, session_id)
-            replies = pipe.execute()
-        sessions: list[Session | None] = []
-        for i, session_id in enumerate(session_ids):
-            fields, holder, pttl = replies[3 * i: 3 * i + 3]
-            sessions.append(self._state(session_id, fields, holder, pttl) if fields else None)
-        return sessions
+        """Sessions by id in one script call (None for ids that do not exist)."""
+        p = self._prefix
+        keys = [key for session_id in session_ids for key in (f"{p}s:{session_id}", f"{p}l:{session_id}")]
+        try:
+            states = self._scripts["read"](keys=keys)
+        except Exception as exc:
+            self._reraise(exc, "reading sessions")
+        return [self._state(i, state) for i, state in zip(session_ids, states)]
 
     def _entries_and_session(self, session_id: str) -> tuple[Session, list[Entry]]:
         validate_session_id(session_id)
         keys = self._keys(session_id)
         with self._errors(f"reading session {session_id!r}"):
             pipe = self._client.pipeline(transaction=True)  # one consistent snapshot
-            self._queue_read(pipe, session_id)
+            pipe.hmget(keys[0], _FIELDS)
+            pipe.get(keys[2])
+            pipe.pttl(keys[2])
             pipe.lrange(keys[1], 0, -1)
             fields, holder, pttl, raw = pipe.execute()
-        return self._state(session_id, fields, holder, pttl), _entries(session_id, raw)
+        return self._existing(session_id, [*fields, holder, pttl]), entries_from_values(session_id, raw)
 
     # ---- the contract -----------------------------------------------------------------------
 
@@ -243,23 +267,20 @@ class RedisMetaStore(MetaStore):
                   if {"fingerprint": fingerprint, "ttl": ttl, "attrs": attrs}.get(name, UNSET) is not UNSET}
         reply = self._run("update", "updating", session_id, str(expected_version), repr(changed.last_access),
                           *_flat(fields))
-        return self._state(session_id, *reply[1:4])
+        return self._existing(session_id, reply[1])
 
     def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         validate_session_id(session_id)
         probe = Session(session_id, "-", expected_version, spec.token_offset, 0.0, 0.0)
         _, entry = self._appended(probe, expected_version, spec, 0)  # validates the entry
-        body = entry_fields(entry)
-        del body["session_id"], body["seq"]
         reply = self._run("append", "appending to", session_id, str(expected_version), repr(entry.created),
-                          str(spec.token_offset), str(entry.token_end), json.dumps(body, separators=(",", ":")))
+                          str(spec.token_offset), str(entry.token_end), entry_value(entry))
         if _text(reply[0]) == "gap":
             total = int(reply[1])
             raise InvalidEntryError(
                 f"session {session_id!r} holds tokens [0, {total}); an entry must start at {total}, "
                 f"not {spec.token_offset} (no gaps, no overlaps)")
-        session = self._state(session_id, *reply[1:4])
-        return session, Entry(**{**body, "session_id": session_id, "seq": int(reply[4])})
+        return self._existing(session_id, reply[1]), entry._replace(seq=int(reply[2]))
 
     def entries(self, session_id: str) -> list[Entry]:
         validate_session_id(session_id)
@@ -268,7 +289,7 @@ class RedisMetaStore(MetaStore):
             raw = self._client.lrange(keys[1], 0, -1)
             if not raw and not self._client.exists(keys[0]):
                 raise not_found(session_id)
-        return _entries(session_id, raw)
+        return entries_from_values(session_id, raw)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         session, entries = self._entries_and_session(session_id)
@@ -276,7 +297,7 @@ class RedisMetaStore(MetaStore):
         # The script re-checks the version: the entries read above are still the stored ones.
         reply = self._run("truncate", "truncating", session_id, str(expected_version), repr(new.last_access),
                           str(len(kept)), str(new.total_tokens))
-        return self._state(session_id, *reply[1:4]), removed
+        return self._existing(session_id, reply[1]), removed
 
     def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
         while True:
@@ -294,17 +315,9 @@ class RedisMetaStore(MetaStore):
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
         check_limit(limit)
         wanted = SessionFilter(owner, idle_since, fingerprint)
-        page: list[Session] = []
-        last: str | None = None
-        for batch, more in self._id_batches(decode_cursor(cursor), max(limit, 100)):
-            for position, (session_id, session) in enumerate(zip(batch, self._read(batch))):
-                last = session_id
-                if session is not None and wanted.matches(session):
-                    page.append(session)
-                    if len(page) == limit:
-                        rest = more or position + 1 < len(batch)
-                        return SessionPage(page, encode_cursor(last) if rest else None)
-        return SessionPage(page, None)
+        batches = (([s for s in self._read(ids) if s is not None], more)
+                   for ids, more in self._id_batches(decode_cursor(cursor), max(limit, 100)))
+        return collect_page(batches, wanted, limit)
 
     def _id_batches(self, after: str | None, size: int) -> Iterator[tuple[list[str], bool]]:
         """Ids after ``after`` in byte order, ``size`` at a time, with whether more follow."""
@@ -339,23 +352,17 @@ class RedisMetaStore(MetaStore):
 
     def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         reply = self._lease(session_id, owner, self._lease_ttl(owner, ttl), "acquire")
-        return self._state(session_id, *reply[1:4])
+        return self._existing(session_id, reply[1])
 
     def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         reply = self._lease(session_id, owner, self._lease_ttl(owner, ttl), "renew")
-        return self._state(session_id, *reply[1:4])
+        return self._existing(session_id, reply[1])
 
     def release_lease(self, session_id: str, owner: str) -> bool:
         return bool(int(self._lease(session_id, owner, 1.0, "release")[1]))
 
     def close(self) -> None:
         self._redis.close()
-
-
-def _entries(session_id: str, raw: list[bytes]) -> list[Entry]:
-    """Entries from the stored list (one JSON parse for all of them)."""
-    decoded = json.loads(b"[" + b",".join(raw) + b"]")
-    return [Entry(**fields, session_id=session_id, seq=seq) for seq, fields in enumerate(decoded)]
 
 
 def _text(value: Any) -> str:
@@ -365,7 +372,7 @@ def _text(value: Any) -> str:
 def _fields(session: Session) -> dict[str, Any]:
     """The hash fields a change may set (floats as repr, so they round-trip exactly)."""
     return {"fingerprint": session.fingerprint, "ttl": "" if session.ttl is None else repr(session.ttl),
-            "attrs": encode_attrs(session.attrs), "last_access": repr(session.last_access)}
+            "attrs": session.attrs_json, "last_access": repr(session.last_access)}
 
 
 def _flat(fields: Mapping[str, Any]) -> list[Any]:

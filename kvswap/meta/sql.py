@@ -25,12 +25,11 @@ power loss (``?synchronous=full``).
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -42,6 +41,7 @@ from kvswap.errors import (
     KVSwapError,
     VersionConflictError,
     translate_errors,
+    translated,
 )
 from kvswap.meta.base import (
     MAX_ID_BYTES,
@@ -54,9 +54,9 @@ from kvswap.meta.base import (
     SessionPage,
     check_limit,
     check_version,
-    decode_cursor,
-    encode_attrs,
     check_append,
+    check_expected_version,
+    decode_cursor,
     encode_cursor,
     not_found,
     validate_session_id,
@@ -65,6 +65,7 @@ from kvswap.meta.base import (
 from kvswap.uri import URI, Option, parse_positive_int, parse_seconds
 
 SCHEMA_VERSION = 1
+_T = TypeVar("_T")
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,30}$")
 _DRIVERS = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
 SESSION_COLUMNS = ("id", "fingerprint", "version", "total_tokens", "entry_count", "created", "last_access", "ttl",
@@ -96,7 +97,7 @@ def _exact_string(length: int) -> sa.types.TypeEngine:
         mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
 
 
-def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table, sa.Table]:
+def tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table, sa.Table]:
     md = sa.MetaData()
     opts = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
     sessions = sa.Table(
@@ -115,7 +116,9 @@ def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table, sa.Table]:
         sa.Column("attrs", sa.Text, nullable=False),
         sa.Index(f"{prefix}sessions_owner", "owner"),
         sa.Index(f"{prefix}sessions_last_access", "last_access"),
-        sa.Index(f"{prefix}sessions_expires_at", "expires_at"),
+        # Partial where the database can (most sessions have no TTL: no index write per change).
+        sa.Index(f"{prefix}sessions_expires_at", "expires_at", sqlite_where=sa.text("expires_at IS NOT NULL"),
+                 postgresql_where=sa.text("expires_at IS NOT NULL")),
         **opts,
     )
     entries = sa.Table(
@@ -167,7 +170,7 @@ class SQLMetaStore(MetaStore):
         if not _PREFIX_RE.match(opts["table_prefix"]):
             raise ConfigError("table_prefix must be 1-31 of [a-z0-9_], starting with a letter or _")
         self._dialect = uri.scheme
-        self._md, self._sessions, self._entries, self._schema = _tables(opts["table_prefix"])
+        self._md, self._sessions, self._entries, self._schema = tables(opts["table_prefix"])
         self._engine = self._make_engine(uri, opts)
         # Reads run on autocommit connections: no BEGIN/ROLLBACK round trips around a SELECT.
         self._reader = self._engine if self._dialect == "sqlite" else self._make_engine(uri, opts, autocommit=True)
@@ -209,13 +212,18 @@ class SQLMetaStore(MetaStore):
                                        f" -c lock_timeout={int(timeout * 1000)}",
                             "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
         else:
+            from pymysql.constants import CLIENT  # noqa: PLC0415 - optional driver
+
+            # Multi-statements: an append is one batch (one round trip); every statement is
+            # still parameterized. FOUND_ROWS is what SQLAlchemy itself would set.
             connect_args = {"connect_timeout": opts["connect_timeout"], "read_timeout": timeout,
-                            "write_timeout": timeout, "charset": "utf8mb4"}
+                            "write_timeout": timeout, "charset": "utf8mb4",
+                            "client_flag": CLIENT.MULTI_STATEMENTS | CLIENT.FOUND_ROWS}
         # No pre-ping (a round trip per call): a read retries once on a dead pooled connection.
         return sa.create_engine(url, connect_args=connect_args, pool_size=opts["pool_size"],
                                 max_overflow=opts["pool_size"], pool_timeout=timeout, pool_recycle=3600,
                                 isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
-                                pool_reset_on_return=None if autocommit else "rollback")
+                                pool_reset_on_return=None)  # every use ends its own transaction
 
     def _sqlite_connect(self, dbapi_connection: Any) -> None:
         dbapi_connection.isolation_level = None  # we send BEGIN ourselves (see _sqlite_begin)
@@ -273,56 +281,68 @@ class SQLMetaStore(MetaStore):
     def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
         return translate_errors(self._error_table, f"{what} on {self.uri}")
 
-    # The hot calls (get, append, entries, listing) run on the pooled DBAPI connection with
-    # prebuilt SQL: SQLAlchemy's Connection costs ~40 us a statement, the driver ~5 (SQLite).
+    def _failure(self, exc: BaseException, what: str, subject: str | None) -> KVSwapError | None:
+        """The kvswap error for a driver exception (None: a bug, not a condition)."""
+        label = what if subject is None else f"{what} {subject!r}"
+        return translated(self._error_table, f"{label} on {self.uri}", exc)
 
-    def _driver_read(self, what: str, work: Any) -> Any:
+    # Every call runs on a DBAPI connection with prebuilt SQL: SQLAlchemy's Connection costs
+    # ~40 us a statement, the driver ~5 (SQLite). Messages are built only on failure.
+
+    def _driver_read(self, what: str, subject: str | None, work: Callable[[Any], _T]) -> _T:
         """``work(cursor)`` on a pooled reader connection (autocommit); once more if it was dead."""
         for attempt in range(2):
             proxy = None
             try:
-                with self._errors(what):
-                    proxy = self._checkout(self._reader)
-                    cursor = proxy.cursor()
-                    try:
-                        return work(cursor)
-                    finally:
-                        cursor.close()
-            except BackendUnavailableError as exc:
-                dead = self._dead(proxy, exc)
-                if attempt or not dead:
+                proxy = self._checkout(self._reader)
+                cursor = proxy.cursor()
+                try:
+                    return work(cursor)
+                finally:
+                    cursor.close()
+            except KVSwapError:
+                raise
+            except BaseException as exc:
+                error = self._failure(exc, what, subject)
+                if error is None:
                     raise
+                if attempt or not self._dead(proxy, exc):
+                    raise error from exc
             finally:
                 self._checkin(proxy)
         raise AssertionError("unreachable")
 
-    def _driver_write(self, what: str, work: Any) -> Any:
+    def _driver_write(self, what: str, subject: str | None, work: Callable[[Any], _T]) -> _T:
         """``work(cursor)`` in one transaction on a pooled writer connection (SQLite: BEGIN
         IMMEDIATE), committed; rolled back on any error; again after a deadlock or busy database."""
         for attempt in range(5):
             proxy = None
             try:
-                with self._errors(what):
-                    proxy = self._checkout(self._engine)
-                    cursor = proxy.cursor()
-                    try:
-                        if self._dialect == "sqlite":
-                            cursor.execute("BEGIN IMMEDIATE")
-                        result = work(cursor)
-                        if self._dialect == "sqlite":
-                            cursor.execute("COMMIT")
-                        else:
-                            proxy.commit()
-                        return result
-                    except BaseException:
-                        _quietly_rollback(proxy, cursor, self._dialect)
-                        raise
-                    finally:
-                        cursor.close()
-            except BackendUnavailableError as exc:
-                self._dead(proxy, exc)
-                if attempt == 4 or not any(t in str(exc.__cause__).lower() for t in _TRANSIENT):
+                proxy = self._checkout(self._engine)
+                cursor = proxy.cursor()
+                try:
+                    if self._dialect == "sqlite":
+                        cursor.execute("BEGIN IMMEDIATE")
+                    result = work(cursor)
+                    if self._dialect == "sqlite":
+                        cursor.execute("COMMIT")
+                    else:
+                        proxy.commit()
+                    return result
+                except BaseException:
+                    _quietly_rollback(proxy, cursor, self._dialect)
                     raise
+                finally:
+                    cursor.close()
+            except KVSwapError:
+                raise
+            except BaseException as exc:
+                error = self._failure(exc, what, subject)
+                if error is None:
+                    raise
+                self._dead(proxy, exc)
+                if attempt == 4 or not any(t in str(exc).lower() for t in _TRANSIENT):
+                    raise error from exc
                 time.sleep(0.02 * 2**attempt)
             finally:
                 self._checkin(proxy)
@@ -345,25 +365,15 @@ class SQLMetaStore(MetaStore):
         if proxy is not None and self._dialect != "sqlite":
             proxy.close()
 
-    def _dead(self, proxy: Any, exc: BaseException) -> bool:
-        """Whether ``exc`` means the pooled connection is gone; if so, it leaves the pool."""
-        cause = exc.__cause__
+    def _dead(self, proxy: Any, cause: BaseException) -> bool:
+        """Whether the driver exception ``cause`` means the pooled connection is gone; if so,
+        it leaves the pool."""
         if proxy is None or not isinstance(cause, self._dbapi.Error):
             return bool(getattr(cause, "connection_invalidated", False))
         if self._engine.dialect.is_disconnect(cause, proxy.dbapi_connection, None):
             proxy.invalidate()
             return True
         return False
-
-    @staticmethod
-    def _row_session(row: tuple, now: float) -> Session:
-        """A Session from a row of SESSION_COLUMNS (the drivers return ints and floats as
-        such); a lease that expired by ``now`` is left out."""
-        sid, fingerprint, version, total, _, created, last_access, ttl, _, owner, lease, attrs = row
-        if lease is not None and lease <= now:
-            owner = lease = None
-        return Session(bytes(sid).decode("utf-8"), fingerprint, version, total, created, last_access, ttl,
-                       owner or None, lease, {} if attrs == "{}" else json.loads(attrs))
 
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sa.Connection]:
@@ -373,29 +383,30 @@ class SQLMetaStore(MetaStore):
 
     def _locked(self, cursor: Any, session_id: str) -> tuple[Session, int]:
         """The session's row, locked until the transaction ends, and its entry count."""
-        row = _one(cursor, self._sql.locked, (session_id.encode(),))
+        now = self.now()
+        row = _one(cursor, self._sql.locked, (now, now, session_id.encode()))
         if row is None:
             raise not_found(session_id)
-        return self._row_session(row, self.now()), row[4]
+        return Session._make(row[:-1]), row[-1]
 
     def _write(self, cursor: Any, session: Session, entry_count: int) -> None:
         cursor.execute(self._sql.write, (session.fingerprint, session.version, session.total_tokens, entry_count,
-                                         session.last_access, session.ttl, _expiry(session),
-                                         encode_attrs(session.attrs), session.id.encode()))
+                                         session.last_access, session.ttl, _expiry(session), session.attrs_json,
+                                         session.id.encode()))
 
     def _entries_of(self, cursor: Any, session_id: str) -> list[Entry]:
         cursor.execute(self._sql.entries, (session_id.encode(),))
-        return [Entry(*row[:7], session_id, *row[7:]) for row in cursor.fetchall()]
+        return list(map(Entry._make, cursor.fetchall()))
 
     # ---- the contract -----------------------------------------------------------------------
 
     def get(self, session_id: str) -> Session:
-        validate_session_id(session_id)
-        row = self._driver_read(f"reading session {session_id!r}",
-                                lambda cursor: _one(cursor, self._sql.get, (session_id.encode(),)))
+        sid, now = validate_session_id(session_id).encode(), self.now()
+        row = self._driver_read("reading session", session_id,
+                                lambda cursor: _one(cursor, self._sql.get, (now, now, sid)))
         if row is None:
             raise not_found(session_id)
-        return self._row_session(row, self.now())
+        return Session._make(row)
 
     def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
                attrs: Mapping[str, Any] | None = None) -> Session:
@@ -405,11 +416,11 @@ class SQLMetaStore(MetaStore):
             try:
                 cursor.execute(self._sql.insert_session, (session_id.encode(), fingerprint, session.created,
                                                           session.last_access, session.ttl, _expiry(session),
-                                                          encode_attrs(session.attrs)))
+                                                          session.attrs_json))
             except self._dbapi.IntegrityError:
                 raise AlreadyExistsError(f"session {session_id!r} already exists") from None
 
-        self._driver_write(f"creating session {session_id!r}", work)
+        self._driver_write("creating session", session_id, work)
         return session
 
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
@@ -422,50 +433,56 @@ class SQLMetaStore(MetaStore):
             self._write(cursor, new, count)
             return new
 
-        return self._driver_write(f"updating session {session_id!r}", work)
+        return self._driver_write("updating session", session_id, work)
 
     def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
-        validate_session_id(session_id)
-        what = f"appending to session {session_id!r}"
-        if self._dialect == "postgresql":
-            validate_spec(spec)
-            return self._append_one_statement(session_id, expected_version, spec, what)
-
-        def work(cursor: Any) -> tuple[Session, Entry]:
-            session, count = self._locked(cursor, session_id)
-            new, entry = self._appended(session, expected_version, spec, count)
-            cursor.execute(self._sql.insert_entry, (session_id.encode(), entry.seq, *_spec_values(spec),
-                                                    entry.created))
-            self._write(cursor, new, count + 1)
-            return new, entry
-
-        return self._driver_write(what, work)
-
-    def _append_one_statement(self, session_id: str, expected_version: int, spec: EntrySpec,
-                              what: str) -> tuple[Session, Entry]:
-        """PostgreSQL: the guarded update and the insert as one statement (one round trip,
-        atomic in autocommit). No row back: the guard failed; a fresh read says why."""
+        """A guarded write: it changes the session only if its version and token count are
+        as expected, then adds the entry (PostgreSQL: one statement; MySQL: one round trip;
+        SQLite: one transaction). Nothing changed: a fresh read says why."""
+        sid = validate_session_id(session_id).encode()
+        check_expected_version(expected_version)
+        validate_spec(spec)
         for _ in range(3):
             now = self.now()
-            params = (spec.token_length, now, now, session_id.encode(), expected_version, spec.token_offset,
-                      *_spec_values(spec), now)
-            row = self._driver_read(what, lambda cursor: _one(cursor, self._sql.append_pg, params))
+            row = self._guarded_append(session_id, sid, expected_version, spec, now)
             if row is not None:
-                session = self._row_session(row[:-1], now)
-                return session, Entry(*_spec_values(spec), session_id=session_id, seq=row[-1], created=now)
+                return Session._make(row[:-1]), Entry(*_spec_values(spec), session_id, row[-1], now)
             check_append(self.get(session_id), expected_version, spec)  # raises, unless it changed back
         raise VersionConflictError(f"session {session_id!r} kept changing under an append")
 
+    def _guarded_append(self, session_id: str, sid: bytes, expected_version: int, spec: EntrySpec,
+                        now: float) -> tuple | None:
+        """The session's row after the append plus the entry's seq, or None if the guard failed."""
+        guard = (spec.token_length, now, now, sid, expected_version, spec.token_offset)
+        values = (*_spec_values(spec), now)
+        if self._dialect == "postgresql":
+            return self._driver_read("appending to session", session_id,
+                                     lambda cursor: _one(cursor, self._sql.append, (*guard, *values, now, now)))
+        if self._dialect == "mysql":
+            return self._driver_read("appending to session", session_id,
+                                     lambda cursor: _mysql_batch(cursor, self._sql.append,
+                                                                 (*guard, *values, sid, now, now, sid)))
+
+        def work(cursor: Any) -> tuple | None:  # SQLite (RETURNING costs more than a SELECT here)
+            cursor.execute(self._sql.append, guard)
+            if cursor.rowcount != 1:
+                return None
+            row = _one(cursor, self._sql.appended, (now, now, sid))
+            cursor.execute(self._sql.insert_entry, (sid, row[-1], *values))
+            return row
+
+        return self._driver_write("appending to session", session_id, work)
+
     def entries(self, session_id: str) -> list[Entry]:
-        validate_session_id(session_id)
+        sid = validate_session_id(session_id).encode()
 
         def work(cursor: Any) -> list[Entry]:
             entries = self._entries_of(cursor, session_id)
-            if not entries and _one(cursor, self._sql.exists, (session_id.encode(),)) is None:
+            if not entries and _one(cursor, self._sql.exists, (sid,)) is None:
                 raise not_found(session_id)
             return entries
 
-        return self._driver_read(f"listing entries of {session_id!r}", work)
+        return self._driver_read("listing entries of", session_id, work)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         validate_session_id(session_id)
@@ -479,7 +496,7 @@ class SQLMetaStore(MetaStore):
             self._write(cursor, new, len(kept))
             return new, removed
 
-        return self._driver_write(f"truncating session {session_id!r}", work)
+        return self._driver_write("truncating session", session_id, work)
 
     def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
         validate_session_id(session_id)
@@ -493,7 +510,7 @@ class SQLMetaStore(MetaStore):
             cursor.execute(self._sql.delete_session, (session_id.encode(),))
             return entries
 
-        return self._driver_write(f"deleting session {session_id!r}", work)
+        return self._driver_write("deleting session", session_id, work)
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
@@ -501,31 +518,32 @@ class SQLMetaStore(MetaStore):
         after = decode_cursor(cursor)
         now = self.now()
         conditions: list[str] = []
-        params: list[Any] = []
+        params: list[Any] = [now, now]
         for condition, value in (("id > ?", None if after is None else after.encode()),
                                  ("owner = ? AND lease_expires > ?", owner and (owner, now)),
                                  ("last_access <= ?", idle_since), ("fingerprint = ?", fingerprint)):
             if value is not None:
                 conditions.append(condition)
                 params.extend(value if isinstance(value, tuple) else (value,))
+        params.append(limit + 1)
         sql = self._sql.list_sessions(conditions)
 
         def work(cursor: Any) -> list[tuple]:
-            cursor.execute(sql, (*params, limit + 1))
+            cursor.execute(sql, params)
             return cursor.fetchall()
 
-        rows = self._driver_read("listing sessions", work)
-        sessions = [self._row_session(row, now) for row in rows[:limit]]
+        rows = self._driver_read("listing sessions", None, work)
+        sessions = list(map(Session._make, rows[:limit]))
         return SessionPage(sessions, encode_cursor(sessions[-1].id) if len(rows) > limit else None)
 
     def expired(self, limit: int = 1000) -> list[Session]:
         now = self.now()
 
         def work(cursor: Any) -> list[tuple]:
-            cursor.execute(self._sql.expired, (now, limit))
+            cursor.execute(self._sql.expired, (now, now, now, limit))
             return cursor.fetchall()
 
-        return [self._row_session(row, now) for row in self._driver_read("finding expired sessions", work)]
+        return list(map(Session._make, self._driver_read("finding expired sessions", None, work)))
 
     # ---- leases -------------------------------------------------------------------------------
 
@@ -537,12 +555,13 @@ class SQLMetaStore(MetaStore):
         def work(cursor: Any) -> tuple[bool, Session]:
             cursor.execute(sql, params)
             changed = cursor.rowcount
-            row = _one(cursor, self._sql.get, (session_id.encode(),))
+            now = self.now()
+            row = _one(cursor, self._sql.get, (now, now, session_id.encode()))
             if row is None:
                 raise not_found(session_id)
-            return bool(changed), self._row_session(row, self.now())
+            return bool(changed), Session._make(row)
 
-        changed, session = self._driver_write(f"{what} the lease of {session_id!r}", work)
+        changed, session = self._driver_write(f"{what} the lease of", session_id, work)
         return session if changed else LeaseError(
             f"{owner!r} cannot {what.split()[0]} the lease of session {session_id!r}: held by {session.owner!r}",
             session.owner, session.lease_expires)
@@ -575,19 +594,26 @@ class SQLMetaStore(MetaStore):
 
 
 class _DriverSQL:
-    """Every statement after the schema, as driver SQL (``?`` or ``%s`` placeholders), built once."""
+    """Every statement after the schema, as driver SQL (``?`` or ``%s`` placeholders), built once.
+
+    Reads select a :class:`Session`'s fields in its order (the id decoded from its bytes by
+    the database, a lease that expired by the first two parameters left out) or an
+    :class:`Entry`'s, so a row becomes a record in one step: ``Session._make(row)``."""
 
     def __init__(self, dialect: str, prefix: str, quote: Any) -> None:
         self.mark = "?" if dialect == "sqlite" else "%s"
+        self.dialect = dialect
         self.sessions, self.entries_table = f"{prefix}sessions", f"{prefix}entries"
         columns = ", ".join(SESSION_COLUMNS)
         spec = ", ".join(quote(c) for c in _SPEC_COLUMNS)  # "key" is reserved in MySQL
-        self.columns = columns
-        self.get = self._marks(f"SELECT {columns} FROM {self.sessions} WHERE id = ?")
-        self.locked = self.get + ("" if dialect == "sqlite" else " FOR UPDATE")  # SQLite: BEGIN IMMEDIATE locks
+        session = self.session_fields()
+        self.session = session
+        self.get = self._marks(f"SELECT {session} FROM {self.sessions} WHERE id = ?")
+        self.locked = self._marks(f"SELECT {session}, entry_count FROM {self.sessions} WHERE id = ?"
+                                  + ("" if dialect == "sqlite" else " FOR UPDATE"))  # SQLite: BEGIN IMMEDIATE locks
         self.exists = self._marks(f"SELECT version FROM {self.sessions} WHERE id = ?")
-        self.entries = self._marks(f"SELECT {spec}, seq, created FROM {self.entries_table} "
-                                   "WHERE session_id = ? ORDER BY seq")
+        self.entries = self._marks(f"SELECT {spec}, {self.text('session_id')}, seq, created FROM "
+                                   f"{self.entries_table} WHERE session_id = ? ORDER BY seq")
         self.insert_entry = self._marks(f"INSERT INTO {self.entries_table} (session_id, seq, {spec}, created) "
                                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         self.insert_session = self._marks(
@@ -596,7 +622,7 @@ class _DriverSQL:
                                  "entry_count = ?, last_access = ?, ttl = ?, expires_at = ?, attrs = ? WHERE id = ?")
         self.delete_entries_from = self._marks(f"DELETE FROM {self.entries_table} WHERE session_id = ? AND seq >= ?")
         self.delete_session = self._marks(f"DELETE FROM {self.sessions} WHERE id = ?")
-        self.expired = self._marks(f"SELECT {columns} FROM {self.sessions} WHERE expires_at <= ? "
+        self.expired = self._marks(f"SELECT {session} FROM {self.sessions} WHERE expires_at <= ? "
                                    "ORDER BY expires_at LIMIT ?")
         self.acquire = self._marks(f"UPDATE {self.sessions} SET owner = ?, lease_expires = ? WHERE id = ? AND "
                                    "(owner IS NULL OR owner = ? OR lease_expires <= ?)")
@@ -604,22 +630,63 @@ class _DriverSQL:
                                  "AND lease_expires > ?")
         self.release = self._marks(f"UPDATE {self.sessions} SET owner = NULL, lease_expires = NULL WHERE id = ? "
                                    "AND owner = ? AND lease_expires > ?")
-        returning = ", ".join(f"s.{c}" for c in SESSION_COLUMNS)
-        self.append_pg = self._marks(
-            f"WITH s AS (UPDATE {self.sessions} SET version = version + 1, entry_count = entry_count + 1, "
-            "total_tokens = total_tokens + ?, last_access = ?, "
-            "expires_at = CASE WHEN ttl IS NULL THEN NULL ELSE ? + ttl END "
-            f"WHERE id = ? AND version = ? AND total_tokens = ? RETURNING {columns}), "
-            f"e AS (INSERT INTO {self.entries_table} (session_id, seq, {spec}, created) "
-            "SELECT id, entry_count - 1, ?, ?, ?, ?, ?, ?, ?, ? FROM s RETURNING seq) "
-            f"SELECT {returning}, e.seq FROM s, e")
+        # The guarded append (parameters: token_length, now, now, id, version, token_offset).
+        bump = (f"UPDATE {self.sessions} SET version = version + 1, entry_count = entry_count + 1, "
+                "total_tokens = total_tokens + ?, last_access = ?, "
+                "expires_at = CASE WHEN ttl IS NULL THEN NULL ELSE ? + ttl END "
+                "WHERE id = ? AND version = ? AND total_tokens = ?")
+        add = f"INSERT INTO {self.entries_table} (session_id, seq, {spec}, created)"
+        if dialect == "postgresql":  # one statement: the update feeds the insert
+            self.append = self._marks(
+                f"WITH s AS ({bump} RETURNING {columns}), "
+                f"e AS ({add} SELECT id, entry_count - 1, ?, ?, ?, ?, ?, ?, ?, ? FROM s RETURNING seq) "
+                f"SELECT {self.session_fields('s.')}, e.seq FROM s, e")
+        elif dialect == "mysql":  # one round trip: the insert happens only if the update did
+            self.append = self._marks(
+                f"START TRANSACTION; {bump}; "
+                f"{add} SELECT id, entry_count - 1, ?, ?, ?, ?, ?, ?, ?, ? FROM {self.sessions} "
+                "WHERE id = ? AND ROW_COUNT() = 1; "
+                f"SELECT {session}, entry_count - 1 FROM {self.sessions} WHERE id = ?; COMMIT")
+        else:  # SQLite, in a transaction: the update, the row, the insert
+            self.append = self._marks(bump)
+            self.appended = self._marks(f"SELECT {session}, entry_count - 1 FROM {self.sessions} WHERE id = ?")
+
+    def text(self, column: str) -> str:
+        """A binary id column as text, decoded from UTF-8 by the database."""
+        return {"sqlite": f"CAST({column} AS TEXT)", "postgresql": f"convert_from({column}, 'UTF8')"}.get(
+            self.dialect, f"CONVERT({column} USING utf8mb4)")
+
+    def session_fields(self, table: str = "") -> str:
+        """A Session's fields in order; the lease only if it is active at the first two parameters."""
+        t = table
+        return (f"{self.text(t + 'id')}, {t}fingerprint, {t}version, {t}total_tokens, {t}created, "
+                f"{t}last_access, {t}ttl, CASE WHEN {t}lease_expires > ? THEN {t}owner END, "
+                f"CASE WHEN {t}lease_expires > ? THEN {t}lease_expires END, {t}attrs")
 
     def _marks(self, sql: str) -> str:
         return sql if self.mark == "?" else sql.replace("?", self.mark)
 
     def list_sessions(self, conditions: list[str]) -> str:
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        return self._marks(f"SELECT {self.columns} FROM {self.sessions}{where} ORDER BY id LIMIT ?")
+        return self._marks(f"SELECT {self.session} FROM {self.sessions}{where} ORDER BY id LIMIT ?")
+
+
+def _mysql_batch(cursor: Any, sql: str, params: tuple) -> tuple | None:
+    """Run MySQL's append batch (:class:`_DriverSQL`); the last SELECT's row if both the
+    update and the insert changed a row, else None. A failed statement stops the batch with
+    its transaction open: it is rolled back before the error propagates."""
+    try:
+        cursor.execute(sql, params)  # START TRANSACTION
+        counts, row = [], None
+        while cursor.nextset():
+            counts.append(cursor.rowcount)
+            if cursor.description:
+                row = cursor.fetchone()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            cursor.execute("ROLLBACK")
+        raise
+    return row if counts[:2] == [1, 1] else None
 
 
 def _one(cursor: Any, sql: str, params: tuple) -> tuple | None:
@@ -628,8 +695,7 @@ def _one(cursor: Any, sql: str, params: tuple) -> tuple | None:
 
 
 def _spec_values(spec: EntrySpec) -> tuple:
-    return (spec.token_offset, spec.token_length, spec.connector, spec.key, spec.size, spec.checksum,
-            spec.prefix_hash)
+    return tuple(spec[:7])  # an Entry is a spec too
 
 
 def _expiry(session: Session) -> float | None:

@@ -13,7 +13,6 @@ concurrency tests then use threads only.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from kvswap.errors import AlreadyExistsError, ConfigError, InvalidKeyError, NotFoundError, VersionConflictError
-from kvswap.meta import EntrySpec, InvalidEntryError, LeaseError, MetaStore, Session, open_meta_store
+from kvswap.meta import Entry, EntrySpec, InvalidEntryError, LeaseError, MetaStore, Session, open_meta_store
 
 ODD_IDS = ["it's \"quoted\"", "a/b/../c", "/leading/slash/", "日本語のセッション", "emoji 🎉 ok", "Robert'); DROP TABLE "
            "kvswap_sessions;--", "x' OR '1'='1", "trailing space ", "CaseSensitive", "casesensitive", "%41%00+",
@@ -180,8 +179,7 @@ class MetaSuite:
             assert new.version == session.version + 1
             assert new.total_tokens == session.total_tokens + length
             assert (entry.seq, entry.session_id, entry.token_offset) == (i, "s1", session.total_tokens)
-            assert dataclasses.asdict(entry) | {"created": 0} == dataclasses.asdict(
-                dataclasses.replace(entry, created=0))
+            assert entry._replace(created=0) == Entry(*spec(session.total_tokens, length), "s1", i, 0)
             stored.append(entry)
             session = new
         assert meta.entries("s1") == stored
@@ -206,7 +204,7 @@ class MetaSuite:
     def test_malformed_entry_is_refused(self, meta: MetaStore, bad: dict[str, Any]) -> None:
         meta.create("s1", FP)
         with pytest.raises(InvalidEntryError) as info:
-            meta.append("s1", 1, dataclasses.replace(spec(0), **bad))
+            meta.append("s1", 1, spec(0)._replace(**bad))
         assert "hunter2" not in str(info.value)
         assert meta.get("s1").version == 1 and meta.entries("s1") == []
 
