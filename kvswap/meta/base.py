@@ -52,6 +52,8 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
+import orjson
+
 from kvswap.errors import (
     ConfigError,
     InvalidKeyError,
@@ -488,16 +490,18 @@ class MetaStore(abc.ABC):
         return float(ttl)
 
 
-def entry_value(entry: Entry) -> str:
+def entry_value(entry: Entry) -> bytes:
     """An entry as etcd and Redis store it: a JSON array of its EntrySpec fields and its
     creation time (the session id and seq are the key's, or the list position's)."""
-    return json.dumps([*entry[:7], entry.created], separators=(",", ":"))
+    return orjson.dumps([*entry[:7], entry.created])
 
 
 def entries_from_values(session_id: str, values: Sequence[bytes], first_seq: int = 0) -> list[Entry]:
     """The entries stored as ``values`` (:func:`entry_value`), ``seq`` counted from
-    ``first_seq``, with one JSON parse for all of them."""
+    ``first_seq``, with one JSON parse for all of them (orjson: 3x the standard library's)."""
     if not values:
         return []
-    rows = json.loads(b"[" + b",".join(values) + b"]")
-    return [Entry(*row[:7], session_id, seq, row[7]) for seq, row in enumerate(rows, first_seq)]
+    rows = orjson.loads(b"[" + b",".join(values) + b"]")
+    for seq, row in enumerate(rows, first_seq):
+        row[7:7] = (session_id, seq)  # Entry's field order
+    return list(map(Entry._make, rows))

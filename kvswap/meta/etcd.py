@@ -26,6 +26,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+import orjson
+
 from kvswap.errors import (
     AlreadyExistsError,
     BackendUnavailableError,
@@ -181,11 +183,13 @@ class EtcdMetaStore(MetaStore):
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def _decode(self, session_ids: list[str], kvs: Any, lease_kvs: Mapping[str, Any]) -> list[_Read]:
-        """Sessions from their keys' values (one JSON parse for all) and lease keys by id."""
-        values = json.loads(b"[" + b",".join([kv.value for kv in kvs]) + b"]")
+    def _decode(self, session_ids: list[str], records: list[tuple[bytes, bytes, int]],
+                lease_kvs: Mapping[str, Any]) -> list[_Read]:
+        """Sessions from their keys' (key, value, mod_revision) records, with one JSON parse for
+        all of them, and their lease keys by id."""
+        values = orjson.loads(b"[" + b",".join([value for _, value, _ in records]) + b"]")
         now, reads = self.now(), []
-        for session_id, kv, value in zip(session_ids, kvs, values):
+        for session_id, (_, _, revision), value in zip(session_ids, records, values):
             owner = expires = None
             lease_kv = lease_kvs.get(session_id)
             if lease_kv is not None:
@@ -193,7 +197,7 @@ class EtcdMetaStore(MetaStore):
                 if holder.active(now):
                     owner, expires = holder.owner, holder.expires
             session = Session(session_id, *value[:6], owner, expires, value[6])
-            reads.append(_Read(session, kv.mod_revision, value[7]))
+            reads.append(_Read(session, revision, value[7]))
         return reads
 
     def _with_lease(self, session: Session, lease_kv: Any | None) -> Session:
@@ -215,7 +219,9 @@ class EtcdMetaStore(MetaStore):
         if not ranges[0]:
             self._forget(session_id)
             raise not_found(session_id)
-        read = self._decode([session_id], ranges[0], {session_id: ranges[1][0]} if ranges[1] else {})[0]
+        kv = ranges[0][0]
+        read = self._decode([session_id], [(kv.key, kv.value, kv.mod_revision)],
+                            {session_id: ranges[1][0]} if ranges[1] else {})[0]
         entries = entries_from_values(session_id, [kv.value for kv in ranges[2]]) if with_entries else []
         return read, entries
 
@@ -334,23 +340,25 @@ class EtcdMetaStore(MetaStore):
         return collect_page(self._session_batches(decode_cursor(cursor), max(limit, 100)), wanted, limit)
 
     def _session_batches(self, after: str | None, size: int) -> Iterator[tuple[list[Session], bool]]:
-        """Sessions after ``after`` in byte order, ``size`` at a time (with their leases)."""
-        base = self._root + b"s/"
+        """Sessions after ``after`` in byte order, ``size`` at a time, with their leases: one
+        transaction reads a batch and the lease keys from its first id on (there are at most as
+        many lease keys as sessions up to the batch's last id; later ones are not used)."""
+        base, lease_base = self._root + b"s/", self._root + b"l/"
         start = base if after is None else self._key("s", after) + b"\x00"
-        lease_base = self._root + b"l/"
         while True:
-            reply = self._call(self._kv.Range, self._range(start, _prefix_end(base), size), "listing sessions")
-            kvs = list(reply.kvs)
-            if not kvs:
+            reply = self._txn("listing sessions", [], [
+                self._range(start, _prefix_end(base), size),
+                self._range(lease_base + start[len(base):], _prefix_end(lease_base), size)])
+            sessions, leases = (response.response_range for response in reply.responses)
+            records = [(kv.key, kv.value, kv.mod_revision) for kv in sessions.kvs]
+            if not records:
                 return
-            ids = [kv.key[len(base):].decode("utf-8") for kv in kvs]
-            leases_reply = self._call(self._kv.Range, self._range(
-                lease_base + ids[0].encode("utf-8"), lease_base + ids[-1].encode("utf-8") + b"\x00"), "listing leases")
-            leases = {kv.key[len(lease_base):].decode("utf-8"): kv for kv in leases_reply.kvs}
-            yield [read.session for read in self._decode(ids, kvs, leases)], reply.more
-            if not reply.more:
+            ids = [key[len(base):].decode("utf-8") for key, _, _ in records]
+            lease_kvs = {kv.key[len(lease_base):].decode("utf-8"): kv for kv in leases.kvs}
+            yield [read.session for read in self._decode(ids, records, lease_kvs)], sessions.more
+            if not sessions.more:
                 return
-            start = kvs[-1].key + b"\x00"
+            start = records[-1][0] + b"\x00"
 
     def expired(self, limit: int = 1000) -> list[Session]:
         now, found = self.now(), []

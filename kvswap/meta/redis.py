@@ -175,7 +175,7 @@ class RedisMetaStore(MetaStore):
     def _reraise(self, exc: Exception, what: str) -> NoReturn:
         """Raise ``exc`` as kvswap's kind (hot paths catch themselves: cheaper than _errors)."""
         error = translated(self._redis.errors, f"{what} on {self.uri}", exc)
-        if error is None:
+        if error is None or error is exc:
             raise exc
         raise error from exc
 
@@ -284,11 +284,12 @@ class RedisMetaStore(MetaStore):
 
     def entries(self, session_id: str) -> list[Entry]:
         validate_session_id(session_id)
-        keys = self._keys(session_id)
-        with self._errors(f"listing entries of {session_id!r}"):
-            raw = self._client.lrange(keys[1], 0, -1)
-            if not raw and not self._client.exists(keys[0]):
+        try:
+            raw = self._client.lrange(f"{self._prefix}e:{session_id}", 0, -1)
+            if not raw and not self._client.exists(f"{self._prefix}s:{session_id}"):
                 raise not_found(session_id)
+        except Exception as exc:
+            self._reraise(exc, f"listing entries of {session_id!r}")
         return entries_from_values(session_id, raw)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
@@ -115,7 +116,8 @@ def tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table, sa.Table]:
         sa.Column("lease_expires", sa.Double, nullable=True),
         sa.Column("attrs", sa.Text, nullable=False),
         sa.Index(f"{prefix}sessions_owner", "owner"),
-        sa.Index(f"{prefix}sessions_last_access", "last_access"),
+        # No index on last_access: every append changes it (an index write each, 40% of a
+        # SQLite append at 20k sessions); an idle_since listing walks the id order anyway.
         # Partial where the database can (most sessions have no TTL: no index write per change).
         sa.Index(f"{prefix}sessions_expires_at", "expires_at", sqlite_where=sa.text("expires_at IS NOT NULL"),
                  postgresql_where=sa.text("expires_at IS NOT NULL")),
@@ -641,12 +643,15 @@ class _DriverSQL:
                 f"WITH s AS ({bump} RETURNING {columns}), "
                 f"e AS ({add} SELECT id, entry_count - 1, ?, ?, ?, ?, ?, ?, ?, ? FROM s RETURNING seq) "
                 f"SELECT {self.session_fields('s.')}, e.seq FROM s, e")
-        elif dialect == "mysql":  # one round trip: the insert happens only if the update did
+        elif dialect == "mysql":
+            # One round trip: the insert happens only if the update did. The row comes back as
+            # one JSON column: PyMySQL parses each column's description in Python (~14 us a
+            # column); MariaDB and MySQL print doubles in JSON exactly (shortest round trip).
             self.append = self._marks(
                 f"START TRANSACTION; {bump}; "
                 f"{add} SELECT id, entry_count - 1, ?, ?, ?, ?, ?, ?, ?, ? FROM {self.sessions} "
                 "WHERE id = ? AND ROW_COUNT() = 1; "
-                f"SELECT {session}, entry_count - 1 FROM {self.sessions} WHERE id = ?; COMMIT")
+                f"SELECT JSON_ARRAY({session}, entry_count - 1) FROM {self.sessions} WHERE id = ?; COMMIT")
         else:  # SQLite, in a transaction: the update, the row, the insert
             self.append = self._marks(bump)
             self.appended = self._marks(f"SELECT {session}, entry_count - 1 FROM {self.sessions} WHERE id = ?")
@@ -671,9 +676,9 @@ class _DriverSQL:
         return self._marks(f"SELECT {self.session} FROM {self.sessions}{where} ORDER BY id LIMIT ?")
 
 
-def _mysql_batch(cursor: Any, sql: str, params: tuple) -> tuple | None:
-    """Run MySQL's append batch (:class:`_DriverSQL`); the last SELECT's row if both the
-    update and the insert changed a row, else None. A failed statement stops the batch with
+def _mysql_batch(cursor: Any, sql: str, params: tuple) -> list | None:
+    """Run MySQL's append batch (:class:`_DriverSQL`); the last SELECT's row (decoded from
+    its JSON) if both the update and the insert changed a row, else None. A failed statement stops the batch with
     its transaction open: it is rolled back before the error propagates."""
     try:
         cursor.execute(sql, params)  # START TRANSACTION
@@ -686,7 +691,7 @@ def _mysql_batch(cursor: Any, sql: str, params: tuple) -> tuple | None:
         with contextlib.suppress(Exception):
             cursor.execute("ROLLBACK")
         raise
-    return row if counts[:2] == [1, 1] else None
+    return orjson.loads(row[0]) if counts[:2] == [1, 1] and row is not None else None
 
 
 def _one(cursor: Any, sql: str, params: tuple) -> tuple | None:
