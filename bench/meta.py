@@ -108,6 +108,10 @@ class RawSQL:
                      (LIST_ID.encode(),))
         self.entry = self.execute("SELECT * FROM rawbench_entries WHERE session_id = ? AND seq = 0",
                                   (LIST_ID.encode(),), fetch=True)[0]
+        # Fresh statistics for both sides (a copied table has none: PostgreSQL would sort it).
+        names = "rawbench_sessions, rawbench_entries, kvswap_sessions, kvswap_entries"
+        self.execute({"sqlite": "ANALYZE", "postgresql": f"ANALYZE {names}"}.get(self.scheme, f"ANALYZE TABLE {names}"),
+                     fetch=self.scheme == "mysql")
 
     def get(self, i: int) -> Any:
         return self.execute("SELECT * FROM rawbench_sessions WHERE id = ?", (b"s%07d" % i,), fetch=True)

@@ -183,22 +183,25 @@ class EtcdMetaStore(MetaStore):
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def _decode(self, session_ids: list[str], records: list[tuple[bytes, bytes, int]],
-                lease_kvs: Mapping[str, Any]) -> list[_Read]:
-        """Sessions from their keys' (key, value, mod_revision) records, with one JSON parse for
-        all of them, and their lease keys by id."""
-        values = orjson.loads(b"[" + b",".join([value for _, value, _ in records]) + b"]")
-        now, reads = self.now(), []
-        for session_id, (_, _, revision), value in zip(session_ids, records, values):
-            owner = expires = None
-            lease_kv = lease_kvs.get(session_id)
-            if lease_kv is not None:
+    def _decode(self, session_ids: list[str], values: list[bytes],
+                lease_kvs: Mapping[str, Any]) -> tuple[list[Session], list[int]]:
+        """Sessions and their entry counts from their keys' values (one JSON parse for all),
+        with the active leases among ``lease_kvs`` (lease keys by id)."""
+        rows = orjson.loads(b"[" + b",".join(values) + b"]")
+        counts = []
+        for session_id, row in zip(session_ids, rows):  # -> Session's field order
+            counts.append(row.pop())
+            row[6:7] = (None, None, row[6])  # owner, lease_expires before attrs_json
+            row.insert(0, session_id)
+        sessions = list(map(Session._make, rows))
+        if lease_kvs:
+            now, position = self.now(), {session_id: i for i, session_id in enumerate(session_ids)}
+            for session_id, lease_kv in lease_kvs.items():
                 holder = _Holder.parse(lease_kv)
-                if holder.active(now):
-                    owner, expires = holder.owner, holder.expires
-            session = Session(session_id, *value[:6], owner, expires, value[6])
-            reads.append(_Read(session, revision, value[7]))
-        return reads
+                if session_id in position and holder.active(now):
+                    i = position[session_id]
+                    sessions[i] = sessions[i]._replace(owner=holder.owner, lease_expires=holder.expires)
+        return sessions, counts
 
     def _with_lease(self, session: Session, lease_kv: Any | None) -> Session:
         """``session`` with the owner and expiry of its lease key, if that lease is active."""
@@ -220,8 +223,8 @@ class EtcdMetaStore(MetaStore):
             self._forget(session_id)
             raise not_found(session_id)
         kv = ranges[0][0]
-        read = self._decode([session_id], [(kv.key, kv.value, kv.mod_revision)],
-                            {session_id: ranges[1][0]} if ranges[1] else {})[0]
+        sessions, counts = self._decode([session_id], [kv.value], {session_id: ranges[1][0]} if ranges[1] else {})
+        read = _Read(sessions[0], kv.mod_revision, counts[0])
         entries = entries_from_values(session_id, [kv.value for kv in ranges[2]]) if with_entries else []
         return read, entries
 
@@ -350,12 +353,12 @@ class EtcdMetaStore(MetaStore):
                 self._range(start, _prefix_end(base), size),
                 self._range(lease_base + start[len(base):], _prefix_end(lease_base), size)])
             sessions, leases = (response.response_range for response in reply.responses)
-            records = [(kv.key, kv.value, kv.mod_revision) for kv in sessions.kvs]
+            records = [(kv.key, kv.value) for kv in sessions.kvs]
             if not records:
                 return
-            ids = [key[len(base):].decode("utf-8") for key, _, _ in records]
+            ids = [key[len(base):].decode("utf-8") for key, _ in records]
             lease_kvs = {kv.key[len(lease_base):].decode("utf-8"): kv for kv in leases.kvs}
-            yield [read.session for read in self._decode(ids, records, lease_kvs)], sessions.more
+            yield self._decode(ids, [value for _, value in records], lease_kvs)[0], sessions.more
             if not sessions.more:
                 return
             start = records[-1][0] + b"\x00"

@@ -99,15 +99,17 @@ index_ttl(ARGV[3])
 return state()
 """
 
-# ARGV: id, expected version, now, token offset, token end, entry JSON
+# ARGV: id, expected version, now, token offset, token end, entry JSON (the hot write: one
+# HMGET for every check; the TTL index moves only for a session with a TTL)
 _APPEND = _INDEX_TTL + """
-local failed = guard(ARGV[2]); if failed then return failed end
-local total = redis.call('HGET', KEYS[1], 'total_tokens')
-if total ~= ARGV[4] then return {'gap', total} end
+local s = redis.call('HMGET', KEYS[1], 'version', 'total_tokens', 'ttl')
+if not s[1] then return {'missing'} end
+if s[1] ~= ARGV[2] then return {'conflict', s[1]} end
+if s[2] ~= ARGV[4] then return {'gap', s[2]} end
 local seq = redis.call('RPUSH', KEYS[2], ARGV[6]) - 1
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'last_access', ARGV[3], 'total_tokens', ARGV[5])
-index_ttl(ARGV[3])
+if s[3] and s[3] ~= '' then redis.call('ZADD', KEYS[5], tonumber(ARGV[3]) + tonumber(s[3]), ARGV[1]) end
 local result = state()
 result[3] = seq
 return result

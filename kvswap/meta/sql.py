@@ -14,12 +14,16 @@ schema record, or with another schema version, are a :class:`ConfigError`, never
 Session ids are stored as their UTF-8 bytes (binary columns), so every database compares and
 orders them exactly, whatever its collation.
 
-Every change runs in one transaction that first locks the session's row (``SELECT ... FOR
-UPDATE``; SQLite takes its write lock with ``BEGIN IMMEDIATE``), checks the version with the
-rules in :mod:`kvswap.meta.base`, then writes; a PostgreSQL append is one statement whose
-``WHERE`` is those rules. SQLite runs in WAL mode: several processes may
-share the file; a committed change survives a killed process (``synchronous=normal``) or also
-power loss (``?synchronous=full``).
+An append, the hot write, is a guarded update: it bumps the session only ``WHERE version = ?
+AND total_tokens = ?`` and adds the entry only if that row changed (PostgreSQL: one
+statement; MySQL: one multi-statement round trip; SQLite: one ``BEGIN IMMEDIATE``
+transaction); when nothing changed, a fresh read raises the exact error. Every other change
+runs in one transaction that first locks the session's row (``SELECT ... FOR UPDATE``;
+SQLite: ``BEGIN IMMEDIATE``), checks the rules in :mod:`kvswap.meta.base`, then writes.
+Reads select a record's fields in its order, so a row becomes a :class:`Session` or
+:class:`Entry` in one step. SQLite runs in WAL mode: several processes may share the file;
+a committed change survives a killed process (``synchronous=normal``) or also power loss
+(``?synchronous=full``).
 """
 
 from __future__ import annotations

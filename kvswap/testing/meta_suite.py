@@ -263,6 +263,8 @@ class MetaSuite:
         for session_id in ("a", "b", "c"):
             meta.create(session_id, FP)
         meta.acquire_lease("b", "node-1", 30)
+        listed = {s.id: s.owner for s in meta.list_sessions().sessions}
+        assert listed == {"a": None, "b": "node-1", "c": None}  # unfiltered pages carry leases too
         assert [s.id for s in meta.list_sessions(owner="node-1").sessions] == ["b"]
         assert meta.list_sessions(owner="node-2").sessions == []
         cut = time.time() + 0.001
@@ -289,6 +291,9 @@ class MetaSuite:
         later = clocked(500)
         later.update("short", 1)  # touched at +500: expires at +600
         assert clocked(550).expired() == []
+        clocked(580).append("short", 2, spec(0))  # an append touches it too: expires at +680
+        assert clocked(650).expired() == []
+        assert [s.id for s in clocked(700).expired()] == ["short"]
 
     # ---- leases -----------------------------------------------------------------------------
 
