@@ -5,15 +5,18 @@
 
 Starts its own servers on loopback (kvswap.testing.servers). For each backend, one thread:
 
-* get session         vs one parameterized SELECT by primary key / Redis GET / etcd get;
-* append (CAS)        vs one parameterized INSERT, autocommit / Redis SET / etcd put;
+* get session         vs one parameterized SELECT by primary key / Redis HGETALL / etcd get;
+* append (CAS)        vs one parameterized INSERT, autocommit / Redis RPUSH / etcd put;
 * list 100 entries    vs one SELECT of 100 rows / LRANGE of 100 / etcd range of 100 keys;
 * page 100k sessions  (1000 per page) vs SELECT ... WHERE id > ? ORDER BY id LIMIT 1000 /
                       ZRANGEBYLEX + pipelined HGETALL of 1000 / etcd range with limit 1000.
 
-Raw and kvswap runs alternate (``--rounds``), the median per-op time of each is kept; the
-ratio is kvswap's cost per operation over the raw driver's (goal: <= 2). memkv has no driver;
-its raw column is a dict lookup / list append. JSON goes to bench/results/.
+The raw stores hold copies of kvswap's own rows, hashes and values (same shapes, same
+DDL). Raw and kvswap runs alternate (``--rounds``), the median per-op time of each is kept;
+the ratio is kvswap's cost per operation over the raw driver's (goal: <= 2). For the SQL
+stores, ``append_txn`` also runs kvswap's own guarded append statements in their
+transaction through the bare driver: the database's share of an append. memkv has no
+driver; its raw column is a dict lookup / list append. JSON goes to bench/results/.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class RawSQL:
     def __init__(self, uri: URI) -> None:
         import sqlalchemy as sa
 
-        from kvswap.meta.sql import tables
+        from kvswap.meta.sql import _DriverSQL, tables
 
         self.scheme = uri.scheme
         if uri.scheme == "sqlite":
@@ -83,16 +86,21 @@ class RawSQL:
         else:
             import pymysql
 
+            from pymysql.constants import CLIENT
+
             self.conn = pymysql.connect(host=uri.host, port=uri.port, user=uri.username, password=uri.password,
-                                        database=uri.path.strip("/"), autocommit=True)
+                                        database=uri.path.strip("/"), autocommit=True,
+                                        client_flag=CLIENT.MULTI_STATEMENTS)
             self.mark = "%s"
             url = uri.render(hide_password=False).replace("mysql://", "mysql+pymysql://", 1)
         engine = sa.create_engine(url)
         md = tables("rawbench_")[0]
         md.drop_all(engine)
         md.create_all(engine)
+        # kvswap's own statements, on these tables, for append_txn.
+        self.sql = _DriverSQL(uri.scheme, "rawbench_", engine.dialect.identifier_preparer.quote)
         engine.dispose()
-        self.seq = 0
+        self.seq, self.version, self.total = 0, 1, 0
 
     def execute(self, sql: str, params: tuple = (), fetch: bool = False) -> Any:
         cursor = self.conn.cursor()
@@ -119,7 +127,30 @@ class RawSQL:
     def append(self, i: int) -> Any:
         self.seq += 1
         return self.execute("INSERT INTO rawbench_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (APPEND_ID.encode(), self.seq, *self.entry[2:]))
+                            (b"raw-append", self.seq, *self.entry[2:]))
+
+    def append_txn(self, i: int) -> Any:
+        """An append as kvswap runs it (its guarded statements, its transaction) through the
+        bare driver: what the database itself costs for a compare-and-swap append."""
+        now, sid, cursor = time.time(), APPEND_ID.encode(), self.conn.cursor()
+        guard = (16, now, now, sid, self.version, self.total)
+        values = (self.total, *self.entry[3:9], now)
+        if self.scheme == "sqlite":
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(self.sql.append, guard)
+            assert cursor.rowcount == 1
+            row = cursor.execute(self.sql.appended, (now, now, sid)).fetchone()
+            cursor.execute(self.sql.insert_entry, (sid, row[-1], *values))
+            cursor.execute("COMMIT")
+        elif self.scheme == "postgresql":
+            cursor.execute(self.sql.append, (*guard, *values, now, now))
+            assert cursor.fetchone() is not None
+        else:
+            cursor.execute(self.sql.append, (*guard, *values, sid, now, now, sid))
+            while cursor.nextset():
+                pass
+        cursor.close()
+        self.version, self.total = self.version + 1, self.total + 16
 
     def list100(self, i: int) -> Any:
         return self.execute("SELECT * FROM rawbench_entries WHERE session_id = ? ORDER BY seq",
@@ -343,7 +374,7 @@ def bench_backend(name: str, uri: URI, sessions: int, rounds: int, counts: dict[
     ops = KVSwapOps(meta)
     ops.prepare()
     raw.seed(ids)
-    samples: dict[str, dict[str, list[float]]] = {op: {"kvswap": [], "raw": []} for op in OPS}
+    samples: dict[str, dict[str, list[float]]] = {op: {"kvswap": [], "raw": []} for op in (*OPS, "append_txn")}
     for _ in range(rounds):
         for op in OPS:
             for side, target in (("raw", raw), ("kvswap", ops)):
@@ -354,6 +385,8 @@ def bench_backend(name: str, uri: URI, sessions: int, rounds: int, counts: dict[
                     samples[op][side].append((time.perf_counter() - start) / seen)
                 else:
                     samples[op][side].append(per_op(getattr(target, op), counts[op], sessions))
+            if op == "append" and hasattr(raw, "append_txn"):
+                samples["append_txn"]["raw"].append(per_op(raw.append_txn, counts[op], sessions))
     meta.close()
     raw.close()
     row: dict[str, Any] = {"backend": name, "uri": str(uri)}
@@ -361,6 +394,10 @@ def bench_backend(name: str, uri: URI, sessions: int, rounds: int, counts: dict[
         kv, rw = (statistics.median(samples[op][side]) for side in ("kvswap", "raw"))
         unit = "sessions/s" if op == "page" else "ops/s"
         row[op] = {"kvswap_per_s": 1 / kv, "raw_per_s": 1 / rw, "cost_ratio": kv / rw, "unit": unit}
+    if samples["append_txn"]["raw"]:
+        txn = statistics.median(samples["append_txn"]["raw"])
+        kv, rw = (statistics.median(samples["append"][side]) for side in ("kvswap", "raw"))
+        row["append"].update(raw_txn_per_s=1 / txn, txn_over_raw=txn / rw, cost_ratio_vs_txn=kv / txn)
     return row
 
 
@@ -396,6 +433,13 @@ def main() -> int:
         print(f"{row['backend']:<11}" + "".join(
             f"{row[op]['kvswap_per_s']:>12,.0f} /{row[op]['raw_per_s']:>10,.0f} ({row[op]['cost_ratio']:.2f})"
             for op in OPS))
+    print("\nappend, the database's own share: kvswap's guarded statements and transaction through the bare "
+          "driver\n(append_txn), against one autocommit INSERT (raw) and kvswap (cost ratio over append_txn):")
+    for row in rows:
+        if "raw_txn_per_s" in row["append"]:
+            a = row["append"]
+            print(f"  {row['backend']:<11} append_txn {a['raw_txn_per_s']:>8,.0f}/s = {a['txn_over_raw']:.2f}x raw's "
+                  f"time; kvswap {a['cost_ratio_vs_txn']:.2f}x append_txn's")
     return 0
 
 
