@@ -66,7 +66,9 @@ class RedisClient:
     needs on this library version.
     """
 
-    def __init__(self, uri: URI, opts: dict[str, Any], retries: int) -> None:
+    def __init__(self, uri: URI, opts: dict[str, Any], retries: int, *, large_values: bool = True) -> None:
+        """``large_values``: pack commands in Python (module doc); False keeps the library's
+        own packer, faster for many small arguments (the meta store's scripts)."""
         library = LIBRARIES[uri.scheme]
         lib = importlib.import_module(library)
         self.errors = error_table(lib)
@@ -80,7 +82,8 @@ class RedisClient:
                 raise ConfigError(f"the path of {uri} must be a database number, like /0") from None
         if not uri.host:
             raise ConfigError(f"{uri.scheme}:// needs a host, like {uri.scheme}://127.0.0.1:6379/0")
-        plain, tls = _connection_classes(lib)
+        plain, tls = (_connection_classes(lib) if large_values
+                      else (lib.connection.Connection, lib.connection.SSLConnection))
         kwargs: dict[str, Any] = dict(
             host=uri.host, port=uri.port or 6379, db=db, username=uri.username, password=uri.password,
             socket_timeout=opts["timeout"], socket_connect_timeout=opts["connect_timeout"],

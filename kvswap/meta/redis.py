@@ -161,7 +161,7 @@ class RedisMetaStore(MetaStore):
         super().__init__(uri, **options)
         if not self.options["prefix"]:
             raise ConfigError("prefix must not be empty")
-        self._redis = RedisClient(uri, self.options, retries=0)
+        self._redis = RedisClient(uri, self.options, retries=0, large_values=False)
         self._client = self._redis.client
         self._prefix = self.options["prefix"]
         register = self._client.register_script
