@@ -297,47 +297,22 @@ class SQLMetaStore(MetaStore):
 
     def _driver_read(self, what: str, subject: str | None, work: Callable[[Any], _T]) -> _T:
         """``work(cursor)`` on a pooled reader connection (autocommit); once more if it was dead."""
-        for attempt in range(2):
-            proxy = None
-            try:
-                proxy = self._checkout(self._reader)
-                cursor = proxy.cursor()
-                try:
-                    return work(cursor)
-                finally:
-                    cursor.close()
-            except KVSwapError:
-                raise
-            except BaseException as exc:
-                error = self._failure(exc, what, subject)
-                if error is None:
-                    raise
-                if attempt or not self._dead(proxy, exc):
-                    raise error from exc
-            finally:
-                self._checkin(proxy)
-        raise AssertionError("unreachable")
+        return self._run(what, subject, work, write=False)
 
     def _driver_write(self, what: str, subject: str | None, work: Callable[[Any], _T]) -> _T:
         """``work(cursor)`` in one transaction on a pooled writer connection (SQLite: BEGIN
         IMMEDIATE), committed; rolled back on any error; again after a deadlock or busy database."""
-        for attempt in range(5):
+        return self._run(what, subject, work, write=True)
+
+    def _run(self, what: str, subject: str | None, work: Callable[[Any], _T], *, write: bool) -> _T:
+        attempts = 5 if write else 2
+        for attempt in range(attempts):
             proxy = None
             try:
-                proxy = self._checkout(self._engine)
+                proxy = self._checkout(self._engine if write else self._reader)
                 cursor = proxy.cursor()
                 try:
-                    if self._dialect == "sqlite":
-                        cursor.execute("BEGIN IMMEDIATE")
-                    result = work(cursor)
-                    if self._dialect == "sqlite":
-                        cursor.execute("COMMIT")
-                    else:
-                        proxy.commit()
-                    return result
-                except BaseException:
-                    _quietly_rollback(proxy, cursor, self._dialect)
-                    raise
+                    return self._transaction(proxy, cursor, work) if write else work(cursor)
                 finally:
                     cursor.close()
             except KVSwapError:
@@ -346,13 +321,29 @@ class SQLMetaStore(MetaStore):
                 error = self._failure(exc, what, subject)
                 if error is None:
                     raise
-                self._dead(proxy, exc)
-                if attempt == 4 or not any(t in str(exc).lower() for t in _TRANSIENT):
+                dead = self._dead(proxy, exc)
+                again = any(t in str(exc).lower() for t in _TRANSIENT) if write else dead
+                if attempt == attempts - 1 or not again:
                     raise error from exc
-                time.sleep(0.02 * 2**attempt)
+                if write:
+                    time.sleep(0.02 * 2**attempt)
             finally:
                 self._checkin(proxy)
         raise AssertionError("unreachable")
+
+    def _transaction(self, proxy: Any, cursor: Any, work: Callable[[Any], _T]) -> _T:
+        try:
+            if self._dialect == "sqlite":
+                cursor.execute("BEGIN IMMEDIATE")
+            result = work(cursor)
+            if self._dialect == "sqlite":
+                cursor.execute("COMMIT")
+            else:
+                proxy.commit()
+            return result
+        except BaseException:
+            _quietly_rollback(proxy, cursor, self._dialect)
+            raise
 
     def _checkout(self, engine: sa.Engine) -> Any:
         """A DBAPI connection: from the pool, or (SQLite) this thread's own, taken from the
