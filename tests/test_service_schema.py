@@ -25,7 +25,7 @@ def test_no_input_makes_the_service_fail(tmp_path: Path) -> None:
              # ast.parse on CPython 3.11.7 can raise a spurious SystemError (cpython gh-106905).
              "--phases", "examples,coverage,fuzzing", "--max-examples", "30", "--workers", "1",
              "--request-timeout", "30", "--generation-database", "none", "--no-color"],
-            capture_output=True, text=True, timeout=540)
+            capture_output=True, text=True, timeout=540, cwd=tmp_path)  # its cache stays out of the tree
     finally:
         served.stop()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
