@@ -52,7 +52,14 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
-import orjson
+try:  # a core dependency; the standard library stands in where no wheel exists (e.g. a GPU host)
+    from orjson import dumps as _json_bytes
+    from orjson import loads as json_loads
+except ImportError:  # pragma: no cover - exercised only where orjson is missing
+    json_loads = json.loads
+
+    def _json_bytes(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 from kvswap.errors import (
     ConfigError,
@@ -493,7 +500,7 @@ class MetaStore(abc.ABC):
 def entry_value(entry: Entry) -> bytes:
     """An entry as etcd and Redis store it: a JSON array of its EntrySpec fields and its
     creation time (the session id and seq are the key's, or the list position's)."""
-    return orjson.dumps([*entry[:7], entry.created])
+    return _json_bytes([*entry[:7], entry.created])
 
 
 def entries_from_values(session_id: str, values: Sequence[bytes], first_seq: int = 0) -> list[Entry]:
@@ -501,7 +508,7 @@ def entries_from_values(session_id: str, values: Sequence[bytes], first_seq: int
     ``first_seq``, with one JSON parse for all of them (orjson: 3x the standard library's)."""
     if not values:
         return []
-    rows = orjson.loads(b"[" + b",".join(values) + b"]")
+    rows = json_loads(b"[" + b",".join(values) + b"]")
     for seq, row in enumerate(rows, first_seq):
         row[7:7] = (session_id, seq)  # Entry's field order
     return list(map(Entry._make, rows))

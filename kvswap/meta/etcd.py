@@ -26,7 +26,6 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
-import orjson
 
 from kvswap.errors import (
     AlreadyExistsError,
@@ -35,6 +34,7 @@ from kvswap.errors import (
     KVSwapError,
 )
 from kvswap.meta.base import (
+    json_loads,
     UNSET,
     Entry,
     EntrySpec,
@@ -187,7 +187,7 @@ class EtcdMetaStore(MetaStore):
                 lease_kvs: Mapping[str, Any]) -> tuple[list[Session], list[int]]:
         """Sessions and their entry counts from their keys' values (one JSON parse for all),
         with the active leases among ``lease_kvs`` (lease keys by id)."""
-        rows = orjson.loads(b"[" + b",".join(values) + b"]")
+        rows = json_loads(b"[" + b",".join(values) + b"]")
         counts = []
         for session_id, row in zip(session_ids, rows):  # -> Session's field order
             counts.append(row.pop())

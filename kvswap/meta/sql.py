@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
@@ -49,6 +48,7 @@ from kvswap.errors import (
     translated,
 )
 from kvswap.meta.base import (
+    json_loads,
     MAX_ID_BYTES,
     UNSET,
     Entry,
@@ -686,7 +686,7 @@ def _mysql_batch(cursor: Any, sql: str, params: tuple) -> list | None:
         with contextlib.suppress(Exception):
             cursor.execute("ROLLBACK")
         raise
-    return orjson.loads(row[0]) if counts[:2] == [1, 1] and row is not None else None
+    return json_loads(row[0]) if counts[:2] == [1, 1] and row is not None else None
 
 
 def _one(cursor: Any, sql: str, params: tuple) -> tuple | None:
