@@ -195,12 +195,11 @@ class EtcdMetaStore(MetaStore):
             row.insert(0, session_id)
         sessions = list(map(Session._make, rows))
         if lease_kvs:
-            now, position = self.now(), {session_id: i for i, session_id in enumerate(session_ids)}
+            position = {session_id: i for i, session_id in enumerate(session_ids)}
             for session_id, lease_kv in lease_kvs.items():
-                holder = _Holder.parse(lease_kv)
-                if session_id in position and holder.active(now):
+                if session_id in position:
                     i = position[session_id]
-                    sessions[i] = sessions[i]._replace(owner=holder.owner, lease_expires=holder.expires)
+                    sessions[i] = self._with_lease(sessions[i], lease_kv)
         return sessions, counts
 
     def _with_lease(self, session: Session, lease_kv: Any | None) -> Session:
