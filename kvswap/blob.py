@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -162,7 +162,7 @@ def parse_header(data: bytes | memoryview, key: str, blob_size: int | None = Non
     if length > MAX_HEADER or (blob_size is not None and 8 + length > blob_size):
         raise IntegrityError(f"{key!r} is not a kvswap blob: header length {length} is impossible")
     if len(view) < 8 + length:
-        raise ValueError(f"need {8 + length} bytes to parse the header of {key!r}")
+        raise IntegrityError(f"{key!r} is truncated: {len(view)} bytes cannot hold its {8 + length}-byte header")
     try:
         raw = json.loads(bytes(view[8:8 + length]))
         if not isinstance(raw, dict):
@@ -204,42 +204,79 @@ def read_header(connector: Connector, key: str) -> BlobHeader:
 
 
 def _read_header(connector: Connector, key: str) -> tuple[BlobHeader, memoryview]:
-    """The header and the bytes of the first read (header, perhaps some data)."""
+    """The header and the bytes of the first read (header, perhaps some data).
+
+    Any blob that cannot hold a whole header (truncated, or a damaged length) is an
+    :class:`IntegrityError`, never another exception.
+    """
     probe = memoryview(connector.get(key, offset=0, length=HEADER_PROBE))
     if len(probe) >= 8:
         (length,) = struct.unpack_from("<Q", probe)
+        if 8 + length > len(probe) and length <= MAX_HEADER and len(probe) >= HEADER_PROBE:
+            rest = _ranged(connector, key, len(probe), 8 + length - len(probe))
+            probe = memoryview(bytes(probe) + bytes(rest))
         if 8 + length > len(probe) and length <= MAX_HEADER:
-            probe = memoryview(bytes(probe) + bytes(connector.get(key, offset=len(probe), length=8 + length - len(probe))))
+            raise IntegrityError(f"{key!r} is truncated: {len(probe)} bytes cannot hold its {8 + length}-byte header")
     blob_size = None if len(probe) >= HEADER_PROBE else len(probe)
     header = parse_header(probe, key, blob_size)
     return header, probe
 
 
+def _ranged(connector: Connector, key: str, offset: int, length: int) -> Any:
+    try:
+        return connector.get(key, offset=offset, length=length)
+    except ValueError as exc:  # the offset lies past the end: the value shrank under us
+        raise IntegrityError(f"{key!r} is truncated: {exc}") from None
+
+
 def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None,
-              require_checksum: bool = True) -> Blob:
+              require_checksum: bool = True, expected_size: int | None = None,
+              check: Callable[[BlobHeader], None] | None = None, pin_memory: bool = False) -> Blob:
     """Read a blob; its data lands in ``out`` (a flat uint8 CPU tensor, e.g. pinned).
 
     ``out`` must hold at least ``header.data_size`` bytes; without it a buffer is
-    allocated. The checksum is verified before any tensor is returned: a mismatch, a
-    truncated value or a malformed header raises :class:`IntegrityError`.
+    allocated (pinned with ``pin_memory``). Before any data is read or any buffer
+    allocated, the header must parse, its total size must equal ``expected_size`` (when
+    given: what the caller's records say the blob holds) and ``check(header)`` must pass
+    (the caller's own expectations; it raises IntegrityError). The checksum is verified
+    before any tensor is returned. A blob that is damaged in any way (a malformed or
+    truncated header, a truncated or extended value, a checksum mismatch, a size other
+    than expected) raises :class:`IntegrityError`, never wrong tensors.
     """
     import torch
 
     header, probe = _read_header(connector, key)
+    if expected_size is not None and header.total_size != expected_size:
+        raise IntegrityError(f"{key!r} holds a {header.total_size}-byte blob where {expected_size} bytes were recorded")
+    if expected_size is None and len(probe) >= HEADER_PROBE:  # bound the allocation by what is stored
+        stored = connector.size(key)
+        if stored != header.total_size:
+            raise IntegrityError(f"{key!r} holds {stored} bytes but its header describes {header.total_size}")
+    if check is not None:
+        check(header)
     size = header.data_size
     if out is None:
-        out = torch.empty(size, dtype=torch.uint8)
+        # One spare byte: a value longer than its header says fills it (an extended blob).
+        out = torch.empty(size + 1, dtype=torch.uint8, pin_memory=pin_memory)
     elif out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or out.numel() < size:
         raise ValueError(f"out must be a flat uint8 CPU tensor of at least {size} bytes")
     buffer = out[:size]
-    target = memoryview(buffer.numpy()) if size else memoryview(bytearray())
+    target = memoryview(out.numpy())
     have = min(max(len(probe) - header.data_offset, 0), size)
     target[:have] = probe[header.data_offset:header.data_offset + have]
-    if have < size:
-        got = connector.get_into(key, target[have:], offset=header.data_offset + have)
-        if got != size - have:
-            raise IntegrityError(f"{key!r} is truncated: {header.data_offset + have + got} of {header.total_size} bytes")
-    verify(header, target, key, require_checksum)
+    if len(probe) < HEADER_PROBE:  # the probe held the whole value (parse_header checked its size)
+        got = 0
+    else:
+        try:
+            got = connector.get_into(key, target[have:], offset=header.data_offset + have)
+        except ValueError as exc:
+            raise IntegrityError(f"{key!r} is truncated: {exc}") from None
+    if have + got < size:
+        raise IntegrityError(f"{key!r} is truncated: {header.data_offset + have + got} of {header.total_size} bytes")
+    if have + got > size:
+        raise IntegrityError(f"{key!r} holds more bytes than its header describes ({header.total_size})")
+    data = target[:size]
+    verify(header, data, key, require_checksum)
     tensors = {name: buffer[s.start:s.end].view(s.torch_dtype).reshape(s.shape) for name, s in header.tensors.items()}
     return Blob(header, tensors, buffer)
 

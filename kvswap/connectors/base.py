@@ -213,6 +213,14 @@ class Connector(abc.ABC):
         self._check_open()
         return self._list(validate_prefix(prefix))
 
+    def collect_garbage(self, older_than: float = 600.0) -> int:
+        """Delete what interrupted writes left behind where no reader can reach it (a killed
+        writer's temporary file, chunks that no manifest names), if older than ``older_than``
+        seconds; return how many items were deleted. Values themselves are never touched.
+        Backends whose writes cannot leave such leftovers keep this default (nothing)."""
+        self._check_open()
+        return 0
+
     # ---- batch forms: loops here, backends override when they can do better --------
 
     def put_many(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]], *, mode: PutMode = "overwrite") -> None:

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -243,6 +244,38 @@ class FileConnector(Connector):
                     yield from self._walk(sub_fd, path + "/", prefix)
         finally:
             os.close(dir_fd)
+
+    def collect_garbage(self, older_than: float = 600.0) -> int:
+        """Unlink ``.kvswap-tmp-*`` files (writers killed mid-put) older than ``older_than`` s."""
+        self._check_open()
+        horizon = time.time() - older_than
+        with _os_errors(f"collecting garbage in {self.uri}"):
+            return self._sweep(os.dup(self._root_fd), horizon)
+
+    def _sweep(self, dir_fd: int, horizon: float) -> int:
+        removed = 0
+        try:
+            with os.scandir(dir_fd) as entries:
+                found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            for name, is_dir in found:
+                if is_dir and not name.startswith(".kvswap"):
+                    try:
+                        sub_fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                            continue
+                        raise
+                    removed += self._sweep(sub_fd, horizon)
+                elif name.startswith(TMP_PREFIX):
+                    try:
+                        if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime < horizon:
+                            os.unlink(name, dir_fd=dir_fd)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue  # its writer finished (renamed it) or another sweep took it
+        finally:
+            os.close(dir_fd)
+        return removed
 
     def _run_parallel(self, fn: Any, tasks: list[Any]) -> None:
         if self._pool is None:

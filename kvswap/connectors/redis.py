@@ -26,7 +26,9 @@ store: :mod:`kvswap.redis_client`.
 from __future__ import annotations
 
 import json
+import re
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,7 @@ MAGIC = b"KVSM"
 _HEADER = struct.Struct("<4sI")
 _HEADER_PROBE = 4096  # bytes of a manifest fetched to learn a value's size
 _READ_ATTEMPTS = 10
+_WRITE_ID = re.compile(r"[0-9a-f]{1,64}")
 
 class RedisConnector(Connector):
     OPTIONS = {
@@ -91,7 +94,7 @@ class RedisConnector(Connector):
                 header = {"size": size, "chunks": 0}
                 self._publish(key, [_encode_header(header), *parts], mode, [])
                 return
-            write_id = uuid.uuid4().hex
+            write_id = _new_write_id()
             count = -(-size // chunk)
             chunk_keys = self._chunk_keys(write_id, count)
             try:
@@ -257,11 +260,56 @@ class RedisConnector(Connector):
     def _delete(self, key: str) -> None:
         with self._errors("deleting", key):
             old = self._client.getdel(self._manifest_key(key))
-        if old is not None:
+        if old is None:
+            return
+        try:
             header, _ = _decode_manifest(old, key)
-            if header["chunks"]:
-                with self._errors("deleting", key):
-                    self._client.unlink(*self._chunk_keys(header["id"], header["chunks"]))
+        except IntegrityError:
+            return  # a damaged manifest names no chunks we can trust: collect_garbage sweeps them
+        if header["chunks"]:
+            with self._errors("deleting", key):
+                self._client.unlink(*self._chunk_keys(header["id"], header["chunks"]))
+
+    def collect_garbage(self, older_than: float = 600.0) -> int:
+        """Unlink chunks that no manifest names (their manifest was damaged, deleted behind
+        kvswap's back, or never published by a writer that died after making them durable),
+        written more than ``older_than`` seconds ago. Chunks that still carry an expiry (a
+        write in flight, or an overwritten value's readers finishing) are left to it."""
+        self._check_open()
+        manifest_root = self._manifest_key("")
+        with self._errors("collecting garbage", "*"):
+            referenced: set[str] = set()
+            names = [n for n in self._client.scan_iter(match=_glob_escape(manifest_root) + "*", count=1000)]
+            for start in range(0, len(names), 512):
+                pipe = self._client.pipeline(transaction=False)
+                for name in names[start:start + 512]:
+                    pipe.getrange(name, 0, _HEADER_PROBE - 1)
+                for raw in pipe.execute():
+                    try:
+                        header, _ = _decode_manifest(raw, "?", partial=True) if raw else ({}, None)
+                    except IntegrityError:
+                        continue
+                    if header.get("chunks"):
+                        referenced.add(header["id"])
+            prefix = f"{self._prefix}c/"
+            horizon = time.time() - older_than
+            candidates: dict[str, list[Any]] = {}
+            for name in self._client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+                text = name.decode() if isinstance(name, bytes) else name
+                write_id = text[len(prefix):].split("/", 1)[0]
+                if write_id not in referenced and _write_time(write_id) < horizon:
+                    candidates.setdefault(write_id, []).append(name)
+            orphans = [name for group in candidates.values() for name in group]
+            deleted = 0
+            for start in range(0, len(orphans), 512):
+                batch = orphans[start:start + 512]
+                pipe = self._client.pipeline(transaction=False)
+                for name in batch:
+                    pipe.pttl(name)
+                durable = [name for name, ttl in zip(batch, pipe.execute()) if ttl == -1]
+                if durable:
+                    deleted += int(self._client.unlink(*durable))
+        return deleted
 
     def _list(self, prefix: str) -> Iterator[str]:
         start = len(self._manifest_key(""))
@@ -279,24 +327,57 @@ class RedisConnector(Connector):
         self._pool.disconnect()
 
 
+def _new_write_id() -> str:
+    """A chunk group's id: the time it was written (ms, 12 hex digits), then 20 random hex digits."""
+    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:20]}"
+
+
+def _write_time(write_id: str) -> float:
+    """When a chunk group was written (seconds), from its id; +inf if the id tells nothing."""
+    try:
+        return int(write_id[:12], 16) / 1000 if len(write_id) == 32 else float("inf")
+    except ValueError:
+        return float("inf")
+
+
 def _encode_header(header: dict[str, Any]) -> bytes:
     body = json.dumps(header, separators=(",", ":")).encode()
     return _HEADER.pack(MAGIC, len(body)) + body
 
 
 def _decode_manifest(raw: bytes, key: str, partial: bool = False) -> tuple[dict[str, Any], memoryview]:
+    """The manifest's header (checked: every field present, typed and consistent) and its
+    inline value. A damaged manifest, whatever the damage, is an IntegrityError."""
     view = memoryview(raw)
     try:
         magic, length = _HEADER.unpack_from(view)
         if magic != MAGIC:
             raise ValueError("bad magic")
+        if _HEADER.size + length > len(view):
+            raise ValueError(f"header length {length} runs past the manifest")
         header = json.loads(bytes(view[_HEADER.size:_HEADER.size + length]))
+        _check_manifest_header(header)
         inline = view[_HEADER.size + length:]
         if not partial and not header["chunks"] and len(inline) != header["size"]:
             raise ValueError(f"inline value holds {len(inline)} bytes, header says {header['size']}")
-    except (ValueError, KeyError, struct.error) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, struct.error) as exc:
         raise IntegrityError(f"corrupt manifest for {key!r}: {exc}") from None
     return header, inline
+
+
+def _check_manifest_header(header: Any) -> None:
+    """ValueError unless ``header`` is what :meth:`RedisConnector._put` writes."""
+    def natural(value: Any) -> bool:
+        return type(value) is int and value >= 0
+
+    if not isinstance(header, dict) or not natural(header.get("size")) or not natural(header.get("chunks")):
+        raise ValueError("size and chunks must be non-negative integers")
+    if header["chunks"]:
+        chunk, write_id = header.get("chunk_size"), header.get("id")
+        if not natural(chunk) or not chunk or not isinstance(write_id, str) or not _WRITE_ID.fullmatch(write_id):
+            raise ValueError("a chunked value needs a positive chunk_size and a write id")
+        if -(-header["size"] // chunk) != header["chunks"]:
+            raise ValueError(f"{header['chunks']} chunks of {chunk} bytes cannot hold {header['size']} bytes")
 
 
 def _split(parts: list[memoryview], chunk: int) -> list[Any]:

@@ -153,8 +153,9 @@ class SwapOutResult(BaseModel):
 
 
 class GCResult(BaseModel):
-    sessions: int
-    blobs: int
+    sessions: int = Field(..., description="expired sessions deleted")
+    blobs: int = Field(..., description="blobs no session's entry named, and what interrupted writes left "
+                       "in the stores (temporary files, chunks), older than the grace period")
 
 
 class Health(BaseModel):

@@ -20,9 +20,10 @@ from kvswap.session_cache.base import (
 )
 from kvswap.session_cache.manager import CacheStats, LocalState, SessionCache, SessionHandle
 from kvswap.session_cache.pool import PagedKVPool
+from kvswap.session_cache.store import Plan, SessionStore, Span
 from kvswap.session_cache.tiers import HostTier, StoreTier, store_location
 from kvswap.session_cache.transfer import KVMover
 
 __all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "LocalState", "OutOfBlocksError", "PagedKVPool",
-           "SessionBusyError", "SessionCache", "SessionHandle", "StoreTier", "SwapError", "chain_hash",
+           "Plan", "SessionBusyError", "SessionCache", "SessionHandle", "SessionStore", "Span", "StoreTier", "SwapError", "chain_hash",
            "prefix_hashes", "root_hash", "store_location"]

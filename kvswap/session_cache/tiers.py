@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from kvswap.blob import read_blob, write_blob
+from kvswap.blob import DTYPE_NAMES, BlobHeader, read_blob, read_header, write_blob
 from kvswap.errors import IntegrityError
 from kvswap.session_cache.base import KVLayout, token_bytes
 from kvswap.uri import URI
@@ -155,7 +155,8 @@ class StoreTier:
         key = self.new_key(session_id, start, end)
         token_tensor = torch.frombuffer(bytearray(token_bytes(tokens)), dtype=torch.int32)
         began = time.perf_counter()
-        header = write_blob(self.connector, key, {"kv": kv, "tokens": token_tensor},
+        # Tokens first (stable order among equal element sizes): a small ranged read finds them.
+        header = write_blob(self.connector, key, {"tokens": token_tensor, "kv": kv},
                             {"fingerprint": self.layout.fingerprint, "token_offset": str(start),
                              "token_length": str(len(tokens)), "prefix_hash": prefix_hash}, mode="create")
         self.write_seconds += time.perf_counter() - began
@@ -165,16 +166,31 @@ class StoreTier:
 
     def read(self, entry: Entry, pin: bool = False) -> tuple[torch.Tensor, list[int]]:
         """The entry's KV (token-major host tensor) and token ids, verified against the entry:
-        checksum, fingerprint, offsets and shapes. IntegrityError if anything disagrees;
-        NotFoundError if the blob is gone."""
-        import torch
-
+        size, checksum, fingerprint, offsets and shapes (all before any buffer is allocated or
+        any data read), then the bytes. IntegrityError if anything disagrees; NotFoundError if
+        the blob is gone; InvalidKeyError if the entry's key is not a key."""
         began = time.perf_counter()
-        out = torch.empty(entry.size, dtype=torch.uint8, pin_memory=pin)
-        blob = read_blob(self.connector, entry.key, out=out)
+        blob = read_blob(self.connector, entry.key, expected_size=entry.size, pin_memory=pin,
+                         check=lambda header: self._check_header(entry, header))
         self.read_seconds += time.perf_counter() - began
         self.read_bytes += blob.header.total_size
-        header, meta = blob.header, blob.header.metadata
+        return blob.tensors["kv"], blob.tensors["tokens"].tolist()
+
+    def read_tokens(self, entry: Entry) -> list[int]:
+        """The token ids an entry's blob holds (header checked against the entry; the bytes
+        are NOT verified: a guess for planning, which :meth:`read` confirms)."""
+        import numpy as np
+
+        header = read_header(self.connector, entry.key)
+        self._check_header(entry, header)
+        spec = header.tensors["tokens"]
+        data = self.connector.get(entry.key, offset=header.data_offset + spec.start, length=spec.end - spec.start)
+        if len(data) != spec.end - spec.start:
+            raise IntegrityError(f"{entry.key!r} is truncated inside its token ids")
+        return np.frombuffer(data, dtype="<i4").tolist()
+
+    def _check_header(self, entry: Entry, header: BlobHeader) -> None:
+        meta = header.metadata
         if header.checksum != entry.checksum:
             raise IntegrityError(f"{entry.key!r} holds checksum {header.checksum}, meta recorded {entry.checksum}")
         if meta.get("fingerprint") != self.layout.fingerprint:
@@ -183,13 +199,12 @@ class StoreTier:
         if (meta.get("token_offset"), meta.get("token_length"), meta.get("prefix_hash")) != (
                 str(entry.token_offset), str(entry.token_length), entry.prefix_hash):
             raise IntegrityError(f"{entry.key!r} describes another span than its meta entry")
-        kv, tokens = blob.tensors.get("kv"), blob.tensors.get("tokens")
-        if (kv is None or tokens is None or tokens.dtype != torch.int32
-                or tuple(tokens.shape) != (entry.token_length,)
-                or tuple(kv.shape) != self.layout.span_shape(entry.token_length)
-                or kv.dtype != self.layout.torch_dtype):
+        kv, tokens = header.tensors.get("kv"), header.tensors.get("tokens")
+        if (len(header.tensors) != 2 or kv is None or tokens is None
+                or DTYPE_NAMES.get(tokens.dtype) != "int32" or tokens.shape != (entry.token_length,)
+                or DTYPE_NAMES.get(kv.dtype) != self.layout.dtype
+                or kv.shape != self.layout.span_shape(entry.token_length)):
             raise IntegrityError(f"{entry.key!r} does not hold a KV span of this layout")
-        return kv, tokens.tolist()
 
     @property
     def read_bandwidth(self) -> float | None:

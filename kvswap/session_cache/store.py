@@ -1,0 +1,450 @@
+"""The session-store core: what of a session is stored and verified, and moving its spans.
+
+Every engine meets storage here and nowhere else: the LRU session manager
+(:class:`~kvswap.session_cache.SessionCache`, over the reference engine's paged pool) and the
+vLLM connector (:mod:`kvswap.integrations.vllm`) both call a :class:`SessionStore`. It knows
+the meta store, the stores and the KV layout; it knows nothing of pools or blocks: spans come
+in and go out as token-major host tensors ``[layers, 2, tokens, kv_heads, head_dim]``. It holds
+no lock of its own and keeps no per-session state; callers keep a :class:`StoredState` per
+session and serialise their own use of it.
+
+The rules every engine gets from it:
+
+* **Data first, meta second.** :meth:`SessionStore.write` stores a span's blobs (create-only,
+  in parallel), then appends one entry per blob with a compare-and-swap on the session
+  version. A failure leaves meta pointing at complete blobs only; a blob that no entry names
+  is deleted at once, or by :meth:`SessionStore.gc` after a grace period.
+* **Verify before use, in two steps.** :meth:`SessionStore.plan` (one meta read, no blob
+  read) checks each entry (well formed, contiguous, a known store, the session's
+  fingerprint) and the chained prefix hash of the *request's own tokens* over it: what it
+  returns is what the store can give back for this request. :meth:`SessionStore.read` then
+  checks each blob against its entry (size, checksum, fingerprint, span, shapes: before any
+  buffer is allocated), its token ids against the chain and the request, and only then
+  yields the KV. Damage of any kind in any stored byte or meta field ends reuse at that
+  entry: it and every entry after it are dropped from meta and their blobs deleted, and the
+  caller recomputes from there.
+* **Leases.** :meth:`SessionStore.lease` takes a session's lease (creating the session at its
+  first request) so that one instance at a time writes it; :meth:`renew` keeps it through
+  long requests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from kvswap.errors import (
+    AlreadyExistsError,
+    BackendUnavailableError,
+    IntegrityError,
+    InvalidKeyError,
+    KVSwapError,
+    NotFoundError,
+    VersionConflictError,
+)
+from kvswap.meta.base import Entry, LeaseError, MetaStore, Session
+from kvswap.session_cache.base import (
+    KVLayout,
+    SessionBusyError,
+    SwapError,
+    chain_hash,
+    common_prefix,
+    root_hash,
+)
+from kvswap.session_cache.tiers import StoredState, StoreTier
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvswap.connectors.base import Connector
+    from kvswap.meta.base import EntrySpec
+
+log = logging.getLogger("kvswap.session_cache")
+
+#: What a damaged entry raises when read: a miss, its entry and all after it are dropped.
+DAMAGE = (IntegrityError, NotFoundError, InvalidKeyError)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a session's stored entries can give back for one request (:meth:`SessionStore.plan`).
+
+    ``entries`` are the ones to read, in token order: every entry whose span the request's
+    tokens hash to (``matched`` tokens in all), then possibly one ``partial`` entry where
+    the request diverges from the stored history inside an entry (how far they agree is
+    known only from the blob's own token ids). ``stored`` is the session as meta has it,
+    for the caller's next write.
+    """
+
+    session: Session | None
+    entries: list[tuple[Entry, StoreTier]]
+    matched: int
+    partial: bool
+    stored: StoredState
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry.size for entry, _ in self.entries)
+
+    @property
+    def end(self) -> int:
+        """The last token position the planned entries cover (an upper bound of the reuse)."""
+        return self.entries[-1][0].token_end if self.entries else 0
+
+
+@dataclasses.dataclass
+class Span:
+    """One verified entry read back: ``kv`` holds its tokens' KV; the first ``take`` of them
+    agree with the request (all of them, except in a partial entry)."""
+
+    entry: Entry
+    kv: torch.Tensor
+    tokens: list[int]
+    take: int
+
+
+class SessionStore:
+    """Sessions' spans in ``stores`` (new spans go to the first; entries naming any are read),
+    recorded in ``meta``, for KV of ``layout``.
+
+    A span longer than ``entry_tokens`` is stored as several entries, written (and later
+    read) in parallel by ``io_threads`` threads. ``session_ttl`` is given to sessions this
+    store creates; ``gc_grace`` spares young blobs that no entry names yet (their append may
+    still be on its way).
+    """
+
+    def __init__(self, meta: MetaStore, stores: Sequence[Connector], layout: KVLayout, *,
+                 key_prefix: str = "kv", io_threads: int = 8, entry_tokens: int | None = None,
+                 session_ttl: float | None = None, gc_grace: float = 600.0) -> None:
+        self.meta = meta
+        self.layout = layout
+        self.fingerprint = layout.fingerprint
+        self.stores = [StoreTier(c, layout, key_prefix) for c in stores]
+        self.entry_tokens = entry_tokens or max(1, (256 << 20) // layout.token_bytes)
+        self.session_ttl = session_ttl
+        self.gc_grace = gc_grace
+        self.dropped_entries = 0
+        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="kvswap-io")
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self.fingerprint!r}, meta={self.meta.uri.render()!r}, stores={self.locations})"
+
+    @property
+    def locations(self) -> list[str]:
+        return [s.location for s in self.stores]
+
+    def close(self) -> None:
+        """Wait for I/O in flight and stop the I/O threads (meta and connectors stay open)."""
+        self._io.shutdown(wait=True)
+
+    # ---- leases -------------------------------------------------------------------------------
+
+    def lease(self, session_id: str, owner: str, ttl: float | None) -> Session | None:
+        """The session's record, leased to ``owner`` for ``ttl`` seconds (None: no lease, just
+        read it); a session is created at its first leased request. None when meta has no
+        such session and leases are off. SessionBusyError if another owner holds the lease."""
+        try:
+            if ttl is None:
+                return self.meta.get(session_id)
+            try:
+                return self.meta.acquire_lease(session_id, owner, ttl)
+            except NotFoundError:
+                try:
+                    self.meta.create(session_id, self.fingerprint, ttl=self.session_ttl)
+                except AlreadyExistsError:
+                    pass
+                return self.meta.acquire_lease(session_id, owner, ttl)
+        except LeaseError as exc:
+            raise SessionBusyError(f"session {session_id!r} is leased by {exc.owner!r}") from exc
+        except NotFoundError:
+            return None
+
+    def renew(self, session_id: str, owner: str, ttl: float) -> bool:
+        """Extend ``owner``'s lease; False (logged) if it was lost or meta is unreachable."""
+        try:
+            self.meta.renew_lease(session_id, owner, ttl)
+            return True
+        except (LeaseError, NotFoundError, BackendUnavailableError) as exc:
+            log.warning("could not renew the lease of session %r: %s", session_id, exc)
+            return False
+
+    def release(self, session_id: str, owner: str) -> None:
+        try:
+            self.meta.release_lease(session_id, owner)
+        except (NotFoundError, BackendUnavailableError) as exc:
+            log.warning("could not release the lease of session %r: %s", session_id, exc)
+
+    # ---- reading: plan, then read -----------------------------------------------------------
+
+    def state_of(self, record: Session | None) -> StoredState:
+        """A fresh :class:`StoredState` for a session as meta recorded it."""
+        stored = StoredState()
+        if record is not None:
+            stored.version, stored.meta_total = record.version, record.total_tokens
+            stored.fingerprint_ok = record.fingerprint == self.fingerprint
+        return stored
+
+    def plan(self, session_id: str, record: Session | None, tokens: Sequence[int] | None) -> Plan:
+        """What to read for a request of ``tokens`` (None: everything stored) in session
+        ``session_id`` whose meta record is ``record``: one meta read (its entries), no blob
+        read. Malformed or non-contiguous entries are dropped from meta here."""
+        stored = self.state_of(record)
+        plan = Plan(record, [], 0, False, stored)
+        if record is None or not record.total_tokens or not stored.fingerprint_ok or tokens == []:
+            return plan
+        try:
+            entries = self.meta.entries(session_id)
+        except NotFoundError:
+            return plan
+        except IntegrityError as exc:  # meta cannot even decode them: nothing of it is usable
+            log.warning("session %r: its entries are unreadable (%s); dropping them", session_id, exc)
+            self.drop_from(session_id, stored, 0)
+            return plan
+        previous, position = root_hash(self.fingerprint), 0
+        for entry in entries:
+            if not _well_formed(entry, position):
+                log.warning("session %r: a malformed entry at token %d; dropping it and what follows",
+                            session_id, position)
+                self.drop_from(session_id, stored, position)
+                break
+            store = next((s for s in self.stores if s.location == entry.connector), None)
+            if store is None:
+                break  # a store this instance does not have: a miss from here, not damage
+            if tokens is None:
+                plan.entries.append((entry, store))
+                position = entry.token_end
+                continue
+            if entry.token_offset >= len(tokens):
+                break
+            if entry.token_end <= len(tokens):
+                following = chain_hash(previous, tokens[entry.token_offset:entry.token_end])
+                if following == entry.prefix_hash:
+                    plan.entries.append((entry, store))
+                    plan.matched = entry.token_end
+                    previous, position = following, entry.token_end
+                    continue
+            plan.entries.append((entry, store))  # the request leaves the stored history in here
+            plan.partial = True
+            break
+        if tokens is None:
+            plan.matched = position
+        return plan
+
+    def probe(self, plan: Plan, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` a plan can give back, reading the token ids (a small ranged
+        read) of a partial entry: an upper bound that :meth:`read` verifies. 0 extra if the
+        read fails (it is only a guess; the load decides)."""
+        if not plan.partial:
+            return plan.matched
+        entry, store = plan.entries[-1]
+        try:
+            stored_tokens = store.read_tokens(entry)
+        except KVSwapError:
+            return plan.matched
+        return entry.token_offset + common_prefix(stored_tokens, tokens[entry.token_offset:entry.token_end])
+
+    def read(self, session_id: str, plan: Plan, tokens: Sequence[int] | None, *, limit: int | None = None,
+             pin: bool = False) -> Iterator[Span]:
+        """Read the plan's entries (in parallel, yielded in order), each verified against its
+        entry, the prefix-hash chain and ``tokens`` (None: taken as stored), up to ``limit``
+        tokens. Stops at the first entry that is damaged (dropped from meta with all after
+        it: ``plan.stored`` follows), unavailable (kept), or diverges from ``tokens``.
+        Closing the iterator early cancels the reads not yet started."""
+        wanted = [(e, s) for e, s in plan.entries if limit is None or e.token_offset < limit]
+        reads = [self._io.submit(store.read, entry, pin) for entry, store in wanted]
+        previous = root_hash(self.fingerprint)
+        try:
+            for (entry, _), future in zip(wanted, reads):
+                try:
+                    kv, span = future.result()
+                    if chain_hash(previous, span) != entry.prefix_hash:
+                        raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
+                except DAMAGE as exc:
+                    log.warning("dropping stored KV of session %r from token %d: %s", session_id,
+                                entry.token_offset, exc)
+                    self.drop_from(session_id, plan.stored, entry.token_offset)
+                    return
+                except KVSwapError as exc:
+                    log.warning("store unavailable for session %r: %s", session_id, exc)
+                    return
+                own = span if tokens is None else tokens[entry.token_offset:entry.token_end]
+                take = common_prefix(span, own)
+                if limit is not None:
+                    take = min(take, limit - entry.token_offset)
+                yield Span(entry, kv, span, take)
+                if take < len(span):
+                    return
+                plan.stored.entries.append((entry.token_end, entry.prefix_hash))
+                previous = entry.prefix_hash
+        finally:
+            for future in reads:
+                future.cancel()
+            concurrent.futures.wait(reads)
+
+    def drop_from(self, session_id: str, stored: StoredState, token_offset: int) -> None:
+        """Remove every entry ending after ``token_offset`` from meta (their data is bad or
+        gone) and delete their blobs. Best effort: a failure is logged, a later read retries."""
+        try:
+            if stored.version is None:
+                stored.version = self.meta.get(session_id).version
+            session, removed = self.meta.truncate(session_id, stored.version, token_offset)
+        except KVSwapError as exc:
+            log.warning("could not drop bad entries of session %r: %s", session_id, exc)
+            return
+        stored.version, stored.meta_total = session.version, session.total_tokens
+        stored.keep_up_to(session.total_tokens)
+        self.dropped_entries += len(removed)
+        self.delete_blobs(removed)
+
+    def slower_than_recompute(self, plan: Plan, tokens_per_second: float | None) -> bool:
+        """True if reading the plan is predicted to take longer than recomputing its tokens
+        at ``tokens_per_second`` (each store's read bandwidth as observed so far)."""
+        if tokens_per_second is None or not plan.entries:
+            return False
+        load = 0.0
+        for entry, store in plan.entries:
+            bandwidth = store.read_bandwidth
+            if bandwidth is None:
+                return False
+            load += entry.size / bandwidth
+        return load > plan.end / tokens_per_second
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def write(self, session_id: str, stored: StoredState, tokens: Sequence[int],
+              fetch: Callable[[int, int], torch.Tensor]) -> int:
+        """Store ``tokens[stored.tokens:]`` (``fetch(a, b)`` gives the KV of tokens a..b-1 as a
+        host tensor): blobs first, in entries of at most ``entry_tokens``, written in parallel;
+        then one meta append per entry, in order (compare-and-swap). Returns the bytes written.
+
+        Updates ``stored`` for every entry appended; raises SwapError on any failure, after
+        which meta points only at complete blobs.
+        """
+        store = self.stores[0]
+        writes: list[concurrent.futures.Future[EntrySpec]] = []
+        try:
+            self._prepare_meta(session_id, stored)
+            previous = stored.entries[-1][1] if stored.entries else root_hash(self.fingerprint)
+            for start in range(stored.tokens, len(tokens), self.entry_tokens):
+                stop = min(start + self.entry_tokens, len(tokens))
+                previous = chain_hash(previous, tokens[start:stop])
+                writes.append(self._io.submit(store.write, session_id, fetch(start, stop), tokens[start:stop],
+                                              start, previous))
+            concurrent.futures.wait(writes)
+            specs = [write.result() for write in writes]
+        except KVSwapError as exc:
+            concurrent.futures.wait(writes)
+            self._delete_keys(store, [w.result().key for w in writes if w.exception() is None])
+            raise SwapError(f"could not store session {session_id!r}: {exc}") from exc
+        for index, spec in enumerate(specs):
+            try:
+                session, _ = self.meta.append(session_id, stored.version, spec)
+            except KVSwapError as exc:
+                # A conflict appended nothing; another failure may have landed unseen: gc keeps that blob.
+                unappended = specs[index:] if isinstance(exc, VersionConflictError) else specs[index + 1:]
+                self._delete_keys(store, [s.key for s in unappended])
+                raise SwapError(f"could not record session {session_id!r} in meta: {exc}") from exc
+            stored.version = session.version
+            stored.meta_total = session.total_tokens
+            stored.entries.append((spec.token_offset + spec.token_length, spec.prefix_hash))
+        return sum(spec.size for spec in specs)
+
+    def _prepare_meta(self, session_id: str, stored: StoredState) -> None:
+        """Make the meta record ready for an append at ``stored.tokens``: create it, adopt it,
+        or truncate entries beyond the history we kept."""
+        if stored.version is None:
+            try:
+                session = self.meta.create(session_id, self.fingerprint, ttl=self.session_ttl)
+            except AlreadyExistsError:
+                session = self.meta.get(session_id)
+                if session.total_tokens:  # somebody else's history: ours replaces it
+                    session, removed = self.meta.truncate(session_id, session.version, 0)
+                    self.delete_blobs(removed)
+            stored.version, stored.meta_total, stored.entries = session.version, 0, []
+            stored.fingerprint_ok = session.fingerprint == self.fingerprint
+        if not stored.fingerprint_ok:
+            session = self.meta.update(session_id, stored.version, fingerprint=self.fingerprint)
+            session, removed = self.meta.truncate(session_id, session.version, 0)
+            self.delete_blobs(removed)
+            stored.version, stored.meta_total, stored.entries, stored.fingerprint_ok = session.version, 0, [], True
+        if stored.meta_total > stored.tokens:
+            session, removed = self.meta.truncate(session_id, stored.version, stored.tokens)
+            self.delete_blobs(removed)
+            stored.version, stored.meta_total = session.version, session.total_tokens
+            stored.keep_up_to(session.total_tokens)
+
+    # ---- deleting -----------------------------------------------------------------------------
+
+    def delete(self, session_id: str, expected_version: int | None = None) -> bool:
+        """Delete the session from meta and its blobs; False if meta had no such session.
+        VersionConflictError with ``expected_version`` if it moved on."""
+        try:
+            entries = self.meta.delete(session_id, expected_version=expected_version)
+        except NotFoundError:
+            return False
+        self.delete_blobs(entries)
+        return True
+
+    def delete_blobs(self, entries: Sequence[Entry]) -> None:
+        """Best effort, one batch per store (meta no longer points at them; gc retries what fails)."""
+        for store in self.stores:
+            keys = [entry.key for entry in entries if entry.connector == store.location and isinstance(entry.key, str)]
+            if keys:
+                self._delete_keys(store, keys)
+
+    @staticmethod
+    def _delete_keys(store: StoreTier, keys: Sequence[str]) -> None:
+        try:
+            store.connector.delete_many(keys)
+        except KVSwapError as exc:
+            log.warning("could not delete %d blobs no entry points to (gc will retry): %s", len(keys), exc)
+
+    def gc(self, in_use: Callable[[str], bool] = lambda session_id: False,
+           forget: Callable[[str], None] = lambda session_id: None) -> dict[str, int]:
+        """Delete expired sessions (except those ``in_use``; ``forget(id)`` is told of each one
+        removed), blobs that no meta entry points to and that are older than ``gc_grace``
+        seconds, and what interrupted writes left in the stores (counted with the blobs).
+        Returns counts."""
+        removed_sessions = removed_blobs = 0
+        for session in self.meta.expired():
+            if in_use(session.id):
+                continue
+            try:
+                if not self.delete(session.id, expected_version=session.version):
+                    continue
+            except VersionConflictError:
+                continue  # touched meanwhile: no longer expired as seen
+            forget(session.id)
+            removed_sessions += 1
+        referenced = set()
+        cursor = None
+        while True:
+            page = self.meta.list_sessions(limit=1000, cursor=cursor)
+            for session in page.sessions:
+                try:
+                    referenced.update((e.connector, e.key) for e in self.meta.entries(session.id))
+                except (NotFoundError, IntegrityError):
+                    continue
+            if page.cursor is None:
+                break
+            cursor = page.cursor
+        horizon = time.time() - self.gc_grace
+        for store in self.stores:
+            orphans = [key for key in store.connector.list(store.prefix + "/")
+                       if (store.location, key) not in referenced
+                       and (store.key_time(key) or horizon) < horizon]
+            store.connector.delete_many(orphans)
+            removed_blobs += len(orphans) + store.connector.collect_garbage(self.gc_grace)
+        return {"sessions": removed_sessions, "blobs": removed_blobs}
+
+
+def _well_formed(entry: Entry, position: int) -> bool:
+    """An entry meta handed back is usable: typed fields, contiguous with what precedes it."""
+    return (type(entry.token_offset) is int and type(entry.token_length) is int and type(entry.size) is int
+            and entry.token_offset == position and entry.token_length > 0 and entry.size > 0
+            and isinstance(entry.key, str) and isinstance(entry.connector, str)
+            and isinstance(entry.checksum, str) and isinstance(entry.prefix_hash, str))
