@@ -31,11 +31,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _record import RESULTS, write_record
+
 from kvswap.connectors import open_connector
 from kvswap.testing import servers
 from kvswap.uri import parse_size
-from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
-
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -210,7 +210,8 @@ def main() -> int:
                     figures = measure(data, repeat, env["KVSWAP_TEST_S3_URI"], *s3_bare_ops(port))
                     bare = {"obstore": figures["ceiling"], "boto3": boto3_figures(port, data, repeat)}
                     row["bare_clients"] = bare
-                    figures["ceiling"] = {f: max(bare["obstore"][f], bare["boto3"][f]) for f in ("put_gbps", "get_gbps")}
+                    figures["ceiling"] = {f: max(bare["obstore"][f], bare["boto3"][f])
+                                          for f in ("put_gbps", "get_gbps")}
                     row["ceiling_what"] = "bare obstore put/get or boto3 put_object/8-way ranged get, the better"
                 elif backend == "mem":
                     figures = measure(data, repeat, "mem://", *memory_ops())
@@ -222,7 +223,8 @@ def main() -> int:
                 rows.append(row)
                 c, k, r = row["connector"], row["ceiling"], row["ratio"]
                 print(f"{backend:8} {size >> 20:>4} MiB  put {c['put_gbps']:6.2f} GB/s / {k['put_gbps']:6.2f} = "
-                      f"{r['put_gbps']:5.2f}   get {c['get_gbps']:6.2f} GB/s / {k['get_gbps']:6.2f} = {r['get_gbps']:5.2f}"
+                      f"{r['put_gbps']:5.2f}   get {c['get_gbps']:6.2f} GB/s / {k['get_gbps']:6.2f} = "
+                      f"{r['get_gbps']:5.2f}"
                       + (f"   [obstore put {bare['obstore']['put_gbps']:.2f} get {bare['obstore']['get_gbps']:.2f};"
                          f" boto3 put {bare['boto3']['put_gbps']:.2f} get {bare['boto3']['get_gbps']:.2f}]"
                          if backend == "s3" else ""), flush=True)

@@ -12,7 +12,8 @@ Starts its own servers on loopback (kvswap.testing.servers). For each backend, o
                       ZRANGEBYLEX + pipelined HGETALL of 1000 / etcd range with limit 1000.
 
 The raw side reads copies of kvswap's own rows and hashes (same shapes, same DDL), or for
-etcd the very keys kvswap wrote (see RawEtcd). Raw and kvswap runs alternate (``--rounds``), the median per-op time of each is kept;
+etcd the very keys kvswap wrote (see RawEtcd). Raw and kvswap runs alternate (``--rounds``), the median
+per-op time of each is kept;
 the ratio is kvswap's cost per operation over the raw driver's (goal: <= 2). For the SQL
 stores, ``append_txn`` also runs kvswap's own guarded append statements in their
 transaction through the bare driver: the database's share of an append. memkv has no
@@ -34,10 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _record import RESULTS, write_record
+
 from kvswap.meta import EntrySpec, MetaStore, open_meta_store
 from kvswap.testing import servers
 from kvswap.uri import URI
-from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
 OPS = ("get", "append", "list100", "page")
 ENV = {"postgresql": "KVSWAP_TEST_POSTGRES_URI", "mysql": "KVSWAP_TEST_MYSQL_URI", "etcd": "KVSWAP_TEST_ETCD_URI",
@@ -85,7 +87,6 @@ class RawSQL:
             url = uri.render(hide_password=False).replace("postgresql://", "postgresql+psycopg://", 1)
         else:
             import pymysql
-
             from pymysql.constants import CLIENT
 
             self.conn = pymysql.connect(host=uri.host, port=uri.port, user=uri.username, password=uri.password,
@@ -280,7 +281,7 @@ class RawMemory:
         self.lock, self.data, self.log = threading.Lock(), {}, []
 
     def seed(self, ids: list[str]) -> None:
-        self.data = {i: VALUE for i in ids}
+        self.data = dict.fromkeys(ids, VALUE)
         self.ids = sorted(ids)
         self.entries = [VALUE] * 100
 

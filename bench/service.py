@@ -30,13 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _record import RESULTS, write_record  # noqa: E402
+from _record import RESULTS, write_record
 
-from kvswap.engine import ByteTokenizer  # noqa: E402
-from kvswap.service.client import ServiceClient  # noqa: E402
-from kvswap.testing.chat import first_prompt, user_turn  # noqa: E402
-from kvswap.testing.servers import nginx, stop_pid  # noqa: E402
-from kvswap.testing.service import start_serve  # noqa: E402
+from kvswap.engine import ByteTokenizer
+from kvswap.service.client import ServiceClient
+from kvswap.testing.servers import nginx, stop_pid
+from kvswap.testing.service import start_serve
+from kvswap.workload import first_prompt, user_turn
 
 API, ADMIN = "bench-api-token", "bench-admin-token"
 ADMIN_CALLS = ("show", "list", "swap-out", "prefetch")
@@ -50,11 +50,11 @@ class Recorder:
         self.errors: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
 
-    def timed(self, kind: str, call):  # noqa: ANN001, ANN201
+    def timed(self, kind: str, call):
         began = time.perf_counter()
         try:
             result = call()
-        except Exception as exc:  # noqa: BLE001 - counted, the run goes on
+        except Exception as exc:
             with self._lock:
                 self.errors[f"{kind}: {type(exc).__name__}"] += 1
             return None
@@ -75,20 +75,21 @@ def client_loop(url: str, client_no: int, recorder: Recorder, deadline: float, a
             for turn in range(args.turns):
                 if time.monotonic() >= deadline or (max_calls is not None and calls >= max_calls):
                     break
-                reply = recorder.timed("generate", lambda: client.generate(sid, tokens=history,
-                                                                           max_tokens=args.new))
+                reply = recorder.timed("generate", lambda sid=sid, history=history: client.generate(
+                    sid, tokens=history, max_tokens=args.new))
                 calls += 1
                 if reply is None:
                     break
                 history = history + reply["tokens"] + TOKENIZER.encode(user_turn(client_no, turn + 1, args.words))
                 if turn % 3 == 2:
                     kind = ADMIN_CALLS[(calls // 3) % len(ADMIN_CALLS)]
-                    action = {"show": lambda: client.session(sid), "list": lambda: client.list_sessions(limit=50),
-                              "swap-out": lambda: client.swap_out(sid, to="store"),
-                              "prefetch": lambda: client.prefetch(sid)}[kind]
+                    action = {"show": lambda sid=sid: client.session(sid),
+                              "list": lambda: client.list_sessions(limit=50),
+                              "swap-out": lambda sid=sid: client.swap_out(sid, to="store"),
+                              "prefetch": lambda sid=sid: client.prefetch(sid)}[kind]
                     recorder.timed(kind, action)
                     calls += 1
-            recorder.timed("delete", lambda: client.delete(sid))
+            recorder.timed("delete", lambda sid=sid: client.delete(sid))
             session_no += 1
 
 

@@ -20,6 +20,7 @@ Prints the figures and ratios; writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import random
 import shutil
@@ -32,13 +33,13 @@ from pathlib import Path
 
 import torch
 import xxhash
+from _record import RESULTS, write_record
 
 from kvswap.connectors import open_connector
 from kvswap.meta import open_meta_store
 from kvswap.session_cache import KVLayout, KVMover, PagedKVPool, SessionCache
 from kvswap.testing import servers
 from kvswap.uri import parse_size
-from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
 LAYOUT_8B = dict(model="bench-8b-shapes", num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 
@@ -109,8 +110,8 @@ def main() -> int:
             if "host" in tiers:
                 blocks = pool.allocate(pool.blocks_for(tokens))
                 out = mover.host_tensor(tokens)
-                t_out = timed(lambda: mover.gather(blocks, 0, tokens, out), args.repeat, sync)
-                t_in = timed(lambda: mover.scatter(out, blocks, 0), args.repeat, sync)
+                t_out = timed(functools.partial(mover.gather, blocks, 0, tokens, out), args.repeat, sync)
+                t_in = timed(functools.partial(mover.scatter, out, blocks, 0), args.repeat, sync)
                 check = mover.host_tensor(tokens)
                 mover.gather(blocks, 0, tokens, check)
                 assert torch.equal(check, out), "host round trip changed the KV"
@@ -122,7 +123,8 @@ def main() -> int:
                 print(f"  host    out {row['host']['out_gbps']:6.1f} GB/s ({row['host']['out_ratio']:.2f} of D2H)"
                       f"   in {row['host']['in_gbps']:6.1f} GB/s ({row['host']['in_ratio']:.2f} of H2D)")
             for name, uri in stores.items():
-                row[name] = bench_store(name, uri, pool, tokens, nbytes, args.repeat, sync, parse_size(args.entry_bytes))
+                row[name] = bench_store(name, uri, pool, tokens, nbytes, args.repeat, sync,
+                                        parse_size(args.entry_bytes))
                 r = row[name]
                 print(f"  {name:<7} out {r['out_gbps']:6.2f} GB/s ({r['out_ratio']:.2f} of put {r['put_gbps']:.2f})"
                       f"   in {r['in_gbps']:6.2f} GB/s ({r['in_ratio']:.2f} of get {r['get_gbps']:.2f})")

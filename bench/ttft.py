@@ -28,13 +28,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _record import RESULTS, write_record
 
 from kvswap.connectors import open_connector
 from kvswap.engine import Engine, build_model
 from kvswap.meta import open_meta_store
 from kvswap.session_cache import PagedKVPool, SessionCache
-from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
-
 
 
 def drop_page_cache() -> bool:
@@ -114,7 +113,8 @@ def main() -> int:
                 row[tier] = {"ttft_s": ttft, "speedup": row["recompute_ttft_s"] / ttft, "same_first_token": same}
                 if tier.startswith("file"):
                     row[tier]["page_cache_dropped"] = cold
-                note = "" if not tier.startswith("file") else (" (page cache dropped)" if cold else " (page cache warm)")
+                note = ("" if not tier.startswith("file")
+                        else " (page cache dropped)" if cold else " (page cache warm)")
                 print(f"  {tier:<5} TTFT {ttft * 1e3:7.1f} ms  speedup {row[tier]['speedup']:5.1f}x{note}"
                       f"  same first token as recompute: {same}")
             rows.append(row)

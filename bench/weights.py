@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 
 import torch
+from _record import RESULTS, write_record
 
 from kvswap.engine.model import MODEL_CONFIGS
 from kvswap.testing import servers
 from kvswap.weights import load, save
-from _record import RESULTS, write_record  # noqa: E402 - bench/ is on sys.path when run
 
 SHARD_BYTES = 5 << 30
 TOKEN = "bench-seed-token"
@@ -62,7 +62,7 @@ def make_checkpoint(directory: Path, model: str, dtype: torch.dtype, device: tor
         nonlocal shard, size, index
         name = f"model-{index:05d}.safetensors"
         save_file(shard, str(directory / name), metadata={"format": "pt"})
-        weight_map.update({n: name for n in shard})
+        weight_map.update(dict.fromkeys(shard, name))
         shard, size, index = {}, 0, index + 1
 
     generator = torch.Generator(device=device).manual_seed(0)
@@ -190,7 +190,8 @@ def bench_valkey(directory: Path, nbytes: int, device: torch.device, repeat: int
 
 RAW_PEER = r"""
 import datetime, json, sys, time, torch, torch.distributed as dist
-rank, port, device, sizes, backend = int(sys.argv[1]), int(sys.argv[2]), torch.device(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
+rank, port, device = int(sys.argv[1]), int(sys.argv[2]), torch.device(sys.argv[3])
+sizes, backend = json.loads(sys.argv[4]), sys.argv[5]
 if device.type == "cuda":
     torch.cuda.set_device(device)
 tensors = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]

@@ -98,7 +98,8 @@ class Blob:
     buffer: torch.Tensor  # flat uint8 data section
 
 
-def pack(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[BlobHeader, list[Any]]:
+def pack(tensors: Mapping[str, torch.Tensor],
+         metadata: Mapping[str, str] | None = None) -> tuple[BlobHeader, list[Any]]:
     """Header and the byte views to write, in order; the tensors are not copied.
 
     Tensors must be on the CPU (stage device tensors into host buffers first); a
@@ -127,7 +128,7 @@ def pack(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
         if dtype_name not in _DTYPES:
             raise TypeError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
         raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(raw).cast("B") if raw.size else memoryview(b"")
+        view = raw.data.cast("B") if raw.size else memoryview(b"")
         digest.update(view)
         specs[name] = TensorSpec(name, _DTYPES[dtype_name][0], tuple(tensor.shape), position, position + view.nbytes)
         position += view.nbytes
@@ -261,7 +262,7 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
     elif out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or out.numel() < size:
         raise ValueError(f"out must be a flat uint8 CPU tensor of at least {size} bytes")
     buffer = out[:size]
-    target = memoryview(out.numpy())
+    target = out.numpy().data
     have = min(max(len(probe) - header.data_offset, 0), size)
     target[:have] = probe[header.data_offset:header.data_offset + have]
     if len(probe) < HEADER_PROBE:  # the probe held the whole value (parse_header checked its size)

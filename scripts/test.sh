@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+echo "lint: ruff check, mypy"
+.venv/bin/ruff check kvswap tests bench
+.venv/bin/mypy
 state=$(mktemp -d /tmp/kvswap-servers.XXXXXX)
 chmod 755 "$state"
 cleanup() { .venv/bin/python -m kvswap.testing.servers down --dir "$state" || true; rm -rf "$state"; }

@@ -24,8 +24,10 @@ def store():
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                                                                        b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
 
 
 def test_roundtrip_all_dtypes_and_metadata(store) -> None:
@@ -80,9 +82,10 @@ def test_large_header_needs_second_read(store) -> None:
     assert all(torch.equal(blob.tensors[n], t) for n, t in tensors.items())
 
 
-@pytest.mark.parametrize("damage", ["payload", "truncate", "extend", "header-json", "header-length", "offsets", "dtype"])
+@pytest.mark.parametrize("damage", ["payload", "truncate", "extend", "header-json", "header-length", "offsets",
+                                    "dtype"])
 def test_damaged_blobs_raise_integrity_error_naming_the_key(store, damage: str) -> None:
-    header, parts = pack({"x": torch.randn(1000), "y": torch.arange(10)})
+    _header, parts = pack({"x": torch.randn(1000), "y": torch.arange(10)})
     raw = bytearray(b"".join(bytes(p) for p in parts))
     head_len = struct.unpack_from("<Q", raw)[0]
     if damage == "payload":

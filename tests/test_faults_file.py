@@ -100,6 +100,11 @@ def _kill_writer_mid_put(uri: str, root: Path) -> None:
         store.get("victim/key")
     store.put("victim/key", b"whole")  # the key is usable afterwards
     assert bytes(store.get("victim/key")) == b"whole"
+    # The killed writer's temporary is garbage: young ones are spared, old ones collected.
+    assert list((root / "victim").glob(".kvswap-tmp-*"))
+    assert store.collect_garbage(older_than=3600) == 0
+    assert store.collect_garbage(older_than=0) == 1 and not list((root / "victim").glob(".kvswap-tmp-*"))
+    assert bytes(store.get("victim/key")) == b"whole"
 
 
 def test_writer_killed_mid_put_leaves_no_partial_value(tmp_path: Path) -> None:

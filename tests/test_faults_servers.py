@@ -70,7 +70,7 @@ def _put_in_thread(store, key: str, data: bytes) -> tuple[threading.Thread, list
     def run() -> None:
         try:
             store.put(key, data)
-        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=run)
@@ -102,7 +102,7 @@ def test_redis_killed_mid_put_leaves_no_partial_value(scheme: str, tmp_path: Pat
         assert bytes(after.get("victim")) == b"old value"  # the old value, whole
         assert list(after.list()) == ["victim"]
         client = after._client  # type: ignore[attr-defined]
-        leftovers = [k for k in client.scan_iter(match="kvswap:c/*")]
+        leftovers = list(client.scan_iter(match="kvswap:c/*"))
         assert leftovers, "the kill came before any chunk landed; the test proves nothing"
         assert all(client.pttl(k) > 0 for k in leftovers)  # orphaned chunks expire by themselves
     finally:
@@ -130,3 +130,30 @@ def test_s3_killed_mid_put_leaves_no_partial_value(tmp_path: Path) -> None:
             after.get("never-written")
     finally:
         servers.stop_pid(proc.pid)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "valkey"])
+def test_chunks_no_manifest_names_are_collected(scheme: str, unique: str) -> None:
+    import redis as redis_py
+
+    from kvswap.testing.connector_suite import store_uri
+
+    store = open_connector(store_uri(scheme, "", unique, "&chunk_size=64KiB"))
+    raw = redis_py.Redis.from_url(store.uri.render(hide_password=False).split("?")[0].replace("valkey", "redis", 1))
+    try:
+        store.put("kept", bytes(300 << 10))
+        store.put("damaged", bytes(300 << 10))
+        raw.set(f"{unique}:m/damaged", b"KVSM\xff\xff")  # a damaged manifest names no chunks
+        chunks = lambda: set(raw.keys(f"{unique}:c/*"))  # noqa: E731
+        before = chunks()
+        assert len(before) == 10
+        with pytest.raises(Exception):
+            store.get("damaged")
+        store.delete("damaged")  # deleting a damaged manifest removes it; its chunks are left behind
+        assert chunks() == before and not raw.exists(f"{unique}:m/damaged")
+        assert store.collect_garbage(older_than=3600) == 0  # young: a write may still be on its way
+        assert store.collect_garbage(older_than=0) == 5
+        assert len(chunks()) == 5 and bytes(store.get("kept")) == bytes(300 << 10)
+    finally:
+        raw.close()
+        store.close()

@@ -102,7 +102,7 @@ def test_server_killed_mid_run(scheme: str, tmp_path: Path) -> None:
                 try:
                     new, _ = meta.append("busy", version, spec(4 * (version - 1), 4))
                     version = new.version
-                except BaseException as exc:  # noqa: BLE001 - collected and checked below
+                except BaseException as exc:
                     errors.append(exc)
                     return
 
@@ -189,7 +189,7 @@ def test_concurrent_first_opens_create_the_schema_once(scheme: str, tmp_path: Pa
             with open_meta_store(uri) as meta:
                 meta.list_sessions()
             outcomes.append("ok")
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert
+        except BaseException as exc:
             outcomes.append(exc)
 
     threads = [threading.Thread(target=open_one) for _ in range(4)]

@@ -31,7 +31,8 @@ DEVICE = "cuda:0" if CUDA else "cpu"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("serve")
-    served = start_serve(["--dir", str(directory), "--device", DEVICE, "--hbm-blocks", "256", "--max-new-tokens", "3000",
+    served = start_serve(["--dir", str(directory), "--device", DEVICE, "--hbm-blocks", "256",
+                          "--max-new-tokens", "3000",
                           "--max-body", "65536", "--no-recompute-when-faster"], directory / "serve.log", env=TOKENS)
     yield served
     served.stop()
@@ -222,7 +223,8 @@ def test_metrics_count_hits_per_tier(server, admin) -> None:
     assert values['kvswap_cache_hits_total{tier="store"}'] >= 1
     assert values['kvswap_swap_bytes_total{direction="out"}'] > 0
     assert values["kvswap_hbm_blocks"] == 256
-    assert any(k.startswith("kvswap_http_request_duration_seconds_count") and 'route="/v1/sessions/{session_id:path}/generate"'
+    route = 'route="/v1/sessions/{session_id:path}/generate"'
+    assert any(k.startswith("kvswap_http_request_duration_seconds_count") and route
                in k for k in values)
 
 

@@ -14,14 +14,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_session_instances import _backends
 
 from kvswap.engine import ByteTokenizer
 from kvswap.service.client import ServiceClient
-from kvswap.testing.chat import first_prompt, user_turn
 from kvswap.testing.servers import nginx, stop_pid
 from kvswap.testing.service import Conversation, chat_reference, start_serve
-
-from test_session_instances import _backends
+from kvswap.workload import first_prompt, user_turn
 
 SESSIONS = 20
 TURNS = 5
@@ -75,7 +74,7 @@ def test_three_instances_behind_nginx_survive_a_killed_one(kind: str, tmp_path: 
 
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 for turn in range(TURNS):
-                    list(pool.map(lambda s: one_turn(s, turn), range(SESSIONS)))
+                    list(pool.map(lambda s, turn=turn: one_turn(s, turn), range(SESSIONS)))
 
         assert killed.proc.poll() is not None
         assert all(len(chat.turns) == TURNS for chat in chats), "a session was lost"

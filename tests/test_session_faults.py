@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_session_reuse import DEVICE, LAYOUT, MODEL, TOKENIZER, make_cache
 
 from kvswap.connectors import open_connector
 from kvswap.engine import Engine
 from kvswap.meta import EntrySpec, open_meta_store
 from kvswap.session_cache import OutOfBlocksError, PagedKVPool, SessionCache, StoreTier
-from kvswap.testing.chat import first_prompt, user_turn
-
-from test_session_reuse import DEVICE, LAYOUT, MODEL, TOKENIZER, make_cache
+from kvswap.workload import first_prompt, user_turn
 
 
 def _one_turn_then_store(tmp_path: Path, words: int = 40) -> tuple[SessionCache, Engine, list[int]]:

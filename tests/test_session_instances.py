@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from kvswap.testing.chat import first_prompt, user_turn
-from kvswap.testing.connector_suite import env_or_skip
-
 from test_session_faults import _Worker
 from test_session_reuse import TOKENIZER
+
+from kvswap.testing.connector_suite import env_or_skip
+from kvswap.workload import first_prompt, user_turn
 
 
 def _backends(kind: str, unique: str) -> tuple[str, str]:

@@ -13,8 +13,8 @@ from kvswap.connectors import open_connector
 from kvswap.engine import ByteTokenizer, Engine, build_model
 from kvswap.meta import open_meta_store
 from kvswap.session_cache import OutOfBlocksError, PagedKVPool, SessionCache
-from kvswap.testing.chat import first_prompt, user_turn
 from kvswap.testing.connector_suite import store_uri
+from kvswap.workload import first_prompt, user_turn
 
 TOKENIZER = ByteTokenizer()
 DEVICE = os.environ.get("KVSWAP_TEST_DEVICE", "cpu")  # "cuda" runs the pool and model on the GPU

@@ -202,3 +202,74 @@ def test_the_digest_names_the_weights_by_content(checkpoint: tuple[Path, dict], 
     assert load(None, f"file://{path}", digest=False).stats.digest == ""
     make_checkpoint(tmp_path / "other", seed=1)
     assert load(None, f"file://{tmp_path / 'other'}").stats.digest != first
+
+
+def _tied_model(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvswap.engine.model import MODEL_CONFIGS
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**MODEL_CONFIGS["tiny"], tie_word_embeddings=True)).eval()
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "checkpoint-with-both-names", "save"])
+def test_tied_embeddings_load_and_stay_tied(source: str, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    original = _tied_model()
+    directory = tmp_path / "tied"
+    original.save_pretrained(directory)  # writes the embedding once
+    if source == "checkpoint-with-both-names":  # some checkpoints carry the LM head too
+        (directory / "model.safetensors").unlink()
+        save_file({n: t.contiguous().clone() for n, t in original.state_dict().items()},
+                  directory / "model.safetensors", metadata={"format": "pt"})
+    uri = f"file://{directory}"
+    if source == "save":
+        uri = f"file://{tmp_path}/saved"
+        save(directory, uri, progress=False)
+    model = _tied_model(seed=1).to("meta")
+    load(model, uri, progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(logits(model), logits(original))
+
+
+KILLED_SAVE = """
+import sys
+from kvswap.weights import save
+save(sys.argv[1], sys.argv[2], chunk_bytes=4096, threads=1, progress=False)
+"""
+
+
+def test_what_a_killed_save_left_is_gone_after_the_next_save(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    directory, original = checkpoint
+    uri = f"file://{tmp_path}/killed"
+    for _ in range(2):  # two saves die midway, each leaving its chunks
+        before = len(list((tmp_path / "killed").glob("ranks/*/*")))
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(directory), uri])
+        began = time.monotonic()
+        while len(list((tmp_path / "killed").glob("ranks/*/*"))) < before + 20:
+            assert proc.poll() is None and time.monotonic() - began < 60, "the save ended before it was killed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "killed" / MANIFEST_KEY).exists()
+    left = set(open_connector(uri).list("ranks/"))
+    assert len({key.split("/")[-1].split("-")[0] for key in left}) == 2 and len(left) >= 38
+    manifest = save(directory, uri, chunk_bytes=64 << 10, progress=False)
+    assert set(open_connector(uri).list("ranks/")) == {c.key for r in manifest.ranks for c in r.chunks}
+    # kvswap weights gc does the same for leftovers that appear later (and refuses without a save)
+    store = open_connector(uri)
+    store.put("ranks/00000/deadbeef0000-000000", b"an orphan")
+    from kvswap.cli import main
+
+    assert main(["weights", "gc", uri]) == 0
+    assert set(store.list("ranks/")) == {c.key for r in manifest.ranks for c in r.chunks}
+    assert main(["weights", "gc", f"file://{tmp_path}/empty"]) == 2
+    loaded = load(None, uri, progress=False).tensors
+    assert all(torch.equal(loaded[n], t) for n, t in original.items())

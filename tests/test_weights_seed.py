@@ -14,12 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from test_weights import empty_model, logits, make_checkpoint
 
 from kvswap.errors import BackendUnavailableError, ConfigError
 from kvswap.weights import load
 from kvswap.weights.seed import INIT_ROUTE, SeedBusyError
-
-from test_weights import empty_model, logits, make_checkpoint
 
 TOKEN = "seed-test-token"
 # KVSWAP_TEST_DEVICE=cuda: the seed on GPU 0 and the client on GPU 1 (NCCL); else both on CPU (gloo).
@@ -151,3 +150,40 @@ def test_client_killed_mid_transfer_leaves_the_seed_serving(seed: Seed, checkpoi
             assert time.monotonic() - began < 30, "the seed stayed busy after its client died"
             time.sleep(0.5)
     assert all(torch.equal(tensors[n].cpu(), t) for n, t in checkpoint[1].items())
+
+
+def test_the_manifest_carries_what_a_client_boots_with(seed: Seed) -> None:
+    from kvswap.weights.files import model_files
+
+    files = model_files(seed.uri, token=TOKEN)
+    assert json.loads(files["config.json"])["model_type"] == "llama"
+    assert json.loads(files["tokenizer_config.json"]) == {"model_max_length": 4096}
+
+
+def test_the_rendezvous_listens_where_the_client_was_told_and_only_for_the_secret(seed: Seed) -> None:
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{seed.port}",
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as http:
+        offer = http.post(INIT_ROUTE, json={"backend": "gloo", "timeout_s": 3}).json()
+    assert offer["master_address"] == "127.0.0.1" and len(offer["rendezvous_key"]) >= 32
+    with pytest.raises(ConnectionRefusedError):  # not on every interface: 127.0.0.2 is loopback too
+        socket.create_connection(("127.0.0.2", offer["master_port"]), timeout=2).close()
+    # A stranger who finds the port but not the secret cannot join the transfer's group.
+    store = dist.TCPStore("127.0.0.1", offer["master_port"], 2, False, datetime.timedelta(seconds=2))
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = datetime.timedelta(seconds=2)
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    with pytest.raises(Exception):
+        dist.ProcessGroupGloo(store, 1, 2, options)
+    began = time.monotonic()
+    while True:  # the abandoned reservation lapses; the real client is served
+        try:
+            load(None, seed.uri, token=TOKEN, timeout=20, progress=False)
+            break
+        except SeedBusyError:
+            assert time.monotonic() - began < 20
+            time.sleep(0.5)

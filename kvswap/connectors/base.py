@@ -24,8 +24,9 @@ Guarantees every backend gives:
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from kvswap.errors import BackendUnavailableError, IntegrityError, InvalidKeyError, NotFoundError
 from kvswap.uri import URI, Option
@@ -33,8 +34,8 @@ from kvswap.uri import URI, Option
 PutMode = Literal["overwrite", "create"]
 PUT_MODES: tuple[str, ...] = ("overwrite", "create")
 # One buffer, or several written back to back (a gather write: header + tensors).
-Data = Union[bytes, bytearray, memoryview, Sequence[Union[bytes, bytearray, memoryview]]]
-Buffer = Union[bytes, bytearray, memoryview]
+Data = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+Buffer = bytes | bytearray | memoryview
 
 MAX_KEY_BYTES = 1024
 RESERVED_SEGMENT_PREFIX = ".kvswap"
@@ -229,7 +230,7 @@ class Connector(abc.ABC):
         for key, data in pairs:
             self.put(key, data, mode=mode)
 
-    def get_many(self, keys: Iterable[str]) -> list[Buffer]:
+    def get_many(self, keys: Iterable[str]) -> builtins.list[Buffer]:
         """Values of ``keys`` in order; any missing key raises :class:`NotFoundError`."""
         return [self.get(key) for key in keys]
 

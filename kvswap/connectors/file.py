@@ -26,9 +26,9 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 from kvswap.connectors.base import Connector, PutMode, check_range
 from kvswap.errors import (
@@ -78,7 +78,7 @@ def _os_errors(what: str) -> Iterator[None]:
 
 
 class FileConnector(Connector):
-    OPTIONS = {
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
         "fsync": Option(parse_bool, True, "fsync each value and its directory on publish"),
         "threads": Option(parse_positive_int, 8, "parallel read threads for large values"),
         "parallel_min": Option(parse_size, 16 << 20, "values from this size are read in parallel"),
@@ -198,7 +198,7 @@ class FileConnector(Connector):
         with _os_errors(f"reading {key!r} in {self.uri}"):
             if count >= self.options["parallel_min"] and self.options["threads"] > 1:
                 tasks = [(target[s:min(s + chunk, count)], offset + s) for s in range(0, count, chunk)]
-                self._run_parallel(lambda task: _pread_exact(fd, *task, key), tasks)
+                self._run_parallel(lambda task: _pread_exact(fd, task[0], task[1], key), tasks)
             else:
                 _pread_exact(fd, target, offset, key)
 

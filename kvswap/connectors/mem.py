@@ -9,8 +9,8 @@ back (the session cache decides what to drop).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 from kvswap.connectors.base import Connector, PutMode, check_range
 from kvswap.errors import AlreadyExistsError, ConfigError, NotFoundError, StorageFullError
@@ -32,7 +32,8 @@ _NAMED_LOCK = threading.Lock()
 
 
 class MemConnector(Connector):
-    OPTIONS = {"capacity": Option(parse_size, None, "byte capacity; unbounded if absent")}
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
+        "capacity": Option(parse_size, None, "byte capacity; unbounded if absent")}
 
     def __init__(self, uri: URI, **options: Any) -> None:
         super().__init__(uri, **options)

@@ -30,9 +30,9 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 from kvswap.connectors.base import Buffer, Connector, PutMode, check_range
 from kvswap.errors import (
@@ -53,7 +53,7 @@ _READ_ATTEMPTS = 10
 _WRITE_ID = re.compile(r"[0-9a-f]{1,64}")
 
 class RedisConnector(Connector):
-    OPTIONS = {
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
         **CLIENT_OPTIONS,
         "retries": Option(int, 1, "retries of a command after a connection error or timeout"),
         "prefix": Option(str, "kvswap:", "namespace of every key this connector writes"),
@@ -91,8 +91,7 @@ class RedisConnector(Connector):
         chunk = self.options["chunk_size"]
         with self._errors("writing", key):
             if size <= chunk:
-                header = {"size": size, "chunks": 0}
-                self._publish(key, [_encode_header(header), *parts], mode, [])
+                self._publish(key, [_encode_header({"size": size, "chunks": 0}), *parts], mode, [])
                 return
             write_id = _new_write_id()
             count = -(-size // chunk)
@@ -102,7 +101,7 @@ class RedisConnector(Connector):
                 ttl_ms = int(self.options["pending_ttl"] * 1000)
                 self._pipelined([("set", k, piece, ttl_ms) for k, piece in zip(chunk_keys, pieces)])
                 self._pipelined([("persist", k) for k in chunk_keys])
-                header = {"size": size, "chunks": count, "chunk_size": chunk, "id": write_id}
+                header: dict[str, Any] = {"size": size, "chunks": count, "chunk_size": chunk, "id": write_id}
                 self._publish(key, [_encode_header(header)], mode, chunk_keys)
             except BaseException:
                 self._drop_quietly(chunk_keys)
@@ -279,7 +278,7 @@ class RedisConnector(Connector):
         manifest_root = self._manifest_key("")
         with self._errors("collecting garbage", "*"):
             referenced: set[str] = set()
-            names = [n for n in self._client.scan_iter(match=_glob_escape(manifest_root) + "*", count=1000)]
+            names = list(self._client.scan_iter(match=_glob_escape(manifest_root) + "*", count=1000))
             for start in range(0, len(names), 512):
                 pipe = self._client.pipeline(transaction=False)
                 for name in names[start:start + 512]:

@@ -13,9 +13,9 @@ uses ``If-None-Match: *``, which the store must support.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from kvswap.connectors.base import Buffer, Connector, PutMode, check_range, validate_key
 from kvswap.errors import (
@@ -30,7 +30,7 @@ from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_second
 
 
 def _error_table() -> dict[type[BaseException], type[KVSwapError]]:
-    from obstore import exceptions as exc  # noqa: PLC0415 - optional driver
+    from obstore import exceptions as exc
 
     return {
         exc.NotFoundError: NotFoundError,
@@ -49,7 +49,7 @@ def _error_table() -> dict[type[BaseException], type[KVSwapError]]:
 
 
 class S3Connector(Connector):
-    OPTIONS = {
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
         "endpoint": Option(str, None, "endpoint URL, e.g. http://127.0.0.1:8333; AWS if absent"),
         "region": Option(str, "us-east-1", "region name"),
         "timeout": Option(parse_seconds, 60.0, "seconds for one whole request"),
@@ -63,8 +63,8 @@ class S3Connector(Connector):
 
     def __init__(self, uri: URI, **options: Any) -> None:
         super().__init__(uri, **options)
-        import obstore  # noqa: PLC0415 - optional driver
-        from obstore.store import S3Store  # noqa: PLC0415
+        import obstore
+        from obstore.store import S3Store
 
         if not uri.host:
             raise ConfigError(f"s3:// needs a bucket, like s3://bucket/prefix?endpoint=...; got {uri}")
@@ -84,14 +84,14 @@ class S3Connector(Connector):
         if uri.username:
             config["access_key_id"] = uri.username
             config["secret_access_key"] = uri.password or ""
-        client = {"timeout": timedelta(seconds=opts["timeout"]),
+        client: dict[str, Any] = {"timeout": timedelta(seconds=opts["timeout"]),
                   "connect_timeout": timedelta(seconds=opts["connect_timeout"]),
                   "allow_http": bool(opts["endpoint"] and opts["endpoint"].startswith("http://"))}
-        retry = {"max_retries": opts["retries"], "retry_timeout": timedelta(seconds=opts["timeout"])}
+        retry: dict[str, Any] = {"max_retries": opts["retries"], "retry_timeout": timedelta(seconds=opts["timeout"])}
         prefix = uri.path.strip("/") or None
         with translate_errors(self._errors_table, f"opening {uri}"):
-            self._store = S3Store(uri.host, prefix=prefix, config=config, client_options=client,
-                                  retry_config=retry)
+            self._store = S3Store(uri.host, prefix=prefix, config=config,  # type: ignore[arg-type]
+                                  client_options=client, retry_config=retry)  # type: ignore[arg-type]
 
     def _errors(self, what: str, key: str) -> Any:
         return translate_errors(self._errors_table, f"{what} {key!r} on {self.uri}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
@@ -28,19 +29,20 @@ class Generation:
 class Engine:
     """A causal LM plus a session cache over its pool. One request at a time."""
 
-    def __init__(self, model: torch.nn.Module, cache: SessionCache) -> None:
+    def __init__(self, model: Any, cache: SessionCache) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.pool.device
 
     @torch.inference_mode()
     def generate(self, session_id: str, tokens: Sequence[int], max_new_tokens: int, *,
-                 stop_token: int | None = None, return_logits: bool = False,
+                 stop_tokens: Collection[int] = (), return_logits: bool = False,
                  on_token: Callable[[int], None] | None = None) -> Generation:
         """Continue ``tokens`` (the whole conversation so far) by up to ``max_new_tokens``.
 
         The session's KV for the longest verified prefix is reused; the rest is computed and
         the KV of everything but the last new token stays with the session for its next turn.
+        Generation ends after ``max_new_tokens`` or a token of ``stop_tokens`` (which is kept).
         ``on_token(t)`` is called with each new token as soon as it is chosen (streaming).
         """
         if not tokens or max_new_tokens < 1:
@@ -54,21 +56,21 @@ class Engine:
             logits = self._forward(tokens[cached:], past)
             self._sync()
             self.cache.observe_prefill(len(tokens) - cached, time.perf_counter() - prefill_began)
-            new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits, on_token)
+            new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_tokens, return_logits, on_token)
             handle.commit(list(tokens) + new[:-1])
         return Generation(new, cached, len(tokens) - cached, first_at - began, time.perf_counter() - began,
                           torch.stack(kept) if return_logits else None)
 
     @torch.inference_mode()
-    def generate_uncached(self, tokens: Sequence[int], max_new_tokens: int, *, stop_token: int | None = None,
-                          return_logits: bool = False) -> Generation:
+    def generate_uncached(self, tokens: Sequence[int], max_new_tokens: int, *, stop_tokens: Collection[int] = (),
+                          return_logits: bool = False, on_token: Callable[[int], None] | None = None) -> Generation:
         """The reference: recompute everything with transformers' own DynamicCache, no kvswap."""
         from transformers import DynamicCache
 
         began = time.perf_counter()
         past = DynamicCache(config=self.model.config)
         logits = self._forward(tokens, past)
-        new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_token, return_logits)
+        new, first_at, kept = self._decode(logits, past, max_new_tokens, stop_tokens, return_logits, on_token)
         return Generation(new, 0, len(tokens), first_at - began, time.perf_counter() - began,
                           torch.stack(kept) if return_logits else None)
 
@@ -76,7 +78,7 @@ class Engine:
         ids = torch.tensor([list(tokens)], dtype=torch.int64, device=self.device)
         return self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1).logits[0, -1]
 
-    def _decode(self, logits: torch.Tensor, past: object, max_new_tokens: int, stop_token: int | None,
+    def _decode(self, logits: torch.Tensor, past: object, max_new_tokens: int, stop_tokens: Collection[int],
                 return_logits: bool, on_token: Callable[[int], None] | None = None,
                 ) -> tuple[list[int], float, list[torch.Tensor]]:
         """Greedy tokens, the time the first was chosen, and (if asked) each step's logits."""
@@ -92,7 +94,7 @@ class Engine:
                 on_token(token)
             if return_logits:
                 kept.append(logits.float().cpu())
-            if len(new) >= max_new_tokens or token == stop_token:
+            if len(new) >= max_new_tokens or token in stop_tokens:
                 return new, first_at, kept
             logits = self._forward([token], past)
 

@@ -56,9 +56,9 @@ try:  # a core dependency; the standard library stands in where no wheel exists 
     from orjson import dumps as _json_bytes
     from orjson import loads as json_loads
 except ImportError:  # pragma: no cover - exercised only where orjson is missing
-    json_loads = json.loads
+    json_loads = json.loads  # type: ignore[assignment]
 
-    def _json_bytes(value: Any) -> bytes:
+    def _json_bytes(value: Any) -> bytes:  # type: ignore[misc]
         return json.dumps(value, separators=(",", ":")).encode()
 
 from kvswap.errors import (
@@ -351,7 +351,7 @@ class MetaStore(abc.ABC):
     query options in ``OPTIONS``.
     """
 
-    OPTIONS: ClassVar[dict[str, Option]] = {}
+    OPTIONS: ClassVar[Mapping[str, Option]] = {}
 
     def __init__(self, uri: URI, *, clock: Callable[[], float] = time.time, **options: Any) -> None:
         self.uri = uri
@@ -484,8 +484,14 @@ class MetaStore(abc.ABC):
         check_version(session, expected_version)
         if isinstance(token_offset, bool) or not isinstance(token_offset, int) or token_offset < 0:
             raise InvalidEntryError(f"token_offset must be a non-negative integer, got {token_offset!r}")
-        kept = [e for e in entries if e.token_end <= token_offset]
-        removed = [e for e in entries if e.token_end > token_offset]
+        kept: list[Entry] = []
+        for entry in entries:  # the leading run of sound, contiguous entries ending by token_offset
+            offset, length = entry.token_offset, entry.token_length
+            if (type(offset) is not int or type(length) is not int or length <= 0
+                    or offset != (kept[-1].token_end if kept else 0) or offset + length > token_offset):
+                break
+            kept.append(entry)
+        removed = list(entries[len(kept):])
         total = kept[-1].token_end if kept else 0
         return (session._replace(version=session.version + 1, last_access=self.now(), total_tokens=total),
                 kept, removed)

@@ -23,9 +23,8 @@ import dataclasses
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
-
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 from kvswap.errors import (
     AlreadyExistsError,
@@ -34,7 +33,6 @@ from kvswap.errors import (
     KVSwapError,
 )
 from kvswap.meta.base import (
-    json_loads,
     UNSET,
     Entry,
     EntrySpec,
@@ -49,6 +47,7 @@ from kvswap.meta.base import (
     decode_cursor,
     entries_from_values,
     entry_value,
+    json_loads,
     not_found,
     validate_session_id,
 )
@@ -94,14 +93,14 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 
 class EtcdMetaStore(MetaStore):
-    OPTIONS = {
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
         "timeout": Option(parse_seconds, 10.0, "seconds any etcd call may take"),
     }
 
     def __init__(self, uri: URI, **options: Any) -> None:
         super().__init__(uri, **options)
-        import grpc  # noqa: PLC0415 - optional driver
-        from aetcd import rpc  # noqa: PLC0415
+        import grpc
+        from aetcd import rpc
 
         self._grpc, self._rpc = grpc, rpc
         if not uri.host:
@@ -156,7 +155,7 @@ class EtcdMetaStore(MetaStore):
     def _range(self, key: bytes, end: bytes | None = None, limit: int = 0) -> Any:
         return self._rpc.RangeRequest(key=key, range_end=end or b"", limit=limit)
 
-    def _txn(self, what: str, compare: list[Any], success: list[Any], failure: list[Any] = ()) -> Any:
+    def _txn(self, what: str, compare: list[Any], success: list[Any], failure: Sequence[Any] = ()) -> Any:
         ops = [self._op(op) for op in success]
         fail_ops = [self._op(op) for op in failure]
         return self._call(self._kv.Txn, self._rpc.TxnRequest(compare=compare, success=ops, failure=fail_ops), what)
@@ -238,7 +237,7 @@ class EtcdMetaStore(MetaStore):
             self._cache.pop(session_id, None)
 
     def _guarded(self, session_id: str, expected_version: int | None, plan: Any, with_entries: bool = False,
-                 use_cache: bool = False) -> tuple[Session | None, Any]:
+                 use_cache: bool = False) -> tuple[Any, Any]:
         """Read (or reuse a remembered read), ``plan(read, entries) -> (ops, after, extra)``, and
         commit ``ops`` if the session key did not change since; on a lost race read again.
 
@@ -250,7 +249,7 @@ class EtcdMetaStore(MetaStore):
             with self._cache_lock:
                 cached = self._cache.get(session_id) if use_cache else None
             if cached is not None and cached.session.version == expected_version:
-                read, entries = cached, []
+                read, entries = cached, list[Entry]()
             else:
                 read, entries = self._read(session_id, with_entries)
             if expected_version is not None:
@@ -363,7 +362,7 @@ class EtcdMetaStore(MetaStore):
             start = records[-1][0] + b"\x00"
 
     def expired(self, limit: int = 1000) -> list[Session]:
-        now, found = self.now(), []
+        now, found = self.now(), list[Session]()
         for batch, _ in self._session_batches(None, 1000):
             found.extend(s for s in batch if s.is_expired(now))
             if len(found) >= limit:

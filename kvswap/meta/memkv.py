@@ -148,9 +148,9 @@ class MemKVMetaStore(MetaStore):
                 if not space.leased.isdisjoint(ids):
                     for session_id in space.leased.intersection(ids):
                         self._session(session_id)  # clears leases that expired
-                page = list(map(space.sessions.__getitem__, ids))
+                sessions = list(map(space.sessions.__getitem__, ids))
                 more = start + limit < len(space.ids)
-                return SessionPage(page, encode_cursor(ids[-1]) if more else None)
+                return SessionPage(sessions, encode_cursor(ids[-1]) if more else None)
             page: list[Session] = []
             for position in range(start, len(space.ids)):
                 session = self._session(space.ids[position])

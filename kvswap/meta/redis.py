@@ -18,7 +18,7 @@ Single Redis/Valkey primary; Redis Cluster is not supported (keys of one session
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from kvswap.errors import AlreadyExistsError, ConfigError, VersionConflictError, translate_errors, translated
 from kvswap.meta.base import (
@@ -52,7 +52,7 @@ local function read(skey, lkey)
   r[9] = redis.call('PTTL', lkey)
   return r
 end
-""" % ", ".join(f"'{f}'" for f in _FIELDS)
+""".replace("%s", ", ".join(f"'{f}'" for f in _FIELDS))
 
 # KEYS: session hash and lease of each session, in pairs.
 _READ = _LUA_READ + """
@@ -118,7 +118,8 @@ return result
 # ARGV: id, expected version, now, kept entries, new total
 _TRUNCATE = _INDEX_TTL + """
 local failed = guard(ARGV[2]); if failed then return failed end
-if tonumber(ARGV[4]) == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1) end
+if tonumber(ARGV[4]) == 0 then redis.call('DEL', KEYS[2])
+else redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1) end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'last_access', ARGV[3], 'total_tokens', ARGV[5])
 index_ttl(ARGV[3])
@@ -152,7 +153,7 @@ return state()
 
 
 class RedisMetaStore(MetaStore):
-    OPTIONS = {
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
         **CLIENT_OPTIONS,
         "prefix": Option(str, "kvswap:meta:", "namespace of every key this store writes"),
     }
@@ -189,7 +190,7 @@ class RedisMetaStore(MetaStore):
         validate_session_id(session_id)
         try:
             reply = self._scripts[name](keys=self._keys(session_id), args=[session_id, *args])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
             self._reraise(exc, f"{what} session {session_id!r}")
         status = _text(reply[0])
         if status == "missing":
@@ -224,7 +225,7 @@ class RedisMetaStore(MetaStore):
         keys = [key for session_id in session_ids for key in (f"{p}s:{session_id}", f"{p}l:{session_id}")]
         try:
             states = self._scripts["read"](keys=keys)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
             self._reraise(exc, "reading sessions")
         return [self._state(i, state) for i, state in zip(session_ids, states)]
 
@@ -290,7 +291,7 @@ class RedisMetaStore(MetaStore):
             raw = self._client.lrange(f"{self._prefix}e:{session_id}", 0, -1)
             if not raw and not self._client.exists(f"{self._prefix}s:{session_id}"):
                 raise not_found(session_id)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
             self._reraise(exc, f"listing entries of {session_id!r}")
         return entries_from_values(session_id, raw)
 

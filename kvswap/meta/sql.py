@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -48,7 +48,6 @@ from kvswap.errors import (
     translated,
 )
 from kvswap.meta.base import (
-    json_loads,
     MAX_ID_BYTES,
     UNSET,
     Entry,
@@ -57,12 +56,13 @@ from kvswap.meta.base import (
     MetaStore,
     Session,
     SessionPage,
-    check_limit,
-    check_version,
     check_append,
     check_expected_version,
+    check_limit,
+    check_version,
     decode_cursor,
     encode_cursor,
+    json_loads,
     not_found,
     validate_session_id,
     validate_spec,
@@ -104,7 +104,7 @@ def _exact_string(length: int) -> sa.types.TypeEngine:
 
 def tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table, sa.Table]:
     md = sa.MetaData()
-    opts = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+    opts: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
     sessions = sa.Table(
         f"{prefix}sessions", md,
         sa.Column("id", _Utf8Bytes, primary_key=True),
@@ -162,7 +162,7 @@ _TRANSIENT = ("deadlock", "lock wait timeout", "could not serialize", "database 
 
 
 class SQLMetaStore(MetaStore):
-    OPTIONS = {
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
         "timeout": Option(parse_seconds, 10.0, "seconds a statement (or SQLite lock wait) may take"),
         "connect_timeout": Option(parse_seconds, 5.0, "seconds to wait for a connection"),
         "pool_size": Option(parse_positive_int, 8, "pooled connections (PostgreSQL, MySQL)"),
@@ -180,9 +180,10 @@ class SQLMetaStore(MetaStore):
         self._engine = self._make_engine(uri, opts)
         # Reads run on autocommit connections: no BEGIN/ROLLBACK round trips around a SELECT.
         self._reader = self._engine if self._dialect == "sqlite" else self._make_engine(uri, opts, autocommit=True)
-        self._dbapi = self._engine.dialect.dbapi
-        self._error_table = {self._dbapi.ProgrammingError: ConfigError, self._dbapi.Error: BackendUnavailableError,
-                             **_ERRORS}
+        dbapi: Any = self._engine.dialect.dbapi
+        self._dbapi = dbapi
+        self._error_table: dict[type[BaseException], type[KVSwapError]] = {
+            dbapi.ProgrammingError: ConfigError, dbapi.Error: BackendUnavailableError, **_ERRORS}
         self._local = threading.local()  # SQLite: each thread keeps its own connection (module doc)
         self._detached: list[Any] = []
         self._sql = _DriverSQL(self._dialect, opts["table_prefix"], self._engine.dialect.identifier_preparer.quote)
@@ -198,7 +199,8 @@ class SQLMetaStore(MetaStore):
         timeout = opts["timeout"]
         if self._dialect == "sqlite":
             if uri.host or not uri.path.startswith("/") or uri.path.endswith("/"):
-                raise ConfigError(f"sqlite URIs name an absolute file path, like sqlite:///var/kvswap/meta.db, not {uri}")
+                raise ConfigError("sqlite URIs name an absolute file path, like sqlite:///var/kvswap/meta.db, "
+                                  f"not {uri}")
             if opts["synchronous"] not in ("normal", "full"):
                 raise ConfigError("synchronous must be normal or full")
             engine = sa.create_engine(
@@ -218,7 +220,7 @@ class SQLMetaStore(MetaStore):
                                        f" -c lock_timeout={int(timeout * 1000)}",
                             "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
         else:
-            from pymysql.constants import CLIENT  # noqa: PLC0415 - optional driver
+            from pymysql.constants import CLIENT
 
             # Multi-statements: an append is one batch (one round trip); every statement is
             # still parameterized. FOUND_ROWS is what SQLAlchemy itself would set.
@@ -443,12 +445,12 @@ class SQLMetaStore(MetaStore):
             now = self.now()
             row = self._guarded_append(session_id, sid, expected_version, spec, now)
             if row is not None:
-                return Session._make(row[:-1]), Entry(*_spec_values(spec), session_id, row[-1], now)
+                return Session._make(row[:-1]), Entry._make((*_spec_values(spec), session_id, row[-1], now))
             check_append(self.get(session_id), expected_version, spec)  # raises, unless it changed back
         raise VersionConflictError(f"session {session_id!r} kept changing under an append")
 
     def _guarded_append(self, session_id: str, sid: bytes, expected_version: int, spec: EntrySpec,
-                        now: float) -> tuple | None:
+                        now: float) -> Any:
         """The session's row after the append plus the entry's seq, or None if the guard failed."""
         guard = (spec.token_length, now, now, sid, expected_version, spec.token_offset)
         values = (*_spec_values(spec), now)
@@ -460,7 +462,7 @@ class SQLMetaStore(MetaStore):
                                      lambda cursor: _mysql_batch(cursor, self._sql.append,
                                                                  (*guard, *values, sid, now, now, sid)))
 
-        def work(cursor: Any) -> tuple | None:  # SQLite (RETURNING costs more than a SELECT here)
+        def work(cursor: Any) -> Any:  # SQLite (RETURNING costs more than a SELECT here)
             cursor.execute(self._sql.append, guard)
             if cursor.rowcount != 1:
                 return None
@@ -671,7 +673,7 @@ class _DriverSQL:
         return self._marks(f"SELECT {self.session} FROM {self.sessions}{where} ORDER BY id LIMIT ?")
 
 
-def _mysql_batch(cursor: Any, sql: str, params: tuple) -> list | None:
+def _mysql_batch(cursor: Any, sql: str, params: tuple[Any, ...]) -> Any:
     """Run MySQL's append batch (:class:`_DriverSQL`); the last SELECT's row (decoded from
     its JSON) if both the update and the insert changed a row, else None. A failed statement stops the batch with
     its transaction open: it is rolled back before the error propagates."""
@@ -689,12 +691,12 @@ def _mysql_batch(cursor: Any, sql: str, params: tuple) -> list | None:
     return json_loads(row[0]) if counts[:2] == [1, 1] and row is not None else None
 
 
-def _one(cursor: Any, sql: str, params: tuple) -> tuple | None:
+def _one(cursor: Any, sql: str, params: tuple[Any, ...]) -> Any:
     cursor.execute(sql, params)
     return cursor.fetchone()
 
 
-def _spec_values(spec: EntrySpec) -> tuple:
+def _spec_values(spec: EntrySpec) -> tuple[Any, ...]:
     return tuple(spec[:7])  # an Entry is a spec too
 
 

@@ -20,9 +20,12 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, Callable, List, Literal, Optional
+from collections.abc import Callable, Collection
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -45,7 +48,7 @@ from kvswap.session_cache import LocalState, OutOfBlocksError, SessionBusyError,
 from kvswap.weights.seed import SeedBusyError
 
 # First match wins: subclasses before their bases.
-STATUS_OF: List[tuple] = [
+STATUS_OF: list[tuple] = [
     (RequestError, 400), (InvalidKeyError, 400), (InvalidEntryError, 400), (ConfigError, 400),
     (NotFoundError, 404),
     (SessionBusyError, 409), (SeedBusyError, 409), (LeaseError, 409), (VersionConflictError, 409),
@@ -56,9 +59,8 @@ STATUS_OF: List[tuple] = [
 ]
 RETRY_LATER = {409, 503}
 
-ERROR_RESPONSES = {401: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody},
-                404: {"model": schemas.ErrorBody}, 409: {"model": schemas.ErrorBody},
-                503: {"model": schemas.ErrorBody}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": schemas.ErrorBody} for status in (401, 403, 404, 409, 503)}
 
 
 def status_of(exc: KVSwapError) -> int:
@@ -135,7 +137,14 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
     async def kvswap_error(request: Request, exc: KVSwapError) -> JSONResponse:
         status = status_of(exc)
         headers = {"Retry-After": "1"} if status in RETRY_LATER else None
-        return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=status, headers=headers)
+        return JSONResponse({"error": type(exc).__name__, "message": printable(str(exc))}, status_code=status,
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own body, with the offending input made printable: a lone surrogate in
+        # it would otherwise fail the response itself (a 500 instead of this 422).
+        return JSONResponse({"detail": printable(jsonable_encoder(exc.errors()))}, status_code=422)
 
     user = Depends(_authorizer(config.api_token, config.admin_token, admin=False))
     admin = Depends(_authorizer(config.api_token, config.admin_token, admin=True))
@@ -146,6 +155,11 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
     def health() -> Any:
         return schemas.Health(status="ok", instance=instance.instance_id, fingerprint=instance.layout.fingerprint,
                               uptime_s=time.time() - instance.started)
+
+    @app.get("/v1/models", response_model=schemas.ModelList, dependencies=[user], tags=["generate"])
+    def models() -> Any:
+        """The model this instance serves (what OpenAI-style clients ask first)."""
+        return schemas.ModelList(data=[schemas.ModelCard(id=instance.layout.model, created=int(instance.started))])
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     def prometheus() -> Response:
@@ -159,7 +173,8 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
         """Continue the session's conversation (all of it, as the client keeps it): KV of its
         longest verified stored prefix is reused, the rest computed. ``stream``: server-sent
         events, ``token`` per new token then ``done`` with the response body."""
-        tokens = body.tokens if body.tokens is not None else instance.tokenizer.encode(body.text)
+        tokens = body.tokens if body.tokens is not None else instance.tokenizer.encode(body.text or "")
+        stop = () if body.stop_token is None else (body.stop_token,)
 
         def respond(result: Any) -> dict:
             return schemas.GenerateResponse(
@@ -169,59 +184,73 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
 
         if not body.stream:
             result = await asyncio.to_thread(instance.generate, session_id, tokens, body.max_tokens,
-                                             stop_token=body.stop_token)
+                                             stop_tokens=stop)
             return respond(result)
-        return await _stream(instance, session_id, tokens, body.max_tokens, body.stop_token,
+        return await _stream(instance, session_id, tokens, body.max_tokens, stop,
                              on_token=lambda t: ("token", {"token": t, "text": instance.tokenizer.decode([t])}),
                              on_done=lambda r: ("done", respond(r)))
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletionResponse, dependencies=[user],
               tags=["generate"], responses=ERROR_RESPONSES)
-    async def chat_completions(body: schemas.ChatCompletionRequest) -> Any:
-        """OpenAI-style chat completions; ``session_id`` (required) names whose KV to reuse.
-        Greedy decoding; messages are rendered as ``<|role|>\\ncontent\\n`` turns."""
-        tokens = instance.tokenizer.encode(render_chat(body.messages))
+    async def chat_completions(body: schemas.ChatCompletionRequest,
+                               x_session_id: str | None = Header(None, max_length=1024)) -> Any:
+        """OpenAI-style chat completions, rendered with the model's own chat template. The
+        session whose KV to reuse is ``session_id`` or the ``X-Session-ID`` header; without
+        either the turn is computed whole and nothing is kept. Greedy decoding."""
+        session_id = _session_of(body.session_id, x_session_id)
+        tokens = instance.tokenizer.encode(instance.tokenizer.render_chat(
+            [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]))
         max_new = body.max_completion_tokens or body.max_tokens or 64
-        stop = getattr(instance.tokenizer, "eos_id", None)
+        stop = instance.tokenizer.stop_ids
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         model = body.model or instance.layout.model
 
-        def respond(result: Any) -> dict:
-            reason = "stop" if stop is not None and result.tokens[-1] == stop else "length"
-            return schemas.ChatCompletionResponse(
-                id=completion_id, created=created, model=model,
-                choices=[schemas.ChatChoice(message=schemas.ChatChoiceMessage(
-                    content=instance.tokenizer.decode(result.tokens)), finish_reason=reason)],
-                usage=schemas.ChatUsage(prompt_tokens=len(tokens), completion_tokens=len(result.tokens),
-                                        total_tokens=len(tokens) + len(result.tokens),
-                                        cached_tokens=result.cached)).model_dump()
+        def usage(result: Any) -> schemas.ChatUsage:
+            return schemas.ChatUsage(prompt_tokens=len(tokens), completion_tokens=len(result.tokens),
+                                     total_tokens=len(tokens) + len(result.tokens), cached_tokens=result.cached,
+                                     prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=result.cached))
+
+        def reason(result: Any) -> Literal["stop", "length"]:
+            return "stop" if result.tokens and result.tokens[-1] in stop else "length"
+
+        def text(tokens: list[int]) -> str:
+            return instance.tokenizer.decode([t for t in tokens if t not in stop])
 
         if not body.stream:
-            result = await asyncio.to_thread(instance.generate, body.session_id, tokens, max_new, stop_token=stop)
-            return respond(result)
+            result = await asyncio.to_thread(instance.generate, session_id, tokens, max_new, stop_tokens=stop)
+            return schemas.ChatCompletionResponse(
+                id=completion_id, created=created, model=model,
+                choices=[schemas.ChatChoice(message=schemas.ChatChoiceMessage(content=text(result.tokens)),
+                                            finish_reason=reason(result))],
+                usage=usage(result)).model_dump()
 
-        def chunk(delta: dict, reason: Optional[str] = None) -> dict:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict, finish: str | None = None) -> dict:
             return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-        def done(result: Any) -> tuple:
-            return None, chunk({}, respond(result)["choices"][0]["finish_reason"])
+        def done(result: Any) -> list[tuple]:
+            events = [(None, chunk({}, reason(result)))]
+            if include_usage:
+                events.append((None, {**chunk({}), "choices": [], "usage": usage(result).model_dump()}))
+            return events
 
-        return await _stream(instance, body.session_id, tokens, max_new, stop,
-                             on_token=lambda t: (None, chunk({"content": instance.tokenizer.decode([t])})),
+        return await _stream(instance, session_id, tokens, max_new, stop,
+                             on_token=lambda t: (None, chunk({"content": text([t])})),
                              on_done=done, end="[DONE]")
 
     # ---- admin -------------------------------------------------------------------------------
 
     @app.get("/v1/sessions", response_model=schemas.SessionList, dependencies=[admin], tags=["sessions"],
              responses=ERROR_RESPONSES)
-    def list_sessions(owner: Optional[str] = Query(None, max_length=256, description="lease holder"),
-                      idle_since: Optional[float] = Query(None, ge=0, allow_inf_nan=False,
+    def list_sessions(owner: str | None = Query(None, max_length=256, description="lease holder"),
+                      idle_since: float | None = Query(None, ge=0, allow_inf_nan=False,
                                                           description="last access at or before (epoch s)"),
-                      fingerprint: Optional[str] = Query(None, max_length=1024),
+                      fingerprint: str | None = Query(None, max_length=1024),
                       limit: int = Query(100, ge=1, le=1000),
-                      cursor: Optional[str] = Query(None, max_length=2048)) -> Any:
+                      cursor: str | None = Query(None, max_length=2048)) -> Any:
         page = instance.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint, limit=limit,
                                       cursor=cursor)
         return schemas.SessionList(sessions=[_summary(s) for s in page.sessions], cursor=page.cursor)
@@ -266,13 +295,38 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
     return app
 
 
-def render_chat(messages: List[schemas.ChatMessage]) -> str:
-    """The prompt text of a chat: each message as ``<|role|>\\ncontent\\n``, then the assistant's turn."""
-    return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
+def printable(value: Any) -> Any:
+    """``value`` (str, or lists and dicts of them) with lone surrogates made visible escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    return value
 
 
-async def _stream(instance: Instance, session_id: str, tokens: List[int], max_new: int, stop: Optional[int], *,
-                  on_token: Callable, on_done: Callable, end: Optional[str] = None) -> StreamingResponse:
+def _session_of(body: str | None, header: str | None) -> str | None:
+    """The request's session: the body's ``session_id`` or the ``X-Session-ID`` header (both:
+    they must agree); None when neither is given."""
+    if header is not None:
+        header = _valid_header_text(header)
+    if body is not None and header is not None and body != header:
+        raise RequestError("session_id and the X-Session-ID header name different sessions")
+    return body if body is not None else header
+
+
+def _valid_header_text(value: str) -> str:
+    # Starlette decodes headers as latin-1; a client sends UTF-8 bytes.
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise RequestError("the X-Session-ID header is not UTF-8 text") from None
+
+
+async def _stream(instance: Instance, session_id: str | None, tokens: list[int], max_new: int,
+                  stop: Collection[int], *,
+                  on_token: Callable, on_done: Callable, end: str | None = None) -> StreamingResponse:
     """Server-sent events of a generate running in a worker thread. Errors before the first
     token (unknown session, busy, bad request) are answered as HTTP errors, not as events."""
     instance.check_request(tokens, max_new)
@@ -281,8 +335,8 @@ async def _stream(instance: Instance, session_id: str, tokens: List[int], max_ne
 
     def work() -> None:
         try:
-            result = instance.generate(session_id, tokens, max_new, stop_token=stop,
-                                       on_token=lambda t: loop.call_soon_threadsafe(queue.put_nowait, ("token", t)))
+            result = instance.generate(session_id, tokens, max_new, stop_tokens=stop,
+                                       on_token=lambda t: _post(loop, queue, ("token", t)))
             loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
         except BaseException as exc:  # noqa: BLE001 - handed to the response
             loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
@@ -293,7 +347,7 @@ async def _stream(instance: Instance, session_id: str, tokens: List[int], max_ne
         await worker
         raise first[1]
 
-    def event(name: Optional[str], data: Any) -> str:
+    def event(name: str | None, data: Any) -> str:
         return (f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n"
 
     async def events() -> Any:
@@ -303,7 +357,9 @@ async def _stream(instance: Instance, session_id: str, tokens: List[int], max_ne
             if kind == "token":
                 yield event(*on_token(value))
             elif kind == "done":
-                yield event(*on_done(value))
+                done = on_done(value)
+                for item in done if isinstance(done, list) else [done]:
+                    yield event(*item)
                 if end:
                     yield f"data: {end}\n\n"
                 break
@@ -317,7 +373,11 @@ async def _stream(instance: Instance, session_id: str, tokens: List[int], max_ne
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _authorizer(api_token: Optional[str], admin_token: Optional[str], *, admin: bool) -> Callable:
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: tuple) -> None:
+    loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def _authorizer(api_token: str | None, admin_token: str | None, *, admin: bool) -> Callable:
     def check(request: Request) -> None:
         if not api_token and not admin_token:
             return  # development mode: nothing configured

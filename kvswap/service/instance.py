@@ -16,8 +16,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, cast
 
 from kvswap.connectors import open_connector
 from kvswap.engine import Engine
@@ -27,6 +27,7 @@ from kvswap.meta import open_meta_store
 from kvswap.meta.base import Entry, Session, SessionPage, validate_session_id
 from kvswap.service.model import LoadedModel, load_model
 from kvswap.session_cache import LocalState, PagedKVPool, SessionCache
+from kvswap.session_cache.manager import Policy
 
 log = logging.getLogger("kvswap.service")
 
@@ -100,10 +101,14 @@ class Instance:
         self.pool = PagedKVPool(self.layout, config.hbm_blocks, config.block_size, config.device)
         meta = open_meta_store(config.meta_uri)
         stores = [open_connector(uri) for uri in config.store_uris]
-        self.cache = SessionCache(self.pool, meta, stores, host_bytes=config.host_bytes, policy=config.policy,
+        if config.policy not in ("write-back", "write-through"):
+            raise ConfigError(f"policy must be write-back or write-through, not {config.policy!r}")
+        self.cache = SessionCache(self.pool, meta, stores, host_bytes=config.host_bytes,
+                                  policy=cast(Policy, config.policy),
                                   instance_id=self.instance_id, lease_ttl=config.lease_ttl,
                                   session_ttl=config.session_ttl,
                                   recompute_when_faster=config.recompute_when_faster)
+        self.cache.store.check()  # a server that is down fails the start, in one line
         self.engine = Engine(self.loaded.model, self.cache)
         self._engine_lock = threading.Lock()
         self.max_tokens = min(self.pool.num_blocks * self.pool.block_size, self.loaded.max_positions)
@@ -129,15 +134,20 @@ class Instance:
             raise RequestError(f"{len(tokens)} tokens + {max_new_tokens} new exceed this instance's "
                                f"{self.max_tokens}-token limit (HBM pool and model positions)")
 
-    def generate(self, session_id: str, tokens: Sequence[int], max_new_tokens: int, *,
-                 stop_token: int | None = None, on_token: Callable[[int], None] | None = None) -> Generation:
+    def generate(self, session_id: str | None, tokens: Sequence[int], max_new_tokens: int, *,
+                 stop_tokens: Collection[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
         """Continue the conversation ``tokens`` (all of it, as the client keeps it) by up to
-        ``max_new_tokens``, reusing the session's stored KV for its longest verified prefix."""
-        validate_session_id(session_id)
+        ``max_new_tokens``, reusing the session's stored KV for its longest verified prefix.
+        With no session (``None``) it is computed whole and nothing is kept."""
+        if session_id is not None:
+            validate_session_id(session_id)
         tokens = list(tokens)
         self.check_request(tokens, max_new_tokens)
         with self._engine_lock:
-            return self.engine.generate(session_id, tokens, max_new_tokens, stop_token=stop_token,
+            if session_id is None:
+                return self.engine.generate_uncached(tokens, max_new_tokens, stop_tokens=stop_tokens,
+                                                     on_token=on_token)
+            return self.engine.generate(session_id, tokens, max_new_tokens, stop_tokens=stop_tokens,
                                         on_token=on_token)
 
     # ---- admin ---------------------------------------------------------------------------------
@@ -188,7 +198,8 @@ class Instance:
         """A :class:`~kvswap.weights.seed.WeightSeed` over this instance's weights."""
         from kvswap.weights.seed import WeightSeed
 
-        return WeightSeed(self.loaded.model, token=token, fingerprint=self.layout.model, config=self.loaded.config)
+        return WeightSeed(self.loaded.model, token=token, fingerprint=self.layout.model, config=self.loaded.config,
+                          files=self.loaded.files)
 
     def close(self) -> None:
         """Store what only this instance holds (write-back sessions), then close meta and stores."""

@@ -31,7 +31,8 @@ class InstanceCollector:
         yield _gauge("kvswap_host_tier_sessions", "sessions with a copy in the host tier", len(cache.host))
         yield _gauge("kvswap_hbm_blocks", "KV pool blocks", pool.num_blocks)
         yield _gauge("kvswap_hbm_blocks_used", "KV pool blocks in use", pool.num_blocks - pool.free_blocks)
-        yield _gauge("kvswap_hbm_bytes", "KV pool bytes", pool.num_blocks * pool.block_size * instance.layout.token_bytes)
+        yield _gauge("kvswap_hbm_bytes", "KV pool bytes",
+                     pool.num_blocks * pool.block_size * instance.layout.token_bytes)
         yield _gauge("kvswap_hbm_bytes_used", "KV pool bytes in use",
                      (pool.num_blocks - pool.free_blocks) * pool.block_size * instance.layout.token_bytes)
         yield _gauge("kvswap_host_tier_bytes_used", "host tier bytes in use", cache.host.used)

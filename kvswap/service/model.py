@@ -1,11 +1,14 @@
 """The model a service instance runs: a named random-weight config, or weights from any source.
 
 ``load_model("tiny")`` builds one of :data:`kvswap.engine.MODEL_CONFIGS` (random weights from a
-fixed seed: every instance gets the same model). Anything else is a weights location: a
+fixed seed: every instance gets the same model); ``load_model("smollm2")`` a real small model
+(:mod:`kvswap.engine.pretrained`, prepared once into a local directory). Anything else is a weights location: a
 directory, a kvswap save or checkpoint URI (``file://``, ``s3://``, ``redis://``,
-``valkey://``) or a running instance (``instance://host:port``). The transformers config
-comes from the source (a save's ``config.json``, a checkpoint's, or a seed's manifest),
-the model is built on the meta device and :func:`kvswap.weights.load` fills it.
+``valkey://``) or a running instance (``instance://host:port``). The transformers config,
+tokenizer and chat template come from the source (:func:`kvswap.weights.files.model_files`:
+a save's files, a checkpoint's, or a seed's manifest), the model is built on the meta device
+and :func:`kvswap.weights.load` fills it. A save split for tensor parallelism is refused
+with a line that says what to do: one serve process runs one whole model.
 
 The KV fingerprint names the weights by content (``LoadStats.digest``, or the seed's own
 fingerprint), so KV computed with other weights is never reused; ``model_id`` (a repository
@@ -15,38 +18,17 @@ and revision) replaces it when instances load the same weights from different so
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from kvswap.engine import ByteTokenizer, build_model
 from kvswap.engine.model import MODEL_CONFIGS
-from kvswap.errors import ConfigError, NotFoundError
+from kvswap.engine.pretrained import PRETRAINED, prepare
+from kvswap.engine.tokenizer import HFTokenizer, Tokenizer
+from kvswap.errors import ConfigError
 from kvswap.session_cache import KVLayout
 from kvswap.uri import URI
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, tokens: Sequence[int]) -> str: ...
-
-
-class JSONTokenizer:
-    """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` library, no hub access)."""
-
-    def __init__(self, text: str) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self._tokenizer = HFTokenizer.from_str(text)
-        self.vocab_size = self._tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+from kvswap.weights.files import model_config, model_files
 
 
 @dataclasses.dataclass
@@ -59,6 +41,7 @@ class LoadedModel:
     max_positions: int
     source: str  # where the weights came from (no secrets)
     load_stats: Any = None  # kvswap.weights.LoadStats, None for random weights
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # config, tokenizer, generation files
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: str | None = None, model_id: str | None = None,
@@ -70,7 +53,10 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | None = None, mode
             layout = dataclasses.replace(layout, model=model_id)
         config = model.config
         return LoadedModel(model, layout, ByteTokenizer(), config.to_dict(), config.vocab_size,
-                           config.max_position_embeddings, f"random:{spec}")
+                           config.max_position_embeddings, f"random:{spec}",
+                           files={"config.json": config.to_json_string()})
+    if spec in PRETRAINED:
+        spec = str(prepare(spec, progress=progress))
     return _load_weights(spec, device=device, dtype=dtype, model_id=model_id, seed_token=seed_token,
                          progress=progress)
 
@@ -83,9 +69,9 @@ def _load_weights(spec: str, *, device: str, dtype: str | None, model_id: str | 
     from kvswap.weights import load
 
     uri = URI.parse(spec if "://" in spec else f"file://{os.path.abspath(spec)}")
-    config_dict, tokenizer_json = _source_files(uri, seed_token)
-    if "model_type" not in config_dict:
-        raise ConfigError(f"{uri.render()} has no usable config.json (no model_type)")
+    files = model_files(uri, token=seed_token)
+    config_dict = model_config(files, uri.render())
+    _refuse_sharded(uri)
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
     config = AutoConfig.for_model(config_dict["model_type"], **fields)
     dtype = dtype or str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
@@ -105,35 +91,24 @@ def _load_weights(spec: str, *, device: str, dtype: str | None, model_id: str | 
     layout = KVLayout(model=name, num_layers=config.num_hidden_layers,
                       num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                       head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, dtype=dtype)
-    tokenizer: Tokenizer = JSONTokenizer(tokenizer_json) if tokenizer_json else ByteTokenizer()
+    tokenizer: Tokenizer = HFTokenizer(files) if "tokenizer.json" in files else ByteTokenizer()
     return LoadedModel(model, layout, tokenizer, config.to_dict(), config.vocab_size,
-                       config.max_position_embeddings, uri.render(), result.stats)
+                       config.max_position_embeddings, uri.render(), result.stats, files)
 
 
-def _source_files(uri: URI, seed_token: str | None) -> tuple[dict[str, Any], str | None]:
-    """The transformers config and the ``tokenizer.json`` text (if any) of a weights source."""
+def _refuse_sharded(uri: URI) -> None:
+    """ConfigError for a kvswap save of several ranks: one serve process is one whole model."""
     if uri.scheme == "instance":
-        from kvswap.weights.seed import seed_manifest
-
-        manifest = seed_manifest(uri.render(hide_password=False), token=seed_token)
-        if not manifest.get("config"):
-            raise ConfigError(f"seed {uri.render()} does not advertise its model config")
-        return dict(manifest["config"]), manifest.get("tokenizer_json")
-    from kvswap.weights.load import read_files
+        return
     from kvswap.weights.manifest import Manifest
     from kvswap.weights.save import as_connector
     from kvswap.weights.sources import open_source
 
     with as_connector(uri) as connector:
         source = open_source(connector)
-        if isinstance(source, Manifest):
-            files = read_files(uri)
-            if "config.json" not in files:
-                raise ConfigError(f"the save at {uri.render()} holds no config.json")
-            tokenizer = files.get("tokenizer.json")
-            return json.loads(files["config.json"]), tokenizer.decode() if tokenizer else None
-        try:
-            tokenizer = bytes(connector.get("tokenizer.json")).decode()
-        except NotFoundError:
-            tokenizer = None
-        return source.config, tokenizer
+        if isinstance(source, Manifest) and source.world_size > 1:
+            raise ConfigError(
+                f"the save at {uri.render()} is split for tp={source.tp} pp={source.pp}; kvswap serve runs the "
+                "whole model in one process and does not shard it. Save it again with --tp 1 to serve it "
+                "(or load one rank per process with `kvswap weights load --rank N`, or in vLLM with "
+                "--load-format kvswap)")

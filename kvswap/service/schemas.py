@@ -3,14 +3,24 @@
 No ``from __future__ import annotations``: FastAPI and pydantic read these annotations.
 """
 
-from typing import List, Literal, Optional
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from kvswap.meta.base import MAX_ID_CHARS
 
-SessionId = Field(..., min_length=1, max_length=MAX_ID_CHARS, description="the session's id (1-255 characters, "
-                  "no control characters)")
+
+def _valid_unicode(value: str) -> str:
+    """Text that can be encoded (JSON's \\ud800 escapes decode to lone surrogates, which cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text is not valid Unicode: it holds a lone surrogate") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+SESSION_ID_HELP = "the session's id (1-255 characters, no control characters)"
 
 
 class ErrorBody(BaseModel):
@@ -28,10 +38,10 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tokens: Optional[List[int]] = Field(None, description="the conversation as token ids")
-    text: Optional[str] = Field(None, description="the conversation as text (tokenized by the instance)")
+    tokens: list[int] | None = Field(None, description="the conversation as token ids")
+    text: Text | None = Field(None, description="the conversation as text (tokenized by the instance)")
     max_tokens: int = Field(64, ge=1, description="how many tokens to generate at most")
-    stop_token: Optional[int] = Field(None, ge=0, description="stop after generating this token")
+    stop_token: int | None = Field(None, ge=0, description="stop after generating this token")
     stream: bool = Field(False, description="answer with server-sent events, one per token")
 
     @model_validator(mode="after")
@@ -43,7 +53,7 @@ class GenerateRequest(BaseModel):
 
 class GenerateResponse(BaseModel):
     session_id: str
-    tokens: List[int] = Field(..., description="the generated tokens")
+    tokens: list[int] = Field(..., description="the generated tokens")
     text: str = Field(..., description="the generated tokens, decoded")
     cached_tokens: int = Field(..., description="tokens of the conversation whose KV was reused")
     computed_tokens: int = Field(..., description="tokens of the conversation that were prefilled")
@@ -52,21 +62,49 @@ class GenerateResponse(BaseModel):
     instance: str = Field(..., description="the instance that served the request")
 
 
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=1 << 20)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ContentPart] = Field(..., description="text, or a list of text parts")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completions body, plus ``session_id`` (kvswap's extension)."""
+    """OpenAI's chat completions body. ``session_id`` (kvswap's extension, or the
+    ``X-Session-ID`` header as vLLM takes it) names whose KV to reuse; without one the turn
+    is computed whole and nothing is kept. Decoding is greedy: sampling fields are accepted
+    and ignored."""
 
-    model: Optional[str] = None
-    messages: List[ChatMessage] = Field(..., min_length=1)
-    session_id: str = SessionId
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    model: Text | None = Field(None, max_length=1024)
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    session_id: Text | None = Field(None, min_length=1, max_length=MAX_ID_CHARS, description=SESSION_ID_HELP)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
-    temperature: Optional[float] = Field(None, description="ignored: decoding is greedy")
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=1, description="one choice only")
+    stop: Text | list[Text] | None = Field(None, description="not supported: answers end at the model's "
+                                                    "own end-of-turn token")
+    user: Text | None = Field(None, max_length=1024, description="accepted, not used")
+    temperature: float | None = Field(None, description="ignored: decoding is greedy")
+    top_p: float | None = Field(None, description="ignored: decoding is greedy")
+    seed: int | None = Field(None, description="ignored: decoding is greedy")
+
+    @model_validator(mode="after")
+    def _no_stop_strings(self) -> "ChatCompletionRequest":
+        if self.stop:
+            raise ValueError("stop strings are not supported: answers end at the model's end-of-turn token")
+        return self
 
 
 class ChatChoiceMessage(BaseModel):
@@ -80,11 +118,17 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(..., description="prompt tokens whose KV was reused")
+
+
 class ChatUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    cached_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    cached_tokens: int = Field(..., description="the same as prompt_tokens_details.cached_tokens (kept for "
+                               "clients of kvswap 0.1)")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -92,8 +136,20 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    choices: List[ChatChoice]
+    choices: list[ChatChoice]
     usage: ChatUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvswap"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class SessionSummary(BaseModel):
@@ -103,14 +159,14 @@ class SessionSummary(BaseModel):
     total_tokens: int = Field(..., description="tokens stored (in meta)")
     created: float
     last_access: float
-    ttl: Optional[float] = None
-    owner: Optional[str] = Field(None, description="the instance holding its lease, if any")
-    lease_expires: Optional[float] = None
+    ttl: float | None = None
+    owner: str | None = Field(None, description="the instance holding its lease, if any")
+    lease_expires: float | None = None
 
 
 class SessionList(BaseModel):
-    sessions: List[SessionSummary]
-    cursor: Optional[str] = Field(None, description="pass it back for the next page; null at the end")
+    sessions: list[SessionSummary]
+    cursor: str | None = Field(None, description="pass it back for the next page; null at the end")
 
 
 class EntryView(BaseModel):
@@ -134,11 +190,11 @@ class LocalView(BaseModel):
 
 class SessionDetail(BaseModel):
     id: str
-    session: Optional[SessionSummary] = Field(None, description="meta's record (null: held here, not in meta)")
-    tiers: List[str] = Field(..., description="where its KV is: hbm, host (this instance), store locations")
+    session: SessionSummary | None = Field(None, description="meta's record (null: held here, not in meta)")
+    tiers: list[str] = Field(..., description="where its KV is: hbm, host (this instance), store locations")
     stored_tokens: int
     stored_bytes: int
-    entries: List[EntryView]
+    entries: list[EntryView]
     local: LocalView
 
 

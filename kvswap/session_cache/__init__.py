@@ -25,5 +25,5 @@ from kvswap.session_cache.tiers import HostTier, StoreTier, store_location
 from kvswap.session_cache.transfer import KVMover
 
 __all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "LocalState", "OutOfBlocksError", "PagedKVPool",
-           "Plan", "SessionBusyError", "SessionCache", "SessionHandle", "SessionStore", "Span", "StoreTier", "SwapError", "chain_hash",
-           "prefix_hashes", "root_hash", "store_location"]
+           "Plan", "SessionBusyError", "SessionCache", "SessionHandle", "SessionStore", "Span", "StoreTier",
+           "SwapError", "chain_hash", "prefix_hashes", "root_hash", "store_location"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kvswap.device import resolve_device
 from kvswap.session_cache.base import KVLayout, KVPool, OutOfBlocksError
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class PagedKVPool(KVPool):
         self.layout = layout
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.kv = torch.zeros((layout.num_layers, 2, num_blocks * block_size, layout.num_kv_heads, layout.head_dim),
                               dtype=layout.torch_dtype, device=self.device)
         self._free = list(range(num_blocks - 1, -1, -1))

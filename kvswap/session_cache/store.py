@@ -137,6 +137,16 @@ class SessionStore:
     def locations(self) -> list[str]:
         return [s.location for s in self.stores]
 
+    def check(self) -> None:
+        """One round trip to meta and to each store: BackendUnavailableError (or ConfigError,
+        for credentials) now, at startup, rather than at the first swap."""
+        try:
+            self.meta.get("kvswap-startup-probe")
+        except NotFoundError:
+            pass
+        for store in self.stores:
+            store.connector.exists(f"{store.prefix}/kvswap-startup-probe")
+
     def close(self) -> None:
         """Wait for I/O in flight and stop the I/O threads (meta and connectors stay open)."""
         self._io.shutdown(wait=True)
@@ -341,6 +351,7 @@ class SessionStore:
             self._delete_keys(store, [w.result().key for w in writes if w.exception() is None])
             raise SwapError(f"could not store session {session_id!r}: {exc}") from exc
         for index, spec in enumerate(specs):
+            assert stored.version is not None  # _prepare_meta made the session
             try:
                 session, _ = self.meta.append(session_id, stored.version, spec)
             except KVSwapError as exc:
@@ -420,7 +431,7 @@ class SessionStore:
                 continue  # touched meanwhile: no longer expired as seen
             forget(session.id)
             removed_sessions += 1
-        referenced = set()
+        referenced: set[tuple[str, str]] = set()
         cursor = None
         while True:
             page = self.meta.list_sessions(limit=1000, cursor=cursor)

@@ -134,7 +134,8 @@ class StoreTier:
         return f"{self.prefix}/{hashlib.sha256(session_id.encode()).hexdigest()[:32]}/"
 
     def new_key(self, session_id: str, start: int, end: int) -> str:
-        return f"{self.session_prefix(session_id)}{start:010d}-{end:010d}-{int(time.time() * 1000):013d}-{os.urandom(4).hex()}"
+        stamp = int(time.time() * 1000)
+        return f"{self.session_prefix(session_id)}{start:010d}-{end:010d}-{stamp:013d}-{os.urandom(4).hex()}"
 
     @staticmethod
     def key_time(key: str) -> float | None:

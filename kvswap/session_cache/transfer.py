@@ -13,7 +13,7 @@ straight into the host tensor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvswap.session_cache.base import KVPool
 
@@ -30,7 +30,7 @@ class KVMover:
         self.pool = pool
         self.layout = pool.layout
         self.cuda = pool.device.type == "cuda"
-        self._stream = torch.cuda.Stream(pool.device) if self.cuda else None
+        self._stream: Any = torch.cuda.Stream(pool.device) if self.cuda else None
 
     def host_tensor(self, num_tokens: int) -> torch.Tensor:
         """An empty token-major span ``[layers, 2, num_tokens, heads, dim]`` in host memory,
@@ -120,5 +120,5 @@ class KVMover:
         if tuple(tensor.shape) != expected or tensor.dtype != self.layout.torch_dtype or tensor.device.type != "cpu":
             raise ValueError(f"expected a host tensor {expected} of {self.layout.dtype}, "
                              f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
-        if count and not tensor[0, 0].is_contiguous() or tensor.stride(1) != tensor.stride(0) // 2:
+        if (count and not tensor[0, 0].is_contiguous()) or tensor.stride(1) != tensor.stride(0) // 2:
             raise ValueError("each (layer, K|V) slice of the host tensor must be contiguous")

@@ -16,6 +16,7 @@ configured by the fixture, so those paths are exercised.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -61,7 +62,8 @@ class ConnectorSuite:
         assert buffer == data
 
     def test_gather_write_is_concatenation(self, connector: Connector) -> None:
-        parts = [payload(10, 1), b"", bytearray(payload(3 << 20, 2)), memoryview(payload(5, 3))]
+        parts: list[bytes | bytearray | memoryview] = [payload(10, 1), b"", bytearray(payload(3 << 20, 2)),
+                                                       memoryview(payload(5, 3))]
         connector.put("gather", parts)
         assert bytes(connector.get("gather")) == b"".join(bytes(p) for p in parts)
 
@@ -71,7 +73,8 @@ class ConnectorSuite:
         size = len(data)
         for offset, length in [(0, 1), (1, 100), (size // 2 - 7, 1 << 20), (size - 10, 10), (size - 3, 100),
                                (size, 5), (0, 0), (12345, size)]:
-            assert bytes(connector.get("r", offset=offset, length=length)) == data[offset:offset + length], (offset, length)
+            got = bytes(connector.get("r", offset=offset, length=length))
+            assert got == data[offset:offset + length], (offset, length)
         assert bytes(connector.get("r", offset=size - 5)) == data[-5:]
         with pytest.raises(ValueError):
             connector.get("r", offset=size + 1)
@@ -182,8 +185,8 @@ class ConnectorSuite:
 
     def test_bad_keys_rejected(self, connector: Connector) -> None:
         for key in BAD_KEYS:
-            for call in (lambda: connector.put(key, b"x"), lambda: connector.get(key),
-                         lambda: connector.delete(key), lambda: connector.exists(key)):
+            for call in (functools.partial(connector.put, key, b"x"), functools.partial(connector.get, key),
+                         functools.partial(connector.delete, key), functools.partial(connector.exists, key)):
                 with pytest.raises(InvalidKeyError):
                     call()
         for prefix in ["/abs", "../x", "a//b", "nul\x00"]:

@@ -26,7 +26,8 @@ import pytest
 from kvswap.errors import AlreadyExistsError, ConfigError, InvalidKeyError, NotFoundError, VersionConflictError
 from kvswap.meta import Entry, EntrySpec, InvalidEntryError, LeaseError, MetaStore, Session, open_meta_store
 
-ODD_IDS = ["it's \"quoted\"", "a/b/../c", "/leading/slash/", "日本語のセッション", "emoji 🎉 ok", "Robert'); DROP TABLE "
+ODD_IDS = ["it's \"quoted\"", "a/b/../c", "/leading/slash/", "日本語のセッション", "emoji 🎉 ok",
+           "Robert'); DROP TABLE "
            "kvswap_sessions;--", "x' OR '1'='1", "trailing space ", "CaseSensitive", "casesensitive", "%41%00+",
            "\\back\\slash", "🎉" * 255, "a" * 255, "[]{}*?$^.|()", "-", "e"]
 BAD_IDS: list[Any] = ["", "a" * 256, "x" * 10_000, "nul\x00byte", "new\nline", "tab\tid", "del\x7f", "c1\x85ctl",
@@ -276,7 +277,7 @@ class MetaSuite:
     def test_list_rejects_bad_limit_and_cursor(self, meta: MetaStore) -> None:
         for limit in (0, -1, 1001, 2.5):
             with pytest.raises(ConfigError):
-                meta.list_sessions(limit=limit)
+                meta.list_sessions(limit=limit)  # type: ignore[arg-type]
         for cursor in ("%%%", "bm9uZQ", "AA=="):
             with pytest.raises(ConfigError):
                 meta.list_sessions(cursor=cursor)
@@ -300,7 +301,7 @@ class MetaSuite:
     def test_lease_lifecycle(self, meta: MetaStore) -> None:
         meta.create("s1", FP)
         held = meta.acquire_lease("s1", "node-a", 30)
-        assert held.owner == "node-a" and held.lease_expires > time.time() + 20
+        assert held.owner == "node-a" and held.lease_expires is not None and held.lease_expires > time.time() + 20
         assert held.version == 1  # lease calls never bump the version
         with pytest.raises(LeaseError) as info:
             meta.acquire_lease("s1", "node-b", 30)
@@ -311,7 +312,7 @@ class MetaSuite:
         assert meta.get("s1").owner == "node-a"
         assert meta.acquire_lease("s1", "node-a", 60).owner == "node-a"  # re-entrant
         renewed = meta.renew_lease("s1", "node-a", 120)
-        assert renewed.lease_expires > time.time() + 100
+        assert renewed.lease_expires is not None and renewed.lease_expires > time.time() + 100
         assert meta.release_lease("s1", "node-a") is True
         assert meta.get("s1").owner is None
         with pytest.raises(LeaseError):
@@ -331,7 +332,7 @@ class MetaSuite:
             except LeaseError:
                 return False
 
-        assert wait_until(take, held.lease_expires - time.time() + 3)
+        assert held.lease_expires is not None and wait_until(take, held.lease_expires - time.time() + 3)
         with pytest.raises(LeaseError):
             meta.renew_lease("s1", "node-a", 30)
 
@@ -353,7 +354,8 @@ class MetaSuite:
             else:
                 barrier = threading.Barrier(2)
 
-                def race(owner: str, session_id: str = session_id) -> tuple[str, bool]:
+                def race(owner: str, session_id: str = session_id,
+                         barrier: threading.Barrier = barrier) -> tuple[str, bool]:
                     barrier.wait()
                     try:
                         meta.acquire_lease(session_id, owner, 30)

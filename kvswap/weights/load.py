@@ -18,8 +18,8 @@ are undefined (load again).
 from __future__ import annotations
 
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -27,6 +27,7 @@ from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from kvswap.blob import checksum
+from kvswap.device import resolve_device
 from kvswap.errors import ConfigError, IntegrityError, NotFoundError
 from kvswap.uri import URI
 from kvswap.weights.manifest import Manifest
@@ -120,7 +121,6 @@ def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int 
 
         return load_from_seed(target, text, device=device, token=token, timeout=timeout, strict=strict,
                               progress=progress, on_progress=on_progress)
-    import torch
 
     began = time.perf_counter()
     connector = as_connector(text)
@@ -128,7 +128,7 @@ def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int 
         source = open_source(connector)
         where = connector.uri.render()
         plan = rank_plan(source, rank, tp=tp, pp=pp, read_bytes=read_bytes, where=where)
-        device = torch.device(device) if device is not None else _device_of(target)
+        device = resolve_device(device) if device is not None else _device_of(target)
         tensors = bind_targets(target, plan.tensors, device, strict=strict,
                                hint=_layout_hint(source, plan))
         stats = LoadStats(where, rank, len(plan.tensors), plan.nbytes, threads=threads,
@@ -157,13 +157,32 @@ def named_tensors(target: Target) -> dict[str, torch.Tensor]:
     import torch
 
     if isinstance(target, torch.nn.Module):
-        named = dict(target.named_parameters())  # tied parameters appear once
+        named: dict[str, torch.Tensor] = dict(target.named_parameters())  # tied parameters appear once
         for module_name, module in target.named_modules():
             for name, buffer in module.named_buffers(recurse=False):
                 if name not in module._non_persistent_buffers_set and buffer is not None:
                     named[f"{module_name}.{name}" if module_name else name] = buffer
         return named
     return dict(target)
+
+
+def tied_aliases(target: Target) -> dict[str, str]:
+    """Names of tied parameters that :func:`named_tensors` leaves out -> the name it keeps
+    (``lm_head.weight`` -> ``model.embed_tokens.weight`` with tied embeddings). A source
+    that holds the alias fills the kept tensor once; one that holds only the kept name fills
+    both."""
+    import torch
+
+    if not isinstance(target, torch.nn.Module):
+        return {}
+    kept: dict[int, str] = {}
+    aliases = {}
+    for name, param in target.named_parameters(remove_duplicate=False):
+        if id(param) in kept:
+            aliases[name] = kept[id(param)]
+        else:
+            kept[id(param)] = name
+    return aliases
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -178,6 +197,9 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
              if any(b is not None and b.is_meta for n, b in module.named_buffers(recurse=False)
                     if n in module._non_persistent_buffers_set)]
     model.to_empty(device=device)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()  # to_empty gave tied parameters (embeddings and LM head) separate storage
     for name, module in stale:
         config = getattr(module, "config", None)
         if config is None:
@@ -200,8 +222,9 @@ def bind_targets(target: Target, plan: dict[str, TensorInfo], device: torch.devi
     if isinstance(target, torch.nn.Module) and any(t.is_meta for t in named_tensors(target).values()):
         materialize(target, device)
     named = named_tensors(target)
-    missing = [n for n in named if n not in plan]
-    extra = [n for n in plan if n not in named]
+    tied = tied_aliases(target)
+    missing = [n for n in named if n not in plan and not any(tied.get(a) == n for a in plan)]
+    extra = [n for n in plan if n not in named and n not in tied]
     if strict and (missing or extra):
         detail = []
         if missing:
@@ -213,7 +236,10 @@ def bind_targets(target: Target, plan: dict[str, TensorInfo], device: torch.devi
     for name, info in plan.items():
         tensor = named.get(name)
         if tensor is None:
-            continue
+            if tied.get(name) in named and tied[name] not in plan:
+                tensor = named[tied[name]]  # the source holds the alias only: it fills the kept tensor
+            else:
+                continue
         if tuple(tensor.shape) != info.shape:
             raise ConfigError(f"tensor {name!r}: the model has shape {list(tensor.shape)}, "
                               f"the source {list(info.shape)}{hint}")
@@ -253,7 +279,7 @@ def _fetch(connector: Any, read: Read, buffer: torch.Tensor, digest: bool) -> tu
     fetched = time.perf_counter()
     if got != read.length:
         raise IntegrityError(f"{read.describe()} is truncated: {got} of {read.length} bytes")
-    actual = checksum(memoryview(view)) if digest or read.checksum is not None else None
+    actual = checksum(view.data) if digest or read.checksum is not None else None
     if read.checksum is not None and actual != read.checksum:
         raise IntegrityError(f"checksum mismatch in {read.describe()}: stored {read.checksum}, read {actual}")
     return fetched - began, time.perf_counter() - fetched, actual

@@ -11,7 +11,8 @@ URI holding ``config.json`` and ``*.safetensors``), and writes under ``dest``:
 
 An existing manifest at ``dest`` is deleted first, so a save that dies midway leaves no
 manifest: loaders refuse it as unfinished instead of reading a mix. After the new manifest
-is published, the chunks of the save it replaced are deleted.
+is published, every chunk and file it does not name is deleted: those of the save it
+replaced and those that earlier saves killed midway left (:func:`collect_garbage`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from kvswap.blob import checksum
 from kvswap.connectors import Connector, open_connector
-from kvswap.errors import IntegrityError, KVSwapError
+from kvswap.errors import ConfigError, IntegrityError, KVSwapError
 from kvswap.uri import URI
 from kvswap.weights.manifest import (
     MANIFEST_KEY,
@@ -84,7 +85,6 @@ def save(src: str | URI | Connector, dest: str | URI | Connector, *, tp: int = 1
     source, target = as_connector(src), as_connector(dest)
     checkpoint = Checkpoint(source)
     layout = checkpoint.layout(tp, pp, tp_plan)
-    previous = _previous_manifest(target)
     target.delete(MANIFEST_KEY)  # from here on, loaders see no save until the new one is whole
     save_id = uuid.uuid4().hex[:12]
 
@@ -107,7 +107,7 @@ def save(src: str | URI | Connector, dest: str | URI | Connector, *, tp: int = 1
     began = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvswap-save") as pool, bar:
         for rank, entries, size in ranks_plan:
-            splits = {name: split for name, split in layout[rank]}
+            splits = dict(layout[rank])
             chunk_segments = []
             for start in range(0, size, chunk_bytes):
                 end = min(start + chunk_bytes, size)
@@ -126,16 +126,33 @@ def save(src: str | URI | Connector, dest: str | URI | Connector, *, tp: int = 1
     target.put(MANIFEST_KEY, manifest.to_json())
     log.info("saved %d bytes for tp=%d pp=%d to %s in %.1f s", total, tp, pp, target.uri.render(),
              time.perf_counter() - began)
-    if previous is not None and previous.save_id != save_id:
-        target.delete_many(c.key for r in previous.ranks for c in r.chunks)
+    removed = collect_garbage(target, manifest)
+    if removed:
+        log.info("deleted %d chunks and files of earlier or unfinished saves at %s", removed, target.uri.render())
     return manifest
 
 
-def _previous_manifest(target: Connector) -> Manifest | None:
+def collect_garbage(target: str | URI | Connector, manifest: Manifest | None = None) -> int:
+    """Delete the chunks and files under a save's location that its manifest does not name
+    (those of the save it replaced, and of saves killed midway, which never wrote a
+    manifest); return how many. Without a manifest there is no save to keep: nothing is
+    deleted (a save may be in progress), and ConfigError says so."""
+    connector = as_connector(target)
     try:
-        return read_manifest(target)
-    except (KVSwapError, ValueError):
-        return None
+        if manifest is None:
+            try:
+                manifest = read_manifest(connector)
+            except KVSwapError as exc:
+                raise ConfigError(f"no whole save at {connector.uri.render()} ({exc}); nothing is collected "
+                                  "while a save may be in progress: save again (it cleans up) or delete the "
+                                  "location") from None
+        named = {c.key for r in manifest.ranks for c in r.chunks} | {f.key for f in manifest.files}
+        stale = [key for prefix in ("ranks/", "files/") for key in connector.list(prefix) if key not in named]
+        connector.delete_many(stale)
+        return len(stale)
+    finally:
+        if connector is not target:
+            connector.close()
 
 
 def _copy_file(source: Connector, target: Connector, name: str) -> FileEntry:
@@ -166,10 +183,10 @@ class _NarrowedShards:
         import torch
 
         with self._lock:
-            future = self._shards.get((name, tp_rank))
-            owner = future is None
-            if owner:
-                future = self._shards[(name, tp_rank)] = concurrent.futures.Future()
+            found = self._shards.get((name, tp_rank))
+            owner = found is None
+            future = self._shards.setdefault((name, tp_rank), concurrent.futures.Future()) if owner else found
+            assert future is not None
         if owner:
             try:
                 tensor = self.checkpoint.tensors[name]
@@ -179,7 +196,7 @@ class _NarrowedShards:
                     raise IntegrityError(f"{tensor.key!r} is truncated inside tensor {name!r}")
                 full = raw.view(getattr(torch, tensor.dtype)).reshape(tensor.shape)
                 future.set_result(shard(full, split, self.tp, tp_rank).contiguous().reshape(-1).view(torch.uint8))
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the future's waiters
                 future.set_exception(exc)
         return future.result()
 
@@ -215,7 +232,7 @@ def _write_chunk(checkpoint: Checkpoint, target: Connector, key: str, size: int,
                                             offset=base + segment.start)
         if got != length:
             raise IntegrityError(f"{tensor.key!r} is truncated inside tensor {segment.name!r}")
-    digest = checksum(memoryview(view))
-    target.put(key, memoryview(view), mode="create")
+    digest = checksum(view.data)
+    target.put(key, view.data, mode="create")
     bar.update(size)
     return ChunkEntry(key, size, digest)

@@ -28,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hmac
+import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -37,6 +39,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from kvswap.device import resolve_device
 from kvswap.errors import BackendUnavailableError, ConfigError, KVSwapError
 from kvswap.uri import URI
 from kvswap.weights.sources import TensorInfo
@@ -111,7 +114,7 @@ def _group(backend: str, store: Any, rank: int, timeout: float, address: str) ->
                         os.environ.pop(key, None)
                     else:
                         os.environ[key] = value
-    options = dist.ProcessGroupGloo._Options()
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     options._timeout = delta
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
     return dist.ProcessGroupGloo(store, rank, 2, options)
@@ -158,6 +161,7 @@ class _Transfer:
     backend: str
     timeout: float
     started: float
+    secret: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
     state: str = "joining"
     send: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -167,7 +171,8 @@ class WeightSeed:
 
     def __init__(self, tensors: Any, *, token: str, advertise_host: str | None = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_timeout: float = 600.0,
-                 fingerprint: str = "", config: Mapping[str, Any] | None = None) -> None:
+                 fingerprint: str = "", config: Mapping[str, Any] | None = None,
+                 files: Mapping[str, str] | None = None) -> None:
         from kvswap.weights.load import named_tensors
 
         if not token:
@@ -179,13 +184,17 @@ class WeightSeed:
         self.max_timeout = max_timeout
         self.fingerprint = fingerprint  # what clients adopt as their weights' identity (LoadStats.digest)
         self.config = dict(config or {})  # the model's transformers config, for clients that build the model
+        # config, tokenizer, chat template, generation config: what a client needs to talk like this model
+        self.files = dict(files or {})
+        if self.config and "config.json" not in self.files:
+            self.files["config.json"] = json.dumps(self.config)
         self._lock = threading.Lock()
         self._current: _Transfer | None = None
         self._history: dict[str, str] = {}
         devices = {t.device for t in self.tensors.values()}
-        self.device = devices.pop() if len(devices) == 1 else None
-        if self.device is None:
+        if len(devices) != 1:
             raise ConfigError("a seed's tensors must all be on one device")
+        self.device: torch.device = devices.pop()
 
     def __repr__(self) -> str:  # the token stays out of logs
         return f"WeightSeed({len(self.tensors)} tensors on {self.device}, bucket={self.bucket_bytes})"
@@ -199,7 +208,7 @@ class WeightSeed:
                             for n, t in self.tensors.items()],
                 "bytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
                 "device": str(self.device), "device_uuid": _gpu_uuid(self.device), "bucket_bytes": self.bucket_bytes,
-                "fingerprint": self.fingerprint, "config": self.config}
+                "fingerprint": self.fingerprint, "config": self.config, "files": self.files}
 
     def begin(self, backend: str, timeout: float, host_seen: str) -> dict[str, Any]:
         """Reserve the seed and open the rendezvous; the group forms in the background."""
@@ -217,15 +226,20 @@ class WeightSeed:
             transfer = self._current = _Transfer(uuid.uuid4().hex, backend, timeout, time.time())
         address = self.advertise_host or host_seen
         try:
-            store = dist.TCPStore("0.0.0.0", 0, 2, True, datetime.timedelta(seconds=timeout),
-                                  wait_for_workers=False)
+            # The rendezvous listens only where the client was told to come (not on every
+            # interface), and its keys live under the transfer's secret, which only the
+            # authenticated client learns: a stranger can neither join nor disturb the group.
+            listener = _listen(address)
+            store = dist.TCPStore(address, listener.getsockname()[1], 2, True, datetime.timedelta(seconds=timeout),
+                                  wait_for_workers=False, master_listen_fd=listener.fileno())
         except Exception:
             self._finish(transfer, "failed: could not open the rendezvous")
             raise
-        threading.Thread(target=self._run, args=(transfer, store, address), daemon=True,
+        threading.Thread(target=self._run, args=(transfer, store, listener, address), daemon=True,
                          name=f"kvswap-seed-{transfer.id[:8]}").start()
         return {"transfer_id": transfer.id, "master_address": address, "master_port": store.port,
-                "backend": backend, "bucket_bytes": self.bucket_bytes, "timeout_s": timeout}
+                "rendezvous_key": transfer.secret, "backend": backend, "bucket_bytes": self.bucket_bytes,
+                "timeout_s": timeout}
 
     def start_sending(self, transfer_id: str) -> None:
         with self._lock:
@@ -242,14 +256,14 @@ class WeightSeed:
                 return self._history[transfer_id]
         raise KeyError(transfer_id)
 
-    def _run(self, transfer: _Transfer, store: Any, address: str) -> None:
+    def _run(self, transfer: _Transfer, store: Any, listener: socket.socket, address: str) -> None:
         import torch
 
         group = None
         try:
             if transfer.backend == "nccl":
                 torch.cuda.set_device(self.device)
-            group = _group(transfer.backend, store, 0, transfer.timeout, address)
+            group = _group(transfer.backend, _private(store, transfer.secret), 0, transfer.timeout, address)
             if not transfer.send.wait(transfer.timeout):
                 raise TimeoutError("the client did not ask for the weights in time")
             transfer.state = "sending"
@@ -260,16 +274,17 @@ class WeightSeed:
             log.info("seed sent %d tensors over %s in %.2f s", len(order), transfer.backend,
                      time.perf_counter() - began)
             self._finish(transfer, "done")
-        except Exception as exc:  # the client died, timed out or failed: abort, keep serving
+        except Exception as exc:  # the client died, timed out or failed: abort, keep serving  # noqa: BLE001 - a failed transfer ends it, the seed keeps serving
             log.warning("seed transfer %s failed: %s", transfer.id[:8], exc)
             if group is not None and hasattr(group, "abort"):
                 try:
                     group.abort()
-                except Exception:  # noqa: BLE001 - best effort teardown
+                except Exception:  # noqa: BLE001, S110 - best effort teardown
                     pass
             self._finish(transfer, f"failed: {exc}")
         finally:
             del group, store
+            listener.close()
 
     def _finish(self, transfer: _Transfer, state: str) -> None:
         with self._lock:
@@ -279,6 +294,27 @@ class WeightSeed:
                 self._history.pop(next(iter(self._history)))
             if self._current is transfer:
                 self._current = None
+
+
+def _listen(address: str) -> socket.socket:
+    """A listening TCP socket on ``address`` (a name or an IP), any free port."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(sockaddr[:2])
+        listener.listen(16)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _private(store: Any, secret: str) -> Any:
+    """The transfer's namespace of the rendezvous store, named by its secret."""
+    import torch.distributed as dist
+
+    return dist.PrefixStore(f"kvswap-seed/{secret}/", store)
 
 
 def _gpu_uuid(device: Any) -> str | None:
@@ -316,7 +352,7 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
         base = str(http.base_url).rstrip("/")
         manifest = _call(http, "GET", MANIFEST_ROUTE)
         plan = {t["name"]: TensorInfo(t["dtype"], tuple(t["shape"])) for t in manifest["tensors"]}
-        device = torch.device(device) if device is not None else _device_of(target)
+        device = resolve_device(device) if device is not None else _device_of(target)
         try:
             tensors = bind_targets(target, plan, device, strict=strict)
         except ConfigError as exc:
@@ -331,7 +367,8 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
         try:
             store = torch.distributed.TCPStore(offer["master_address"], int(offer["master_port"]), 2, False,
                                                datetime.timedelta(seconds=timeout))
-            group = _group(backend, store, 1, timeout, _local_address_towards(parsed.host, parsed.port))
+            group = _group(backend, _private(store, str(offer["rendezvous_key"])), 1, timeout,
+                           _local_address_towards(parsed.host or "127.0.0.1", parsed.port or 0))
             _call(http, "POST", SEND_ROUTE, json={"transfer_id": offer["transfer_id"]})
             comm = device if backend == "nccl" else torch.device("cpu")
             if comm.type == "cuda":
@@ -353,7 +390,7 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
                                sending=False, on_bucket=landed)
         except KVSwapError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any transfer failure is the seed being unavailable
             raise BackendUnavailableError(f"weights transfer from seed {base} failed: {exc}") from None
         finally:
             del group, store

@@ -37,7 +37,9 @@ def seed_router(seed: WeightSeed) -> Any:
     @router.post(INIT_ROUTE)
     def init(body: InitRequest, request: Request) -> dict[str, Any]:
         try:
-            return seed.begin(body.backend, body.timeout_s, request.url.hostname or "127.0.0.1")
+            # The local address this connection reached (not the client's Host header).
+            server = request.scope.get("server") or ("127.0.0.1", 0)
+            return seed.begin(body.backend, body.timeout_s, server[0])
         except SeedBusyError as exc:
             raise HTTPException(409, str(exc)) from None
         except ConfigError as exc:

@@ -177,15 +177,16 @@ def rank_plan(source: Manifest | Checkpoint, rank: int, *, tp: int = 1, pp: int 
     if isinstance(source, Manifest):
         for label, asked, saved in (("tp", tp, source.tp), ("pp", pp, source.pp)):
             if asked and asked != saved:
-                raise ConfigError(f"{where or 'this save'} was saved for {label}={saved}; asked to load {label}={asked}")
+                raise ConfigError(f"{where or 'this save'} was saved for {label}={saved}; "
+                                  f"asked to load {label}={asked}")
         entry = source.rank(rank)
-        tensors = {t.name: TensorInfo(t.dtype, t.shape) for t in entry.tensors}
-        reads, start = [], 0
+        stored = {t.name: TensorInfo(t.dtype, t.shape) for t in entry.tensors}
+        chunk_reads, start = [], 0
         for chunk in entry.chunks:
             pieces = _pieces(_stream_ranges(entry.tensors), start, start + chunk.size)
-            reads.append(Read(chunk.key, 0, chunk.size, chunk.checksum, tuple(pieces)))
+            chunk_reads.append(Read(chunk.key, 0, chunk.size, chunk.checksum, tuple(pieces)))
             start += chunk.size
-        return RankPlan(where, tensors, tuple(reads), source.tp, source.pp)
+        return RankPlan(where, stored, tuple(chunk_reads), source.tp, source.pp)
     tp, pp = tp or 1, pp or 1
     if not 0 <= rank < tp * pp:
         raise ConfigError(f"rank {rank} is outside tp={tp} x pp={pp}")

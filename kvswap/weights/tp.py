@@ -69,6 +69,8 @@ def tp_plan_for(config: Mapping[str, Any]) -> dict[str, str]:
     except ImportError:  # pragma: no cover - transformers is in the weights extra
         return {}
     model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return {}
     try:
         config_obj = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
     except (ValueError, KeyError, TypeError):

@@ -1,4 +1,4 @@
-"""Deterministic multi-turn chat workloads, shared by the tests, the demo and the benchmarks."""
+"""Deterministic multi-turn chat workloads: the demo, the tests and the benchmarks run the same turns."""
 
 from __future__ import annotations
 
