@@ -108,10 +108,10 @@ def test_damaged_blobs_are_a_miss(kind: str, tmp_path: Path, index: int, damage:
        bit=st.integers(0, 7), how=st.sampled_from(["flip", "truncate", "delete", "garbage"]))
 def test_damaged_valkey_manifests_and_chunks_are_a_miss(tmp_path: Path, index: int, target: str, where: float,
                                                         bit: int, how: str) -> None:
-    import redis
-
     unique = f"fz{uuid.uuid4().hex[:8]}"
     uri, prefix = store_uri("valkey", "", unique, "&chunk_size=64KiB"), f"{unique}:"
+    import redis
+
     stored = Stored(uri, tmp_path / f"meta-{uuid.uuid4().hex[:6]}.db")
     raw = redis.Redis.from_url(os.environ["KVSWAP_TEST_VALKEY_URI"].replace("valkey://", "redis://"))
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from kvswap.engine import ByteTokenizer, build_model
 from kvswap.errors import ConfigError, NotFoundError
@@ -26,6 +27,8 @@ TOKENS = {"KVSWAP_API_TOKEN": API, "KVSWAP_ADMIN_TOKEN": ADMIN}
 # KVSWAP_TEST_DEVICE=cuda: instances and the reference on GPU 0; the seed test boots GPU 1 from GPU 0 (NCCL).
 CUDA = os.environ.get("KVSWAP_TEST_DEVICE") == "cuda"
 DEVICE = "cuda:0" if CUDA else "cpu"
+# B boots from A's GPU: over NCCL from a second GPU, or through host memory (gloo) on the same one.
+SECOND_DEVICE = ("cuda:1" if torch.cuda.device_count() > 1 else "cuda:0") if CUDA else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +269,7 @@ def test_an_instance_boots_from_a_checkpoint_and_another_from_it(tmp_path: Path)
     b = None
     try:
         assert a.fingerprint.startswith("weights:sha256:")
-        b = start_serve(["--model", a.url.replace("http://", "instance://"), "--device", "cuda:1" if CUDA else "cpu",
+        b = start_serve(["--model", a.url.replace("http://", "instance://"), "--device", SECOND_DEVICE,
                          *shared], tmp_path / "b.log",
                         env={**TOKENS, "KVSWAP_SEED_TOKEN": ADMIN})
         assert b.fingerprint == a.fingerprint

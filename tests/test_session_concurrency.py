@@ -18,9 +18,9 @@ from kvswap.workload import first_prompt
 
 
 def test_a_swap_in_stuck_on_a_paused_server_does_not_stall_other_sessions() -> None:
+    uri = env_or_skip("KVSWAP_TEST_VALKEY_URI")
     import redis
 
-    uri = env_or_skip("KVSWAP_TEST_VALKEY_URI")
     unique = f"cc{uuid.uuid4().hex[:8]}"
     cache = SessionCache(PagedKVPool(LAYOUT, 64, 16, DEVICE), open_meta_store("memkv://"),
                          [open_connector(f"{uri}?prefix={unique}:&timeout=10")], host_bytes=64 << 20,
