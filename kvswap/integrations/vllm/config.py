@@ -1,0 +1,168 @@
+"""The connector's settings (``kv_connector_extra_config``) and the identity of the KV it moves.
+
+Both sides of the connector (the scheduler process and each worker) build the same
+:class:`ConnectorConfig` and :class:`~kvswap.session_cache.KVLayout` from vLLM's config, so
+they name the same fingerprint without talking to each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from kvswap.errors import ConfigError
+from kvswap.session_cache.base import KVLayout
+from kvswap.uri import parse_size
+
+log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
+
+DEFAULT_DIRECTORY = "/tmp/kvswap-vllm"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """``kv_connector_extra_config`` keys (all optional; the defaults run on one machine):
+
+    * ``meta``: session meta store URI (default ``sqlite:///<directory>/meta.db``);
+    * ``store``: a KV store URI, or a list of them (new KV goes to the first; default
+      ``file://<directory>/kv``);
+    * ``directory``: where the defaults live (``/tmp/kvswap-vllm``);
+    * ``host_bytes``: a host-memory tier in front of the stores, e.g. ``"8GiB"`` (default 0);
+    * ``model_id``: names the weights in the fingerprint (default: their content digest, or
+      ``hf:<name>@<revision>`` for a hub name);
+    * ``entry_bytes`` (``256MiB``), ``io_threads`` (8), ``session_ttl`` (seconds, none);
+    * ``probe_partial`` (true): when a request leaves the stored history inside an entry,
+      read that entry's token ids to reuse up to the first changed token (one small read in
+      the scheduler) rather than only whole entries.
+    """
+
+    meta: str
+    stores: tuple[str, ...]
+    host_bytes: int = 0
+    model_id: str | None = None
+    entry_bytes: int = 256 << 20
+    io_threads: int = 8
+    session_ttl: float | None = None
+    probe_partial: bool = True
+
+    KEYS = ("meta", "store", "directory", "host_bytes", "model_id", "entry_bytes", "io_threads", "session_ttl",
+            "probe_partial")
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - set(cls.KEYS))
+        if unknown:
+            raise ConfigError(f"unknown kvswap connector settings {unknown}; known: {list(cls.KEYS)}")
+        directory = str(extra.get("directory") or DEFAULT_DIRECTORY)
+        stores = extra.get("store") or f"file://{directory}/kv"
+        stores = (stores,) if isinstance(stores, str) else tuple(stores)
+        if not stores or not all(isinstance(s, str) and s for s in stores):
+            raise ConfigError("store must be a URI or a non-empty list of URIs")
+        meta = str(extra.get("meta") or f"sqlite:///{directory}/meta.db")
+        if meta.startswith("sqlite:") or any(s.startswith("file:") for s in stores):
+            os.makedirs(directory, exist_ok=True)
+        try:
+            ttl = extra.get("session_ttl")
+            return cls(meta=meta, stores=stores, host_bytes=_size(extra.get("host_bytes", 0)),
+                       model_id=extra.get("model_id") or None,
+                       entry_bytes=_size(extra.get("entry_bytes", 256 << 20)),
+                       io_threads=int(extra.get("io_threads", 8)),
+                       session_ttl=float(ttl) if ttl is not None else None,
+                       probe_partial=bool(extra.get("probe_partial", True)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"a kvswap connector setting is malformed: {exc}") from None
+
+
+def _size(value: Any) -> int:
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+def kv_layout(vllm_config: Any, config: ConnectorConfig, kv_format: str) -> KVLayout:
+    """The fingerprint's fields for this engine (this TP rank's share of the heads)."""
+    import torch
+
+    model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    if parallel.pipeline_parallel_size != 1:
+        raise ConfigError("kvswap's vLLM connector does not support pipeline parallelism yet")
+    if cache.cache_dtype not in ("auto", None):
+        raise ConfigError(f"kvswap stores KV as the model's dtype; kv_cache_dtype={cache.cache_dtype!r} is not "
+                          "supported")
+    dtype = model.dtype if isinstance(model.dtype, torch.dtype) else getattr(torch, str(model.dtype))
+    return KVLayout(model=weights_identity(vllm_config, config),
+                    num_layers=model.get_num_layers(parallel), num_kv_heads=model.get_num_kv_heads(parallel),
+                    head_dim=model.get_head_size(), dtype=str(dtype).removeprefix("torch."),
+                    tp_rank=_tp_rank(parallel), tp_size=parallel.tensor_parallel_size, kv_format=kv_format)
+
+
+def _tp_rank(parallel: Any) -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, ImportError, RuntimeError):  # the scheduler process has no TP group
+        return int(getattr(parallel, "rank", 0)) % max(parallel.tensor_parallel_size, 1)
+
+
+def weights_identity(vllm_config: Any, config: ConnectorConfig) -> str:
+    """What names the weights in use: ``model_id`` if given; a kvswap save's chunk checksums
+    (``--load-format kvswap``); the seed and config of dummy weights; else the content digest
+    of a local checkpoint's safetensors files (cached by path, size and mtime), or the hub
+    name and revision."""
+    if config.model_id:
+        return config.model_id
+    model, load = vllm_config.model_config, vllm_config.load_config
+    load_format = str(getattr(load, "load_format", "auto"))
+    if load_format == "kvswap":
+        from kvswap.integrations.vllm.loader import source_identity
+
+        return source_identity(load.model_loader_extra_config or {})
+    if load_format == "dummy":
+        described = json.dumps({"model": str(model.model), "seed": model.seed,
+                                "config": model.hf_config.to_dict()}, sort_keys=True, default=str)
+        return f"dummy:{hashlib.sha256(described.encode()).hexdigest()[:16]}"
+    path = Path(str(model.model))
+    if path.is_dir():
+        return f"weights:{checkpoint_digest(path)}"
+    return f"hf:{model.model}@{model.revision or 'main'}"
+
+
+def checkpoint_digest(directory: Path) -> str:
+    """xxh3-128 of every ``*.safetensors`` file's bytes, in name order: the weights' content.
+    Hashing a large checkpoint takes seconds, so the result is kept in
+    ``$KVSWAP_CACHE/digests.json`` by (path, size, mtime) of each file."""
+    import xxhash
+
+    from kvswap.paths import cache_dir
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{directory} holds no *.safetensors: name the weights with model_id")
+    stamp = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    cache_file = cache_dir() / "digests.json"
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if stamp in known:
+        return str(known[stamp])
+    digest = xxhash.xxh3_128()
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(64 << 20):
+                digest.update(chunk)
+    value = f"xxh3_128:{digest.hexdigest()}"
+    known[stamp] = value
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(known))
+        os.replace(temporary, cache_file)
+    except OSError as exc:  # a read-only home: hash again next time
+        log.warning("could not remember the checkpoint digest: %s", exc)
+    return value

@@ -1,0 +1,108 @@
+"""``--load-format kvswap``: vLLM takes its weights from a kvswap source.
+
+::
+
+    vllm serve /models/llama-8b-config --load-format kvswap \\
+        --model-loader-extra-config '{"source": "valkey://cache:6379/0?prefix=llama-8b:"}'
+
+``source`` is anything :func:`kvswap.weights.load` reads: a kvswap save (``file://``,
+``redis://``, ``valkey://``, ``s3://``; every chunk's checksum verified), a plain Hugging
+Face checkpoint on ``file://`` or ``s3://``, or a seed (``instance://host:port``, with
+``token``). ``--model`` still names a directory with the model's config and tokenizer
+(``kvswap weights load SOURCE --files-to DIR`` writes them out of a save). The same loading
+code as ``kvswap weights load`` runs (parallel verified fetches, a progress bar), then vLLM's
+own ``load_weights`` maps the checkpoint's tensors onto its fused layers. vLLM shards full
+tensors itself, so the source must hold one rank (a save made with ``--tp 1``, or a
+checkpoint); extra settings: ``threads`` (8), ``token`` (or ``KVSWAP_SEED_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from kvswap.errors import ConfigError
+
+log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
+
+SETTINGS = ("source", "threads", "token")
+
+
+class KVSwapModelLoader(BaseModelLoader):
+    """vLLM model loader over :func:`kvswap.weights.load` (see the module docstring)."""
+
+    def __init__(self, load_config: Any) -> None:
+        super().__init__(load_config)
+        self.settings = _settings(load_config.model_loader_extra_config)
+
+    def download_model(self, model_config: Any) -> None:
+        return None  # nothing to fetch ahead: load_weights reads the source
+
+    def load_weights(self, model: Any, model_config: Any) -> None:
+        import torch
+
+        from kvswap.weights import load
+
+        source = self.settings["source"]
+        result = load(None, source, rank=0, device="cpu", threads=int(self.settings.get("threads", 8)),
+                      token=self.settings.get("token") or os.environ.get("KVSWAP_SEED_TOKEN"), progress=None)
+        if result.stats.rank != 0 or _world(source) > 1:
+            raise ConfigError(f"{source} is split for tensor parallelism; vLLM shards full tensors itself: save "
+                              "the model with --tp 1 for --load-format kvswap")
+        log.info("kvswap: %s from %s", result.stats.summary(), result.stats.source)
+        with torch.no_grad():
+            loaded = model.load_weights(iter(result.tensors.items()))
+        expected = {name for name, _ in model.named_parameters()}
+        if loaded is not None and expected - set(loaded):
+            missing = sorted(expected - set(loaded))
+            raise ConfigError(f"{source} left {len(missing)} parameters of the model unset: {missing[:5]}")
+
+
+def _settings(extra: Any) -> dict[str, Any]:
+    settings = dict(extra or {})
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown or not isinstance(settings.get("source"), str):
+        raise ConfigError(f"--load-format kvswap needs --model-loader-extra-config with a \"source\" URI "
+                          f"(settings: {list(SETTINGS)}; unknown: {unknown})")
+    return settings
+
+
+def _world(source: str) -> int:
+    from kvswap.weights.manifest import Manifest
+    from kvswap.weights.save import as_connector
+    from kvswap.weights.sources import open_source
+
+    if source.startswith("instance://"):
+        return 1
+    with as_connector(source) as connector:
+        opened = open_source(connector)
+        return opened.world_size if isinstance(opened, Manifest) else 1
+
+
+def source_identity(extra: Any) -> str:
+    """Names the weights a kvswap source holds, for KV fingerprints: a save by its chunks'
+    checksums (content), a local checkpoint by its content digest; other sources need an
+    explicit ``model_id`` in the connector's settings."""
+    from pathlib import Path
+
+    from kvswap.integrations.vllm.config import checkpoint_digest
+    from kvswap.uri import URI
+    from kvswap.weights.manifest import Manifest
+    from kvswap.weights.save import as_connector
+    from kvswap.weights.sources import open_source
+
+    source = _settings(extra)["source"]
+    parsed = URI.parse(source if "://" in source else f"file://{os.path.abspath(source)}")
+    if parsed.scheme != "instance":
+        with as_connector(parsed) as connector:
+            opened = open_source(connector)
+            if isinstance(opened, Manifest):
+                sums = [c.checksum for rank in opened.ranks for c in rank.chunks]
+                return f"kvswap-save:{hashlib.sha256(''.join(sums).encode()).hexdigest()[:32]}"
+        if parsed.scheme == "file":
+            return f"weights:{checkpoint_digest(Path(parsed.path))}"
+    raise ConfigError(f"name the weights of {parsed.render()} with model_id in kv_connector_extra_config")

@@ -1,0 +1,132 @@
+"""vLLM processes for the tests and benchmarks of the vLLM integration (vLLM runs in ``.venv-vllm``).
+
+:class:`Driver` is one ``vllm.LLM`` engine spoken to in JSON lines
+(:mod:`kvswap.testing.vllm_driver`); :func:`start_vllm_serve` is ``vllm serve`` (the OpenAI
+server) with kvswap's connector, waited for until it answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kvswap.testing.servers import free_port, stop_pid
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+# Small KV space and no NUMA binding: several engines share a 2-core machine.
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def vllm_python() -> Path | None:
+    """``.venv-vllm/bin/python`` if ``scripts/setup.sh --vllm`` made it."""
+    return VLLM_PYTHON if VLLM_PYTHON.exists() else None
+
+
+def connector_config(**extra: Any) -> dict[str, Any]:
+    return {"kv_connector": "KVSwapConnector", "kv_connector_module_path": "kvswap.integrations.vllm",
+            "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
+class Driver:
+    """One vLLM engine in its own process; ``ask(op=...)`` returns its JSON answer."""
+
+    def __init__(self, spec: dict[str, Any], log: Path, timeout: float = 300.0) -> None:
+        python = vllm_python()
+        if python is None:
+            raise RuntimeError("no .venv-vllm: run scripts/setup.sh --vllm")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.proc = subprocess.Popen([str(python), "-m", "kvswap.testing.vllm_driver", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"),
+                                     text=True, env={**os.environ, **VLLM_ENV}, start_new_session=True)
+        began = time.monotonic()
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            self.close()
+            raise RuntimeError(f"the vLLM driver did not start in {time.monotonic() - began:.0f} s; "
+                               f"log {log}:\n{log.read_text()[-4000:]}")
+        assert json.loads(line)["ready"]
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the vLLM driver died; log {self.log}:\n{self.log.read_text()[-4000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{reply['error']}: {reply['message']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ask(op="exit")
+                self.proc.wait(60)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired):
+                pass
+        stop_pid(self.proc.pid)
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+@dataclasses.dataclass
+class VLLMServe:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        stop_pid(self.proc.pid, grace=20.0)
+
+
+def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), timeout: float = 300.0) -> VLLMServe:
+    """``vllm serve MODEL --port <free> ARGS`` in its own process group; returns once /health answers."""
+    python = vllm_python()
+    if python is None:
+        raise RuntimeError("no .venv-vllm: run scripts/setup.sh --vllm")
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
+                             "--port", str(port), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env={**os.environ, **VLLM_ENV}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return VLLMServe(proc, url, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_pid(proc.pid)
+    raise RuntimeError(f"vllm serve did not start; log {log}:\n{log.read_text()[-4000:]}")
+
+
+__all__ = ["Driver", "VLLMServe", "connector_config", "start_vllm_serve", "sys", "vllm_python"]

@@ -1,0 +1,103 @@
+"""A vLLM engine (``vllm.LLM``) driven by JSON lines, for the tests and benchmarks of the vLLM integration.
+
+Runs in vLLM's own environment (``.venv-vllm``)::
+
+    .venv-vllm/bin/python -m kvswap.testing.vllm_driver '{"model": DIR, "connector": {...}, ...}'
+
+The argument is a JSON object: ``model`` (a directory), and optionally ``connector``
+(``kv_connector_extra_config``; absent: no connector), ``load`` (``{"source": ...}``: load
+with ``--load-format kvswap``; ``"dummy"``: random weights), ``block_size``, ``dtype``
+(float32), ``prefix_caching`` (false: every reuse is the connector's), ``max_model_len``.
+It prints ``{"ready": true}`` and then answers one JSON object per line read:
+
+* ``{"op": "chat", "messages": [...], "session": s, "max_tokens": n}`` or
+  ``{"op": "generate", "tokens": [...], ...}`` -> ``{"tokens", "text", "cached", "prompt",
+  "seconds", "ttft"}`` (``session`` absent: served without a session, as vLLM alone would);
+* ``{"op": "exit"}``.
+
+Errors come back as ``{"error": type, "message": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+
+def build(spec: dict[str, Any]) -> Any:
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True,
+                                  max_model_len=int(spec.get("max_model_len", 4096)),
+                                  enable_prefix_caching=bool(spec.get("prefix_caching", False)),
+                                  seed=0)
+    if "block_size" in spec:
+        kwargs["block_size"] = int(spec["block_size"])
+    if spec.get("skip_tokenizer"):
+        kwargs["skip_tokenizer_init"] = True
+    load = spec.get("load")
+    if load == "dummy":
+        kwargs["load_format"] = "dummy"
+    elif isinstance(load, dict):
+        kwargs["load_format"] = "kvswap"
+        kwargs["model_loader_extra_config"] = load
+    if spec.get("connector") is not None:
+        kwargs["kv_transfer_config"] = {"kv_connector": "KVSwapConnector",
+                                        "kv_connector_module_path": "kvswap.integrations.vllm",
+                                        "kv_role": "kv_both", "kv_connector_extra_config": spec["connector"]}
+    return LLM(**kwargs)
+
+
+def serve(llm: Any, request: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = {"kv_transfer_params": {"session_id": request["session"]}} if request.get("session") else None
+    params = SamplingParams(max_tokens=int(request.get("max_tokens", 16)), temperature=0.0, extra_args=extra,
+                            ignore_eos=bool(request.get("ignore_eos", False)))
+    began = time.perf_counter()
+    if request["op"] == "chat":
+        outputs = llm.chat(request["messages"], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(TokensPrompt(prompt_token_ids=list(request["tokens"])), params, use_tqdm=False)
+    seconds = time.perf_counter() - began
+    result = outputs[0]
+    metrics = getattr(result, "metrics", None)
+    ttft = getattr(metrics, "first_token_latency", None) if metrics is not None else None
+    return {"tokens": list(result.outputs[0].token_ids), "text": result.outputs[0].text,
+            "cached": int(result.num_cached_tokens or 0), "prompt": list(result.prompt_token_ids or []),
+            "seconds": seconds, "ttft": ttft}
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = json.loads((argv or sys.argv[1:])[0])
+    # vLLM logs to stdout (its engine process too): the answers get the original stdout,
+    # everything else goes to stderr.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    llm = build(spec)
+
+    def answer(reply: dict[str, Any]) -> None:
+        answers.write(json.dumps(reply) + "\n")
+        answers.flush()
+
+    answer({"ready": True})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "exit":
+            answer({"ok": True})
+            break
+        try:
+            reply = serve(llm, request)
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            reply = {"error": type(exc).__name__, "message": str(exc)}
+        answer(reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
