@@ -3,7 +3,8 @@
 # run pytest, and stop the servers by PID (also when something fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --test
+bash scripts/setup.sh --test --vllm
+export KVSWAP_TEST_VLLM=1  # the vLLM tests must run here (they skip only where .venv-vllm was never made)
 echo "lint: ruff check, mypy"
 .venv/bin/ruff check kvswap tests bench
 .venv/bin/mypy

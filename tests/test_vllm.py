@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kvswap.connectors import open_connector
-from kvswap.testing.connector_suite import store_uri
+from kvswap.testing.connector_suite import env_or_skip, store_uri
 from kvswap.testing.vllm import Driver, vllm_python
 
 pytestmark = pytest.mark.skipif(vllm_python() is None and not os.environ.get("KVSWAP_TEST_VLLM"),
@@ -97,10 +97,16 @@ def stored_tokens(directory: Path, session: str, expected: int, timeout: float =
 STORES = ["file", "valkey", "s3"]
 
 
+@pytest.fixture(scope="module")
+def file_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of the file-store engine's meta and KV (later engines read it too)."""
+    return tmp_path_factory.mktemp("vllm-file")
+
+
 @pytest.fixture(scope="module", params=STORES)
-def engine(request: pytest.FixtureRequest, smollm2: Path, tmp_path_factory: pytest.TempPathFactory):
+def engine(request: pytest.FixtureRequest, smollm2: Path, file_store: Path, tmp_path_factory: pytest.TempPathFactory):
     """A vLLM engine with the connector on one store (SQLite meta), and where its data lies."""
-    directory = tmp_path_factory.mktemp(f"vllm-{request.param}")
+    directory = file_store if request.param == "file" else tmp_path_factory.mktemp(f"vllm-{request.param}")
     store = store_uri(request.param, f"{directory}/kv", f"v{uuid.uuid4().hex[:8]}", "&chunk_size=64KiB")
     connector = {"meta": f"sqlite:///{directory}/meta.db", "store": store}
     driver = Driver({"model": str(smollm2), "connector": connector}, directory / "engine.log")
@@ -154,3 +160,129 @@ def test_damage_and_edits_are_recomputed_exactly(engine, reference) -> None:
     assert reply["tokens"] == plain["tokens"]
     agreeing = next(i for i, (a, b) in enumerate(zip(reply["prompt"], reference[1]["prompt"])) if a != b)
     assert reply["cached"] == agreeing, (reply["cached"], agreeing)
+
+
+@pytest.fixture(scope="module")
+def saves(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
+    """SmolLM2 saved for one rank on Valkey and on S3, and a directory holding only its config
+    and tokenizer (what vLLM's --model needs besides weights), written out of the save."""
+    from kvswap.weights import read_files, save
+
+    unique = f"w{uuid.uuid4().hex[:8]}"
+    valkey, s3 = store_uri("valkey", "", unique), store_uri("s3", "", unique)
+    save(smollm2, valkey, progress=False)
+    save(smollm2, s3, progress=False)
+    config = tmp_path_factory.mktemp("smollm2-config")
+    for name, data in read_files(valkey).items():
+        (config / name).write_bytes(data)
+    assert not list(config.glob("*.safetensors"))
+    return valkey, s3, config
+
+
+@pytest.mark.parametrize("engine", ["file"], indirect=True)
+def test_load_format_kvswap_boots_from_valkey_and_another_block_size_is_a_miss(
+        saves, engine, reference, tmp_path: Path) -> None:
+    valkey, _, config = saves
+    _, file_engine, _, connector = engine
+    converse(file_engine, "layout", turns=2)  # stored with 128-token blocks
+    driver = Driver({"model": str(config), "load": {"source": valkey}, "block_size": 64, "connector": connector},
+                    tmp_path / "engine.log")
+    try:
+        third = driver.ask(op="chat", messages=history(reference, 3), session="layout", max_tokens=MAX_TOKENS)
+        assert third["tokens"] == reference[2]["tokens"]  # the weights came whole from the Valkey save
+        assert third["cached"] == 0  # another block size is another layout: a miss, not misread KV
+        replies = converse(driver, None, turns=2)
+        assert [r["tokens"] for r in replies] == [r["tokens"] for r in reference[:2]]
+    finally:
+        driver.close()
+
+
+def test_a_store_that_is_down_costs_recomputes_and_leaves_meta_clean(saves, closed_port: int, reference,
+                                                                     tmp_path: Path) -> None:
+    _, s3, config = saves
+    connector = {"meta": f"sqlite:///{tmp_path}/meta.db",
+                 "store": f"redis://127.0.0.1:{closed_port}/0?timeout=1&connect_timeout=1&retries=0"}
+    driver = Driver({"model": str(config), "load": {"source": s3}, "connector": connector}, tmp_path / "engine.log")
+    try:
+        replies = converse(driver, "down", turns=3)
+        assert [r["tokens"] for r in replies] == [r["tokens"] for r in reference[:3]]
+        assert [r["cached"] for r in replies] == [0, 0, 0]
+    finally:
+        driver.close()
+    with sqlite3.connect(tmp_path / "meta.db") as db:
+        assert db.execute("SELECT count(*) FROM kvswap_entries").fetchone()[0] == 0  # nothing points at no data
+
+
+def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2: Path, tmp_path: Path) -> None:
+    """Stateless vLLM instances: PostgreSQL meta and a Valkey store shared, round robin; each
+    session's turns alternate instances, each turn reuses the previous ones, one instance is
+    SIGKILLed mid-run and the sessions finish on the other, exactly. Then a kvswap process
+    with no model lists and deletes what the vLLM instances wrote."""
+    import json as jsonlib
+
+    import openai
+
+    from kvswap.service.client import ServiceClient
+    from kvswap.testing.servers import nginx, stop_pid
+    from kvswap.testing.service import start_serve
+    from kvswap.testing.vllm import connector_config, start_vllm_serve
+
+    unique = f"s{uuid.uuid4().hex[:8]}"
+    meta = f"{env_or_skip('KVSWAP_TEST_POSTGRES_URI')}?table_prefix={unique}_"
+    store = f"{env_or_skip('KVSWAP_TEST_VALKEY_URI')}?prefix={unique}:&timeout=5"
+    flags = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--no-enable-prefix-caching",
+             "--enable-prompt-tokens-details", "--served-model-name", "smollm2",
+             "--kv-transfer-config", jsonlib.dumps(connector_config()))
+    secrets = {"KVSWAP_META": meta, "KVSWAP_STORE": store}  # vLLM logs its settings: URIs with passwords by env
+    servers = []
+    proxy = None
+    try:
+        for index in range(2):  # one after the other: two engines starting at once thrash 2 cores
+            servers.append(start_vllm_serve(str(smollm2), tmp_path / f"vllm-{index}.log", args=flags, env=secrets))
+        proxy, port = nginx(tmp_path / "nginx", [s.address for s in servers])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=3, timeout=120)
+        direct = openai.OpenAI(base_url=f"{servers[0].url}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def chat(messages: list[dict[str, str]], session: str | None, via: Any = client) -> Any:
+            headers = {"X-Session-ID": session} if session else {}
+            return via.chat.completions.create(model="smollm2", messages=messages, max_tokens=MAX_TOKENS,
+                                               temperature=0, extra_headers=headers)
+
+        sessions: dict[str, list[dict[str, str]]] = {f"{unique}-{i}": [] for i in range(3)}  # turns alternate
+        previous_prompt = dict.fromkeys(sessions, 0)
+        for turn, question in enumerate(QUESTIONS):
+            if turn == 2:
+                servers[1].kill()  # mid-run; nginx moves the requests it would get to the survivor
+            for session, messages in sessions.items():
+                messages.append({"role": "user", "content": question})
+                reply = chat(messages, session)
+                recomputed = chat(messages, None, via=direct)  # no session: vLLM alone, on the survivor
+                assert reply.choices[0].message.content == recomputed.choices[0].message.content, (session, turn)
+                cached = reply.usage.prompt_tokens_details.cached_tokens or 0
+                assert cached >= previous_prompt[session], (session, turn, cached)  # the other instance's turns
+                previous_prompt[session] = reply.usage.prompt_tokens
+                messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+        # The admin process: no model, the shared meta and store.
+        admin = start_serve(["--model", "none", "--meta", meta, "--store", store, "--dir", str(tmp_path / "admin")],
+                            tmp_path / "admin.log", env={"KVSWAP_ADMIN_TOKEN": "admin"})
+        try:
+            with ServiceClient(admin.url, "admin") as api:
+                listed = {s["id"] for s in api.list_sessions(limit=1000)["sessions"]}
+                assert set(sessions) <= listed
+                victim = next(iter(sessions))
+                detail = api.session(victim)
+                assert detail["stored_tokens"] > 0 and detail["entries"]
+                api.delete(victim)
+                assert victim not in {s["id"] for s in api.list_sessions(limit=1000)["sessions"]}
+                store_connector = open_connector(store)
+                assert not any(store_connector.exists(e["key"]) for e in detail["entries"])
+                assert api.gc()["sessions"] == 0
+        finally:
+            admin.stop()
+        password = meta.split("://", 1)[1].split("@", 1)[0].partition(":")[2]
+        assert password and all(password not in server.log.read_text() for server in servers)
+    finally:
+        if proxy is not None:
+            stop_pid(proxy.pid)
+        for server in servers:
+            server.stop()

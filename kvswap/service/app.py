@@ -42,7 +42,7 @@ from kvswap.errors import (
 )
 from kvswap.meta.base import InvalidEntryError, LeaseError, Session
 from kvswap.service import schemas
-from kvswap.service.instance import Instance, RequestError, SessionView
+from kvswap.service.instance import AdminInstance, Instance, RequestError, SessionView
 from kvswap.service.metrics import Metrics
 from kvswap.session_cache import LocalState, OutOfBlocksError, SessionBusyError, SwapError
 from kvswap.weights.seed import SeedBusyError
@@ -118,7 +118,7 @@ async def _send_json(send: Callable, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
+def create_app(instance: Instance | AdminInstance, *, owns_instance: bool = True) -> FastAPI:
     """The app over ``instance`` (closed at shutdown when ``owns_instance``)."""
     config = instance.config
     metrics = Metrics(instance)
@@ -153,20 +153,77 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
 
     @app.get("/health", response_model=schemas.Health, tags=["ops"])
     def health() -> Any:
-        return schemas.Health(status="ok", instance=instance.instance_id, fingerprint=instance.layout.fingerprint,
+        return schemas.Health(status="ok", instance=instance.instance_id, fingerprint=instance.fingerprint,
                               uptime_s=time.time() - instance.started)
-
-    @app.get("/v1/models", response_model=schemas.ModelList, dependencies=[user], tags=["generate"])
-    def models() -> Any:
-        """The model this instance serves (what OpenAI-style clients ask first)."""
-        return schemas.ModelList(data=[schemas.ModelCard(id=instance.layout.model, created=int(instance.started))])
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    # ---- generate ----------------------------------------------------------------------------
+    if isinstance(instance, Instance):
+        _generate_routes(app, instance, user)
 
+    # ---- admin -------------------------------------------------------------------------------
+
+    @app.get("/v1/sessions", response_model=schemas.SessionList, dependencies=[admin], tags=["sessions"],
+             responses=ERROR_RESPONSES)
+    def list_sessions(owner: str | None = Query(None, max_length=256, description="lease holder"),
+                      idle_since: float | None = Query(None, ge=0, allow_inf_nan=False,
+                                                          description="last access at or before (epoch s)"),
+                      fingerprint: str | None = Query(None, max_length=1024),
+                      limit: int = Query(100, ge=1, le=1000),
+                      cursor: str | None = Query(None, max_length=2048)) -> Any:
+        page = instance.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint, limit=limit,
+                                      cursor=cursor)
+        return schemas.SessionList(sessions=[_summary(s) for s in page.sessions], cursor=page.cursor)
+
+    @app.get("/v1/sessions/{session_id:path}", response_model=schemas.SessionDetail, dependencies=[admin],
+             tags=["sessions"], responses=ERROR_RESPONSES)
+    def get_session(session_id: str = Path(...)) -> Any:
+        return _detail(session_id, instance.view(session_id), instance.instance_id)
+
+    @app.post("/v1/sessions/{session_id:path}/prefetch", response_model=schemas.PrefetchResult,
+              dependencies=[admin], tags=["sessions"], responses=ERROR_RESPONSES)
+    def prefetch(session_id: str = Path(...)) -> Any:
+        """Bring the session's stored KV into HBM ahead of its next request."""
+        return schemas.PrefetchResult(session_id=session_id, resident_tokens=instance.prefetch(session_id))
+
+    @app.post("/v1/sessions/{session_id:path}/swap-out", response_model=schemas.SwapOutResult,
+              dependencies=[admin], tags=["sessions"], responses=ERROR_RESPONSES)
+    def swap_out(session_id: str = Path(...),
+                 to: Literal["auto", "store"] = Query("auto", description="auto: the host tier if it fits, "
+                                                      "else the store; store: the store (host copy too)")) -> Any:
+        """Move the session's KV out of HBM. 409 while a request holds it."""
+        local = instance.swap_out(session_id, to_store=to == "store")
+        return schemas.SwapOutResult(session_id=session_id, local=_local(local, instance.instance_id))
+
+    @app.delete("/v1/sessions/{session_id:path}", status_code=204, dependencies=[admin], tags=["sessions"],
+                responses=ERROR_RESPONSES)
+    def delete_session(session_id: str = Path(...)) -> Response:
+        """Forget the session everywhere: HBM, host tier, meta, stored blobs. 409 while in use."""
+        instance.delete(session_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/admin/gc", response_model=schemas.GCResult, dependencies=[admin], tags=["sessions"],
+              responses=ERROR_RESPONSES)
+    def collect_garbage() -> Any:
+        """Delete expired sessions and blobs that no meta entry points to (older than the grace period)."""
+        return schemas.GCResult(**instance.gc())
+
+    if config.admin_token and isinstance(instance, Instance):
+        from kvswap.weights.seed_app import seed_router
+
+        app.include_router(seed_router(instance.seed(config.admin_token)))
+    return app
+
+
+def _generate_routes(app: FastAPI, instance: Instance, user: Any) -> None:
+    """The routes of an instance that serves a model: generate, chat completions, models."""
+
+    @app.get("/v1/models", response_model=schemas.ModelList, dependencies=[user], tags=["generate"])
+    def models() -> Any:
+        """The model this instance serves (what OpenAI-style clients ask first)."""
+        return schemas.ModelList(data=[schemas.ModelCard(id=instance.layout.model, created=int(instance.started))])
     @app.post("/v1/sessions/{session_id:path}/generate", response_model=schemas.GenerateResponse,
               dependencies=[user], tags=["generate"], responses=ERROR_RESPONSES)
     async def generate(body: schemas.GenerateRequest, session_id: str = Path(...)) -> Any:
@@ -240,59 +297,6 @@ def create_app(instance: Instance, *, owns_instance: bool = True) -> FastAPI:
         return await _stream(instance, session_id, tokens, max_new, stop,
                              on_token=lambda t: (None, chunk({"content": text([t])})),
                              on_done=done, end="[DONE]")
-
-    # ---- admin -------------------------------------------------------------------------------
-
-    @app.get("/v1/sessions", response_model=schemas.SessionList, dependencies=[admin], tags=["sessions"],
-             responses=ERROR_RESPONSES)
-    def list_sessions(owner: str | None = Query(None, max_length=256, description="lease holder"),
-                      idle_since: float | None = Query(None, ge=0, allow_inf_nan=False,
-                                                          description="last access at or before (epoch s)"),
-                      fingerprint: str | None = Query(None, max_length=1024),
-                      limit: int = Query(100, ge=1, le=1000),
-                      cursor: str | None = Query(None, max_length=2048)) -> Any:
-        page = instance.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint, limit=limit,
-                                      cursor=cursor)
-        return schemas.SessionList(sessions=[_summary(s) for s in page.sessions], cursor=page.cursor)
-
-    @app.get("/v1/sessions/{session_id:path}", response_model=schemas.SessionDetail, dependencies=[admin],
-             tags=["sessions"], responses=ERROR_RESPONSES)
-    def get_session(session_id: str = Path(...)) -> Any:
-        return _detail(session_id, instance.view(session_id), instance.instance_id)
-
-    @app.post("/v1/sessions/{session_id:path}/prefetch", response_model=schemas.PrefetchResult,
-              dependencies=[admin], tags=["sessions"], responses=ERROR_RESPONSES)
-    def prefetch(session_id: str = Path(...)) -> Any:
-        """Bring the session's stored KV into HBM ahead of its next request."""
-        return schemas.PrefetchResult(session_id=session_id, resident_tokens=instance.prefetch(session_id))
-
-    @app.post("/v1/sessions/{session_id:path}/swap-out", response_model=schemas.SwapOutResult,
-              dependencies=[admin], tags=["sessions"], responses=ERROR_RESPONSES)
-    def swap_out(session_id: str = Path(...),
-                 to: Literal["auto", "store"] = Query("auto", description="auto: the host tier if it fits, "
-                                                      "else the store; store: the store (host copy too)")) -> Any:
-        """Move the session's KV out of HBM. 409 while a request holds it."""
-        local = instance.swap_out(session_id, to_store=to == "store")
-        return schemas.SwapOutResult(session_id=session_id, local=_local(local, instance.instance_id))
-
-    @app.delete("/v1/sessions/{session_id:path}", status_code=204, dependencies=[admin], tags=["sessions"],
-                responses=ERROR_RESPONSES)
-    def delete_session(session_id: str = Path(...)) -> Response:
-        """Forget the session everywhere: HBM, host tier, meta, stored blobs. 409 while in use."""
-        instance.delete(session_id)
-        return Response(status_code=204)
-
-    @app.post("/v1/admin/gc", response_model=schemas.GCResult, dependencies=[admin], tags=["sessions"],
-              responses=ERROR_RESPONSES)
-    def collect_garbage() -> Any:
-        """Delete expired sessions and blobs that no meta entry points to (older than the grace period)."""
-        return schemas.GCResult(**instance.gc())
-
-    if config.admin_token:
-        from kvswap.weights.seed_app import seed_router
-
-        app.include_router(seed_router(instance.seed(config.admin_token)))
-    return app
 
 
 def printable(value: Any) -> Any:

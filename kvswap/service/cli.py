@@ -27,8 +27,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def add_commands(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run one engine instance as an HTTP service")
     serve.add_argument("--model", default="tiny",
-                       help="tiny/small/llama-8b (random weights), a checkpoint directory, a weights URI "
-                            "(file://, s3://, redis://, valkey://) or instance://host:port (default tiny)")
+                       help="tiny/small/llama-8b (random weights), smollm2 (a real 135M chat model, prepared once), "
+                            "a checkpoint directory, a weights URI (file://, s3://, redis://, valkey://), "
+                            "instance://host:port, or none: session admin only, no model (default tiny)")
     serve.add_argument("--model-id", help="names the weights in KV fingerprints (default: their content digest)")
     serve.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     serve.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's; float32 for names)")
@@ -86,7 +87,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvswap.service.app import create_app
-    from kvswap.service.instance import Instance, ServeConfig
+    from kvswap.service.instance import AdminInstance, Instance, ServeConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_token = os.environ.get("KVSWAP_API_TOKEN") or None
@@ -104,11 +105,11 @@ def serve_command(args: argparse.Namespace) -> int:
                          admin_token=admin_token, seed_token=os.environ.get("KVSWAP_SEED_TOKEN") or None)
     listener = listening_socket(args.host, args.port)
     port = listener.getsockname()[1]
-    instance = Instance(config)
+    instance = AdminInstance(config) if args.model == "none" else Instance(config)
     app = create_app(instance)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(json.dumps({"url": f"http://{host}:{port}", "instance": instance.instance_id,
-                      "fingerprint": instance.layout.fingerprint, "seed": bool(admin_token)}), flush=True)
+                      "fingerprint": instance.fingerprint, "seed": bool(admin_token)}), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), access_log=False,
                                            timeout_graceful_shutdown=30))
     server.run(sockets=[listener])

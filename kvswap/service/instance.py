@@ -1,4 +1,5 @@
-"""One engine instance: the model, its paged KV pool, the session cache and the engine.
+"""One engine instance: the model, its paged KV pool, the session cache and the engine; or,
+with ``--model none``, an admin instance over the shared meta and stores (:class:`AdminInstance`).
 
 The service's handlers call this class and nothing below it. Generation runs one request
 at a time (``Instance.generate`` holds the engine lock); admin calls (prefetch, swap-out,
@@ -119,6 +120,10 @@ class Instance:
     def __repr__(self) -> str:
         return f"Instance({self.instance_id!r}, {self.layout.fingerprint!r})"
 
+    @property
+    def fingerprint(self) -> str:
+        return self.layout.fingerprint
+
     # ---- generation --------------------------------------------------------------------------
 
     def check_request(self, tokens: Sequence[int], max_new_tokens: int) -> None:
@@ -212,3 +217,61 @@ class Instance:
             self.cache.meta.close()
             for store in self.cache.stores:
                 store.connector.close()
+
+
+class AdminInstance:
+    """A ``kvswap serve --model none`` process: session administration without a model.
+
+    It opens the shared meta store and stores that engines write (kvswap's own instances,
+    or vLLM instances through the kvswap connector) and answers the admin routes: list,
+    show, delete (meta and blobs) and gc. It holds no KV, so prefetch and swap-out, and the
+    generate routes, are not served.
+    """
+
+    def __init__(self, config: ServeConfig) -> None:
+        from kvswap.session_cache import SessionStore
+
+        self.config = config
+        self.started = time.time()
+        if config.meta is None or not config.stores:
+            os.makedirs(config.directory, exist_ok=True)
+        self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-admin"
+        self.store = SessionStore(open_meta_store(config.meta_uri), [open_connector(u) for u in config.store_uris],
+                                  None, session_ttl=config.session_ttl)
+        self.store.check()
+        log.info("kvswap admin instance %s: meta %s, stores %s", self.instance_id, self.store.meta.uri.render(),
+                 self.store.locations)
+
+    fingerprint = "none"  # it serves no model
+
+    def __repr__(self) -> str:
+        return f"AdminInstance({self.instance_id!r})"
+
+    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
+                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
+        return self.store.meta.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint,
+                                             limit=limit, cursor=cursor)
+
+    def view(self, session_id: str) -> SessionView:
+        validate_session_id(session_id)
+        return SessionView(self.store.meta.get(session_id), self.store.meta.entries(session_id), LocalState())
+
+    def prefetch(self, session_id: str) -> int:
+        raise RequestError("this instance serves no model (--model none): it holds no KV to prefetch into")
+
+    def swap_out(self, session_id: str, *, to_store: bool) -> LocalState:
+        raise RequestError("this instance serves no model (--model none): it holds no KV to swap out")
+
+    def delete(self, session_id: str) -> None:
+        validate_session_id(session_id)
+        if not self.store.delete(session_id):
+            raise NotFoundError(f"no session {session_id!r}")
+
+    def gc(self) -> dict[str, int]:
+        return self.store.gc()
+
+    def close(self) -> None:
+        self.store.close()
+        self.store.meta.close()
+        for tier in self.store.stores:
+            tier.connector.close()

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from kvswap.service.instance import Instance
+    from kvswap.service.instance import AdminInstance, Instance
 
 
 class InstanceCollector:
@@ -78,9 +78,12 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 class Metrics:
     """One app's registry: the instance collector and the HTTP latency histogram."""
 
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: Instance | AdminInstance) -> None:
+        from kvswap.service.instance import Instance
+
         self.registry = CollectorRegistry()
-        self.registry.register(InstanceCollector(instance))
+        if isinstance(instance, Instance):  # an admin instance holds no cache to report
+            self.registry.register(InstanceCollector(instance))
         self.http = Histogram("kvswap_http_request_duration_seconds", "HTTP requests, by route and status",
                               ["method", "route", "status"], registry=self.registry,
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))

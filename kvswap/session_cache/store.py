@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from kvswap.errors import (
     AlreadyExistsError,
     BackendUnavailableError,
+    ConfigError,
     IntegrityError,
     InvalidKeyError,
     KVSwapError,
@@ -116,17 +117,18 @@ class SessionStore:
     A span longer than ``entry_tokens`` is stored as several entries, written (and later
     read) in parallel by ``io_threads`` threads. ``session_ttl`` is given to sessions this
     store creates; ``gc_grace`` spares young blobs that no entry names yet (their append may
-    still be on its way).
+    still be on its way). With ``layout`` None the store is for administration (listing,
+    deleting, gc) of sessions that engines wrote: it moves no KV.
     """
 
-    def __init__(self, meta: MetaStore, stores: Sequence[Connector], layout: KVLayout, *,
+    def __init__(self, meta: MetaStore, stores: Sequence[Connector], layout: KVLayout | None, *,
                  key_prefix: str = "kv", io_threads: int = 8, entry_tokens: int | None = None,
                  session_ttl: float | None = None, gc_grace: float = 600.0, span_cache_bytes: int = 0) -> None:
         self.meta = meta
-        self.layout = layout
-        self.fingerprint = layout.fingerprint
+        self._layout = layout
+        self.fingerprint = layout.fingerprint if layout is not None else ""
         self.stores = [StoreTier(c, layout, key_prefix) for c in stores]
-        self.entry_tokens = entry_tokens or max(1, (256 << 20) // layout.token_bytes)
+        self.entry_tokens = entry_tokens or (max(1, (256 << 20) // layout.token_bytes) if layout is not None else 1)
         self.session_ttl = session_ttl
         self.gc_grace = gc_grace
         self.dropped_entries = 0
@@ -135,6 +137,13 @@ class SessionStore:
 
     def __repr__(self) -> str:
         return f"SessionStore({self.fingerprint!r}, meta={self.meta.uri.render()!r}, stores={self.locations})"
+
+    @property
+    def layout(self) -> KVLayout:
+        """The KV this store moves (ConfigError for a store opened for administration only)."""
+        if self._layout is None:
+            raise ConfigError("this session store was opened for administration only: it moves no KV")
+        return self._layout
 
     @property
     def locations(self) -> list[str]:

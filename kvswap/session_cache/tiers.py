@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from kvswap.blob import DTYPE_NAMES, BlobHeader, read_blob, read_header, write_blob
-from kvswap.errors import IntegrityError
+from kvswap.errors import ConfigError, IntegrityError
 from kvswap.session_cache.base import KVLayout, token_bytes
 from kvswap.uri import URI
 
@@ -117,9 +117,9 @@ class StoreTier:
     may still be on its way.
     """
 
-    def __init__(self, connector: Connector, layout: KVLayout, prefix: str = "kv") -> None:
+    def __init__(self, connector: Connector, layout: KVLayout | None, prefix: str = "kv") -> None:
         self.connector = connector
-        self.layout = layout
+        self._layout = layout  # None: a tier for administration (list, delete, gc), no KV moves
         self.prefix = prefix.strip("/")
         self.location = store_location(connector.uri)
         self.read_seconds = 0.0
@@ -129,6 +129,12 @@ class StoreTier:
 
     def __repr__(self) -> str:
         return f"StoreTier({self.location!r})"
+
+    @property
+    def layout(self) -> KVLayout:
+        if self._layout is None:
+            raise ConfigError(f"{self!r} was opened for administration only: it moves no KV")
+        return self._layout
 
     def session_prefix(self, session_id: str) -> str:
         return f"{self.prefix}/{hashlib.sha256(session_id.encode()).hexdigest()[:32]}/"

