@@ -12,8 +12,9 @@ each history length H, with fresh random token ids each time:
 * ``local hit``: the same prompt again on that engine: the KV is still in vLLM's memory,
   the ceiling a connector can reach;
 * ``file`` / ``file cold`` / ``valkey``: an engine with the connector (vLLM's prefix cache
-  off): a turn of H tokens is stored, then the follow-up (H + follow) loads H from the
-  store; ``file cold`` drops the blobs from the page cache first (posix_fadvise, or
+  off): a turn of H tokens is stored (the run waits until its save has landed, as a user
+  typing the next message would), then the follow-up (H + follow) loads H from the store;
+  ``file cold`` drops the blobs from the page cache first (posix_fadvise, or
   /proc/sys/vm/drop_caches where allowed).
 
 Bandwidth: the connector's loads and saves as it records them (``KVSWAP_VLLM_STATS``), and
@@ -66,6 +67,20 @@ def drop_from_page_cache(directory: Path) -> str:
                 finally:
                     os.close(fd)
         return "posix_fadvise"
+
+
+def saved(meta: Path, session: str, count: int, timeout: float = 60.0) -> None:
+    """Wait until meta records ``count`` tokens of the session (its save landed)."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(meta) as db:
+            row = db.execute("SELECT total_tokens FROM kvswap_sessions WHERE id = ?", (session.encode(),)).fetchone()
+        if row and row[0] >= count:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"session {session!r} was not saved within {timeout} s")
 
 
 def ttft(driver: Driver, prompt: list[int], session: str | None) -> float:
@@ -140,8 +155,8 @@ def main() -> int:
         stats = work / f"stats-{kind}.jsonl"
         os.environ["KVSWAP_VLLM_STATS"] = str(stats)
         print(f"vLLM + kvswap on {kind}")
-        driver = Driver({**spec, "connector": {"meta": f"sqlite:///{work}/meta-{kind}.db", "store": store}},
-                        work / f"{kind}.log")
+        meta = work / f"meta-{kind}.db"
+        driver = Driver({**spec, "connector": {"meta": f"sqlite:///{meta}", "store": store}}, work / f"{kind}.log")
         try:
             ttft(driver, tokens(64, rng), None)
             for h in histories:
@@ -150,7 +165,7 @@ def main() -> int:
                     for _ in range(args.repeat):
                         session, history = f"{tier}-{uuid.uuid4().hex[:8]}", tokens(h, rng)
                         driver.ask(op="generate", tokens=history, session=session, max_tokens=1)
-                        driver.ask(op="generate", tokens=[5, 6, 7], max_tokens=1)  # the save lands meanwhile
+                        saved(meta, session, h)  # as when a user types the next turn: the save has landed
                         if tier == "file cold":
                             rows[str(h)]["file_cold_method"] = drop_from_page_cache(work / "kv")
                         follow = history + tokens(args.follow, rng)

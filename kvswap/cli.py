@@ -181,6 +181,14 @@ def _weights_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    """Prepare a named real model once; print its directory (for vLLM's --model, for instance)."""
+    from kvswap.engine.pretrained import prepare
+
+    print(prepare(args.name, progress=None))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvswap", description="KV-cache swapping and weight loading for LLM serving")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--meta", help="meta store URI (default sqlite:///<dir>/meta.db)")
     demo.add_argument("--store", help="KV store URI (default file://<dir>/kv)")
     demo.set_defaults(run=_demo)
+    prepare = commands.add_parser("prepare", help="prepare a real small model once (smollm2) and print its directory")
+    prepare.add_argument("name", help="smollm2")
+    prepare.set_defaults(run=_prepare)
 
     weights = commands.add_parser("weights", help="save, load and seed model weights").add_subparsers(
         dest="weights_command", required=True)

@@ -109,6 +109,8 @@ def engine(request: pytest.FixtureRequest, smollm2: Path, file_store: Path, tmp_
     directory = file_store if request.param == "file" else tmp_path_factory.mktemp(f"vllm-{request.param}")
     store = store_uri(request.param, f"{directory}/kv", f"v{uuid.uuid4().hex[:8]}", "&chunk_size=64KiB")
     connector = {"meta": f"sqlite:///{directory}/meta.db", "store": store}
+    if request.param == "valkey":
+        connector["host_bytes"] = "64MiB"  # a host-memory tier in front of the store
     driver = Driver({"model": str(smollm2), "connector": connector}, directory / "engine.log")
     yield request.param, driver, directory, connector
     driver.close()

@@ -32,6 +32,17 @@ def paired_writer(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     view[blocks, :, 1, offsets // 2, :, offsets % 2] = value
 
 
+SHUFFLE = torch.randperm(BLOCK * 2 * HEADS * DIM, generator=torch.Generator().manual_seed(1))
+
+
+def shuffled_writer(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """No axis permutation at all: each (slot, K|V, head, dim) at a fixed random place of its page."""
+    pages = layer.view(layer.shape[0], -1)
+    where = SHUFFLE.view(BLOCK, 2, HEADS * DIM)
+    pages[(slots // BLOCK)[:, None], where[slots % BLOCK, 0]] = key.reshape(len(slots), -1)
+    pages[(slots // BLOCK)[:, None], where[slots % BLOCK, 1]] = value.reshape(len(slots), -1)
+
+
 def lossy_writer(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     plain_writer(layer, key, key, slots)  # V lands where K does: not a layout at all
 
@@ -41,7 +52,7 @@ def caches(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
             for i in range(LAYERS)}
 
 
-@pytest.mark.parametrize("writer", [plain_writer, paired_writer])
+@pytest.mark.parametrize("writer", [plain_writer, paired_writer, shuffled_writer])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheduler_block", [BLOCK, 2 * BLOCK])
 def test_each_token_moves_its_own_k_and_v(writer, dtype: torch.dtype, scheduler_block: int) -> None:

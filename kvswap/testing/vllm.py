@@ -46,7 +46,8 @@ class Driver:
         self.log = log
         self.proc = subprocess.Popen([str(python), "-m", "kvswap.testing.vllm_driver", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"),
-                                     text=True, env={**os.environ, **VLLM_ENV}, start_new_session=True)
+                                     text=True, env={**os.environ, **VLLM_ENV}, start_new_session=True,
+                                     cwd=ROOT)  # not the caller's directory: bench/vllm.py would shadow vllm
         began = time.monotonic()
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line:
@@ -117,7 +118,7 @@ def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), env: 
                "--model", model, "--host", "127.0.0.1", "--port", str(port), *args]
     proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env={**os.environ, **VLLM_ENV, **(env or {})},
-                            start_new_session=True)
+                            start_new_session=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -356,9 +356,10 @@ class KVSwapConnector(KVConnectorBase_V1):
             return out
 
         began = time.perf_counter()
+        new_tokens = len(job.tokens) - stored.tokens
         try:
             self.store.write(job.session, stored, job.tokens, fetch)
-            self._record("save", job.session, len(job.tokens) - stored.tokens, began)
+            self._record("save", job.session, new_tokens, began)
         except SwapError as exc:
             log.warning("kvswap: session %r not saved (the next turn recomputes it): %s", job.session, exc)
         except Exception:

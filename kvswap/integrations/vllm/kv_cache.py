@@ -21,6 +21,7 @@ platforms are refused when the engine starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -121,22 +122,152 @@ class VLLMKVCache:
         blocks = table[positions // self.block_size] * ratio + (positions % self.block_size) // self.kernel_block_size
         return blocks, positions % self.kernel_block_size
 
+    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, bool]]:
+        """``start..stop`` cut at kernel-block bounds: (from, to, whole blocks?) pieces; whole
+        blocks move as pages through one permutation, the partial ends element by element."""
+        size = self.kernel_block_size
+        first, last = -(-start // size) * size, stop // size * size
+        if first >= last:
+            return [(start, stop, False)]
+        return [(a, b, whole) for a, b, whole in ((start, first, False), (first, last, True), (last, stop, False))
+                if b > a]
+
     def gather(self, block_ids: Sequence[int], start: int, stop: int, out: torch.Tensor) -> None:
         """Token positions ``start..stop-1`` of a request whose blocks are ``block_ids`` into
         ``out`` (``[layers, 2, stop - start, heads, head_dim]``, host memory)."""
-        blocks, slots = self._index(block_ids, start, stop)
-        rows = blocks[:, None]
-        for index, page in enumerate(self.pages):
-            for which in (0, 1):
-                out[index, which].copy_(page[rows, self.where[slots, which]].view(-1, self.heads, self.head_dim))
+        for low, high, whole in self._pieces(start, stop):
+            blocks, slots = self._index(block_ids, low, high)
+            target = out[:, :, low - start:high - start]
+            if whole:
+                pages = blocks[::self.kernel_block_size]
+                for index, page in enumerate(self.pages):
+                    self._axes.to_tokens(page.index_select(0, pages), target[index])
+                continue
+            rows = blocks[:, None]
+            for index, page in enumerate(self.pages):
+                for which in (0, 1):
+                    target[index, which].copy_(page[rows, self.where[slots, which]].view(-1, self.heads, self.head_dim))
 
     def scatter(self, src: torch.Tensor, block_ids: Sequence[int], start: int) -> None:
         """Write ``src`` (``[layers, 2, n, heads, head_dim]``) into positions ``start..start+n-1``."""
-        blocks, slots = self._index(block_ids, start, start + src.shape[2])
-        rows = blocks[:, None]
-        for index, page in enumerate(self.pages):
-            for which in (0, 1):
-                page[rows, self.where[slots, which]] = src[index, which].reshape(len(slots), -1).to(page.dtype)
+        for low, high, whole in self._pieces(start, start + src.shape[2]):
+            blocks, slots = self._index(block_ids, low, high)
+            source = src[:, :, low - start:high - start]
+            if whole:
+                pages = blocks[::self.kernel_block_size]
+                for index, page in enumerate(self.pages):
+                    page.index_copy_(0, pages, self._axes.to_pages(source[index].to(page.dtype)))
+                continue
+            rows = blocks[:, None]
+            for index, page in enumerate(self.pages):
+                for which in (0, 1):
+                    page[rows, self.where[slots, which]] = source[index, which].reshape(len(slots), -1).to(page.dtype)
+
+    @functools.cached_property
+    def _axes(self) -> _PageLayout:
+        return _PageLayout(self.where, self.kernel_block_size, self.heads * self.head_dim)
+
+
+class _PageLayout:
+    """Whole pages <-> tokens ``[2 (K, V), tokens, heads, head_dim]``, fast where it can be.
+
+    Where the probed layout is a permutation of axes (each logical axis, slot, K|V and
+    head * dim, cut into prime factors; each factor a fixed stride in the page), a page is a
+    strided view and one copy moves it; else an element gather through the probed map.
+    """
+
+    def __init__(self, where: torch.Tensor, block: int, width: int) -> None:
+        import torch
+
+        self.block, self.width = block, width
+        self.order = where.reshape(-1)  # page element of each (slot, K|V, head * dim) value
+        self.placed = torch.empty_like(self.order)  # the value each page element holds
+        self.placed[self.order] = torch.arange(self.order.numel(), dtype=torch.int64, device=self.order.device)
+        self.digits = _axes_of(self.order.cpu(), [block, 2, width])
+
+    def to_tokens(self, pages: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy whole pages ``[m, page elements]`` into ``out`` ``[2, m * block, heads, head_dim]``."""
+        count = pages.shape[0]
+        if self.digits is None:
+            logical = pages.index_select(1, self.order).view(count, self.block, 2, self.width)
+            out.view(2, count, self.block, self.width).copy_(logical.permute(2, 0, 1, 3))
+            return
+        groups, page_axes = self.digits
+        sizes = [size for group in groups for size in group]
+        slot, which, width = (len(g) for g in groups)
+        inverse = [page_axes.index(axis) for axis in range(len(sizes))]
+        logical = pages.view(count, *[sizes[a] for a in page_axes]).permute(0, *[1 + a for a in inverse])
+        # logical axes: m, slot digits, the K|V digit, width digits -> K|V, m, slot digits, width digits
+        arranged = logical.permute(1 + slot, 0, *range(1, 1 + slot), *range(2 + slot, 1 + slot + which + width))
+        out.view(2, count, *groups[0], *groups[2]).copy_(arranged)
+
+    def to_pages(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[2, m * block, heads, head_dim]`` as whole pages ``[m, page elements]``."""
+        import torch
+
+        count = tokens.shape[1] // self.block
+        if self.digits is None:
+            logical = tokens.reshape(2, count, self.block, self.width).permute(1, 2, 0, 3)
+            return logical.reshape(count, -1).index_select(1, self.placed)
+        groups, page_axes = self.digits
+        sizes = [size for group in groups for size in group]
+        slot = len(groups[0])
+        pages = torch.empty((count, *[sizes[a] for a in page_axes]), dtype=tokens.dtype, device=tokens.device)
+        source = tokens.reshape(2, count, *groups[0], *groups[2])  # K|V, m, slot digits, width digits
+        # -> m, slot digits, K|V, width digits: the logical order of the digits
+        logical = source.permute(1, *range(2, 2 + slot), 0, *range(2 + slot, source.dim()))
+        pages.copy_(logical.permute(0, *[1 + a for a in page_axes]))
+        return pages.view(count, -1)
+
+
+def _axes_of(order: torch.Tensor, logical: list[int]) -> tuple[list[list[int]], list[int]] | None:
+    """Whether ``order`` (page element of each position, C order over ``logical``) is a
+    permutation of axes: each logical axis cut into prime factors (digits), each digit a fixed
+    stride in the page, the map their sum. Returns the digits' sizes per logical axis (digits
+    the page keeps adjacent merged) and the page's axes, outermost first, as indices into the
+    flattened digits; None otherwise."""
+    import torch
+
+    groups = [_prime_factors(size) for size in logical]
+    sizes = [size for group in groups for size in group]
+    steps = [1] * len(sizes)
+    for i in range(len(sizes) - 2, -1, -1):
+        steps[i] = steps[i + 1] * sizes[i + 1]
+    if int(order[0]) != 0:
+        return None
+    strides = [int(order[step]) for step in steps]
+    predicted = torch.zeros(1, dtype=torch.int64)
+    for size, stride in zip(sizes, strides):
+        predicted = (predicted[:, None] + torch.arange(size, dtype=torch.int64) * stride).reshape(-1)
+    if not torch.equal(predicted, order):
+        return None
+    merged: list[list[int]] = []
+    merged_strides: list[int] = []
+    position = 0
+    for group in groups:  # merge within a logical axis only: K|V must stay its own digit
+        sizes_here: list[int] = []
+        for size in group:
+            stride = strides[position]
+            position += 1
+            if sizes_here and merged_strides[-1] == stride * size:
+                sizes_here[-1] *= size
+                merged_strides[-1] = stride
+            else:
+                sizes_here.append(size)
+                merged_strides.append(stride)
+        merged.append(sizes_here)
+    page_axes = sorted(range(len(merged_strides)), key=lambda i: -merged_strides[i])
+    return merged, page_axes
+
+
+def _prime_factors(value: int) -> list[int]:
+    factors, divisor = [], 2
+    while value > 1:
+        while value % divisor == 0:
+            factors.append(divisor)
+            value //= divisor
+        divisor += 1
+    return factors or [1]
 
 
 def _probe(write: Writer, heads: int, block: int, head_dim: int, dtype: torch.dtype,
