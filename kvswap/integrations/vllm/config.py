@@ -37,7 +37,8 @@ class ConnectorConfig:
     * ``host_bytes``: a host-memory tier in front of the stores, e.g. ``"8GiB"`` (default 0);
     * ``model_id``: names the weights in the fingerprint (default: their content digest, or
       ``hf:<name>@<revision>`` for a hub name);
-    * ``entry_bytes`` (``256MiB``), ``io_threads`` (8), ``session_ttl`` (seconds, none);
+    * ``entry_bytes`` (``16MiB``: entries are read in parallel and each is scattered into
+      vLLM's blocks as it arrives), ``io_threads`` (8), ``session_ttl`` (seconds, none);
     * ``probe_partial`` (true): when a request leaves the stored history inside an entry,
       read that entry's token ids to reuse up to the first changed token (one small read in
       the scheduler) rather than only whole entries.
@@ -47,7 +48,7 @@ class ConnectorConfig:
     stores: tuple[str, ...]
     host_bytes: int = 0
     model_id: str | None = None
-    entry_bytes: int = 256 << 20
+    entry_bytes: int = 16 << 20  # small entries: read in parallel, each scattered as it arrives
     io_threads: int = 8
     session_ttl: float | None = None
     probe_partial: bool = True
@@ -83,7 +84,7 @@ class ConnectorConfig:
             ttl = extra.get("session_ttl")
             return cls(meta=meta, stores=stores, host_bytes=_size(extra.get("host_bytes", 0)),
                        model_id=extra.get("model_id") or None,
-                       entry_bytes=_size(extra.get("entry_bytes", 256 << 20)),
+                       entry_bytes=_size(extra.get("entry_bytes", 16 << 20)),
                        io_threads=int(extra.get("io_threads", 8)),
                        session_ttl=float(ttl) if ttl is not None else None,
                        probe_partial=bool(extra.get("probe_partial", True)))
