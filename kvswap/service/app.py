@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -105,10 +106,26 @@ class _BodyLimitAndTiming:
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
                 await _send_json(observed_send, 413, {"error": "PayloadTooLarge", "message": too_large.detail})
                 return
+            if not _utf8_path(scope):  # the server would read it with replacement characters
+                await _send_json(observed_send, 400, {"error": "InvalidKeyError",
+                                                      "message": "the request path is not valid UTF-8"})
+                return
             await self.app(scope, limited_receive, observed_send)
         finally:
             route = scope.get("route")
             self.metrics.observe(scope["method"], getattr(route, "path", "unmatched"), status, began)
+
+
+def _utf8_path(scope: dict) -> bool:
+    """Whether the path's percent-encoded bytes are UTF-8 (session ids travel in it)."""
+    raw = scope.get("raw_path")
+    if not raw:
+        return True
+    try:
+        unquote_to_bytes(raw.decode("latin-1")).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _send_json(send: Callable, status: int, body: dict) -> None:
