@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +46,64 @@ def drop_page_cache() -> bool:
         return False
 
 
+def spread(samples: list[float]) -> float:
+    return max(samples) - min(samples)
+
+
+def h2d_bandwidth(nbytes: int, device: torch.device) -> float | None:
+    """Bytes/s of one pinned host->device copy of ``nbytes`` (median of 3), None on a CPU."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    samples = []
+    for _ in range(4):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        target.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    del host, target
+    return nbytes / statistics.median(samples[1:])
+
+
+def profile_turn(engine: Engine, cache: SessionCache, tier: str, session: str, history: list[int],
+                 request: list[int]) -> None:
+    """One follow-up from ``tier`` (host or file-warm) under torch.profiler: where its time goes, by op and by
+    kvswap's own steps (wrapped in record_function ranges here, not in the library)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def ranged(obj: object, name: str) -> None:
+        method = getattr(obj, name)
+
+        def wrapper(*a: object, **k: object) -> object:
+            with record_function(f"kvswap.{type(obj).__name__}.{name}"):
+                return method(*a, **k)
+        setattr(obj, name, wrapper)
+
+    engine.generate(session, history, 1)
+    cache.swap_out(session, to_store=tier != "host")
+    steps = ((cache, "open"), (cache, "_sync_local"), (cache, "_bring_back"), (cache, "_allocate"),
+             (cache.mover, "scatter"), (cache.mover, "synchronize"), (cache.store, "plan"),
+             (cache.store, "_read_entry"), (cache, "_finish"), (engine, "_forward"), (engine, "_decode"))
+    for obj, name in steps:
+        ranged(obj, name)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:
+        with profile(activities=activities) as prof:
+            got = engine.generate(session, request, 1)
+    finally:
+        for obj, name in steps:
+            delattr(obj, name)
+    cache.drop(session)
+    print(f"  profile of one {tier} follow-up (TTFT {got.ttft * 1e3:.1f} ms under the profiler):")
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50)
+    print("\n".join("    " + line for line in table.splitlines()))
+    if torch.cuda.is_available():
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50)
+        print("\n".join("    " + line for line in table.splitlines()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-8b")
@@ -52,8 +111,11 @@ def main() -> int:
     parser.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--histories", default="4096,16384,32768")
     parser.add_argument("--follow", type=int, default=128)
-    parser.add_argument("--tiers", default="host,file,file-warm",
-                        help="host, file (page cache dropped first), file-warm (just written, cached)")
+    parser.add_argument("--tiers", default="hbm,host,file,file-warm",
+                        help="hbm (history still resident: the floor), host, file (page cache dropped first), "
+                             "file-warm (just written, cached)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one host and one file-warm follow-up per history (torch.profiler, top ops)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the file tier writes (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -77,6 +139,9 @@ def main() -> int:
           f"follow-up {args.follow} tokens, pool {pool.nbytes / 2**30:.1f} GiB")
     engine.generate("warm-up", [rng.randrange(vocab) for _ in range(512)], 2)
     cache.drop("warm-up")
+    h2d = h2d_bandwidth(longest * layout.token_bytes, device)
+    if h2d:
+        print(f"pinned host->device copy of {longest * layout.token_bytes / 2**30:.2f} GiB: {h2d / 1e9:.1f} GB/s")
     rows = []
     try:
         for history_len in histories:
@@ -90,8 +155,10 @@ def main() -> int:
                 recompute.append(got.ttft)
                 baseline_tokens = got.tokens
                 cache.drop(f"recompute-{history_len}-{i}")
-            row = {"history": history_len, "follow": args.follow, "kv_bytes": history_len * layout.token_bytes,
-                   "recompute_ttft_s": statistics.median(recompute)}
+            kv_bytes = history_len * layout.token_bytes
+            row = {"history": history_len, "follow": args.follow, "kv_bytes": kv_bytes,
+                   "recompute_ttft_s": statistics.median(recompute), "recompute_spread_s": spread(recompute),
+                   "h2d_gbps": h2d / 1e9 if h2d else None}
             print(f"\nhistory {history_len} tokens ({history_len * layout.token_bytes / 2**30:.2f} GiB of KV): "
                   f"recompute TTFT {row['recompute_ttft_s'] * 1e3:.1f} ms")
             for tier in tiers:
@@ -99,7 +166,8 @@ def main() -> int:
                 for i in range(args.repeat):
                     session = f"{tier}-{history_len}-{i}"
                     engine.generate(session, history, 1)  # prefill the history (untimed)
-                    cache.swap_out(session, to_store=tier != "host")
+                    if tier != "hbm":
+                        cache.swap_out(session, to_store=tier != "host")
                     if tier == "file":
                         cold = drop_page_cache()
                     elif tier == "file-warm":
@@ -110,13 +178,24 @@ def main() -> int:
                     same = same and got.tokens == baseline_tokens
                     cache.drop(session)
                 ttft = statistics.median(times)
-                row[tier] = {"ttft_s": ttft, "speedup": row["recompute_ttft_s"] / ttft, "same_first_token": same}
+                row[tier] = {"ttft_s": ttft, "spread_s": spread(times), "speedup": row["recompute_ttft_s"] / ttft,
+                             "same_first_token": same}
+                over = ""
+                if tier != "hbm" and "hbm" in row:
+                    extra = ttft - row["hbm"]["ttft_s"]
+                    row[tier]["over_hit_s"] = extra
+                    over = f"  +{extra * 1e3:6.1f} ms over a hit"
+                    if h2d:
+                        row[tier]["over_hit_per_copy"] = extra / (kv_bytes / h2d)
+                        over += f" ({row[tier]['over_hit_per_copy']:.2f}x the copy at H2D speed)"
                 if tier.startswith("file"):
                     row[tier]["page_cache_dropped"] = cold
                 note = ("" if not tier.startswith("file")
                         else " (page cache dropped)" if cold else " (page cache warm)")
-                print(f"  {tier:<5} TTFT {ttft * 1e3:7.1f} ms  speedup {row[tier]['speedup']:5.1f}x{note}"
-                      f"  same first token as recompute: {same}")
+                print(f"  {tier:<9} TTFT {ttft * 1e3:7.1f} ms (spread {spread(times) * 1e3:.1f})  speedup "
+                      f"{row[tier]['speedup']:5.1f}x{over}{note}  same first token as recompute: {same}")
+            for tier in [t for t in ("host", "file-warm") if args.profile and t in tiers]:
+                profile_turn(engine, cache, tier, f"profiled-{tier}-{history_len}", history, request)
             rows.append(row)
     finally:
         cache.close()

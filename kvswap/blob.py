@@ -14,17 +14,22 @@ plus any caller fields (names starting with ``kvswap.`` are reserved). So
 Writing gathers the header and each tensor's memory straight into ``Connector.put``
 (no concatenation). Reading fetches the header with one ranged get and the data
 straight into a caller's buffer (pinned host memory, for instance), then returns tensor
-views of that buffer. Tensors are laid out by descending element size, so every view is
-aligned. A checksum mismatch or a malformed header raises :class:`IntegrityError`
-naming the key; wrong bytes never come back as tensors.
+views of that buffer. A large data section is read in chunks and hashed as they arrive
+(chunk k is hashed while chunk k + 1 is read), so verification costs little beyond the
+read itself; the whole section is verified before any tensor is returned. Tensors are
+laid out by descending element size, so every view is aligned. A checksum mismatch or a
+malformed header raises :class:`IntegrityError` naming the key; wrong bytes never come
+back as tensors.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +46,8 @@ FORMAT_VERSION = "1"
 CHECKSUM_ALGORITHM = "xxh3_128"
 RESERVED_PREFIX = "kvswap."
 HEADER_PROBE = 64 << 10  # first read: header and, for small blobs, everything
+STREAM_MIN = 64 << 20  # data sections from this size are hashed chunk by chunk as they are read
+STREAM_CHUNK = 32 << 20
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
 _DTYPES: dict[str, tuple[str, int]] = {  # torch dtype name -> (safetensors code, itemsize)
@@ -265,8 +272,13 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
     target = out.numpy().data
     have = min(max(len(probe) - header.data_offset, 0), size)
     target[:have] = probe[header.data_offset:header.data_offset + have]
+    digest = _digest(header, key, require_checksum)
+    streamed = len(probe) >= HEADER_PROBE and size - have >= STREAM_MIN and digest is not None
     if len(probe) < HEADER_PROBE:  # the probe held the whole value (parse_header checked its size)
         got = 0
+    elif streamed:
+        assert digest is not None
+        got = _read_hashing(connector, key, target, have, size, header.data_offset, digest)
     else:
         try:
             got = connector.get_into(key, target[have:], offset=header.data_offset + have)
@@ -276,21 +288,76 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
         raise IntegrityError(f"{key!r} is truncated: {header.data_offset + have + got} of {header.total_size} bytes")
     if have + got > size:
         raise IntegrityError(f"{key!r} holds more bytes than its header describes ({header.total_size})")
-    data = target[:size]
-    verify(header, data, key, require_checksum)
+    if digest is not None:
+        if not streamed:
+            digest.update(target[:size])
+        _compare(header, digest, key)
     tensors = {name: buffer[s.start:s.end].view(s.torch_dtype).reshape(s.shape) for name, s in header.tensors.items()}
     return Blob(header, tensors, buffer)
 
 
 def verify(header: BlobHeader, data: Any, key: str, require_checksum: bool = True) -> None:
     """Check ``data`` (the data section) against the header's checksum."""
+    digest = _digest(header, key, require_checksum)
+    if digest is not None:
+        digest.update(data)
+        _compare(header, digest, key)
+
+
+def _digest(header: BlobHeader, key: str, require_checksum: bool) -> Any:
+    """A fresh hasher for the header's checksum; None for a blob without one (if allowed)."""
     if header.checksum is None:
         if require_checksum:
             raise IntegrityError(f"{key!r} carries no kvswap checksum (a plain safetensors file?)")
-        return
-    algorithm, _, expected = header.checksum.partition(":")
+        return None
+    algorithm = header.checksum.partition(":")[0]
     if algorithm != CHECKSUM_ALGORITHM:
         raise IntegrityError(f"{key!r} uses unknown checksum algorithm {algorithm!r}")
-    actual = xxhash.xxh3_128_hexdigest(data)
+    return xxhash.xxh3_128()
+
+
+def _compare(header: BlobHeader, digest: Any, key: str) -> None:
+    expected, actual = (header.checksum or "").partition(":")[2], digest.hexdigest()
     if actual != expected:
         raise IntegrityError(f"checksum mismatch for {key!r}: stored {expected}, computed {actual}")
+
+
+_chunk_readers: concurrent.futures.ThreadPoolExecutor | None = None
+_chunk_readers_lock = threading.Lock()
+
+
+def _chunk_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that read the next chunk while the caller hashes the last (shared, made once)."""
+    global _chunk_readers
+    with _chunk_readers_lock:
+        if _chunk_readers is None:
+            _chunk_readers = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="kvswap-chunk")
+        return _chunk_readers
+
+
+def _read_hashing(connector: Connector, key: str, target: Any, start: int, size: int, data_offset: int,
+                  digest: Any) -> int:
+    """Read the data section from byte ``start`` (the bytes before it are in ``target``
+    already) in chunks of STREAM_CHUNK, feeding ``digest`` each chunk while the next is read.
+    ``target`` holds ``size`` bytes and one spare (a longer value fills it). Returns the bytes
+    read; the digest covers at most ``size`` bytes."""
+    digest.update(target[:start])
+    position, hashed = start, start
+    pool = _chunk_pool()
+    while True:
+        stop = position + STREAM_CHUNK
+        if stop >= size:
+            stop = size + 1  # the last chunk takes the spare byte along
+        read = pool.submit(connector.get_into, key, target[position:stop], offset=data_offset + position)
+        if hashed < position:  # the previous chunk, hashed while this one is read
+            digest.update(target[hashed:position])
+            hashed = position
+        try:
+            got = read.result()
+        except ValueError as exc:  # the offset lies past the end: truncated
+            raise IntegrityError(f"{key!r} is truncated: {exc}") from None
+        asked, position = stop - position, position + got
+        if got < asked or position > size:  # the value's end, or past the header's (extended)
+            break
+    digest.update(target[hashed:min(position, size)])
+    return position - start

@@ -87,7 +87,7 @@ def test_write_through_stores_every_turn_and_host_tier_spills_to_store(tmp_path:
 
 
 def test_long_spans_are_split_into_entries_written_and_read_in_parallel(tmp_path: Path) -> None:
-    cache = make_cache(f"file://{tmp_path}/kv", blocks=20, entry_bytes=LAYOUT.token_bytes * 32)
+    cache = make_cache(f"file://{tmp_path}/kv", blocks=20, entry_bytes=(LAYOUT.token_bytes + 4) * 32 + 1)
     converse(Engine(MODEL, cache), sessions=3, turns=3)
     entries = cache.meta.entries("chat-0")
     assert len(entries) > 6 and max(e.token_length for e in entries) == 32

@@ -51,7 +51,7 @@ from kvswap.session_cache.base import (
     SwapError,
     common_prefix,
 )
-from kvswap.session_cache.store import SessionStore
+from kvswap.session_cache.store import SessionStore, entry_tokens_within
 from kvswap.session_cache.tiers import HostCopy, HostTier, StoredState
 from kvswap.session_cache.transfer import KVMover
 
@@ -137,7 +137,7 @@ class SessionCache:
         self.layout = pool.layout
         self.fingerprint = pool.layout.fingerprint
         self.store = SessionStore(meta, stores, pool.layout, key_prefix=key_prefix, io_threads=io_threads,
-                                  entry_tokens=max(pool.block_size, entry_bytes // pool.layout.token_bytes),
+                                  entry_tokens=entry_tokens_within(entry_bytes, pool.layout, pool.block_size),
                                   session_ttl=session_ttl, gc_grace=gc_grace)
         self.meta = meta
         self.stores = self.store.stores

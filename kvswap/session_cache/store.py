@@ -520,6 +520,13 @@ class SpanCache:
             self.used += nbytes
 
 
+def entry_tokens_within(entry_bytes: int, layout: KVLayout, minimum: int = 1) -> int:
+    """The most tokens (at least ``minimum``) whose entry data, KV plus int32 token ids, and the
+    reader's one spare byte fit in ``entry_bytes``. Pinned host buffers come in powers of two:
+    a 256 MiB budget holds 2047 tokens of 128 KiB, where 2048 would take a 512 MiB buffer."""
+    return max(minimum, (entry_bytes - 1) // (layout.token_bytes + 4))
+
+
 def _well_formed(entry: Entry, position: int) -> bool:
     """An entry meta handed back is usable: typed fields, contiguous with what precedes it."""
     return (type(entry.token_offset) is int and type(entry.token_length) is int and type(entry.size) is int

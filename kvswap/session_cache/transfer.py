@@ -1,13 +1,15 @@
 """Moving a session's KV between the pool's scattered blocks and one token-major host tensor.
 
-On a CUDA pool, copies run on a side stream so they never queue behind the model's
+On a CUDA pool, copies run on side streams so they never queue behind the model's
 kernels: each (layer, K|V) slice is gathered by ``index_select`` into a small device
 staging tensor and copied to pinned host memory (and the reverse for swap-in). The side
-stream first waits for the compute stream (the KV must be written before it is read);
-after a swap-in the compute stream waits for the side stream (the model must not read
-blocks before they are filled). Both calls return when the host side is done, so the
-host tensor may be reused or freed at once. On a CPU pool the same gathers write
-straight into the host tensor.
+streams first wait for the compute stream (the KV must be written before it is read);
+after a swap-in the compute stream waits for them (the model must not read blocks before
+they are filled). A swap-in keeps the copy engine busy: host-to-device copies run on one
+stream into a ring of staging buffers while the scatter kernels (``index_copy_``) run on
+another, each buffer reused once its scatter is done. Both calls return when the host
+side is done (or, for a per-layer swap-in, hand back events), so the host tensor may be
+reused or freed at once. On a CPU pool the same gathers write straight into the host tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ if TYPE_CHECKING:
     import torch
 
 
+#: Staging buffers a swap-in cycles through (one (layer, K|V) slice each): enough that the
+#: next host-to-device copy never waits for a scatter kernel.
+_RING = 4
+
+
 class KVMover:
     """Gathers and scatters token spans of one pool. One mover per pool; not thread-safe."""
 
@@ -30,7 +37,8 @@ class KVMover:
         self.pool = pool
         self.layout = pool.layout
         self.cuda = pool.device.type == "cuda"
-        self._stream: Any = torch.cuda.Stream(pool.device) if self.cuda else None
+        self._stream: Any = torch.cuda.Stream(pool.device) if self.cuda else None  # copies (H2D, D2H)
+        self._scatter_stream: Any = torch.cuda.Stream(pool.device) if self.cuda else None  # index_copy_
 
     def host_tensor(self, num_tokens: int) -> torch.Tensor:
         """An empty token-major span ``[layers, 2, num_tokens, heads, dim]`` in host memory,
@@ -86,25 +94,38 @@ class KVMover:
                 for which, view in enumerate(self.pool.layer_slots(layer)):
                     view.index_copy_(0, index, src[layer, which])
             return None
-        stream = self._stream
+        copier, scatterer = self._stream, self._scatter_stream
         current = torch.cuda.current_stream(self.pool.device)
-        stream.wait_stream(current)  # blocks may have been handed over by a just-finished kernel
-        index.record_stream(stream)  # made on the compute stream: not to be reused while we copy
+        copier.wait_stream(current)  # blocks may have been handed over by a just-finished kernel
+        scatterer.wait_stream(current)
+        index.record_stream(scatterer)  # made on the compute stream: not to be reused while we copy
+        ring = [torch.empty(src.shape[2:], dtype=src.dtype, device=self.pool.device) for _ in range(_RING)]
+        copied = [torch.cuda.Event() for _ in range(_RING)]
+        freed = [torch.cuda.Event() for _ in range(_RING)]
         events = []
-        with torch.cuda.stream(stream):
-            staging = [torch.empty(src.shape[2:], dtype=src.dtype, device=self.pool.device) for _ in range(2)]
-            for layer in range(self.layout.num_layers):
-                for which in (0, 1):
-                    buffer = staging[which]
-                    buffer.copy_(src[layer, which], non_blocking=True)
-                    self.pool.layer_slots(layer)[which].index_copy_(0, index, buffer)
-                if per_layer:
-                    events.append(torch.cuda.Event())
-                    events[-1].record(stream)
+        for step, (layer, which) in enumerate((layer, which) for layer in range(self.layout.num_layers)
+                                              for which in (0, 1)):
+            slot = step % _RING
+            buffer = ring[slot]
+            with torch.cuda.stream(copier):
+                if step >= _RING:
+                    copier.wait_event(freed[slot])  # its previous slice is scattered
+                buffer.copy_(src[layer, which], non_blocking=True)
+                copied[slot].record(copier)
+            with torch.cuda.stream(scatterer):
+                scatterer.wait_event(copied[slot])
+                self.pool.layer_slots(layer)[which].index_copy_(0, index, buffer)
+                freed[slot].record(scatterer)
+            if per_layer and which == 1:
+                events.append(torch.cuda.Event())
+                events[-1].record(scatterer)
+        for buffer in ring:  # allocated on the compute stream, used on both side streams
+            buffer.record_stream(copier)
+            buffer.record_stream(scatterer)
         if per_layer:
             return events
-        current.wait_stream(stream)
-        stream.synchronize()
+        current.wait_stream(scatterer)
+        scatterer.synchronize()
         return None
 
     def synchronize(self) -> None:
@@ -112,8 +133,10 @@ class KVMover:
         import torch
 
         if self._stream is not None:
-            torch.cuda.current_stream(self.pool.device).wait_stream(self._stream)
-            self._stream.synchronize()
+            current = torch.cuda.current_stream(self.pool.device)
+            for stream in (self._stream, self._scatter_stream):
+                current.wait_stream(stream)
+                stream.synchronize()
 
     def _check_span(self, tensor: torch.Tensor, count: int) -> None:
         expected = self.layout.span_shape(count)

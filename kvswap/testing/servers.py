@@ -247,6 +247,7 @@ def start_juicefs(state: Path, redis_uri: str) -> Started:
     meta = redis_uri.rsplit("/", 1)[0] + "/1"
     base = state / "juicefs"
     mountpoint, bucket = base / "mnt", base / "bucket"
+    _detach_stale_mount(mountpoint, binary)
     for path in (mountpoint, bucket):
         path.mkdir(parents=True, exist_ok=True)
     subprocess.run([binary, "format", "--storage", "file", "--bucket", f"{bucket}/", meta, "kvswap-test"],
@@ -255,6 +256,25 @@ def start_juicefs(state: Path, redis_uri: str) -> Started:
     _wait(lambda: os.path.ismount(mountpoint), 30, "juicefs mount", proc)
     return Started("juicefs", proc.pid, {"KVSWAP_TEST_JUICEFS_DIR": str(mountpoint)},
                    stop_command=[binary, "umount", "--force", str(mountpoint)])
+
+
+def _detach_stale_mount(mountpoint: Path, juicefs: str) -> None:
+    """Unmount what a killed earlier run left at ``mountpoint`` (a dead FUSE mount answers
+    every call with ENOTCONN, so nothing could be made under it)."""
+    for argv in ([juicefs, "umount", "--force"], ["fusermount", "-uz"], ["umount", "-l"], None):
+        try:
+            os.stat(mountpoint)
+            if not os.path.ismount(mountpoint):
+                return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass  # "Transport endpoint is not connected": the mount's process is gone
+        if argv is None:
+            raise RuntimeError(f"{mountpoint} is a dead mount that could not be unmounted; unmount it and retry")
+        if shutil.which(argv[0]):
+            subprocess.run([*argv, str(mountpoint)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=30, check=False)
 
 
 def _run_setup(argv: list[str], user: str | None = None) -> None:
@@ -366,9 +386,16 @@ STARTERS: dict[str, Callable[[Path], Started]] = {
 
 
 def up(state: Path, names: tuple[str, ...] = ALL) -> dict[str, str]:
-    """Start ``names``; return the test environment. Stops what it started on failure."""
+    """Start ``names`` with fresh data; return the test environment. Servers an earlier run
+    recorded in ``state`` are stopped first and the named servers' data left there (a killed
+    run's) is removed. Stops what it started on failure."""
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o755)
+    down(state)
+    for name in names:
+        if name == "juicefs" and _bin("juicefs"):
+            _detach_stale_mount(state / name / "mnt", _bin("juicefs") or "juicefs")
+        shutil.rmtree(state / name, ignore_errors=True)
     started: list[Started] = []
     try:
         for name in names:
