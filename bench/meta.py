@@ -69,7 +69,8 @@ class RawSQL:
     def __init__(self, uri: URI) -> None:
         import sqlalchemy as sa
 
-        from kvswap.meta.sql import _DriverSQL, tables
+        from kvswap.meta.sql.dialects import DIALECTS
+        from kvswap.meta.sql.schema import tables
 
         self.scheme = uri.scheme
         if uri.scheme == "sqlite":
@@ -99,7 +100,7 @@ class RawSQL:
         md.drop_all(engine)
         md.create_all(engine)
         # kvswap's own statements, on these tables, for append_txn.
-        self.sql = _DriverSQL(uri.scheme, "rawbench_", engine.dialect.identifier_preparer.quote)
+        self.sql = DIALECTS[uri.scheme]("rawbench_", {})
         engine.dispose()
         self.seq, self.version, self.total = 0, 1, 0
 

@@ -9,9 +9,10 @@ Face checkpoint on ``file://`` or ``s3://`` (sliced per rank on the fly), or a r
 instance (``instance://host:port``, :mod:`kvswap.weights.seed`).
 """
 
-from kvswap.weights.load import LoadResult, LoadStats, load, materialize, read_files
+from kvswap.weights.load import load, read_files
 from kvswap.weights.manifest import Manifest, read_manifest
 from kvswap.weights.save import collect_garbage, save
+from kvswap.weights.targets import LoadResult, LoadStats, materialize
 
 __all__ = ["LoadResult", "LoadStats", "Manifest", "collect_garbage", "load", "materialize", "read_files",
            "read_manifest", "save"]

@@ -43,6 +43,7 @@ from kvswap.device import resolve_device
 from kvswap.errors import BackendUnavailableError, ConfigError, KVSwapError
 from kvswap.uri import URI
 from kvswap.weights.sources import TensorInfo
+from kvswap.weights.targets import LoadResult, LoadStats, bind_targets, device_of, named_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +174,6 @@ class WeightSeed:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_timeout: float = 600.0,
                  fingerprint: str = "", config: Mapping[str, Any] | None = None,
                  files: Mapping[str, str] | None = None) -> None:
-        from kvswap.weights.load import named_tensors
 
         if not token:
             raise ConfigError("a seed needs a token")
@@ -344,7 +344,6 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
     import torch
     from tqdm.auto import tqdm
 
-    from kvswap.weights.load import LoadResult, LoadStats, _device_of, bind_targets
 
     began = time.perf_counter()
     parsed = URI.parse(uri)
@@ -352,7 +351,7 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
         base = str(http.base_url).rstrip("/")
         manifest = _call(http, "GET", MANIFEST_ROUTE)
         plan = {t["name"]: TensorInfo(t["dtype"], tuple(t["shape"])) for t in manifest["tensors"]}
-        device = resolve_device(device) if device is not None else _device_of(target)
+        device = resolve_device(device) if device is not None else device_of(target)
         try:
             tensors = bind_targets(target, plan, device, strict=strict)
         except ConfigError as exc:

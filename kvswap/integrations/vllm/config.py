@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvswap.errors import ConfigError
+from kvswap.integrations.vllm.identity import checkpoint_digest, source_identity
 from kvswap.session_cache.base import KVLayout
 from kvswap.uri import URI, parse_size
 
@@ -132,8 +133,6 @@ def weights_identity(vllm_config: Any, config: ConnectorConfig) -> str:
     model, load = vllm_config.model_config, vllm_config.load_config
     load_format = str(getattr(load, "load_format", "auto"))
     if load_format == "kvswap":
-        from kvswap.integrations.vllm.loader import source_identity
-
         return source_identity(load.model_loader_extra_config or {})
     if load_format == "dummy":
         described = json.dumps({"model": str(model.model), "seed": model.seed,
@@ -145,37 +144,3 @@ def weights_identity(vllm_config: Any, config: ConnectorConfig) -> str:
     return f"hf:{model.model}@{model.revision or 'main'}"
 
 
-def checkpoint_digest(directory: Path) -> str:
-    """xxh3-128 of every ``*.safetensors`` file's bytes, in name order: the weights' content.
-    Hashing a large checkpoint takes seconds, so the result is kept in
-    ``$KVSWAP_CACHE/digests.json`` by (path, size, mtime) of each file."""
-    import xxhash
-
-    from kvswap.paths import cache_dir
-
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"{directory} holds no *.safetensors: name the weights with model_id")
-    stamp = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    cache_file = cache_dir() / "digests.json"
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if stamp in known:
-        return str(known[stamp])
-    digest = xxhash.xxh3_128()
-    for file in files:
-        with open(file, "rb") as handle:
-            while chunk := handle.read(64 << 20):
-                digest.update(chunk)
-    value = f"xxh3_128:{digest.hexdigest()}"
-    known[stamp] = value
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(known))
-        os.replace(temporary, cache_file)
-    except OSError as exc:  # a read-only home: hash again next time
-        log.warning("could not remember the checkpoint digest: %s", exc)
-    return value

@@ -18,7 +18,6 @@ checkpoint); extra settings: ``threads`` (8), ``token`` (or ``KVSWAP_SEED_TOKEN`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Any
@@ -26,18 +25,16 @@ from typing import Any
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from kvswap.errors import ConfigError
+from kvswap.integrations.vllm.identity import loader_settings
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
-
-SETTINGS = ("source", "threads", "token")
-
 
 class KVSwapModelLoader(BaseModelLoader):
     """vLLM model loader over :func:`kvswap.weights.load` (see the module docstring)."""
 
     def __init__(self, load_config: Any) -> None:
         super().__init__(load_config)
-        self.settings = _settings(load_config.model_loader_extra_config)
+        self.settings = loader_settings(load_config.model_loader_extra_config)
 
     def download_model(self, model_config: Any) -> None:
         return None  # nothing to fetch ahead: load_weights reads the source
@@ -62,15 +59,6 @@ class KVSwapModelLoader(BaseModelLoader):
             raise ConfigError(f"{source} left {len(missing)} parameters of the model unset: {missing[:5]}")
 
 
-def _settings(extra: Any) -> dict[str, Any]:
-    settings = dict(extra or {})
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown or not isinstance(settings.get("source"), str):
-        raise ConfigError(f"--load-format kvswap needs --model-loader-extra-config with a \"source\" URI "
-                          f"(settings: {list(SETTINGS)}; unknown: {unknown})")
-    return settings
-
-
 def _world(source: str) -> int:
     from kvswap.weights.manifest import Manifest
     from kvswap.weights.save import as_connector
@@ -81,28 +69,3 @@ def _world(source: str) -> int:
     with as_connector(source) as connector:
         opened = open_source(connector)
         return opened.world_size if isinstance(opened, Manifest) else 1
-
-
-def source_identity(extra: Any) -> str:
-    """Names the weights a kvswap source holds, for KV fingerprints: a save by its chunks'
-    checksums (content), a local checkpoint by its content digest; other sources need an
-    explicit ``model_id`` in the connector's settings."""
-    from pathlib import Path
-
-    from kvswap.integrations.vllm.config import checkpoint_digest
-    from kvswap.uri import URI
-    from kvswap.weights.manifest import Manifest
-    from kvswap.weights.save import as_connector
-    from kvswap.weights.sources import open_source
-
-    source = _settings(extra)["source"]
-    parsed = URI.parse(source if "://" in source else f"file://{os.path.abspath(source)}")
-    if parsed.scheme != "instance":
-        with as_connector(parsed) as connector:
-            opened = open_source(connector)
-            if isinstance(opened, Manifest):
-                sums = [c.checksum for rank in opened.ranks for c in rank.chunks]
-                return f"kvswap-save:{hashlib.sha256(''.join(sums).encode()).hexdigest()[:32]}"
-        if parsed.scheme == "file":
-            return f"weights:{checkpoint_digest(Path(parsed.path))}"
-    raise ConfigError(f"name the weights of {parsed.render()} with model_id in kv_connector_extra_config")
