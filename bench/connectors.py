@@ -13,6 +13,9 @@ value size measures put and get (into a preallocated buffer) throughput, and the
   chosen;
 * mem://: a plain memory copy of the value.
 
+Values up to 4 MiB are also moved in batches of 32 (``put_many`` in create mode, as kvswap
+writes, and ``get_many``) against the same ceiling.
+
 Prints connector / ceiling ratios and writes JSON to bench/results/.
 """
 
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from _record import RESULTS, write_record
 
-from kvswap.connectors import open_connector
+from kvswap.connectors import Connector, open_connector
 from kvswap.testing import servers
 from kvswap.uri import parse_size
 
@@ -90,8 +93,30 @@ def measure(data: bytes, repeat: int, connector_uri: str,
         store.get_into(last, buffer)
         assert buffer == data, "read back differs"
         store.delete_many(puts["connector"].keys)
-    return {name: {"put_gbps": gbps(size, put_seconds[name]), "get_gbps": gbps(size, get_seconds[name])}
-            for name in get_seconds}
+        figures = {name: {"put_gbps": gbps(size, put_seconds[name]), "get_gbps": gbps(size, get_seconds[name])}
+                   for name in get_seconds}
+        if size <= BATCH_MAX:
+            figures["batch"] = measure_batch(store, data, max(2, repeat // 10))
+    return figures
+
+
+BATCH_MAX, BATCH = 4 << 20, 32
+
+
+def measure_batch(store: Connector, data: bytes, repeat: int) -> dict[str, float]:
+    """put_many (create mode, as kvswap writes) and get_many of BATCH values of ``data``."""
+    rounds: list[list[str]] = []
+
+    def put() -> None:
+        rounds.append([f"bench/batch-{len(rounds)}-{i}" for i in range(BATCH)])
+        store.put_many(dict.fromkeys(rounds[-1], data), mode="create")
+
+    seconds = interleaved({"put": put}, repeat)
+    got = interleaved({"get": lambda: store.get_many(rounds[-1])}, repeat)
+    assert all(bytes(v) == data for v in store.get_many(rounds[-1])), "batch read back differs"
+    for keys in rounds:
+        store.delete_many(keys)
+    return {"put_gbps": gbps(BATCH * len(data), seconds["put"]), "get_gbps": gbps(BATCH * len(data), got["get"])}
 
 
 def plain_file_ops(directory: Path) -> tuple[Callable, Callable]:
@@ -220,6 +245,9 @@ def main() -> int:
                     raise SystemExit(f"unknown backend {backend}")
                 row["connector"], row["ceiling"] = figures["connector"], figures["ceiling"]
                 row["ratio"] = {f: row["connector"][f] / row["ceiling"][f] for f in ("put_gbps", "get_gbps")}
+                if "batch" in figures:
+                    row["batch"] = figures["batch"]
+                    row["batch_ratio"] = {f: row["batch"][f] / row["ceiling"][f] for f in ("put_gbps", "get_gbps")}
                 rows.append(row)
                 c, k, r = row["connector"], row["ceiling"], row["ratio"]
                 print(f"{backend:8} {size >> 20:>4} MiB  put {c['put_gbps']:6.2f} GB/s / {k['put_gbps']:6.2f} = "
@@ -228,6 +256,11 @@ def main() -> int:
                       + (f"   [obstore put {bare['obstore']['put_gbps']:.2f} get {bare['obstore']['get_gbps']:.2f};"
                          f" boto3 put {bare['boto3']['put_gbps']:.2f} get {bare['boto3']['get_gbps']:.2f}]"
                          if backend == "s3" else ""), flush=True)
+                if "batch" in row:
+                    b, br = row["batch"], row["batch_ratio"]
+                    print(f"{'':8} {'':>4}      batches of {BATCH}: put_many {b['put_gbps']:6.2f} GB/s = "
+                          f"{br['put_gbps']:5.2f}   get_many {b['get_gbps']:6.2f} GB/s = {br['get_gbps']:5.2f}",
+                          flush=True)
     finally:
         servers.down(state / "servers")
         shutil.rmtree(state, ignore_errors=True)

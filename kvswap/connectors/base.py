@@ -28,7 +28,13 @@ import builtins
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-from kvswap.errors import BackendUnavailableError, IntegrityError, InvalidKeyError, NotFoundError
+from kvswap.errors import (
+    AlreadyExistsError,
+    BackendUnavailableError,
+    IntegrityError,
+    InvalidKeyError,
+    NotFoundError,
+)
 from kvswap.uri import URI, Option
 
 PutMode = Literal["overwrite", "create"]
@@ -225,10 +231,23 @@ class Connector(abc.ABC):
     # ---- batch forms: loops here, backends override when they can do better --------
 
     def put_many(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]], *, mode: PutMode = "overwrite") -> None:
-        """Store several values; each is atomic on its own, the batch is not."""
+        """Store several values; each is atomic on its own, the batch is not. With
+        ``mode="create"`` every value is tried, then :class:`AlreadyExistsError` names the
+        first key that existed (the others were stored); any other error stops the batch."""
         pairs = items.items() if isinstance(items, Mapping) else items
+        existing: builtins.list[str] = []
         for key, data in pairs:
-            self.put(key, data, mode=mode)
+            try:
+                self.put(key, data, mode=mode)
+            except AlreadyExistsError:
+                existing.append(key)
+        self._raise_existing(existing)
+
+    def _raise_existing(self, keys: builtins.list[str]) -> None:
+        """What a create-mode batch raises when ``keys`` existed (nothing if none did)."""
+        if keys:
+            raise AlreadyExistsError(f"{keys[0]!r} already exists on {self.uri}"
+                                     + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
 
     def get_many(self, keys: Iterable[str]) -> builtins.list[Buffer]:
         """Values of ``keys`` in order; any missing key raises :class:`NotFoundError`."""

@@ -213,6 +213,21 @@ class ConnectorSuite:
         with pytest.raises(InvalidKeyError):
             connector.delete_many(["batch/10", "../escape"])
 
+    def test_batch_create_mixes_sizes_and_names_what_existed(self, connector: Connector) -> None:
+        items = {f"create/{i}": payload(self.large_size + 7 if i == 3 else 1 << 20 if i % 2 else 17 + i, 50 + i)
+                 for i in range(9)}
+        connector.put_many(items, mode="create")
+        assert [bytes(v) for v in connector.get_many(list(items))] == list(items.values())
+        again = {"create/5": b"other", "create/new": b"fresh", "create/7": b"other"}
+        with pytest.raises(AlreadyExistsError, match="create/5"):
+            connector.put_many(again, mode="create")
+        assert bytes(connector.get("create/new")) == b"fresh"  # every value was tried
+        assert bytes(connector.get("create/5")) == items["create/5"]  # nothing existing was touched
+        with pytest.raises(InvalidKeyError):
+            connector.put_many({"create/ok": b"x", "../escape": b"y"}, mode="create")
+        with pytest.raises(InvalidKeyError):
+            connector.get_many(["create/0", "a//b"])
+
     def test_blob_roundtrip_and_corruption(self, connector: Connector, corrupt: Callable[[str], None]) -> None:
         import torch
 
