@@ -23,11 +23,15 @@ class NotFoundError(KVSwapError, KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
-class AlreadyExistsError(KVSwapError):
+class ConflictError(KVSwapError):
+    """A write that contradicts what is stored (a kind: its subclasses say how)."""
+
+
+class AlreadyExistsError(ConflictError):
     """A create-only write found the target already present."""
 
 
-class VersionConflictError(KVSwapError):
+class VersionConflictError(ConflictError):
     """A compare-and-swap lost: the stored version is not the expected one.
 
     ``current`` carries the version found, when the backend knows it.
@@ -46,16 +50,28 @@ class IntegrityError(KVSwapError):
     """Stored bytes fail verification (checksum, length, header, format)."""
 
 
-class ConfigError(KVSwapError, ValueError):
+class InvalidInputError(KVSwapError, ValueError):
+    """What the caller passed is not acceptable (a kind: its subclasses say what)."""
+
+
+class ConfigError(InvalidInputError):
     """A URI, option or setting is malformed, unknown or contradictory."""
 
 
-class InvalidKeyError(KVSwapError, ValueError):
+class InvalidKeyError(InvalidInputError):
     """A key is not acceptable (empty, too long, NUL, ``..``, absolute, reserved)."""
 
 
 class StorageFullError(KVSwapError):
     """A bounded store has no room for the value."""
+
+
+class BusyError(KVSwapError):
+    """What was asked for is held by another request, operation or owner: retry later (a kind)."""
+
+
+class OverloadedError(KVSwapError):
+    """No capacity right now (memory, blocks): retry later (a kind)."""
 
 
 ExceptionTable = Mapping[type[BaseException], type[KVSwapError]]

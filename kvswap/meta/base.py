@@ -62,9 +62,10 @@ except ImportError:  # pragma: no cover - exercised only where orjson is missing
         return json.dumps(value, separators=(",", ":")).encode()
 
 from kvswap.errors import (
+    BusyError,
     ConfigError,
+    InvalidInputError,
     InvalidKeyError,
-    KVSwapError,
     NotFoundError,
     VersionConflictError,
 )
@@ -75,11 +76,11 @@ MAX_ID_BYTES = 1024
 MAX_PAGE = 1000
 
 
-class InvalidEntryError(KVSwapError, ValueError):
+class InvalidEntryError(InvalidInputError):
     """An entry that would leave a gap or an overlap, or whose fields are not valid."""
 
 
-class LeaseError(KVSwapError):
+class LeaseError(BusyError):
     """The lease is held by another owner (or, on renew, no longer held by the caller).
 
     ``owner`` and ``expires`` describe the holder found, when there is one.

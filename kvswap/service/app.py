@@ -31,32 +31,25 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvswap.errors import (
-    AlreadyExistsError,
     BackendUnavailableError,
-    ConfigError,
+    BusyError,
+    ConflictError,
     IntegrityError,
-    InvalidKeyError,
+    InvalidInputError,
     KVSwapError,
     NotFoundError,
+    OverloadedError,
     StorageFullError,
-    VersionConflictError,
 )
-from kvswap.meta.base import InvalidEntryError, LeaseError, Session
+from kvswap.meta.base import Session
 from kvswap.service import schemas
 from kvswap.service.instance import AdminInstance, Instance, RequestError, SessionView
 from kvswap.service.metrics import Metrics
-from kvswap.session_cache import LocalState, OutOfBlocksError, SessionBusyError, SwapError
-from kvswap.weights.seed import SeedBusyError
+from kvswap.session_cache import LocalState
 
-# First match wins: subclasses before their bases.
-STATUS_OF: list[tuple] = [
-    (RequestError, 400), (InvalidKeyError, 400), (InvalidEntryError, 400), (ConfigError, 400),
-    (NotFoundError, 404),
-    (SessionBusyError, 409), (SeedBusyError, 409), (LeaseError, 409), (VersionConflictError, 409),
-    (AlreadyExistsError, 409),
-    (IntegrityError, 502),
-    (BackendUnavailableError, 503), (SwapError, 503), (OutOfBlocksError, 503),
-    (StorageFullError, 507),
+STATUS_OF: list[tuple] = [  # the error tree's kinds, most specific first
+    (InvalidInputError, 400), (NotFoundError, 404), (ConflictError, 409), (BusyError, 409),
+    (IntegrityError, 502), (BackendUnavailableError, 503), (OverloadedError, 503), (StorageFullError, 507),
 ]
 RETRY_LATER = {409, 503}
 

@@ -31,23 +31,24 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from kvswap.errors import KVSwapError
+from kvswap.errors import BackendUnavailableError, BusyError, OverloadedError
 
 if TYPE_CHECKING:
     import torch
 
 
-class OutOfBlocksError(KVSwapError):
+class OutOfBlocksError(OverloadedError):
     """The pool cannot hold the request: too few free blocks even after swapping out every
     unpinned session (the request is larger than the pool, or everything else is pinned)."""
 
 
-class SessionBusyError(KVSwapError):
+class SessionBusyError(BusyError):
     """The session is in use: pinned by a request on this instance, or leased by another."""
 
 
-class SwapError(KVSwapError):
-    """A swap-out could not store the session; it stays resident and nothing was freed."""
+class SwapError(BackendUnavailableError):
+    """A swap-out could not store the session (its store failed); it stays resident and
+    nothing was freed."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvswap.device import resolve_device
-from kvswap.errors import BackendUnavailableError, ConfigError, KVSwapError
+from kvswap.errors import BackendUnavailableError, BusyError, ConfigError, KVSwapError
 from kvswap.uri import URI
 from kvswap.weights.sources import TensorInfo
 from kvswap.weights.targets import LoadResult, LoadStats, bind_targets, device_of, named_tensors
@@ -56,7 +56,7 @@ SEND_ROUTE = "/send_weights_to_remote_instance"
 MANIFEST_ROUTE = "/weights/manifest"
 
 
-class SeedBusyError(KVSwapError):
+class SeedBusyError(BusyError):
     """The seed is sending to another client; try later."""
 
 
