@@ -41,308 +41,40 @@ stores are safe to share between processes and machines (memkv is one process's 
 from __future__ import annotations
 
 import abc
-import base64
-import dataclasses
-import functools
-import json
-import math
-import re
 import time
-import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
-try:  # a core dependency; the standard library stands in where no wheel exists (e.g. a GPU host)
-    from orjson import dumps as _json_bytes
-    from orjson import loads as json_loads
-except ImportError:  # pragma: no cover - exercised only where orjson is missing
-    json_loads = json.loads  # type: ignore[assignment]
-
-    def _json_bytes(value: Any) -> bytes:  # type: ignore[misc]
-        return json.dumps(value, separators=(",", ":")).encode()
-
-from kvswap.errors import (
-    BusyError,
-    ConfigError,
-    InvalidInputError,
-    InvalidKeyError,
-    NotFoundError,
-    VersionConflictError,
+from kvswap.errors import ConfigError
+from kvswap.meta.codec import entries_from_values, entry_value, json_loads
+from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, LeaseError, Session, SessionPage
+from kvswap.meta.rules import (
+    MAX_ID_BYTES,
+    MAX_ID_CHARS,
+    MAX_PAGE,
+    SessionFilter,
+    check_append,
+    check_expected_version,
+    check_limit,
+    check_version,
+    collect_page,
+    decode_cursor,
+    encode_attrs,
+    encode_cursor,
+    not_found,
+    text_field,
+    validate_owner,
+    validate_session_id,
+    validate_spec,
+    validate_ttl,
 )
 from kvswap.uri import URI, Option
 
-MAX_ID_CHARS = 255
-MAX_ID_BYTES = 1024
-MAX_PAGE = 1000
-
-
-class InvalidEntryError(InvalidInputError):
-    """An entry that would leave a gap or an overlap, or whose fields are not valid."""
-
-
-class LeaseError(BusyError):
-    """The lease is held by another owner (or, on renew, no longer held by the caller).
-
-    ``owner`` and ``expires`` describe the holder found, when there is one.
-    """
-
-    def __init__(self, message: str, owner: str | None = None, expires: float | None = None) -> None:
-        super().__init__(message)
-        self.owner = owner
-        self.expires = expires
-
-
-class _SessionFields(NamedTuple):
-    id: str
-    fingerprint: str
-    version: int
-    total_tokens: int
-    created: float
-    last_access: float
-    ttl: float | None = None
-    owner: str | None = None
-    lease_expires: float | None = None
-    attrs_json: str = "{}"
-
-
-class Session(_SessionFields):
-    """One session's record. ``owner``/``lease_expires`` describe a lease that was active
-    when the record was read (both None when nobody held it).
-
-    Records are named tuples: immutable, and built from a database row in one step (a page
-    of 1000 sessions builds 1000 of them; a frozen dataclass costs 7x more each). Change one
-    with ``session._replace(...)``. Attributes are kept as their canonical JSON
-    (``attrs_json``, what every backend stores); ``attrs`` decodes a fresh dict."""
-
-    __slots__ = ()
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return {} if self.attrs_json == "{}" else json.loads(self.attrs_json)
-
-    def is_expired(self, now: float) -> bool:
-        return self.ttl is not None and self.last_access + self.ttl <= now
-
-
-class EntrySpec(NamedTuple):
-    """What a caller appends: one stored span of a session.
-
-    ``connector`` is the URI of the store holding the bytes, without credentials (a URI
-    with a password is refused: meta must never hold secrets). ``prefix_hash`` is the
-    chained hash of the token ids ``[0, token_offset + token_length)``; ``checksum`` is the
-    payload's checksum. The store checks shapes, not meanings. A named tuple, like
-    :class:`Session` and :class:`Entry`.
-    """
-
-    token_offset: int
-    token_length: int
-    connector: str
-    key: str
-    size: int
-    checksum: str
-    prefix_hash: str
-
-
-class Entry(NamedTuple):
-    """A stored entry: the :class:`EntrySpec` fields, then its session, sequence number and
-    creation time (a named tuple, like :class:`Session`; anything reading an EntrySpec's
-    fields by name reads an Entry too)."""
-
-    token_offset: int
-    token_length: int
-    connector: str
-    key: str
-    size: int
-    checksum: str
-    prefix_hash: str
-    session_id: str = ""
-    seq: int = 0
-    created: float = 0.0
-
-    @property
-    def token_end(self) -> int:
-        return self.token_offset + self.token_length
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionPage:
-    """One page of :meth:`MetaStore.list_sessions`; ``cursor`` is None on the last page."""
-
-    sessions: list[Session]
-    cursor: str | None
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-
-
-# ---- validation and the shared rules every backend applies --------------------------------
-
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
-
-
-def validate_session_id(session_id: object) -> str:
-    """Return ``session_id`` if it follows the id rule (module docstring), else raise."""
-    if not isinstance(session_id, str):
-        raise InvalidKeyError(f"a session id must be a string, not {type(session_id).__name__}")
-    if not session_id:
-        raise InvalidKeyError("a session id must not be empty")
-    if len(session_id) > MAX_ID_CHARS:
-        raise InvalidKeyError(f"a session id has at most {MAX_ID_CHARS} characters, got {len(session_id)}")
-    try:
-        encoded = session_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidKeyError("a session id must not contain lone surrogates") from None
-    if len(encoded) > MAX_ID_BYTES:
-        raise InvalidKeyError(f"a session id has at most {MAX_ID_BYTES} bytes in UTF-8, got {len(encoded)}")
-    if _CONTROL.search(session_id):
-        raise InvalidKeyError(f"a session id must not contain control characters: {session_id[:40]!r}")
-    return session_id
-
-
-def _text_field(name: str, value: object, limit: int = 4096, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
-        raise InvalidEntryError(f"{name} must be a non-empty string of at most {limit} characters without NUL")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidEntryError(f"{name} must not contain lone surrogates") from None
-
-
-def validate_spec(spec: EntrySpec) -> None:
-    for name in ("token_offset", "token_length", "size"):
-        value = getattr(spec, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 2**62:
-            raise InvalidEntryError(f"{name} must be a non-negative integer, got {value!r}")
-    if spec.token_length == 0:
-        raise InvalidEntryError("an entry must cover at least one token")
-    for name in ("connector", "key", "checksum", "prefix_hash"):
-        _text_field(name, getattr(spec, name))
-    _check_connector(spec.connector)
-
-
-@functools.lru_cache(maxsize=256)
-def _check_connector(text: str) -> None:
-    """A connector URI fit for meta: parseable and without credentials (cached: few distinct)."""
-    try:
-        connector = URI.parse(text)
-    except ConfigError as exc:
-        raise InvalidEntryError(f"entry connector is not a URI: {exc}") from None
-    if connector.password is not None:
-        raise InvalidEntryError(f"entry connector URIs must not carry credentials: {connector}")
-
-
-def validate_ttl(ttl: float | None) -> float | None:
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0 or not math.isfinite(ttl):
-        raise ConfigError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
-    return float(ttl)
-
-
-def validate_owner(owner: object) -> str:
-    if not isinstance(owner, str) or not owner or len(owner) > 255 or any(
-            unicodedata.category(c) == "Cc" for c in owner):
-        raise InvalidKeyError("a lease owner must be 1 to 255 characters without control characters")
-    return owner
-
-
-def encode_attrs(attrs: Mapping[str, Any] | None) -> str:
-    """Attributes as canonical JSON (what every backend stores)."""
-    try:
-        return json.dumps(dict(attrs or {}), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidEntryError(f"session attrs must be JSON-serialisable: {exc}") from None
-
-
-def check_expected_version(expected_version: object) -> int:
-    if isinstance(expected_version, bool) or not isinstance(expected_version, int):
-        raise ConfigError(f"expected_version must be an int, got {expected_version!r}")
-    return expected_version
-
-
-def check_version(session: Session, expected_version: int) -> None:
-    check_expected_version(expected_version)
-    if session.version != expected_version:
-        raise VersionConflictError(
-            f"session {session.id!r} is at version {session.version}, not {expected_version}",
-            current=session.version)
-
-
-def check_append(session: Session, expected_version: int, spec: EntrySpec) -> None:
-    """The rule every backend applies before an append (version first, then contiguity)."""
-    check_version(session, expected_version)
-    if spec.token_offset != session.total_tokens:
-        raise InvalidEntryError(
-            f"session {session.id!r} holds tokens [0, {session.total_tokens}); an entry must start at "
-            f"{session.total_tokens}, not {spec.token_offset} (no gaps, no overlaps)")
-
-
-def not_found(session_id: str) -> NotFoundError:
-    return NotFoundError(f"session {session_id!r} not found")
-
-
-def encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode("utf-8")).decode("ascii")
-
-
-def decode_cursor(cursor: str | None) -> str | None:
-    if cursor is None:
-        return None
-    try:
-        return validate_session_id(base64.urlsafe_b64decode(cursor.encode("ascii")).decode("utf-8"))
-    except (ValueError, UnicodeError, InvalidKeyError):
-        raise ConfigError(f"not a session cursor: {cursor[:60]!r}") from None
-
-
-def check_limit(limit: int) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-        raise ConfigError(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit!r}")
-    return limit
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionFilter:
-    """The filters of :meth:`MetaStore.list_sessions`; ``matches`` is the one definition."""
-
-    owner: str | None = None
-    idle_since: float | None = None
-    fingerprint: str | None = None
-
-    def any(self) -> bool:
-        """Whether any filter is set."""
-        return self.owner is not None or self.idle_since is not None or self.fingerprint is not None
-
-    def matches(self, session: Session) -> bool:
-        return ((self.owner is None or session.owner == self.owner)
-                and (self.idle_since is None or session.last_access <= self.idle_since)
-                and (self.fingerprint is None or session.fingerprint == self.fingerprint))
-
-
-def collect_page(batches: Iterable[tuple[list[Session], bool]], wanted: SessionFilter, limit: int) -> SessionPage:
-    """A page of :meth:`MetaStore.list_sessions` from ``batches`` of sessions in id order
-    (each with whether more follow): the first ``limit`` that match ``wanted``."""
-    page: list[Session] = []
-    for batch, more in batches:
-        if not wanted.any() and len(batch) <= limit - len(page):  # no call per session
-            page += batch
-            if len(page) == limit:
-                return SessionPage(page, encode_cursor(page[-1].id) if more else None)
-            continue
-        for position, session in enumerate(batch):
-            if wanted.matches(session):
-                page.append(session)
-                if len(page) == limit:
-                    rest = more or position + 1 < len(batch)
-                    return SessionPage(page, encode_cursor(session.id) if rest else None)
-    return SessionPage(page, None)
+__all__ = ["MAX_ID_BYTES", "MAX_ID_CHARS", "MAX_PAGE", "UNSET", "Entry", "EntrySpec", "InvalidEntryError",
+           "LeaseError", "MetaStore", "Session", "SessionFilter", "SessionPage", "check_append",
+           "check_expected_version", "check_limit", "check_version", "collect_page", "decode_cursor", "encode_attrs",
+           "encode_cursor", "entries_from_values", "entry_value", "json_loads", "not_found", "validate_owner",
+           "validate_session_id", "validate_spec", "validate_ttl"]
 
 
 class MetaStore(abc.ABC):
@@ -452,7 +184,7 @@ class MetaStore(abc.ABC):
     def _new_session(self, session_id: str, fingerprint: str, ttl: float | None,
                      attrs: Mapping[str, Any] | None) -> Session:
         validate_session_id(session_id)
-        _text_field("fingerprint", fingerprint, 1024)
+        text_field("fingerprint", fingerprint, 1024)
         now = self.now()
         return Session(session_id, fingerprint, 1, 0, now, now, validate_ttl(ttl), attrs_json=encode_attrs(attrs))
 
@@ -462,7 +194,7 @@ class MetaStore(abc.ABC):
         check_version(session, expected_version)
         changes: dict[str, Any] = {"version": session.version + 1, "last_access": self.now()}
         if fingerprint is not UNSET:
-            _text_field("fingerprint", fingerprint, 1024)
+            text_field("fingerprint", fingerprint, 1024)
             changes["fingerprint"] = fingerprint
         if ttl is not UNSET:
             changes["ttl"] = validate_ttl(ttl)
@@ -502,20 +234,3 @@ class MetaStore(abc.ABC):
         if validate_ttl(ttl) is None:
             raise ConfigError("a lease needs a ttl")
         return float(ttl)
-
-
-def entry_value(entry: Entry) -> bytes:
-    """An entry as etcd and Redis store it: a JSON array of its EntrySpec fields and its
-    creation time (the session id and seq are the key's, or the list position's)."""
-    return _json_bytes([*entry[:7], entry.created])
-
-
-def entries_from_values(session_id: str, values: Sequence[bytes], first_seq: int = 0) -> list[Entry]:
-    """The entries stored as ``values`` (:func:`entry_value`), ``seq`` counted from
-    ``first_seq``, with one JSON parse for all of them (orjson: 3x the standard library's)."""
-    if not values:
-        return []
-    rows = json_loads(b"[" + b",".join(values) + b"]")
-    for seq, row in enumerate(rows, first_seq):
-        row[7:7] = (session_id, seq)  # Entry's field order
-    return list(map(Entry._make, rows))

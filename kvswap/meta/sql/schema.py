@@ -13,12 +13,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from kvswap.meta.base import MAX_ID_BYTES
+from kvswap.meta.base import MAX_ID_BYTES, EntrySpec
 
 SCHEMA_VERSION = 1
 SESSION_COLUMNS = ("id", "fingerprint", "version", "total_tokens", "entry_count", "created", "last_access", "ttl",
                    "expires_at", "owner", "lease_expires", "attrs")
-SPEC_COLUMNS = ("token_offset", "token_length", "connector", "key", "size", "checksum", "prefix_hash")
+SPEC_COLUMNS = EntrySpec._fields  # an entry row's columns, in the record's order
 
 
 class _Utf8Bytes(sa.types.TypeDecorator):
