@@ -18,7 +18,8 @@ from kvswap.session_cache.base import (
     prefix_hashes,
     root_hash,
 )
-from kvswap.session_cache.manager import CacheStats, LocalState, SessionCache, SessionHandle
+from kvswap.session_cache.handle import CacheStats, LocalState, SessionHandle
+from kvswap.session_cache.manager import SessionCache
 from kvswap.session_cache.pool import PagedKVPool
 from kvswap.session_cache.store import Plan, SessionStore, Span
 from kvswap.session_cache.tiers import HostTier, StoreTier, store_location

@@ -35,7 +35,6 @@ load balancer need.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
@@ -51,6 +50,7 @@ from kvswap.session_cache.base import (
     SwapError,
     common_prefix,
 )
+from kvswap.session_cache.handle import CacheStats, LocalState, Resident, SessionHandle
 from kvswap.session_cache.store import SessionStore, entry_tokens_within
 from kvswap.session_cache.tiers import HostCopy, HostTier, StoredState
 from kvswap.session_cache.transfer import KVMover
@@ -63,48 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvswap.session_cache")
 
 Policy = Literal["write-back", "write-through"]
-
-
-@dataclasses.dataclass
-class CacheStats:
-    """Counters since the cache was made. Times are seconds, sizes bytes."""
-
-    requests: int = 0
-    hbm_hits: int = 0  # reused KV that never left HBM
-    host_hits: int = 0
-    store_hits: int = 0
-    misses: int = 0  # requests with history but nothing reusable
-    reused_tokens: int = 0
-    swapped_in_tokens: int = 0
-    swap_outs: int = 0
-    swap_out_bytes: int = 0
-    swap_out_seconds: float = 0.0
-    swap_in_bytes: int = 0
-    swap_in_seconds: float = 0.0
-    store_errors: int = 0
-    dropped_entries: int = 0
-    skipped_slower_than_recompute: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalState:
-    """What this instance holds of one session (``SessionCache.local_state``)."""
-
-    hbm_tokens: int = 0
-    hbm_blocks: int = 0
-    host_tokens: int = 0
-    pinned: bool = False  # a request holds it open
-
-
-@dataclasses.dataclass
-class _Resident:
-    tokens: list[int]  # ids whose KV the blocks hold, position by position
-    blocks: list[int]
-    stored: StoredState
-    pending: tuple[list, torch.Tensor] | None = None  # per-layer copy events, and their source
 
 
 _REQUEST = "open on this instance"  # what a request's claim says
@@ -149,7 +107,7 @@ class SessionCache:
         self.mover = KVMover(pool)
         self.recompute_when_faster = recompute_when_faster
         self._recompute_rate: float | None = None  # tokens/s the engine prefills, as observed
-        self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()  # LRU first
+        self._resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU first
         self._claims: dict[str, str] = {}  # session id -> what holds it now
         self._lock = threading.Lock()  # bookkeeping only: never held during I/O
         self._closing = threading.Event()
@@ -369,7 +327,7 @@ class SessionCache:
     # ---- local copies ------------------------------------------------------------------------
 
     def _sync_local(self, session_id: str, record: Session | None,
-                    tokens: list[int] | None = None) -> tuple[_Resident | None, str]:
+                    tokens: list[int] | None = None) -> tuple[Resident | None, str]:
         """The resident copy ("hbm"), or one made from the host tier ("host"), if it is still
         current with meta. The caller holds the session's claim.
 
@@ -392,7 +350,7 @@ class SessionCache:
         # For a request, the copy overlaps the model's first layers (events); a prefetch waits.
         events = self.mover.scatter(copy.kv[:, :, :count], blocks, 0, per_layer=tokens is not None)
         copy.stored.keep_up_to(count)
-        resident = _Resident(copy.tokens[:count], blocks, copy.stored)
+        resident = Resident(copy.tokens[:count], blocks, copy.stored)
         if events:
             resident.pending = (events, copy.kv)
         with self._lock:
@@ -404,7 +362,7 @@ class SessionCache:
     def _current(stored: StoredState, record: Session | None) -> bool:
         return stored.version == (record.version if record is not None else None)
 
-    def _cut(self, resident: _Resident, count: int) -> None:
+    def _cut(self, resident: Resident, count: int) -> None:
         """Keep the first ``count`` tokens' KV (the rest no longer matches the request)."""
         if count >= len(resident.tokens):
             return
@@ -454,7 +412,7 @@ class SessionCache:
             finally:
                 self._unclaim(victim)
 
-    def _evict(self, session_id: str, resident: _Resident, to_store: bool = False) -> None:
+    def _evict(self, session_id: str, resident: Resident, to_store: bool = False) -> None:
         """Swap one claimed session out of HBM. SwapError (the session stays resident) if it
         cannot be stored."""
         began = time.perf_counter()
@@ -531,11 +489,11 @@ class SessionCache:
 
     # ---- the store path -----------------------------------------------------------------------
 
-    def _bring_back(self, session_id: str, record: Session | None, tokens: list[int] | None) -> _Resident:
+    def _bring_back(self, session_id: str, record: Session | None, tokens: list[int] | None) -> Resident:
         """A new resident copy holding the longest verified stored prefix (of ``tokens``, if
         given), possibly empty. The caller holds the session's claim."""
         plan = self.store.plan(session_id, record, tokens)
-        resident = _Resident([], [], plan.stored)
+        resident = Resident([], [], plan.stored)
         if not plan.entries:
             self._note_drops()
             return resident
@@ -576,12 +534,12 @@ class SessionCache:
 
     # ---- handles ---------------------------------------------------------------------------
 
-    def _reserve(self, session_id: str, resident: _Resident, num_tokens: int) -> None:
+    def _reserve(self, session_id: str, resident: Resident, num_tokens: int) -> None:
         need = self.pool.blocks_for(num_tokens) - len(resident.blocks)
         if need > 0:
             resident.blocks.extend(self._allocate(need, exclude=session_id))
 
-    def _finish(self, session_id: str, resident: _Resident) -> None:
+    def _finish(self, session_id: str, resident: Resident) -> None:
         try:
             if resident.pending is not None:
                 self.mover.synchronize()
@@ -600,64 +558,3 @@ class SessionCache:
             # Before the claim goes: a later request here renews the lease under the same owner.
             self._release_lease(session_id)
             self._unclaim(session_id)
-
-
-class SessionHandle:
-    """One request's hold on a session (a context manager; close it to release the claim).
-
-    ``cached``: how many leading tokens of the request already have their KV in ``blocks``.
-    The engine calls :meth:`reserve` before writing KV for positions up to ``num_tokens``,
-    and :meth:`commit` with every token whose KV the blocks now hold.
-    """
-
-    def __init__(self, cache: SessionCache, session_id: str, resident: _Resident, cached: int) -> None:
-        self.cache = cache
-        self.session_id = session_id
-        self._resident = resident
-        self.cached = cached
-        self._closed = False
-
-    def __enter__(self) -> SessionHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def blocks(self) -> list[int]:
-        return self._resident.blocks
-
-    @property
-    def layer_events(self) -> list | None:
-        """CUDA events, one per layer, that the model must wait on before reading that layer's
-        KV (a swap-in still in flight), or None."""
-        return self._resident.pending[0] if self._resident.pending else None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self._resident.tokens
-
-    def reserve(self, num_tokens: int) -> None:
-        """Make room for KV of positions ``0..num_tokens-1`` (may swap other sessions out)."""
-        self._check_open()
-        self.cache._reserve(self.session_id, self._resident, num_tokens)
-
-    def commit(self, tokens: Sequence[int]) -> None:
-        """Record that the blocks hold the KV of ``tokens`` (the whole sequence, from 0)."""
-        self._check_open()
-        tokens = list(tokens)
-        if len(tokens) > len(self._resident.blocks) * self.cache.pool.block_size:
-            raise ValueError("commit covers more tokens than were reserved")
-        kept = common_prefix(self._resident.tokens, tokens)
-        if kept < len(self._resident.tokens):
-            self._resident.stored.keep_up_to(kept)
-        self._resident.tokens = tokens
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.cache._finish(self.session_id, self._resident)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the session handle is closed")

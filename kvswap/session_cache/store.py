@@ -30,11 +30,9 @@ The rules every engine gets from it:
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -58,7 +56,7 @@ from kvswap.session_cache.base import (
     common_prefix,
     root_hash,
 )
-from kvswap.session_cache.tiers import StoredState, StoreTier
+from kvswap.session_cache.tiers import SpanCache, StoredState, StoreTier
 
 if TYPE_CHECKING:
     import torch
@@ -481,43 +479,6 @@ class SessionStore:
             store.connector.delete_many(orphans)
             removed_blobs += len(orphans) + store.connector.collect_garbage(self.gc_grace)
         return {"sessions": removed_sessions, "blobs": removed_blobs}
-
-
-class SpanCache:
-    """Recently written or read spans in host memory, by blob key, within ``capacity`` bytes
-    (least recently used out): a bounded first tier in front of the stores for engines that
-    keep no host copy of their own (vLLM). Keys name immutable blobs, so a hit is the blob's
-    own content, already verified when it was read or computed when it was written."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self.hits = 0
-        self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int]]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
-        if not self.capacity:
-            return None
-        with self._lock:
-            found = self._spans.get(key)
-            if found is not None:
-                self._spans.move_to_end(key)
-                self.hits += 1
-            return found
-
-    def put(self, key: str, kv: torch.Tensor, tokens: list[int]) -> None:
-        nbytes = kv.numel() * kv.element_size()
-        if not self.capacity or nbytes > self.capacity:
-            return
-        with self._lock:
-            if key in self._spans:
-                return
-            while self._spans and self.used + nbytes > self.capacity:
-                _, (old, _) = self._spans.popitem(last=False)
-                self.used -= old.numel() * old.element_size()
-            self._spans[key] = (kv, tokens)
-            self.used += nbytes
 
 
 def entry_tokens_within(entry_bytes: int, layout: KVLayout, minimum: int = 1) -> int:

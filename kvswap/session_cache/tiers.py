@@ -4,7 +4,9 @@
 machines) in LRU order within a byte budget; it is this process's memory, so it needs no
 checksum and is lost on exit. :class:`StoreTier` writes spans as kvswap blobs through a
 connector and reads them back verified; what a span is (offsets, prefix hash) is
-recorded in the meta store by the session cache, data first.
+recorded in the meta store by the session cache, data first. :class:`SpanCache` keeps
+recently written or read spans by blob key, a host tier for engines that keep no host copy
+of their own (the vLLM connector).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import collections
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -217,3 +220,40 @@ class StoreTier:
     def read_bandwidth(self) -> float | None:
         """Bytes per second of reads so far (None before the first read)."""
         return self.read_bytes / self.read_seconds if self.read_seconds > 0 else None
+
+
+class SpanCache:
+    """Recently written or read spans in host memory, by blob key, within ``capacity`` bytes
+    (least recently used out): a bounded first tier in front of the stores for engines that
+    keep no host copy of their own (vLLM). Keys name immutable blobs, so a hit is the blob's
+    own content, already verified when it was read or computed when it was written."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.hits = 0
+        self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int]]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+        if not self.capacity:
+            return None
+        with self._lock:
+            found = self._spans.get(key)
+            if found is not None:
+                self._spans.move_to_end(key)
+                self.hits += 1
+            return found
+
+    def put(self, key: str, kv: torch.Tensor, tokens: list[int]) -> None:
+        nbytes = kv.numel() * kv.element_size()
+        if not self.capacity or nbytes > self.capacity:
+            return
+        with self._lock:
+            if key in self._spans:
+                return
+            while self._spans and self.used + nbytes > self.capacity:
+                _, (old, _) = self._spans.popitem(last=False)
+                self.used -= old.numel() * old.element_size()
+            self._spans[key] = (kv, tokens)
+            self.used += nbytes

@@ -1,0 +1,121 @@
+"""A request's hold on a session (:class:`SessionHandle`), what the session cache keeps of a
+resident session (:class:`Resident`), and the cache's counters and per-session view."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvswap.session_cache.base import common_prefix
+from kvswap.session_cache.tiers import StoredState
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvswap.session_cache.manager import SessionCache
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counters since the cache was made. Times are seconds, sizes bytes."""
+
+    requests: int = 0
+    hbm_hits: int = 0  # reused KV that never left HBM
+    host_hits: int = 0
+    store_hits: int = 0
+    misses: int = 0  # requests with history but nothing reusable
+    reused_tokens: int = 0
+    swapped_in_tokens: int = 0
+    swap_outs: int = 0
+    swap_out_bytes: int = 0
+    swap_out_seconds: float = 0.0
+    swap_in_bytes: int = 0
+    swap_in_seconds: float = 0.0
+    store_errors: int = 0
+    dropped_entries: int = 0
+    skipped_slower_than_recompute: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalState:
+    """What this instance holds of one session (``SessionCache.local_state``)."""
+
+    hbm_tokens: int = 0
+    hbm_blocks: int = 0
+    host_tokens: int = 0
+    pinned: bool = False  # a request holds it open
+
+
+@dataclasses.dataclass
+class Resident:
+    """What this instance holds of one session in HBM: its tokens' KV sits in ``blocks``."""
+
+    tokens: list[int]  # ids whose KV the blocks hold, position by position
+    blocks: list[int]
+    stored: StoredState
+    pending: tuple[list, torch.Tensor] | None = None  # per-layer copy events, and their source
+
+
+class SessionHandle:
+    """One request's hold on a session (a context manager; close it to release the claim).
+
+    ``cached``: how many leading tokens of the request already have their KV in ``blocks``.
+    The engine calls :meth:`reserve` before writing KV for positions up to ``num_tokens``,
+    and :meth:`commit` with every token whose KV the blocks now hold.
+    """
+
+    def __init__(self, cache: SessionCache, session_id: str, resident: Resident, cached: int) -> None:
+        self.cache = cache
+        self.session_id = session_id
+        self._resident = resident
+        self.cached = cached
+        self._closed = False
+
+    def __enter__(self) -> SessionHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def blocks(self) -> list[int]:
+        return self._resident.blocks
+
+    @property
+    def layer_events(self) -> list | None:
+        """CUDA events, one per layer, that the model must wait on before reading that layer's
+        KV (a swap-in still in flight), or None."""
+        return self._resident.pending[0] if self._resident.pending else None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._resident.tokens
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for KV of positions ``0..num_tokens-1`` (may swap other sessions out)."""
+        self._check_open()
+        self.cache._reserve(self.session_id, self._resident, num_tokens)
+
+    def commit(self, tokens: Sequence[int]) -> None:
+        """Record that the blocks hold the KV of ``tokens`` (the whole sequence, from 0)."""
+        self._check_open()
+        tokens = list(tokens)
+        if len(tokens) > len(self._resident.blocks) * self.cache.pool.block_size:
+            raise ValueError("commit covers more tokens than were reserved")
+        kept = common_prefix(self._resident.tokens, tokens)
+        if kept < len(self._resident.tokens):
+            self._resident.stored.keep_up_to(kept)
+        self._resident.tokens = tokens
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.cache._finish(self.session_id, self._resident)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the session handle is closed")
