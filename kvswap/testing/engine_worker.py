@@ -1,7 +1,8 @@
 """An engine process driven by JSON lines, for tests of several instances, restarts and kills.
 
-``python -m kvswap.testing.engine_worker --meta URI --store URI [...]`` builds the tiny
-model (same seed: every worker has the same weights) and answers one JSON object per
+``python -m kvswap.testing.engine_worker --meta URI --store URI [...]`` builds an instance
+as ``kvswap serve`` does, on the tiny model (same seed: every worker has the same weights),
+and answers one JSON object per
 line read from stdin:
 
 * ``{"op": "generate", "session": s, "tokens": [...], "max_new": n}`` ->
@@ -21,11 +22,10 @@ import json
 import sys
 from typing import Any
 
-from kvswap.connectors import open_connector
-from kvswap.engine import Engine, build_model
+from kvswap.engine import Engine
 from kvswap.errors import KVSwapError
-from kvswap.meta import open_meta_store
-from kvswap.session_cache import PagedKVPool, SessionCache, SessionHandle
+from kvswap.service.instance import Instance, ServeConfig
+from kvswap.session_cache import SessionCache, SessionHandle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="let the cache recompute when a load is predicted slower (off: tests assert hits, "
                              "and the tiny model on a slow CPU can out-run a store)")
     args = parser.parse_args(argv)
-    model, layout = build_model("tiny")
-    cache = SessionCache(PagedKVPool(layout, args.blocks, 16), open_meta_store(args.meta),
-                         [open_connector(args.store)], policy=args.policy, instance_id=args.instance,
-                         lease_ttl=args.lease_ttl, recompute_when_faster=args.recompute_when_faster)
-    engine = Engine(model, cache)
+    # Assembled as `kvswap serve` assembles an instance (the same function), on the tiny model.
+    instance = Instance(ServeConfig(model="tiny", meta=args.meta, stores=[args.store], policy=args.policy,
+                                    hbm_blocks=args.blocks, block_size=16, instance_id=args.instance,
+                                    lease_ttl=args.lease_ttl, recompute_when_faster=args.recompute_when_faster))
+    engine, cache = instance.engine, instance.cache
     held: dict[str, SessionHandle] = {}
-    print(json.dumps({"ready": True, "fingerprint": layout.fingerprint}), flush=True)
+    print(json.dumps({"ready": True, "fingerprint": instance.layout.fingerprint}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reply), flush=True)
         if request["op"] == "exit":
             break
+    instance.close()
     return 0
 
 
