@@ -151,10 +151,10 @@ def _weights_seed(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvswap.service.cli import listening_socket
+    from kvswap.service.routes.seed import seed_app
     from kvswap.weights import load
     from kvswap.weights.files import model_files
     from kvswap.weights.seed import WeightSeed
-    from kvswap.weights.seed_app import seed_app
 
     token = os.environ.get("KVSWAP_SEED_TOKEN")
     if not token:

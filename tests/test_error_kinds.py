@@ -31,7 +31,7 @@ def all_error_classes() -> set[type[KVSwapError]]:
 
 
 def test_every_error_class_has_a_status() -> None:
-    from kvswap.service.app import status_of
+    from kvswap.service.errors import status_of
 
     classes = all_error_classes()
     assert len(classes) >= 15
@@ -50,7 +50,7 @@ def test_every_error_class_has_a_status() -> None:
     ("kvswap.errors:StorageFullError", 507), ("kvswap.errors:NotFoundError", 404),
 ])
 def test_statuses_of_the_kinds(name: str, status: int) -> None:
-    from kvswap.service.app import status_of
+    from kvswap.service.errors import status_of
 
     module, _, cls_name = name.partition(":")
     cls = getattr(importlib.import_module(module), cls_name)

@@ -435,8 +435,13 @@ def _call(http: Any, method: str, route: str, **kwargs: Any) -> dict[str, Any]:
         response = http.request(method, route, **kwargs)
     except httpx.HTTPError as exc:
         raise BackendUnavailableError(f"seed {http.base_url} unreachable on {route}: {exc}") from None
-    if response.status_code == 409:
-        raise SeedBusyError(response.json().get("detail", "seed busy"))
+    if response.status_code == 409:  # the service's error body (older seeds: FastAPI's "detail")
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        found = body.get("message") or body.get("detail") if isinstance(body, dict) else None
+        raise SeedBusyError(str(found or "seed busy"))
     if response.status_code in (401, 403):
         raise ConfigError(f"seed {http.base_url} refused the token ({response.status_code})")
     if response.status_code >= 400:

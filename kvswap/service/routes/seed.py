@@ -1,7 +1,8 @@
-"""The seed's HTTP side: FastAPI routes over a :class:`~kvswap.weights.seed.WeightSeed`.
+"""The seed's HTTP side: routes over a :class:`~kvswap.weights.seed.WeightSeed` (admin token).
 
-``seed_router`` is what the service mounts; ``seed_app`` serves it alone (``kvswap weights
-seed``). No ``from __future__ import annotations`` here: FastAPI reads these annotations.
+``seed_router`` is what an instance mounts; ``seed_app`` serves it alone (``kvswap weights
+seed``), with the same error handler as the instance. No ``from __future__ import
+annotations`` here: FastAPI reads these annotations.
 """
 
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from kvswap.errors import ConfigError
-from kvswap.weights.seed import INIT_ROUTE, MANIFEST_ROUTE, SEND_ROUTE, SeedBusyError, WeightSeed
+from kvswap.service.errors import install_error_handlers
+from kvswap.weights.seed import INIT_ROUTE, MANIFEST_ROUTE, SEND_ROUTE, WeightSeed
 
 
 class InitRequest(BaseModel):
@@ -36,14 +37,10 @@ def seed_router(seed: WeightSeed) -> Any:
 
     @router.post(INIT_ROUTE)
     def init(body: InitRequest, request: Request) -> dict[str, Any]:
-        try:
-            # The local address this connection reached (not the client's Host header).
-            server = request.scope.get("server") or ("127.0.0.1", 0)
-            return seed.begin(body.backend, body.timeout_s, server[0])
-        except SeedBusyError as exc:
-            raise HTTPException(409, str(exc)) from None
-        except ConfigError as exc:
-            raise HTTPException(400, str(exc)) from None
+        # The local address this connection reached (not the client's Host header). Busy is
+        # 409 and a bad setting 400, by the error handler of the app that mounts this.
+        server = request.scope.get("server") or ("127.0.0.1", 0)
+        return seed.begin(body.backend, body.timeout_s, server[0])
 
     @router.post(SEND_ROUTE, status_code=202)
     def send(body: SendRequest) -> dict[str, str]:
@@ -65,6 +62,7 @@ def seed_router(seed: WeightSeed) -> Any:
 
 def seed_app(seed: WeightSeed) -> Any:
     app = FastAPI(title="kvswap weight seed")
+    install_error_handlers(app)
     app.include_router(seed_router(seed))
 
     @app.get("/health")
