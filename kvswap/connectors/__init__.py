@@ -9,6 +9,7 @@ b'hello'
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kvswap.connectors.base import Connector, PutMode, validate_key, validate_prefix
@@ -35,4 +36,17 @@ def open_connector(uri: str | URI, **options: Any) -> Connector:
     return cls(parsed, **options)
 
 
-__all__ = ["CONNECTORS", "Connector", "PutMode", "open_connector", "validate_key", "validate_prefix"]
+def as_connector(where: str | os.PathLike[str] | URI | Connector) -> Connector:
+    """A connector for ``where``: a connector (returned as is), a URI (kept as an object, so
+    its password is never rendered into a string and parsed again), or a plain path (taken
+    as ``file://``)."""
+    if isinstance(where, Connector):
+        return where
+    if not isinstance(where, URI):
+        where = os.fspath(where)
+        if "://" not in where:
+            where = "file://" + os.path.abspath(where)
+    return open_connector(where)
+
+
+__all__ = ["CONNECTORS", "Connector", "PutMode", "as_connector", "open_connector", "validate_key", "validate_prefix"]

@@ -100,8 +100,8 @@ def _refuse_sharded(uri: URI) -> None:
     """ConfigError for a kvswap save of several ranks: one serve process is one whole model."""
     if uri.scheme == "instance":
         return
+    from kvswap.connectors import as_connector
     from kvswap.weights.manifest import Manifest
-    from kvswap.weights.save import as_connector
     from kvswap.weights.sources import open_source
 
     with as_connector(uri) as connector:

@@ -24,8 +24,8 @@ MAX_FILE_BYTES = 64 << 20
 def model_files(uri: str | URI, *, token: str | None = None) -> dict[str, str]:
     """:data:`MODEL_FILES` of the weights at ``uri`` (name -> text; absent files are left out).
     ConfigError if there is no ``config.json``."""
+    from kvswap.connectors import as_connector
     from kvswap.weights.manifest import Manifest
-    from kvswap.weights.save import as_connector
     from kvswap.weights.sources import open_source
 
     parsed = uri if isinstance(uri, URI) else URI.parse(uri if "://" in uri else f"file://{_absolute(uri)}")

@@ -26,11 +26,11 @@ from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from kvswap.blob import checksum
+from kvswap.connectors import as_connector
 from kvswap.device import resolve_device
 from kvswap.errors import IntegrityError, NotFoundError
 from kvswap.uri import URI
 from kvswap.weights.manifest import Manifest
-from kvswap.weights.save import as_connector
 from kvswap.weights.sources import RankPlan, Read, open_source, rank_plan
 from kvswap.weights.targets import (
     LoadResult,
@@ -64,15 +64,15 @@ def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int 
     skips hashing reads that carry no checksum (plain checkpoints: ~28% of a warm 8B load on
     an H200) and leaves ``stats.digest`` empty for them.
     """
-    text = uri.render(hide_password=False) if isinstance(uri, URI) else str(uri)
-    if text.startswith("instance://"):
+    if (uri.scheme if isinstance(uri, URI) else str(uri).partition("://")[0]) == "instance":
         from kvswap.weights.seed import load_from_seed
 
-        return load_from_seed(target, text, device=device, token=token, timeout=timeout, strict=strict,
-                              progress=progress, on_progress=on_progress)
+        return load_from_seed(target, uri.render(hide_password=False) if isinstance(uri, URI) else uri,
+                              device=device, token=token, timeout=timeout, strict=strict, progress=progress,
+                              on_progress=on_progress)
 
     began = time.perf_counter()
-    connector = as_connector(text)
+    connector = as_connector(uri)
     try:
         source = open_source(connector)
         where = connector.uri.render()

@@ -20,14 +20,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import os
 import threading
 import time
 import uuid
 from typing import Any
 
 from kvswap.blob import checksum
-from kvswap.connectors import Connector, open_connector
+from kvswap.connectors import Connector, as_connector
 from kvswap.errors import ConfigError, IntegrityError, KVSwapError
 from kvswap.uri import URI
 from kvswap.weights.manifest import (
@@ -47,16 +46,6 @@ from kvswap.weights.tp import shard
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 << 20
-
-
-def as_connector(where: str | URI | Connector) -> Connector:
-    """A connector for a URI, or a plain path (taken as ``file://``)."""
-    if isinstance(where, Connector):
-        return where
-    text = where.render(hide_password=False) if isinstance(where, URI) else str(where)
-    if "://" not in text:
-        text = "file://" + os.path.abspath(text)
-    return open_connector(text)
 
 
 @dataclasses.dataclass

@@ -32,9 +32,9 @@ def source_identity(extra: Any) -> str:
     """Names the weights a kvswap source holds, for KV fingerprints: a save by its chunks'
     checksums (content), a local checkpoint by its content digest; other sources need an
     explicit ``model_id`` in the connector's settings."""
+    from kvswap.connectors import as_connector
     from kvswap.uri import URI
     from kvswap.weights.manifest import Manifest
-    from kvswap.weights.save import as_connector
     from kvswap.weights.sources import open_source
 
     source = loader_settings(extra)["source"]

@@ -60,8 +60,8 @@ class KVSwapModelLoader(BaseModelLoader):
 
 
 def _world(source: str) -> int:
+    from kvswap.connectors import as_connector
     from kvswap.weights.manifest import Manifest
-    from kvswap.weights.save import as_connector
     from kvswap.weights.sources import open_source
 
     if source.startswith("instance://"):
