@@ -1,15 +1,18 @@
 """Session administration (admin token): list, show, prefetch, swap out, delete, gc."""
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from kvswap.meta.base import Session
 from kvswap.service import schemas
 from kvswap.service.errors import ERROR_RESPONSES
 from kvswap.service.instance import AdminInstance, Instance, SessionView
 from kvswap.session_cache import LocalState
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def sessions_router(instance: Instance | AdminInstance, admin: Any) -> APIRouter:
@@ -59,16 +62,14 @@ def sessions_router(instance: Instance | AdminInstance, admin: Any) -> APIRouter
     return router
 
 
+def _view(model: type[_M], record: Any, **extra: Any) -> _M:
+    """An API view of a record (Session, Entry, LocalState): the model's fields read from the
+    record by name, so each field list is written once, in the schema."""
+    return model(**{name: getattr(record, name) for name in model.model_fields if name not in extra}, **extra)
+
+
 def _summary(session: Session) -> schemas.SessionSummary:
-    return schemas.SessionSummary(id=session.id, fingerprint=session.fingerprint, version=session.version,
-                                  total_tokens=session.total_tokens, created=session.created,
-                                  last_access=session.last_access, ttl=session.ttl, owner=session.owner,
-                                  lease_expires=session.lease_expires)
-
-
-def _local(local: LocalState, instance_id: str) -> schemas.LocalView:
-    return schemas.LocalView(instance=instance_id, hbm_tokens=local.hbm_tokens, hbm_blocks=local.hbm_blocks,
-                             host_tokens=local.host_tokens, pinned=local.pinned)
+    return _view(schemas.SessionSummary, session)
 
 
 def _detail(session_id: str, view: SessionView, instance_id: str) -> schemas.SessionDetail:
@@ -77,7 +78,9 @@ def _detail(session_id: str, view: SessionView, instance_id: str) -> schemas.Ses
     return schemas.SessionDetail(
         id=session_id, session=_summary(view.session) if view.session else None, tiers=tiers,
         stored_tokens=sum(e.token_length for e in view.entries), stored_bytes=sum(e.size for e in view.entries),
-        entries=[schemas.EntryView(seq=e.seq, token_offset=e.token_offset, token_length=e.token_length,
-                                   connector=e.connector, key=e.key, size=e.size, checksum=e.checksum,
-                                   created=e.created) for e in view.entries],
+        entries=[_view(schemas.EntryView, e) for e in view.entries],
         local=_local(view.local, instance_id))
+
+
+def _local(local: LocalState, instance_id: str) -> schemas.LocalView:
+    return _view(schemas.LocalView, local, instance=instance_id)
