@@ -273,3 +273,26 @@ def test_what_a_killed_save_left_is_gone_after_the_next_save(checkpoint: tuple[P
     assert main(["weights", "gc", f"file://{tmp_path}/empty"]) == 2
     loaded = load(None, uri, progress=False).tensors
     assert all(torch.equal(loaded[n], t) for n, t in original.items())
+
+
+@pytest.mark.parametrize("source", ["save", "checkpoint"])
+def test_a_serve_boot_opens_its_source_once(source: str, checkpoint: tuple[Path, dict], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files, the shard check and the load of one `kvswap serve` boot read one manifest
+    (or one set of checkpoint headers): one save, read once."""
+    import kvswap.weights.sources as sources
+    from kvswap.service.model import load_model
+
+    directory, original = checkpoint
+    uri = f"file://{directory}"
+    if source == "save":
+        uri = f"file://{tmp_path}/save"
+        save(directory, uri, tp=1, progress=False)
+    opened = []
+    real = sources.open_source
+    monkeypatch.setattr(sources, "open_source", lambda connector: opened.append(connector) or real(connector))
+    loaded = load_model(uri, device="cpu")
+    assert len(opened) == 1
+    assert loaded.files["config.json"] == (directory / "config.json").read_text()
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in original.items())

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvswap.engine import ByteTokenizer, build_model
 from kvswap.engine.model import MODEL_CONFIGS
@@ -29,6 +29,9 @@ from kvswap.errors import ConfigError
 from kvswap.session_cache import KVLayout
 from kvswap.uri import URI
 from kvswap.weights.files import model_config, model_files
+
+if TYPE_CHECKING:
+    from kvswap.weights.sources import Opened
 
 
 @dataclasses.dataclass
@@ -63,15 +66,30 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | None = None, mode
 
 def _load_weights(spec: str, *, device: str, dtype: str | None, model_id: str | None, seed_token: str | None,
                   progress: bool | None) -> LoadedModel:
+    from kvswap.weights.sources import open_location
+
+    uri = URI.parse(spec if "://" in spec else f"file://{os.path.abspath(spec)}")
+    # Opened once: the files, the shard check and the load all read one manifest (one save).
+    opened = None if uri.scheme == "instance" else open_location(uri)
+    try:
+        return _build_and_load(uri, opened, device=device, dtype=dtype, model_id=model_id, seed_token=seed_token,
+                               progress=progress)
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _build_and_load(uri: URI, opened: Opened | None, *, device: str, dtype: str | None, model_id: str | None,
+                    seed_token: str | None, progress: bool | None) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kvswap.weights import load
 
-    uri = URI.parse(spec if "://" in spec else f"file://{os.path.abspath(spec)}")
-    files = model_files(uri, token=seed_token)
+    files = model_files(uri, token=seed_token, opened=opened)
     config_dict = model_config(files, uri.render())
-    _refuse_sharded(uri)
+    if opened is not None:
+        _refuse_sharded(uri, opened.source)
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
     config = AutoConfig.for_model(config_dict["model_type"], **fields)
     dtype = dtype or str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
@@ -79,7 +97,7 @@ def _load_weights(spec: str, *, device: str, dtype: str | None, model_id: str | 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), attn_implementation="sdpa")
     # A given model_id names the weights: no need to hash a plain checkpoint's bytes for it.
-    result = load(model, uri, device=device, token=seed_token, progress=progress, digest=model_id is None)
+    result = load(model, opened or uri, device=device, token=seed_token, progress=progress, digest=model_id is None)
     model.eval()
     heads = config.num_attention_heads
     if uri.scheme == "instance":  # the seed's own name for its weights, adopted as is
@@ -96,19 +114,13 @@ def _load_weights(spec: str, *, device: str, dtype: str | None, model_id: str | 
                        config.max_position_embeddings, uri.render(), result.stats, files)
 
 
-def _refuse_sharded(uri: URI) -> None:
+def _refuse_sharded(uri: URI, source: Any) -> None:
     """ConfigError for a kvswap save of several ranks: one serve process is one whole model."""
-    if uri.scheme == "instance":
-        return
-    from kvswap.connectors import as_connector
     from kvswap.weights.manifest import Manifest
-    from kvswap.weights.sources import open_source
 
-    with as_connector(uri) as connector:
-        source = open_source(connector)
-        if isinstance(source, Manifest) and source.world_size > 1:
-            raise ConfigError(
-                f"the save at {uri.render()} is split for tp={source.tp} pp={source.pp}; kvswap serve runs the "
-                "whole model in one process and does not shard it. Save it again with --tp 1 to serve it "
-                "(or load one rank per process with `kvswap weights load --rank N`, or in vLLM with "
-                "--load-format kvswap)")
+    if isinstance(source, Manifest) and source.world_size > 1:
+        raise ConfigError(
+            f"the save at {uri.render()} is split for tp={source.tp} pp={source.pp}; kvswap serve runs the "
+            "whole model in one process and does not shard it. Save it again with --tp 1 to serve it "
+            "(or load one rank per process with `kvswap weights load --rank N`, or in vLLM with "
+            "--load-format kvswap)")

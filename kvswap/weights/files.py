@@ -10,10 +10,13 @@ answers exactly as the one it was copied from.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvswap.errors import ConfigError, IntegrityError, NotFoundError
 from kvswap.uri import URI
+
+if TYPE_CHECKING:
+    from kvswap.weights.sources import Opened
 
 #: The files a model boots with, besides its tensors (all but config.json optional).
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -21,12 +24,12 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_t
 MAX_FILE_BYTES = 64 << 20
 
 
-def model_files(uri: str | URI, *, token: str | None = None) -> dict[str, str]:
-    """:data:`MODEL_FILES` of the weights at ``uri`` (name -> text; absent files are left out).
-    ConfigError if there is no ``config.json``."""
-    from kvswap.connectors import as_connector
+def model_files(uri: str | URI, *, token: str | None = None, opened: Opened | None = None) -> dict[str, str]:
+    """:data:`MODEL_FILES` of the weights at ``uri`` (name -> text; absent files are left out),
+    read through ``opened`` when the caller has the location open already. ConfigError if
+    there is no ``config.json``."""
     from kvswap.weights.manifest import Manifest
-    from kvswap.weights.sources import open_source
+    from kvswap.weights.sources import open_location
 
     parsed = uri if isinstance(uri, URI) else URI.parse(uri if "://" in uri else f"file://{_absolute(uri)}")
     if parsed.scheme == "instance":
@@ -40,16 +43,21 @@ def model_files(uri: str | URI, *, token: str | None = None) -> dict[str, str]:
     else:
         from kvswap.weights.load import read_files
 
-        with as_connector(parsed) as connector:
-            if isinstance(open_source(connector), Manifest):
-                found = {name: _text(name, data) for name, data in read_files(parsed).items() if name in MODEL_FILES}
+        location = opened or open_location(parsed)
+        try:
+            if isinstance(location.source, Manifest):
+                found = {name: _text(name, data) for name, data in read_files(location).items()
+                         if name in MODEL_FILES}
             else:
                 found = {}
                 for name in MODEL_FILES:
                     try:
-                        found[name] = _text(name, connector.get(name, length=MAX_FILE_BYTES))
+                        found[name] = _text(name, location.connector.get(name, length=MAX_FILE_BYTES))
                     except NotFoundError:
                         continue
+        finally:
+            if location is not opened:
+                location.close()
     if "config.json" not in found:
         raise ConfigError(f"{parsed.render()} has no config.json: the model cannot be built")
     return found

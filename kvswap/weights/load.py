@@ -26,12 +26,11 @@ from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from kvswap.blob import checksum
-from kvswap.connectors import as_connector
 from kvswap.device import resolve_device
 from kvswap.errors import IntegrityError, NotFoundError
 from kvswap.uri import URI
 from kvswap.weights.manifest import Manifest
-from kvswap.weights.sources import RankPlan, Read, open_source, rank_plan
+from kvswap.weights.sources import Opened, RankPlan, Read, open_location, rank_plan
 from kvswap.weights.targets import (
     LoadResult,
     LoadStats,
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
 DEFAULT_READ_BYTES = 32 << 20
 
 
-def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int = 0,
+def load(target: Target, uri: str | URI | Opened, *, rank: int = 0, tp: int = 0, pp: int = 0,
          device: str | torch.device | None = None, threads: int = 8, read_bytes: int = DEFAULT_READ_BYTES,
          progress: bool | None = None, strict: bool = True, token: str | None = None, timeout: float = 120.0,
          on_progress: Callable[[int, int], None] | None = None, digest: bool = True) -> LoadResult:
@@ -64,17 +63,17 @@ def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int 
     skips hashing reads that carry no checksum (plain checkpoints: ~28% of a warm 8B load on
     an H200) and leaves ``stats.digest`` empty for them.
     """
-    if (uri.scheme if isinstance(uri, URI) else str(uri).partition("://")[0]) == "instance":
+    seed = uri.render(hide_password=False) if isinstance(uri, URI) else None if isinstance(uri, Opened) else str(uri)
+    if seed is not None and seed.startswith("instance://"):
         from kvswap.weights.seed import load_from_seed
 
-        return load_from_seed(target, uri.render(hide_password=False) if isinstance(uri, URI) else uri,
-                              device=device, token=token, timeout=timeout, strict=strict, progress=progress,
-                              on_progress=on_progress)
+        return load_from_seed(target, seed, device=device, token=token, timeout=timeout, strict=strict,
+                              progress=progress, on_progress=on_progress)
 
     began = time.perf_counter()
-    connector = as_connector(uri)
+    opened = uri if isinstance(uri, Opened) else open_location(uri)
+    connector, source = opened.connector, opened.source
     try:
-        source = open_source(connector)
         where = connector.uri.render()
         plan = rank_plan(source, rank, tp=tp, pp=pp, read_bytes=read_bytes, where=where)
         device = resolve_device(device) if device is not None else device_of(target)
@@ -84,7 +83,8 @@ def load(target: Target, uri: str | URI, *, rank: int = 0, tp: int = 0, pp: int 
                           plan_seconds=time.perf_counter() - began)
         _execute(connector, plan, tensors, device, threads, stats, progress, on_progress, digest)
     finally:
-        connector.close()
+        if opened is not uri:  # the caller's Opened stays open
+            opened.close()
     stats.seconds = time.perf_counter() - began
     return LoadResult(tensors, stats)
 
@@ -94,12 +94,13 @@ def _layout_hint(source: Manifest | Any, plan: RankPlan) -> str:
     return f" (the source is {kind} for tp={plan.tp}, pp={plan.pp}: is the model built for the same layout?)"
 
 
-def read_files(uri: str | URI) -> dict[str, bytes]:
+def read_files(uri: str | URI | Opened) -> dict[str, bytes]:
     """The non-weight files of a save (config, tokenizer...), checksums verified."""
-    from kvswap.weights.manifest import read_manifest
-
-    with as_connector(uri) as connector:
-        manifest = read_manifest(connector)
+    opened = uri if isinstance(uri, Opened) else open_location(uri)
+    try:
+        connector, manifest = opened.connector, opened.source
+        if not isinstance(manifest, Manifest):
+            raise NotFoundError(f"{connector.uri.render()} holds a checkpoint, not a kvswap save: no saved files")
         files = {}
         for entry in manifest.files:
             try:
@@ -110,6 +111,9 @@ def read_files(uri: str | URI) -> dict[str, bytes]:
                 raise IntegrityError(f"checksum mismatch in file {entry.name!r} of the save")
             files[entry.name] = data
         return files
+    finally:
+        if opened is not uri:
+            opened.close()
 
 
 def _fetch(connector: Any, read: Read, buffer: torch.Tensor, digest: bool) -> tuple[float, float, str | None]:

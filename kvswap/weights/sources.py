@@ -23,8 +23,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kvswap.blob import DTYPE_NAMES, read_header
-from kvswap.connectors import Connector
+from kvswap.connectors import Connector, as_connector
 from kvswap.errors import ConfigError, NotFoundError
+from kvswap.uri import URI
 from kvswap.weights.manifest import (
     ITEMSIZE,
     MANIFEST_KEY,
@@ -165,6 +166,37 @@ def open_source(connector: Connector) -> Manifest | Checkpoint:
     except NotFoundError:
         raise NotFoundError(f"nothing to load at {connector.uri.render()}: no {MANIFEST_KEY} (a kvswap save, "
                             "or one that did not finish: the manifest is written last) and no *.safetensors") from None
+
+
+@dataclasses.dataclass
+class Opened:
+    """A weights location opened once: its connector and what it holds (a save's manifest or
+    a checkpoint's headers). :func:`~kvswap.weights.load.load`, ``read_files`` and
+    ``model_files`` take one, so a boot that needs the files, a check and the weights reads
+    the manifest (or the checkpoint's headers) once, all from the same save."""
+
+    connector: Connector
+    source: Manifest | Checkpoint
+
+    def close(self) -> None:
+        self.connector.close()
+
+    def __enter__(self) -> Opened:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_location(where: str | URI | Connector) -> Opened:
+    """Open ``where`` (a URI, a plain path, or a connector) and what it holds."""
+    connector = as_connector(where)
+    try:
+        return Opened(connector, open_source(connector))
+    except BaseException:
+        if connector is not where:
+            connector.close()
+        raise
 
 
 def rank_plan(source: Manifest | Checkpoint, rank: int, *, tp: int = 1, pp: int = 1,
