@@ -189,6 +189,9 @@ def parse_header(data: bytes | memoryview, key: str, blob_size: int | None = Non
     version = meta.get("kvswap.format")
     if version is not None and version != FORMAT_VERSION:
         raise IntegrityError(f"{key!r} has blob format {version}; this kvswap reads {FORMAT_VERSION}")
+    reserved = {k for k in meta if k.startswith(RESERVED_PREFIX)}
+    if reserved and reserved != {"kvswap.format", "kvswap.checksum"}:  # a kvswap blob names exactly these
+        raise IntegrityError(f"{key!r} has a damaged kvswap header: reserved fields {sorted(reserved)}")
     user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX)}
     return BlobHeader(specs, user, meta.get("kvswap.checksum"), 8 + length, data_size)
 

@@ -172,3 +172,27 @@ def test_streamed_reads_hash_every_byte_once(monkeypatch, tmp_path, scheme: str,
         else:
             with pytest.raises(IntegrityError, match="big/blob"):
                 read_blob(conn, "big/blob")
+
+
+def test_every_bit_flip_of_a_header_is_refused(store) -> None:
+    """Exhaustive over the header's bits (the data's are the checksum's): no single flip yields a
+    blob that reads back as the same span (a renamed ``kvswap.format`` key once did)."""
+    kv, tokens = torch.randn(2, 2, 20, 2, 4), torch.arange(20, dtype=torch.int32)
+    metadata = {"fingerprint": "fp", "token_offset": "0", "token_length": "20", "prefix_hash": "ab" * 16}
+    header = write_blob(store, "orig", {"tokens": tokens, "kv": kv}, metadata)
+    raw = bytes(store.get("orig"))
+    accepted = []
+    for index in range(header.data_offset):
+        for bit in range(8):
+            damaged = bytearray(raw)
+            damaged[index] ^= 1 << bit
+            store.put("flipped", bytes(damaged))
+            try:
+                blob = read_blob(store, "flipped", expected_size=len(raw))
+            except IntegrityError:
+                continue
+            if ((blob.header.checksum, blob.header.metadata) == (header.checksum, metadata)
+                    and set(blob.header.tensors) == {"kv", "tokens"}
+                    and all(blob.header.tensors[n].shape == header.tensors[n].shape for n in ("kv", "tokens"))):
+                accepted.append((index, bit))
+    assert accepted == []

@@ -144,4 +144,4 @@ def test_damaged_kv_behind_the_service_is_recomputed_exactly(server, reference, 
             path.write_bytes(bytes(data))
         reply = admin.generate(session, tokens=history, max_tokens=4)
     assert reply["tokens"] == reference(history, 4)
-    assert reply["cached_tokens"] <= entries[which]["token_offset"]
+    assert reply["cached_tokens"] <= entries[which]["token_offset"], (which, where, bit, how, len(data), entries)
