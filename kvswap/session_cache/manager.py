@@ -12,24 +12,9 @@ session-store core's (:class:`~kvswap.session_cache.store.SessionStore`, shared 
 vLLM connector): data first, meta second; every stored span verified before use; damaged
 entries dropped. This module adds the pool, the host tier and the LRU order.
 
-Concurrency: one lock guards the bookkeeping (which sessions are resident, the host tier,
-the pool's free list) and is never held during I/O. Instead, an operation on a session
-(a request from open to close, a swap-out, a prefetch, a drop, an eviction) *claims* it
-first; a second operation on a claimed session gets :class:`SessionBusyError` at once, and
-eviction passes claimed sessions by. So one session's swap-in never stalls admin calls or
-other sessions' requests.
-
-Leases: with ``lease_ttl`` set, opening takes the session's lease in the meta store under
-this instance's id (another instance gets :class:`SessionBusyError` until it is released at
-close or expires), and a background thread renews the leases of open sessions every
-``lease_ttl / 3`` seconds, so a generate longer than the TTL keeps its session. A session
-whose meta version moved on since this instance last wrote it (another instance served it)
-is reloaded from meta, never served from a stale local copy.
-
-Policies: ``write-back`` stores a session when it is evicted (to the host tier if there is
-room, else to the store; the host tier writes to the store when it evicts); ``write-through``
-stores each turn's new tokens when the handle closes, which stateless instances behind a
-load balancer need.
+Concurrency (one lock for bookkeeping, never held during I/O; operations *claim* their
+session), leases (taken at open, renewed by :class:`~kvswap.session_cache.leases.LeaseRenewer`)
+and the write-back / write-through policies: docs/session-cache.md.
 """
 
 from __future__ import annotations
@@ -51,6 +36,7 @@ from kvswap.session_cache.base import (
     common_prefix,
 )
 from kvswap.session_cache.handle import CacheStats, LocalState, Resident, SessionHandle
+from kvswap.session_cache.leases import LeaseRenewer
 from kvswap.session_cache.store import SessionStore, entry_tokens_within
 from kvswap.session_cache.tiers import HostCopy, HostTier, StoredState
 from kvswap.session_cache.transfer import KVMover
@@ -110,8 +96,7 @@ class SessionCache:
         self._resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU first
         self._claims: dict[str, str] = {}  # session id -> what holds it now
         self._lock = threading.Lock()  # bookkeeping only: never held during I/O
-        self._closing = threading.Event()
-        self._renewer: threading.Thread | None = None
+        self._renewer = LeaseRenewer(self.store, self.instance_id, lease_ttl, self._held_by_requests)
 
     def __repr__(self) -> str:
         return (f"SessionCache({self.fingerprint!r}, resident={len(self._resident)}, host={len(self.host)}, "
@@ -122,9 +107,7 @@ class SessionCache:
         return self.store.session_ttl
 
     def close(self) -> None:
-        self._closing.set()
-        if self._renewer is not None:
-            self._renewer.join()
+        self._renewer.close()
         self.store.close()
 
     # ---- requests ---------------------------------------------------------------------
@@ -153,7 +136,7 @@ class SessionCache:
         except BaseException:
             self._unclaim(session_id)
             raise
-        self._start_renewing()
+        self._renewer.start()
         with self._lock:
             match = common_prefix(resident.tokens, tokens)
             self._cut(resident, match)
@@ -307,22 +290,9 @@ class SessionCache:
         if self.lease_ttl is not None:
             self.store.release(session_id, self.instance_id)
 
-    def _start_renewing(self) -> None:
-        if self.lease_ttl is None or self._renewer is not None:
-            return
+    def _held_by_requests(self) -> list[str]:
         with self._lock:
-            if self._renewer is None:
-                self._renewer = threading.Thread(target=self._renew_leases, daemon=True, name="kvswap-leases")
-                self._renewer.start()
-
-    def _renew_leases(self) -> None:
-        """Every ``lease_ttl / 3`` seconds, renew the leases of sessions that requests hold open."""
-        assert self.lease_ttl is not None
-        while not self._closing.wait(self.lease_ttl / 3):
-            with self._lock:
-                held = [session_id for session_id, what in self._claims.items() if what == _REQUEST]
-            for session_id in held:
-                self.store.renew(session_id, self.instance_id, self.lease_ttl)
+            return [session_id for session_id, what in self._claims.items() if what == _REQUEST]
 
     # ---- local copies ------------------------------------------------------------------------
 
