@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-import uuid
-from collections.abc import Callable
+from typing import Any
 
 from kvswap.errors import KVSwapError
 from kvswap.uri import parse_size
@@ -15,92 +13,19 @@ from kvswap.uri import parse_size
 
 def _check(args: argparse.Namespace) -> int:
     """Exercise a connector end to end and print what each step did and how fast."""
-    from kvswap.blob import read_blob, write_blob
+    from kvswap.check import ConnectorCheck
     from kvswap.connectors import open_connector
-    from kvswap.errors import AlreadyExistsError, NotFoundError
 
     store = open_connector(args.uri)
-    base = f"kvswap-check-{uuid.uuid4().hex[:8]}"
-    big = os.urandom(args.size)
-    rows: list[tuple[str, str, str]] = []
-    failed = False
-
-    def step(name: str, fn: Callable[[], str | None], nbytes: int = 0) -> None:
-        nonlocal failed
-        start = time.perf_counter()
-        try:
-            detail = fn() or ""
-            seconds = time.perf_counter() - start
-            speed = f"{nbytes / seconds / 1e9:.2f} GB/s" if nbytes else f"{seconds * 1e3:.1f} ms"
-            rows.append(("ok", name, f"{speed}  {detail}".rstrip()))
-        except (KVSwapError, AssertionError, ValueError) as exc:
-            failed = True
-            rows.append(("FAIL", name, f"{type(exc).__name__}: {exc}"))
-
-    def roundtrip_small() -> None:
-        store.put(f"{base}/small", b"hello kvswap")
-        assert bytes(store.get(f"{base}/small")) == b"hello kvswap", "read back differs"
-
-    def put_big() -> None:
-        store.put(f"{base}/big", big)
-
-    def get_big() -> None:
-        buffer = bytearray(len(big))
-        assert store.get_into(f"{base}/big", buffer) == len(big) and buffer == big, "read back differs"
-
-    def ranged() -> None:
-        middle = len(big) // 2
-        assert bytes(store.get(f"{base}/big", offset=middle, length=4096)) == big[middle:middle + 4096]
-
-    def create_conflict() -> str:
-        try:
-            store.put(f"{base}/small", b"other", mode="create")
-        except AlreadyExistsError:
-            return "second create refused"
-        raise AssertionError("create-mode put overwrote an existing value")
-
-    def blob() -> str:
-        import torch
-
-        tensors = {"k": torch.randn(2, 128, 64), "v": torch.randn(2, 128, 64)}
-        write_blob(store, f"{base}/blob", tensors, {"check": "1"})
-        loaded = read_blob(store, f"{base}/blob")
-        assert all(torch.equal(loaded.tensors[n], t) for n, t in tensors.items()), "tensors differ"
-        return "checksum verified"
-
-    def listing() -> str:
-        keys = sorted(store.list(f"{base}/"))
-        assert keys == [f"{base}/{k}" for k in ("big", "blob", "small")], keys
-        return f"{len(keys)} keys"
-
-    def cleanup() -> None:
-        store.delete_many([f"{base}/small", f"{base}/big", f"{base}/blob"])
-        try:
-            store.get(f"{base}/small")
-        except NotFoundError:
-            return
-        raise AssertionError("deleted value still readable")
-
     print(f"kvswap check {store.uri}  (value size {args.size} bytes)")
     with store:
-        step("put/get small", roundtrip_small)
-        step("put large", put_big, len(big))
-        step("get large into buffer", get_big, len(big))
-        step("ranged get", ranged)
-        step("create-only put", create_conflict)
-        try:
-            import torch  # noqa: F401
-            step("tensor blob", blob)
-        except ImportError:
-            rows.append(("skip", "tensor blob", "torch not installed"))
-            store.put(f"{base}/blob", b"placeholder")
-        step("list by prefix", listing)
-        step("delete", cleanup)
-    width = max(len(r[1]) for r in rows)
-    for status, name, detail in rows:
-        print(f"  {status:<4} {name:<{width}}  {detail}")
-    print("FAILED" if failed else "all checks passed")
-    return 1 if failed else 0
+        check = ConnectorCheck(store, args.size)
+        rows = check.run()
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        print(f"  {row.status:<4} {row.name:<{width}}  {row.detail}")
+    print("FAILED" if check.failed else "all checks passed")
+    return 1 if check.failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -192,6 +117,17 @@ def _prepare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvswap", description="KV-cache swapping and weight loading for LLM serving")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_tool_commands(commands)
+    _add_weights_commands(commands.add_parser("weights", help="save, load and seed model weights").add_subparsers(
+        dest="weights_command", required=True))
+    from kvswap.service.cli import add_commands
+
+    add_commands(commands)
+    return parser
+
+
+def _add_tool_commands(commands: Any) -> None:
+    """check, demo and prepare."""
     check = commands.add_parser("check", help="self-check a connector URI (put, get, ranges, blobs, list, delete)")
     check.add_argument("uri", nargs="?", default="file:///tmp/kvswap",
                        help="connector URI (default file:///tmp/kvswap)")
@@ -216,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="smollm2")
     prepare.set_defaults(run=_prepare)
 
-    weights = commands.add_parser("weights", help="save, load and seed model weights").add_subparsers(
-        dest="weights_command", required=True)
+
+def _add_weights_commands(weights: Any) -> None:
+    """weights save, load, seed and gc."""
     save = weights.add_parser("save", help="split a Hugging Face checkpoint per rank and store it")
     save.add_argument("src", help="checkpoint directory or URI (config.json + *.safetensors)")
     save.add_argument("dest", help="connector URI: file://, redis://, valkey://, s3://")
@@ -247,11 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     gc = weights.add_parser("gc", help="delete what earlier or unfinished saves left at a save's location")
     gc.add_argument("dest", help="the save's location (as given to save)")
     gc.set_defaults(run=_weights_gc)
-
-    from kvswap.service.cli import add_commands
-
-    add_commands(commands)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,9 @@ T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
-class Entry:
+class Backend:
+    """Where a scheme's class lives, and the pip extra that installs its driver."""
+
     target: str  # "package.module:ClassName"
     extra: str | None = None  # pip extra that installs the driver, None if built in
 
@@ -27,7 +29,7 @@ class Entry:
 class LazyRegistry(Generic[T]):
     """Maps URI schemes to classes, importing each on first use."""
 
-    def __init__(self, kind: str, entries: dict[str, Entry]) -> None:
+    def __init__(self, kind: str, entries: dict[str, Backend]) -> None:
         self.kind = kind
         self._entries = dict(sorted(entries.items()))
 
@@ -37,7 +39,7 @@ class LazyRegistry(Generic[T]):
 
     def register(self, scheme: str, target: str, extra: str | None = None) -> None:
         """Add or replace a scheme (for third-party backends)."""
-        self._entries[scheme.lower()] = Entry(target, extra)
+        self._entries[scheme.lower()] = Backend(target, extra)
 
     def resolve(self, uri: str | URI) -> tuple[URI, type[T]]:
         parsed = URI.parse(uri)

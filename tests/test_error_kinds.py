@@ -43,8 +43,8 @@ def test_every_error_class_has_a_status() -> None:
 
 @pytest.mark.parametrize(("name", "status"), [
     ("kvswap.session_cache.base:SessionBusyError", 409), ("kvswap.weights.seed:SeedBusyError", 409),
-    ("kvswap.meta.base:LeaseError", 409), ("kvswap.errors:VersionConflictError", 409),
-    ("kvswap.errors:AlreadyExistsError", 409), ("kvswap.meta.base:InvalidEntryError", 400),
+    ("kvswap.meta.records:LeaseError", 409), ("kvswap.errors:VersionConflictError", 409),
+    ("kvswap.errors:AlreadyExistsError", 409), ("kvswap.meta.records:InvalidEntryError", 400),
     ("kvswap.service.instance:RequestError", 400), ("kvswap.session_cache.base:OutOfBlocksError", 503),
     ("kvswap.session_cache.base:SwapError", 503), ("kvswap.errors:IntegrityError", 502),
     ("kvswap.errors:StorageFullError", 507), ("kvswap.errors:NotFoundError", 404),

@@ -4,7 +4,7 @@ import pytest
 
 from kvswap.connectors import CONNECTORS, open_connector
 from kvswap.errors import ConfigError
-from kvswap.registry import Entry, LazyRegistry
+from kvswap.registry import Backend, LazyRegistry
 from kvswap.uri import URI, Option, parse_bool, parse_seconds, parse_size
 
 
@@ -84,7 +84,7 @@ def test_unknown_scheme_names_known_schemes_and_extras() -> None:
 
 
 def test_missing_driver_says_which_extra() -> None:
-    registry: LazyRegistry = LazyRegistry("connector", {"fake": Entry("backend_with_missing_driver:Thing", "fake")})
+    registry: LazyRegistry = LazyRegistry("connector", {"fake": Backend("backend_with_missing_driver:Thing", "fake")})
     with pytest.raises(ConfigError, match=r"pip install 'kvswap\[fake\]'"):
         registry.resolve("fake://x")
 

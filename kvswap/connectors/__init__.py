@@ -13,19 +13,19 @@ import os
 from typing import Any
 
 from kvswap.connectors.base import Connector, PutMode, validate_key, validate_prefix
-from kvswap.registry import Entry, LazyRegistry
+from kvswap.registry import Backend, LazyRegistry
 from kvswap.uri import URI
 
 CONNECTORS: LazyRegistry[Connector] = LazyRegistry(
     "connector",
     {
-        "file": Entry("kvswap.connectors.file:FileConnector"),
-        "mem": Entry("kvswap.connectors.mem:MemConnector"),
-        "redis": Entry("kvswap.connectors.redis:RedisConnector", "redis"),
-        "rediss": Entry("kvswap.connectors.redis:RedisConnector", "redis"),
-        "valkey": Entry("kvswap.connectors.redis:RedisConnector", "valkey"),
-        "valkeys": Entry("kvswap.connectors.redis:RedisConnector", "valkey"),
-        "s3": Entry("kvswap.connectors.s3:S3Connector", "s3"),
+        "file": Backend("kvswap.connectors.file:FileConnector"),
+        "mem": Backend("kvswap.connectors.mem:MemConnector"),
+        "redis": Backend("kvswap.connectors.redis:RedisConnector", "redis"),
+        "rediss": Backend("kvswap.connectors.redis:RedisConnector", "redis"),
+        "valkey": Backend("kvswap.connectors.redis:RedisConnector", "valkey"),
+        "valkeys": Backend("kvswap.connectors.redis:RedisConnector", "valkey"),
+        "s3": Backend("kvswap.connectors.s3:S3Connector", "s3"),
     },
 )
 

@@ -11,33 +11,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvswap.meta.base import (
-    UNSET,
-    Entry,
-    EntrySpec,
-    InvalidEntryError,
-    LeaseError,
-    MetaStore,
-    Session,
-    SessionPage,
-    validate_session_id,
-)
-from kvswap.registry import Entry as _Registered
-from kvswap.registry import LazyRegistry
+from kvswap.meta.base import MetaStore
+from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, LeaseError, Session, SessionPage
+from kvswap.meta.rules import validate_session_id
+from kvswap.registry import Backend, LazyRegistry
 from kvswap.uri import URI
 
 META_STORES: LazyRegistry[MetaStore] = LazyRegistry(
     "meta store",
     {
-        "memkv": _Registered("kvswap.meta.memkv:MemKVMetaStore"),
-        "sqlite": _Registered("kvswap.meta.sql:SQLMetaStore"),
-        "postgresql": _Registered("kvswap.meta.sql:SQLMetaStore", "postgresql"),
-        "mysql": _Registered("kvswap.meta.sql:SQLMetaStore", "mysql"),
-        "etcd": _Registered("kvswap.meta.etcd:EtcdMetaStore", "etcd"),
-        "redis": _Registered("kvswap.meta.redis:RedisMetaStore", "redis"),
-        "rediss": _Registered("kvswap.meta.redis:RedisMetaStore", "redis"),
-        "valkey": _Registered("kvswap.meta.redis:RedisMetaStore", "valkey"),
-        "valkeys": _Registered("kvswap.meta.redis:RedisMetaStore", "valkey"),
+        "memkv": Backend("kvswap.meta.memkv:MemKVMetaStore"),
+        "sqlite": Backend("kvswap.meta.sql:SQLMetaStore"),
+        "postgresql": Backend("kvswap.meta.sql:SQLMetaStore", "postgresql"),
+        "mysql": Backend("kvswap.meta.sql:SQLMetaStore", "mysql"),
+        "etcd": Backend("kvswap.meta.etcd:EtcdMetaStore", "etcd"),
+        "redis": Backend("kvswap.meta.redis:RedisMetaStore", "redis"),
+        "rediss": Backend("kvswap.meta.redis:RedisMetaStore", "redis"),
+        "valkey": Backend("kvswap.meta.redis:RedisMetaStore", "valkey"),
+        "valkeys": Backend("kvswap.meta.redis:RedisMetaStore", "valkey"),
     },
 )
 

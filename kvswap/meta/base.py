@@ -46,22 +46,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from kvswap.errors import ConfigError
-from kvswap.meta.codec import entries_from_values, entry_value, json_loads
-from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, LeaseError, Session, SessionPage
+from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, Session, SessionPage
 from kvswap.meta.rules import (
-    MAX_ID_BYTES,
-    MAX_ID_CHARS,
-    MAX_PAGE,
-    SessionFilter,
     check_append,
-    check_expected_version,
-    check_limit,
     check_version,
-    collect_page,
-    decode_cursor,
     encode_attrs,
-    encode_cursor,
-    not_found,
     text_field,
     validate_owner,
     validate_session_id,
@@ -69,12 +58,6 @@ from kvswap.meta.rules import (
     validate_ttl,
 )
 from kvswap.uri import URI, Option
-
-__all__ = ["MAX_ID_BYTES", "MAX_ID_CHARS", "MAX_PAGE", "UNSET", "Entry", "EntrySpec", "InvalidEntryError",
-           "LeaseError", "MetaStore", "Session", "SessionFilter", "SessionPage", "check_append",
-           "check_expected_version", "check_limit", "check_version", "collect_page", "decode_cursor", "encode_attrs",
-           "encode_cursor", "entries_from_values", "entry_value", "json_loads", "not_found", "validate_owner",
-           "validate_session_id", "validate_spec", "validate_ttl"]
 
 
 class MetaStore(abc.ABC):
@@ -206,7 +189,7 @@ class MetaStore(abc.ABC):
         validate_spec(spec)
         check_append(session, expected_version, spec)
         now = self.now()
-        entry = Entry(*spec[:7], session.id, seq, now)
+        entry = Entry.of(spec, session.id, seq, now)
         # Built directly: _replace costs more than the rest of an in-memory append.
         return Session(session.id, session.fingerprint, session.version + 1, entry.token_end, session.created, now,
                        session.ttl, session.owner, session.lease_expires, session.attrs_json), entry

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - exercised only where orjson is missing
 def entry_value(entry: Entry) -> bytes:
     """An entry as etcd and Redis store it: a JSON array of its EntrySpec fields and its
     creation time (the session id and seq are the key's, or the list position's)."""
-    return json_bytes([*entry[:7], entry.created])
+    return json_bytes([*entry.spec_values(), entry.created])
 
 
 def entries_from_values(session_id: str, values: Sequence[bytes], first_seq: int = 0) -> list[Entry]:
@@ -33,4 +33,4 @@ def entries_from_values(session_id: str, values: Sequence[bytes], first_seq: int
     rows = json_loads(b"[" + b",".join(values) + b"]")
     for seq, row in enumerate(rows, first_seq):
         row[7:7] = (session_id, seq)  # Entry's field order
-    return list(map(Entry._make, rows))
+    return [Entry(*row) for row in rows]

@@ -32,25 +32,10 @@ from kvswap.errors import (
     ConfigError,
     KVSwapError,
 )
-from kvswap.meta.base import (
-    UNSET,
-    Entry,
-    EntrySpec,
-    LeaseError,
-    MetaStore,
-    Session,
-    SessionFilter,
-    SessionPage,
-    check_limit,
-    check_version,
-    collect_page,
-    decode_cursor,
-    entries_from_values,
-    entry_value,
-    json_loads,
-    not_found,
-    validate_session_id,
-)
+from kvswap.meta import rules
+from kvswap.meta.base import MetaStore
+from kvswap.meta.codec import entries_from_values, entry_value, json_loads
+from kvswap.meta.records import UNSET, Entry, EntrySpec, LeaseError, Session, SessionPage
 from kvswap.uri import URI, Option, parse_seconds
 
 _CACHE_LIMIT = 10_000
@@ -210,7 +195,7 @@ class EtcdMetaStore(MetaStore):
 
     def _read(self, session_id: str, with_entries: bool = False) -> tuple[_Read, list[Entry]]:
         """Session (and entries) in one consistent transaction; NotFoundError if missing."""
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         ops = [self._range(self._key("s", session_id)), self._range(self._key("l", session_id))]
         if with_entries:
             prefix = self._entries_prefix(session_id)
@@ -219,7 +204,7 @@ class EtcdMetaStore(MetaStore):
         ranges = [r.response_range.kvs for r in reply.responses]
         if not ranges[0]:
             self._forget(session_id)
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         kv = ranges[0][0]
         sessions, counts = self._decode([session_id], [kv.value], {session_id: ranges[1][0]} if ranges[1] else {})
         read = _Read(sessions[0], kv.mod_revision, counts[0])
@@ -243,7 +228,7 @@ class EtcdMetaStore(MetaStore):
 
         ``after`` is the session's new state (None when deleted) with its entry count. Returns
         ``(session after, with its current lease; extra)``."""
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         lease_key = self._key("l", session_id)
         while True:
             with self._cache_lock:
@@ -253,7 +238,7 @@ class EtcdMetaStore(MetaStore):
             else:
                 read, entries = self._read(session_id, with_entries)
             if expected_version is not None:
-                check_version(read.session, expected_version)
+                rules.check_version(read.session, expected_version)
             ops, after, extra = plan(read, entries)
             key = self._key("s", session_id)
             reply = self._txn(f"writing session {session_id!r}", [self._compare(key, "MOD", read.revision)],
@@ -336,9 +321,9 @@ class EtcdMetaStore(MetaStore):
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        check_limit(limit)
-        wanted = SessionFilter(owner, idle_since, fingerprint)
-        return collect_page(self._session_batches(decode_cursor(cursor), max(limit, 100)), wanted, limit)
+        rules.check_limit(limit)
+        wanted = rules.SessionFilter(owner, idle_since, fingerprint)
+        return rules.collect_page(self._session_batches(rules.decode_cursor(cursor), max(limit, 100)), wanted, limit)
 
     def _session_batches(self, after: str | None, size: int) -> Iterator[tuple[list[Session], bool]]:
         """Sessions after ``after`` in byte order, ``size`` at a time, with their leases: one
@@ -373,12 +358,12 @@ class EtcdMetaStore(MetaStore):
 
     def _holder(self, session_id: str) -> _Holder:
         """The session's lease key as stored; NotFoundError if the session does not exist."""
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         reply = self._txn(f"reading the lease of {session_id!r}", [],
                           [self._range(self._key("s", session_id)), self._range(self._key("l", session_id))])
         session_kvs, lease_kvs = (r.response_range.kvs for r in reply.responses)
         if not session_kvs:
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         return _Holder.parse(lease_kvs[0] if lease_kvs else None)
 
     def _grant(self, ttl: float) -> tuple[int, float]:

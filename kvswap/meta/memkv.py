@@ -13,22 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvswap.errors import AlreadyExistsError
-from kvswap.meta.base import (
-    UNSET,
-    Entry,
-    EntrySpec,
-    LeaseError,
-    MetaStore,
-    Session,
-    SessionFilter,
-    SessionPage,
-    check_limit,
-    check_version,
-    decode_cursor,
-    encode_cursor,
-    not_found,
-    validate_session_id,
-)
+from kvswap.meta import rules
+from kvswap.meta.base import MetaStore
+from kvswap.meta.records import UNSET, Entry, EntrySpec, LeaseError, Session, SessionPage
 from kvswap.uri import URI
 
 
@@ -69,10 +56,10 @@ class MemKVMetaStore(MetaStore):
 
     def _session(self, session_id: str) -> Session:
         """The stored session with its lease cleared if expired (caller holds the lock)."""
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         session = self._space.sessions.get(session_id)
         if session is None:
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         if session.owner is not None and session.lease_expires is not None and session.lease_expires <= self.now():
             session = session._replace(owner=None, lease_expires=None)
             self._space.sessions[session_id] = session
@@ -110,11 +97,11 @@ class MemKVMetaStore(MetaStore):
             return new, entry
 
     def entries(self, session_id: str) -> list[Entry]:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         with self._space.lock:
             entries = self._space.entries.get(session_id)
             if entries is None:
-                raise not_found(session_id)
+                raise rules.not_found(session_id)
             return list(entries)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
@@ -130,16 +117,16 @@ class MemKVMetaStore(MetaStore):
         with self._space.lock:
             session = self._session(session_id)
             if expected_version is not None:
-                check_version(session, expected_version)
+                rules.check_version(session, expected_version)
             del self._space.sessions[session_id]
             self._space.remove(session_id)
             return self._space.entries.pop(session_id)
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        check_limit(limit)
-        after = decode_cursor(cursor)
-        wanted = SessionFilter(owner, idle_since, fingerprint)
+        rules.check_limit(limit)
+        after = rules.decode_cursor(cursor)
+        wanted = rules.SessionFilter(owner, idle_since, fingerprint)
         space = self._space
         with space.lock:
             start = 0 if after is None else bisect.bisect_right(space.order, after.encode("utf-8"))
@@ -150,7 +137,7 @@ class MemKVMetaStore(MetaStore):
                         self._session(session_id)  # clears leases that expired
                 sessions = list(map(space.sessions.__getitem__, ids))
                 more = start + limit < len(space.ids)
-                return SessionPage(sessions, encode_cursor(ids[-1]) if more else None)
+                return SessionPage(sessions, rules.encode_cursor(ids[-1]) if more else None)
             page: list[Session] = []
             for position in range(start, len(space.ids)):
                 session = self._session(space.ids[position])
@@ -158,7 +145,7 @@ class MemKVMetaStore(MetaStore):
                     page.append(session)
                 if len(page) == limit:
                     more = position + 1 < len(space.ids)
-                    return SessionPage(page, encode_cursor(session.id) if more else None)
+                    return SessionPage(page, rules.encode_cursor(session.id) if more else None)
         return SessionPage(page, None)
 
     def expired(self, limit: int = 1000) -> list[Session]:

@@ -1,6 +1,7 @@
 """The meta store's records: :class:`Session`, :class:`EntrySpec`, :class:`Entry`, a page of
-sessions, and the errors that only meta raises. Named tuples: immutable, and built from a
-database row in one step."""
+sessions, and the errors that only meta raises. All immutable, and built from a database row in
+one step: a session is a named tuple (pages build thousands), an entry a slotted dataclass
+whose fields extend its spec's (each field written once)."""
 
 from __future__ import annotations
 
@@ -59,14 +60,14 @@ class Session(_SessionFields):
         return self.ttl is not None and self.last_access + self.ttl <= now
 
 
-class EntrySpec(NamedTuple):
+@dataclasses.dataclass(frozen=True, slots=True)
+class EntrySpec:
     """What a caller appends: one stored span of a session.
 
     ``connector`` is the URI of the store holding the bytes, without credentials (a URI
     with a password is refused: meta must never hold secrets). ``prefix_hash`` is the
     chained hash of the token ids ``[0, token_offset + token_length)``; ``checksum`` is the
-    payload's checksum. The store checks shapes, not meanings. A named tuple, like
-    :class:`Session` and :class:`Entry`.
+    payload's checksum. The store checks shapes, not meanings.
     """
 
     token_offset: int
@@ -77,26 +78,32 @@ class EntrySpec(NamedTuple):
     checksum: str
     prefix_hash: str
 
+    @property
+    def token_end(self) -> int:
+        return self.token_offset + self.token_length
 
-class Entry(NamedTuple):
+    def spec_values(self) -> tuple[Any, ...]:
+        """The :class:`EntrySpec` fields' values, in order (an :class:`Entry`'s too)."""
+        return tuple(getattr(self, name) for name in SPEC_FIELDS)
+
+
+SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(EntrySpec))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry(EntrySpec):
     """A stored entry: the :class:`EntrySpec` fields, then its session, sequence number and
-    creation time (a named tuple, like :class:`Session`; anything reading an EntrySpec's
-    fields by name reads an Entry too)."""
+    creation time, in that order (a database row of an entry builds one: ``Entry(*row)``)."""
 
-    token_offset: int
-    token_length: int
-    connector: str
-    key: str
-    size: int
-    checksum: str
-    prefix_hash: str
     session_id: str = ""
     seq: int = 0
     created: float = 0.0
 
-    @property
-    def token_end(self) -> int:
-        return self.token_offset + self.token_length
+    @classmethod
+    def of(cls, spec: EntrySpec, session_id: str, seq: int, created: float) -> Entry:
+        """``spec`` stored as the ``seq``-th entry of ``session_id`` at time ``created``."""
+        return cls(**dict(zip(SPEC_FIELDS, spec.spec_values(), strict=True)), session_id=session_id, seq=seq,
+                   created=created)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,29 +17,15 @@ Single Redis/Valkey primary; Redis Cluster is not supported (keys of one session
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, NoReturn
 
 from kvswap.errors import AlreadyExistsError, ConfigError, VersionConflictError, translate_errors, translated
-from kvswap.meta.base import (
-    UNSET,
-    Entry,
-    EntrySpec,
-    InvalidEntryError,
-    LeaseError,
-    MetaStore,
-    Session,
-    SessionFilter,
-    SessionPage,
-    check_limit,
-    check_version,
-    collect_page,
-    decode_cursor,
-    entries_from_values,
-    entry_value,
-    not_found,
-    validate_session_id,
-)
+from kvswap.meta import rules
+from kvswap.meta.base import MetaStore
+from kvswap.meta.codec import entries_from_values, entry_value
+from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, LeaseError, Session, SessionPage
 from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
 from kvswap.uri import URI, Option
 
@@ -187,14 +173,14 @@ class RedisMetaStore(MetaStore):
         return [f"{p}s:{session_id}", f"{p}e:{session_id}", f"{p}l:{session_id}", f"{p}idx", f"{p}ttl"]
 
     def _run(self, name: str, what: str, session_id: str, *args: Any) -> list[Any]:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         try:
             reply = self._scripts[name](keys=self._keys(session_id), args=[session_id, *args])
         except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
             self._reraise(exc, f"{what} session {session_id!r}")
         status = _text(reply[0])
         if status == "missing":
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         if status == "conflict":
             current = int(reply[1])
             raise VersionConflictError(f"session {session_id!r} is at version {current}, not {args[0]}",
@@ -216,7 +202,7 @@ class RedisMetaStore(MetaStore):
     def _existing(self, session_id: str, state: list[Any]) -> Session:
         session = self._state(session_id, state)
         if session is None:
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         return session
 
     def _read(self, session_ids: list[str]) -> list[Session | None]:
@@ -230,7 +216,7 @@ class RedisMetaStore(MetaStore):
         return [self._state(i, state) for i, state in zip(session_ids, states)]
 
     def _entries_and_session(self, session_id: str) -> tuple[Session, list[Entry]]:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         keys = self._keys(session_id)
         with self._errors(f"reading session {session_id!r}"):
             pipe = self._client.pipeline(transaction=True)  # one consistent snapshot
@@ -244,10 +230,10 @@ class RedisMetaStore(MetaStore):
     # ---- the contract -----------------------------------------------------------------------
 
     def get(self, session_id: str) -> Session:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         session = self._read([session_id])[0]
         if session is None:
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         return session
 
     def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
@@ -263,7 +249,7 @@ class RedisMetaStore(MetaStore):
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
                ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
         # Validate every field the way every backend does, on the caller's view of the session.
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         probe = Session(session_id, "-", expected_version, 0, 0.0, 0.0)
         changed = self._updated(probe, expected_version, fingerprint, ttl, attrs)
         fields = {name: value for name, value in _fields(changed).items()
@@ -273,7 +259,7 @@ class RedisMetaStore(MetaStore):
         return self._existing(session_id, reply[1])
 
     def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         probe = Session(session_id, "-", expected_version, spec.token_offset, 0.0, 0.0)
         _, entry = self._appended(probe, expected_version, spec, 0)  # validates the entry
         reply = self._run("append", "appending to", session_id, str(expected_version), repr(entry.created),
@@ -283,14 +269,14 @@ class RedisMetaStore(MetaStore):
             raise InvalidEntryError(
                 f"session {session_id!r} holds tokens [0, {total}); an entry must start at {total}, "
                 f"not {spec.token_offset} (no gaps, no overlaps)")
-        return self._existing(session_id, reply[1]), entry._replace(seq=int(reply[2]))
+        return self._existing(session_id, reply[1]), dataclasses.replace(entry, seq=int(reply[2]))
 
     def entries(self, session_id: str) -> list[Entry]:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
         try:
             raw = self._client.lrange(f"{self._prefix}e:{session_id}", 0, -1)
             if not raw and not self._client.exists(f"{self._prefix}s:{session_id}"):
-                raise not_found(session_id)
+                raise rules.not_found(session_id)
         except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
             self._reraise(exc, f"listing entries of {session_id!r}")
         return entries_from_values(session_id, raw)
@@ -307,7 +293,7 @@ class RedisMetaStore(MetaStore):
         while True:
             session, entries = self._entries_and_session(session_id)
             if expected_version is not None:
-                check_version(session, expected_version)
+                rules.check_version(session, expected_version)
             try:
                 self._run("delete", "deleting", session_id, str(session.version))
                 return entries
@@ -317,11 +303,11 @@ class RedisMetaStore(MetaStore):
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        check_limit(limit)
-        wanted = SessionFilter(owner, idle_since, fingerprint)
+        rules.check_limit(limit)
+        wanted = rules.SessionFilter(owner, idle_since, fingerprint)
         batches = (([s for s in self._read(ids) if s is not None], more)
-                   for ids, more in self._id_batches(decode_cursor(cursor), max(limit, 100)))
-        return collect_page(batches, wanted, limit)
+                   for ids, more in self._id_batches(rules.decode_cursor(cursor), max(limit, 100)))
+        return rules.collect_page(batches, wanted, limit)
 
     def _id_batches(self, after: str | None, size: int) -> Iterator[tuple[list[str], bool]]:
         """Ids after ``after`` in byte order, ``size`` at a time, with whether more follow."""

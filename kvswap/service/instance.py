@@ -24,8 +24,7 @@ from kvswap.connectors import open_connector
 from kvswap.engine import Engine
 from kvswap.engine.engine import Generation
 from kvswap.errors import ConfigError, NotFoundError
-from kvswap.meta import open_meta_store
-from kvswap.meta.base import Entry, Session, SessionPage, validate_session_id
+from kvswap.meta import Entry, Session, open_meta_store, validate_session_id
 from kvswap.service.model import LoadedModel, load_model
 from kvswap.session_cache import LocalState, PagedKVPool, SessionCache
 from kvswap.session_cache.manager import Policy
@@ -100,7 +99,7 @@ class Instance:
         self.tokenizer = self.loaded.tokenizer
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.pool = PagedKVPool(self.layout, config.hbm_blocks, config.block_size, config.device)
-        meta = open_meta_store(config.meta_uri)
+        self.meta = meta = open_meta_store(config.meta_uri)  # the admin routes list sessions from it
         stores = [open_connector(uri) for uri in config.store_uris]
         if config.policy not in ("write-back", "write-through"):
             raise ConfigError(f"policy must be write-back or write-through, not {config.policy!r}")
@@ -156,11 +155,6 @@ class Instance:
                                         on_token=on_token)
 
     # ---- admin ---------------------------------------------------------------------------------
-
-    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
-                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        return self.cache.meta.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint,
-                                             limit=limit, cursor=cursor)
 
     def view(self, session_id: str) -> SessionView:
         """NotFoundError if neither meta nor this instance knows the session."""
@@ -236,8 +230,9 @@ class AdminInstance:
         if config.meta is None or not config.stores:
             os.makedirs(config.directory, exist_ok=True)
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-admin"
-        self.store = SessionStore(open_meta_store(config.meta_uri), [open_connector(u) for u in config.store_uris],
-                                  None, session_ttl=config.session_ttl)
+        self.meta = open_meta_store(config.meta_uri)
+        self.store = SessionStore(self.meta, [open_connector(u) for u in config.store_uris], None,
+                                  session_ttl=config.session_ttl)
         self.store.check()
         log.info("kvswap admin instance %s: meta %s, stores %s", self.instance_id, self.store.meta.uri.render(),
                  self.store.locations)
@@ -246,11 +241,6 @@ class AdminInstance:
 
     def __repr__(self) -> str:
         return f"AdminInstance({self.instance_id!r})"
-
-    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
-                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        return self.store.meta.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint,
-                                             limit=limit, cursor=cursor)
 
     def view(self, session_id: str) -> SessionView:
         validate_session_id(session_id)

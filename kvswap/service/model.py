@@ -66,11 +66,11 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | None = None, mode
 
 def _load_weights(spec: str, *, device: str, dtype: str | None, model_id: str | None, seed_token: str | None,
                   progress: bool | None) -> LoadedModel:
-    from kvswap.weights.sources import open_location
+    from kvswap.weights.sources import SEED_SCHEME, open_location
 
     uri = URI.parse(spec if "://" in spec else f"file://{os.path.abspath(spec)}")
     # Opened once: the files, the shard check and the load all read one manifest (one save).
-    opened = None if uri.scheme == "instance" else open_location(uri)
+    opened = None if uri.scheme == SEED_SCHEME else open_location(uri)
     try:
         return _build_and_load(uri, opened, device=device, dtype=dtype, model_id=model_id, seed_token=seed_token,
                                progress=progress)
@@ -100,7 +100,7 @@ def _build_and_load(uri: URI, opened: Opened | None, *, device: str, dtype: str 
     result = load(model, opened or uri, device=device, token=seed_token, progress=progress, digest=model_id is None)
     model.eval()
     heads = config.num_attention_heads
-    if uri.scheme == "instance":  # the seed's own name for its weights, adopted as is
+    if opened is None:  # a seed (never opened as a location): its own name for its weights, adopted as is
         name = model_id or result.stats.digest
         if not name:
             raise ConfigError(f"seed {uri.render()} does not name its weights: pass --model-id")

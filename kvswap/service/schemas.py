@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from kvswap.meta.base import MAX_ID_CHARS
+from kvswap.meta import Entry
+from kvswap.meta.rules import MAX_ID_CHARS
 
 
 def _valid_unicode(value: str) -> str:
@@ -169,17 +170,6 @@ class SessionList(BaseModel):
     cursor: str | None = Field(None, description="pass it back for the next page; null at the end")
 
 
-class EntryView(BaseModel):
-    seq: int
-    token_offset: int
-    token_length: int
-    connector: str
-    key: str
-    size: int
-    checksum: str
-    created: float
-
-
 class LocalView(BaseModel):
     instance: str
     hbm_tokens: int
@@ -194,7 +184,7 @@ class SessionDetail(BaseModel):
     tiers: list[str] = Field(..., description="where its KV is: hbm, host (this instance), store locations")
     stored_tokens: int
     stored_bytes: int
-    entries: list[EntryView]
+    entries: list[Entry] = Field(..., description="its stored spans, in order (meta's entry records)")
     local: LocalView
 
 

@@ -4,10 +4,11 @@ resident session (:class:`Resident`), and the cache's counters and per-session v
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kvswap.session_cache.base import common_prefix
+from kvswap.session_cache.base import SessionBusyError, common_prefix
 from kvswap.session_cache.tiers import StoredState
 
 if TYPE_CHECKING:
@@ -38,6 +39,44 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    def count_in(self, nbytes: int, seconds: float, tokens: int) -> None:
+        """One swap-in (HBM from the host tier or a store) of ``tokens`` tokens."""
+        self.swap_in_bytes += nbytes
+        self.swap_in_seconds += seconds
+        self.swapped_in_tokens += tokens
+
+
+class Claims:
+    """Which operation holds each session now: one at a time (a request, a swap, a store...).
+
+    ``take`` and the reads run under the owner's lock, which the caller holds; ``release``
+    takes it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._holders: dict[str, str] = {}
+
+    def take(self, session_id: str, what: str) -> None:
+        """Claim the session for ``what``; SessionBusyError if something holds it."""
+        holder = self._holders.get(session_id)
+        if holder is not None:
+            raise SessionBusyError(f"session {session_id!r} is {'already ' if holder == what else ''}{holder}")
+        self._holders[session_id] = what
+
+    def release(self, session_id: str) -> None:
+        with self._lock:
+            self._holders.pop(session_id, None)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._holders
+
+    def holder(self, session_id: str) -> str | None:
+        return self._holders.get(session_id)
+
+    def held_for(self, what: str) -> list[str]:
+        with self._lock:
+            return [session_id for session_id, holder in self._holders.items() if holder == what]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,15 +27,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from kvswap.meta.base import MetaStore, Session, validate_session_id
+from kvswap.meta import MetaStore, Session, validate_session_id
 from kvswap.session_cache.base import (
     KVPool,
     OutOfBlocksError,
-    SessionBusyError,
     SwapError,
     common_prefix,
 )
-from kvswap.session_cache.handle import CacheStats, LocalState, Resident, SessionHandle
+from kvswap.session_cache.handle import CacheStats, Claims, LocalState, Resident, SessionHandle
 from kvswap.session_cache.leases import LeaseRenewer
 from kvswap.session_cache.store import SessionStore, entry_tokens_within
 from kvswap.session_cache.tiers import HostCopy, HostTier, StoredState
@@ -94,9 +93,9 @@ class SessionCache:
         self.recompute_when_faster = recompute_when_faster
         self._recompute_rate: float | None = None  # tokens/s the engine prefills, as observed
         self._resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU first
-        self._claims: dict[str, str] = {}  # session id -> what holds it now
         self._lock = threading.Lock()  # bookkeeping only: never held during I/O
-        self._renewer = LeaseRenewer(self.store, self.instance_id, lease_ttl, self._held_by_requests)
+        self._claims = Claims(self._lock)  # what holds each session now
+        self._renewer = LeaseRenewer(self.store, self.instance_id, lease_ttl, lambda: self._claims.held_for(_REQUEST))
 
     def __repr__(self) -> str:
         return (f"SessionCache({self.fingerprint!r}, resident={len(self._resident)}, host={len(self.host)}, "
@@ -123,7 +122,7 @@ class SessionCache:
         tokens = list(tokens)
         with self._lock:
             self.stats.requests += 1
-            self._claim(session_id, _REQUEST)
+            self._claims.take(session_id, _REQUEST)
         try:
             record = self.store.lease(session_id, self.instance_id, self.lease_ttl)
             try:
@@ -134,7 +133,7 @@ class SessionCache:
                 self._release_lease(session_id)
                 raise
         except BaseException:
-            self._unclaim(session_id)
+            self._claims.release(session_id)
             raise
         self._renewer.start()
         with self._lock:
@@ -169,7 +168,7 @@ class SessionCache:
             resident = self._resident.get(session_id)
             copy = self.host.peek(session_id)
             return LocalState(len(resident.tokens) if resident else 0, len(resident.blocks) if resident else 0,
-                              len(copy.tokens) if copy else 0, self._claims.get(session_id) == _REQUEST)
+                              len(copy.tokens) if copy else 0, self._claims.holder(session_id) == _REQUEST)
 
     def swap_out(self, session_id: str, *, to_store: bool = False) -> None:
         """Move a session out of HBM (to the host tier if it fits and ``to_store`` is false,
@@ -181,7 +180,7 @@ class SessionCache:
             copy = self.host.peek(session_id) if to_store else None
             if resident is None and copy is None:
                 return
-            self._claim(session_id, "being swapped out")
+            self._claims.take(session_id, "being swapped out")
         try:
             if resident is not None:
                 self._evict(session_id, resident, to_store=to_store)
@@ -193,7 +192,7 @@ class SessionCache:
                 with self._lock:
                     self.host.pop(session_id)
         finally:
-            self._unclaim(session_id)
+            self._claims.release(session_id)
 
     def flush(self) -> int:
         """Store every unclaimed session (HBM and host tier) and empty HBM of them: what a
@@ -205,12 +204,12 @@ class SessionCache:
                 resident = self._resident.get(session_id)
                 if resident is None or session_id in self._claims:
                     continue
-                self._claim(session_id, "being stored")
+                self._claims.take(session_id, "being stored")
             try:
                 self._evict(session_id, resident, to_store=bool(self.stores))
                 count += 1
             finally:
-                self._unclaim(session_id)
+                self._claims.release(session_id)
         if not self.stores:
             return count
         with self._lock:
@@ -220,12 +219,12 @@ class SessionCache:
                 copy = self.host.peek(session_id)
                 if copy is None or session_id in self._claims or copy.stored.tokens >= len(copy.tokens):
                     continue
-                self._claim(session_id, "being stored")
+                self._claims.take(session_id, "being stored")
             try:
                 self._store_host_copy(session_id, copy)
                 count += 1
             finally:
-                self._unclaim(session_id)
+                self._claims.release(session_id)
         return count
 
     def prefetch(self, session_id: str) -> int:
@@ -233,7 +232,7 @@ class SessionCache:
         with self._lock:
             if session_id in self._resident:
                 return len(self._resident[session_id].tokens)
-            self._claim(session_id, "being prefetched")
+            self._claims.take(session_id, "being prefetched")
         try:
             record = self.store.lease(session_id, self.instance_id, None)
             resident, _ = self._sync_local(session_id, record, None)
@@ -247,19 +246,19 @@ class SessionCache:
                 self._resident.move_to_end(session_id)
                 return len(resident.tokens)
         finally:
-            self._unclaim(session_id)
+            self._claims.release(session_id)
 
     def drop(self, session_id: str) -> bool:
         """Forget a session everywhere: HBM, host tier, meta and stored blobs. True if it existed."""
         with self._lock:
-            self._claim(session_id, "in use")
+            self._claims.take(session_id, "in use")
             found = session_id in self._resident
             self._release_blocks(session_id)
             found = self.host.pop(session_id) is not None or found
         try:
             return self.store.delete(session_id) or found
         finally:
-            self._unclaim(session_id)
+            self._claims.release(session_id)
 
     def gc(self) -> dict[str, int]:
         """Delete expired sessions (not in use here), blobs no meta entry points to that are
@@ -267,17 +266,6 @@ class SessionCache:
         return self.store.gc(in_use=lambda session_id: session_id in self._claims, forget=self._forget)
 
     # ---- claims and leases ----------------------------------------------------------------
-
-    def _claim(self, session_id: str, what: str) -> None:
-        """Take the session for one operation (the lock is held); SessionBusyError if taken."""
-        holder = self._claims.get(session_id)
-        if holder is not None:
-            raise SessionBusyError(f"session {session_id!r} is {'already ' if holder == what else ''}{holder}")
-        self._claims[session_id] = what
-
-    def _unclaim(self, session_id: str) -> None:
-        with self._lock:
-            self._claims.pop(session_id, None)
 
     def _forget(self, session_id: str) -> None:
         """Drop local copies of a session that gc deleted (unless something claimed it since)."""
@@ -289,10 +277,6 @@ class SessionCache:
     def _release_lease(self, session_id: str) -> None:
         if self.lease_ttl is not None:
             self.store.release(session_id, self.instance_id)
-
-    def _held_by_requests(self) -> list[str]:
-        with self._lock:
-            return [session_id for session_id, what in self._claims.items() if what == _REQUEST]
 
     # ---- local copies ------------------------------------------------------------------------
 
@@ -324,7 +308,7 @@ class SessionCache:
         if events:
             resident.pending = (events, copy.kv)
         with self._lock:
-            self._count_in(count * self.layout.token_bytes, time.perf_counter() - began, count)
+            self.stats.count_in(count * self.layout.token_bytes, time.perf_counter() - began, count)
             self._resident[session_id] = resident
         return resident, "host"
 
@@ -351,11 +335,6 @@ class SessionCache:
         if resident is not None:
             self.pool.free(resident.blocks)
 
-    def _count_in(self, nbytes: int, seconds: float, tokens: int) -> None:
-        self.stats.swap_in_bytes += nbytes
-        self.stats.swap_in_seconds += seconds
-        self.stats.swapped_in_tokens += tokens
-
     # ---- blocks and eviction -----------------------------------------------------------------
 
     def _allocate(self, count: int, exclude: str) -> list[int]:
@@ -373,14 +352,14 @@ class SessionCache:
                     detail = f"; swap-out failed: {next(iter(failed.values()))}" if failed else ""
                     raise OutOfBlocksError(f"need {count} blocks, {self.pool.free_blocks} free, and no unpinned "
                                            f"session left to swap out{detail}")
-                self._claims[victim] = "being swapped out"
+                self._claims.take(victim, "being swapped out")
                 resident = self._resident[victim]
             try:
                 self._evict(victim, resident)
             except SwapError as exc:
                 failed[victim] = exc
             finally:
-                self._unclaim(victim)
+                self._claims.release(victim)
 
     def _evict(self, session_id: str, resident: Resident, to_store: bool = False) -> None:
         """Swap one claimed session out of HBM. SwapError (the session stays resident) if it
@@ -399,7 +378,7 @@ class SessionCache:
         if unstored > 0:
             if not self.stores:
                 raise SwapError(f"session {session_id!r} has {unstored} unstored tokens and nowhere to put them")
-            self._write(session_id, resident.stored, resident.tokens, self._gatherer(resident.blocks))
+            self._write(session_id, resident.stored, resident.tokens, self.mover.gatherer(resident.blocks))
         with self._lock:
             self._release_blocks(session_id)
             self.stats.swap_outs += 1
@@ -423,14 +402,14 @@ class SessionCache:
                     continue
                 if not self.stores:
                     continue
-                self._claims[session_id] = "being stored"
+                self._claims.take(session_id, "being stored")
             try:
                 self._store_host_copy(session_id, copy)
             except SwapError as exc:
                 log.warning("host tier kept session %r: %s", session_id, exc)
                 continue
             finally:
-                self._unclaim(session_id)
+                self._claims.release(session_id)
             with self._lock:
                 if self.host.peek(session_id) is copy:
                     self.host.pop(session_id)
@@ -440,13 +419,6 @@ class SessionCache:
     def _store_host_copy(self, session_id: str, copy: HostCopy) -> None:
         """Store the tokens of a host copy that are not stored yet (SwapError on failure)."""
         self._write(session_id, copy.stored, copy.tokens, lambda start, stop: copy.kv[:, :, start:stop].contiguous())
-
-    def _gatherer(self, blocks: list[int]) -> Callable[[int, int], torch.Tensor]:
-        def gather(start: int, stop: int) -> torch.Tensor:
-            kv = self.mover.host_tensor(stop - start)
-            self.mover.gather(blocks, start, stop, kv)
-            return kv
-        return gather
 
     def _write(self, session_id: str, stored: StoredState, tokens: Sequence[int],
                fetch: Callable[[int, int], torch.Tensor]) -> None:
@@ -493,7 +465,7 @@ class SessionCache:
         self.mover.synchronize()
         in_flight.clear()
         with self._lock:
-            self._count_in(nbytes, time.perf_counter() - began, loaded)
+            self.stats.count_in(nbytes, time.perf_counter() - began, loaded)
             self._trim_blocks(resident.blocks, loaded)
         self._note_drops()
         return resident
@@ -518,7 +490,7 @@ class SessionCache:
                 self._trim_blocks(resident.blocks, len(resident.tokens))
             if self.policy == "write-through" and resident.stored.tokens < len(resident.tokens):
                 try:
-                    self._write(session_id, resident.stored, resident.tokens, self._gatherer(resident.blocks))
+                    self._write(session_id, resident.stored, resident.tokens, self.mover.gatherer(resident.blocks))
                 except SwapError as exc:
                     log.warning("write-through deferred to eviction: %s", exc)
         finally:
@@ -527,4 +499,4 @@ class SessionCache:
                     self._release_blocks(session_id)
             # Before the claim goes: a later request here renews the lease under the same owner.
             self._release_lease(session_id)
-            self._unclaim(session_id)
+            self._claims.release(session_id)

@@ -47,7 +47,7 @@ from kvswap.errors import (
     NotFoundError,
     VersionConflictError,
 )
-from kvswap.meta.base import Entry, LeaseError, MetaStore, Session
+from kvswap.meta import Entry, LeaseError, MetaStore, Session
 from kvswap.session_cache.base import (
     KVLayout,
     SessionBusyError,
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     import torch
 
     from kvswap.connectors.base import Connector
-    from kvswap.meta.base import EntrySpec
+    from kvswap.meta import EntrySpec
 
 log = logging.getLogger("kvswap.session_cache")
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from kvswap.connectors.base import Connector
-    from kvswap.meta.base import Entry, EntrySpec
+    from kvswap.meta import Entry, EntrySpec
 
 
 @dataclasses.dataclass
@@ -159,7 +159,7 @@ class StoreTier:
         """Store ``kv`` (token-major host tensor) for ``tokens`` at ``start``; the entry to append."""
         import torch
 
-        from kvswap.meta.base import EntrySpec
+        from kvswap.meta import EntrySpec
 
         end = start + len(tokens)
         key = self.new_key(session_id, start, end)

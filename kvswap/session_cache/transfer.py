@@ -14,7 +14,7 @@ reused or freed at once. On a CPU pool the same gathers write straight into the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvswap.session_cache.base import KVPool
@@ -46,6 +46,14 @@ class KVMover:
         import torch
 
         return torch.empty(self.layout.span_shape(num_tokens), dtype=self.layout.torch_dtype, pin_memory=self.cuda)
+
+    def gatherer(self, blocks: Sequence[int]) -> Callable[[int, int], torch.Tensor]:
+        """A function of (start, stop) that gathers those positions of ``blocks`` into a new host tensor."""
+        def gather(start: int, stop: int) -> torch.Tensor:
+            kv = self.host_tensor(stop - start)
+            self.gather(blocks, start, stop, kv)
+            return kv
+        return gather
 
     def gather(self, blocks: Sequence[int], start: int, stop: int, out: torch.Tensor) -> None:
         """Copy token positions ``start..stop-1`` of the sequence in ``blocks`` into ``out``."""

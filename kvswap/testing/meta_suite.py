@@ -13,6 +13,7 @@ concurrency tests then use threads only.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import threading
@@ -180,7 +181,7 @@ class MetaSuite:
             assert new.version == session.version + 1
             assert new.total_tokens == session.total_tokens + length
             assert (entry.seq, entry.session_id, entry.token_offset) == (i, "s1", session.total_tokens)
-            assert entry._replace(created=0) == Entry(*spec(session.total_tokens, length), "s1", i, 0)
+            assert dataclasses.replace(entry, created=0) == Entry.of(spec(session.total_tokens, length), "s1", i, 0)
             stored.append(entry)
             session = new
         assert meta.entries("s1") == stored
@@ -205,7 +206,7 @@ class MetaSuite:
     def test_malformed_entry_is_refused(self, meta: MetaStore, bad: dict[str, Any]) -> None:
         meta.create("s1", FP)
         with pytest.raises(InvalidEntryError) as info:
-            meta.append("s1", 1, spec(0)._replace(**bad))
+            meta.append("s1", 1, dataclasses.replace(spec(0), **bad))
         assert "hunter2" not in str(info.value)
         assert meta.get("s1").version == 1 and meta.entries("s1") == []
 

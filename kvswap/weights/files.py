@@ -29,13 +29,13 @@ def model_files(uri: str | URI, *, token: str | None = None, opened: Opened | No
     read through ``opened`` when the caller has the location open already. ConfigError if
     there is no ``config.json``."""
     from kvswap.weights.manifest import Manifest
-    from kvswap.weights.sources import open_location
+    from kvswap.weights.sources import SEED_SCHEME, open_location
 
     parsed = uri if isinstance(uri, URI) else URI.parse(uri if "://" in uri else f"file://{_absolute(uri)}")
-    if parsed.scheme == "instance":
+    if parsed.scheme == SEED_SCHEME:
         from kvswap.weights.seed import seed_manifest
 
-        manifest = seed_manifest(parsed.render(hide_password=False), token=token)
+        manifest = seed_manifest(parsed, token=token)
         files = manifest.get("files") or {}
         if not files and manifest.get("config"):  # a seed that predates files: its config only
             files = {"config.json": json.dumps(manifest["config"])}

@@ -30,7 +30,7 @@ from kvswap.device import resolve_device
 from kvswap.errors import IntegrityError, NotFoundError
 from kvswap.uri import URI
 from kvswap.weights.manifest import Manifest
-from kvswap.weights.sources import Opened, RankPlan, Read, open_location, rank_plan
+from kvswap.weights.sources import Opened, RankPlan, Read, open_location, rank_plan, seed_uri
 from kvswap.weights.targets import (
     LoadResult,
     LoadStats,
@@ -63,8 +63,8 @@ def load(target: Target, uri: str | URI | Opened, *, rank: int = 0, tp: int = 0,
     skips hashing reads that carry no checksum (plain checkpoints: ~28% of a warm 8B load on
     an H200) and leaves ``stats.digest`` empty for them.
     """
-    seed = uri.render(hide_password=False) if isinstance(uri, URI) else None if isinstance(uri, Opened) else str(uri)
-    if seed is not None and seed.startswith("instance://"):
+    seed = seed_uri(uri)
+    if seed is not None:
         from kvswap.weights.seed import load_from_seed
 
         return load_from_seed(target, seed, device=device, token=token, timeout=timeout, strict=strict,
@@ -149,88 +149,105 @@ def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.
              threads: int, stats: LoadStats, progress: bool | None,
              on_progress: Callable[[int, int], None] | None, want_digest: bool = True) -> None:
     import torch
-    from tqdm.auto import tqdm
 
     cuda = device.type == "cuda"
     flat = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
     reads = [r for r in plan.reads if any(p.name in flat for p in r.pieces)]
     regular = [r.length for r in reads if r.narrow is None]
     slot_bytes = max(regular, default=0)
-    depth = min(len(reads), threads + 4)
     slots = collections.deque(_Slot(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=cuda))
-                              for _ in range(depth if regular else 0))
-    stream = torch.cuda.Stream(device) if cuda else None
-    timings: list[tuple[Any, Any]] = []
-    in_flight: collections.deque = collections.deque()
-    total = sum(r.length for r in reads)
-    done = 0
-    digest = hashlib.sha256()
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"load rank {stats.rank}",
-               disable=None if progress is None else not progress)
-
-    def land(read: Read, slot: _Slot, future: concurrent.futures.Future) -> None:
-        nonlocal done
-        fetch_s, verify_s, read_checksum = future.result()
-        digest.update(f"{read.key}@{read.offset}:{read.length}={read_checksum};".encode())
-        stats.fetch_seconds += fetch_s
-        stats.verify_seconds += verify_s
-        began = time.perf_counter()
-        buffer = slot.buffer
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            start = torch.cuda.Event(enable_timing=True) if cuda else None
-            if start is not None:
-                start.record(stream)
-            if read.narrow is not None:
-                n = read.narrow
-                full = buffer[:read.length].view(getattr(torch, n.dtype)).reshape(n.shape)
-                piece = read.pieces[0]
-                tensors[piece.name].copy_(shard(full, n.split, n.tp, n.tp_rank).contiguous())
-            else:
-                for piece in read.pieces:
-                    if piece.name in flat:
-                        flat[piece.name][piece.dst_offset:piece.dst_offset + piece.nbytes].copy_(
-                            buffer[piece.src_offset:piece.src_offset + piece.nbytes], non_blocking=cuda)
-            if cuda:
-                slot.event = torch.cuda.Event(enable_timing=True)
-                slot.event.record(stream)
-                timings.append((start, slot.event))
-        if not cuda:
-            stats.copy_seconds += time.perf_counter() - began
-        stats.read_bytes += read.length
-        done += read.length
-        bar.update(read.length)
-        if on_progress is not None:
-            on_progress(done, total)
-
-    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvswap-load") as pool, bar:
+                              for _ in range(min(len(reads), threads + 4) if regular else 0))
+    lander = _Lander(tensors, flat, torch.cuda.Stream(device) if cuda else None, stats,
+                     sum(r.length for r in reads), progress, on_progress)
+    in_flight: collections.deque[tuple[Read, _Slot, concurrent.futures.Future, bool]] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvswap-load") as pool, lander.bar:
         try:
             for read in reads:
-                if read.narrow is not None or read.length > slot_bytes:
+                own = read.narrow is not None or read.length > slot_bytes
+                if own:
                     slot = _Slot(torch.empty(read.length, dtype=torch.uint8, pin_memory=cuda))
-                    own = True
                 else:
-                    while not slots:
-                        oldest = in_flight.popleft()
-                        land(*oldest[:3])
-                        if not oldest[3]:
-                            slots.append(oldest[1])
+                    while not slots:  # land the oldest read; its buffer is free once its copy is
+                        done, done_slot, future, done_own = in_flight.popleft()
+                        lander.land(done, done_slot, future)
+                        if not done_own:
+                            slots.append(done_slot)
                     slot = slots.popleft()
                     slot.wait()
-                    own = False
                 in_flight.append((read, slot, pool.submit(_fetch, connector, read, slot.buffer, want_digest), own))
             while in_flight:
-                oldest = in_flight.popleft()
-                land(*oldest[:3])
-            if want_digest or all(r.checksum is not None for r in reads):
-                stats.digest = f"sha256:{digest.hexdigest()}"
-            if stream is not None:
-                stream.synchronize()
-                stats.copy_seconds = sum(a.elapsed_time(b) for a, b in timings) / 1e3
+                lander.land(*in_flight.popleft()[:3])
+            lander.finish(want_digest or all(r.checksum is not None for r in reads))
         except BaseException:
             for _, _, future, _ in in_flight:
                 future.cancel()
             concurrent.futures.wait([f for _, _, f, _ in in_flight])
-            if stream is not None:
-                stream.synchronize()
+            lander.synchronize()
             raise
 
+
+class _Lander:
+    """Copies fetched reads into their tensors (on a side stream on a GPU) and keeps the
+    counts: stats, the progress bar and the digest of what was read."""
+
+    def __init__(self, tensors: MutableMapping[str, torch.Tensor], flat: dict[str, torch.Tensor], stream: Any,
+                 stats: LoadStats, total: int, progress: bool | None,
+                 on_progress: Callable[[int, int], None] | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.tensors, self.flat, self.stream, self.stats = tensors, flat, stream, stats
+        self.total, self.done, self.on_progress = total, 0, on_progress
+        self.digest = hashlib.sha256()
+        self.timings: list[tuple[Any, Any]] = []
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"load rank {stats.rank}",
+                        disable=None if progress is None else not progress)
+
+    def land(self, read: Read, slot: _Slot, future: concurrent.futures.Future) -> None:
+        import torch
+
+        fetch_s, verify_s, read_checksum = future.result()
+        self.digest.update(f"{read.key}@{read.offset}:{read.length}={read_checksum};".encode())
+        self.stats.fetch_seconds += fetch_s
+        self.stats.verify_seconds += verify_s
+        began = time.perf_counter()
+        cuda = self.stream is not None
+        with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
+            start = torch.cuda.Event(enable_timing=True) if cuda else None
+            if start is not None:
+                start.record(self.stream)
+            self._copy(read, slot.buffer, cuda)
+            if cuda:
+                slot.event = torch.cuda.Event(enable_timing=True)
+                slot.event.record(self.stream)
+                self.timings.append((start, slot.event))
+        if not cuda:
+            self.stats.copy_seconds += time.perf_counter() - began
+        self.stats.read_bytes += read.length
+        self.done += read.length
+        self.bar.update(read.length)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
+    def _copy(self, read: Read, buffer: torch.Tensor, non_blocking: bool) -> None:
+        import torch
+
+        if read.narrow is not None:  # a checkpoint's full tensor, sliced for this rank
+            n = read.narrow
+            full = buffer[:read.length].view(getattr(torch, n.dtype)).reshape(n.shape)
+            self.tensors[read.pieces[0].name].copy_(shard(full, n.split, n.tp, n.tp_rank).contiguous())
+            return
+        for piece in read.pieces:
+            if piece.name in self.flat:
+                self.flat[piece.name][piece.dst_offset:piece.dst_offset + piece.nbytes].copy_(
+                    buffer[piece.src_offset:piece.src_offset + piece.nbytes], non_blocking=non_blocking)
+
+    def finish(self, digested: bool) -> None:
+        if digested:
+            self.stats.digest = f"sha256:{self.digest.hexdigest()}"
+        if self.stream is not None:
+            self.stream.synchronize()
+            self.stats.copy_seconds = sum(a.elapsed_time(b) for a, b in self.timings) / 1e3
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()

@@ -337,7 +337,7 @@ def _local_address_towards(host: str, port: int) -> str:
             return "127.0.0.1"
 
 
-def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | None = None, timeout: float = 120.0,
+def load_from_seed(target: Any, uri: str | URI, *, device: Any = None, token: str | None = None, timeout: float = 120.0,
                    strict: bool = True, progress: bool | None = None,
                    on_progress: Callable[[int, int], None] | None = None) -> Any:
     """The client side of ``instance://host:port``: see the module docstring."""
@@ -346,7 +346,7 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
 
 
     began = time.perf_counter()
-    parsed = URI.parse(uri)
+    parsed = uri if isinstance(uri, URI) else URI.parse(uri)
     with _seed_http(parsed, token, timeout) as http:
         base = str(http.base_url).rstrip("/")
         manifest = _call(http, "GET", MANIFEST_ROUTE)
@@ -399,9 +399,9 @@ def load_from_seed(target: Any, uri: str, *, device: Any = None, token: str | No
     return LoadResult(tensors, stats)
 
 
-def seed_manifest(uri: str, *, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+def seed_manifest(uri: str | URI, *, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """What the seed at ``instance://host:port`` holds: tensors, bytes, device, fingerprint, config."""
-    with _seed_http(URI.parse(uri), token, timeout) as http:
+    with _seed_http(uri if isinstance(uri, URI) else URI.parse(uri), token, timeout) as http:
         return _call(http, "GET", MANIFEST_ROUTE)
 
 

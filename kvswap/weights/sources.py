@@ -178,6 +178,11 @@ class Opened:
     connector: Connector
     source: Manifest | Checkpoint
 
+    @property
+    def world_size(self) -> int:
+        """How many ranks the source is split into (a checkpoint is sliced on the fly: 1)."""
+        return self.source.world_size if isinstance(self.source, Manifest) else 1
+
     def close(self) -> None:
         self.connector.close()
 
@@ -188,8 +193,27 @@ class Opened:
         self.close()
 
 
+SEED_SCHEME = "instance"
+
+
+def seed_uri(where: object) -> URI | None:
+    """``where`` as a URI if it names a seed instance (``instance://host:port``), else None.
+
+    The third kind of source, beside a save and a checkpoint: a running instance sends the
+    tensors it holds (:mod:`kvswap.weights.seed`); nothing is opened here."""
+    if isinstance(where, URI):
+        return where if where.scheme == SEED_SCHEME else None
+    if isinstance(where, str) and where[:len(SEED_SCHEME) + 3].lower() == f"{SEED_SCHEME}://":
+        return URI.parse(where)
+    return None
+
+
 def open_location(where: str | URI | Connector) -> Opened:
-    """Open ``where`` (a URI, a plain path, or a connector) and what it holds."""
+    """Open ``where`` (a URI, a plain path, or a connector) and what it holds (a save's manifest
+    or a checkpoint's headers). A seed (:func:`seed_uri`) is not opened: load reads it."""
+    seed = seed_uri(where)
+    if seed is not None:
+        raise ConfigError(f"{seed}: a seed instance is read by kvswap.weights.load, not opened as a location")
     connector = as_connector(where)
     try:
         return Opened(connector, open_source(connector))

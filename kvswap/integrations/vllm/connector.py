@@ -59,8 +59,7 @@ from kvswap.connectors import open_connector
 from kvswap.errors import ConfigError, KVSwapError, NotFoundError
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
 from kvswap.integrations.vllm.kv_cache import VLLMKVCache, engine_writer
-from kvswap.meta import open_meta_store
-from kvswap.meta.base import Entry
+from kvswap.meta import Entry, open_meta_store
 from kvswap.session_cache.base import SwapError
 from kvswap.session_cache.store import Plan, SessionStore
 from kvswap.session_cache.tiers import StoredState
@@ -372,7 +371,7 @@ class KVSwapConnector(KVConnectorBase_V1):
 def session_of(request: Any) -> str | None:
     """A request's session: vLLM's ``session_id`` (request field or X-Session-ID header), or
     ``kv_transfer_params["session_id"]``; None when it has none (or an invalid one)."""
-    from kvswap.meta.base import validate_session_id
+    from kvswap.meta import validate_session_id
 
     session = getattr(request, "session_id", None)
     if not session:

@@ -42,12 +42,23 @@ class KVSwapModelLoader(BaseModelLoader):
     def load_weights(self, model: Any, model_config: Any) -> None:
         import torch
 
-        from kvswap.weights import load
+        from kvswap.weights import LoadResult, load
+        from kvswap.weights.sources import open_location, seed_uri
 
         source = self.settings["source"]
-        result = load(None, source, rank=0, device="cpu", threads=int(self.settings.get("threads", 8)),
-                      token=self.settings.get("token") or os.environ.get("KVSWAP_SEED_TOKEN"), progress=None)
-        if result.stats.rank != 0 or _world(source) > 1:
+        options: dict[str, Any] = dict(rank=0, device="cpu", threads=int(self.settings.get("threads", 8)),
+                                       progress=None)
+        result: LoadResult | None = None
+        if seed_uri(source) is not None:
+            result = load(None, source, token=self.settings.get("token") or os.environ.get("KVSWAP_SEED_TOKEN"),
+                          **options)
+            world = 1 if result.stats.rank == 0 else 2  # a seed of rank r > 0 holds a slice
+        else:
+            with open_location(source) as opened:  # opened once: the layout check and the load read one manifest
+                world = opened.world_size
+                if world == 1:
+                    result = load(None, opened, **options)
+        if result is None or world > 1:
             raise ConfigError(f"{source} is split for tensor parallelism; vLLM shards full tensors itself: save "
                               "the model with --tp 1 for --load-format kvswap")
         log.info("kvswap: %s from %s", result.stats.summary(), result.stats.source)
@@ -57,15 +68,3 @@ class KVSwapModelLoader(BaseModelLoader):
         if loaded is not None and expected - set(loaded):
             missing = sorted(expected - set(loaded))
             raise ConfigError(f"{source} left {len(missing)} parameters of the model unset: {missing[:5]}")
-
-
-def _world(source: str) -> int:
-    from kvswap.connectors import as_connector
-    from kvswap.weights.manifest import Manifest
-    from kvswap.weights.sources import open_source
-
-    if source.startswith("instance://"):
-        return 1
-    with as_connector(source) as connector:
-        opened = open_source(connector)
-        return opened.world_size if isinstance(opened, Manifest) else 1

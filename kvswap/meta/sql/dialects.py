@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import sqlalchemy as sa
 
 from kvswap.errors import ConfigError
-from kvswap.meta.base import json_loads
+from kvswap.meta.codec import json_loads
 from kvswap.meta.sql.schema import SESSION_COLUMNS, SPEC_COLUMNS
 from kvswap.uri import URI
 

@@ -13,12 +13,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from kvswap.meta.base import MAX_ID_BYTES, EntrySpec
+from kvswap.meta.records import SPEC_FIELDS
+from kvswap.meta.rules import MAX_ID_BYTES
 
 SCHEMA_VERSION = 1
 SESSION_COLUMNS = ("id", "fingerprint", "version", "total_tokens", "entry_count", "created", "last_access", "ttl",
                    "expires_at", "owner", "lease_expires", "attrs")
-SPEC_COLUMNS = EntrySpec._fields  # an entry row's columns, in the record's order
+SPEC_COLUMNS = SPEC_FIELDS  # an entry row's columns, in the record's order
 
 
 class _Utf8Bytes(sa.types.TypeDecorator):

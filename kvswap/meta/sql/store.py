@@ -34,24 +34,9 @@ from kvswap.errors import (
     translate_errors,
     translated,
 )
-from kvswap.meta.base import (
-    UNSET,
-    Entry,
-    EntrySpec,
-    LeaseError,
-    MetaStore,
-    Session,
-    SessionPage,
-    check_append,
-    check_expected_version,
-    check_limit,
-    check_version,
-    decode_cursor,
-    encode_cursor,
-    not_found,
-    validate_session_id,
-    validate_spec,
-)
+from kvswap.meta import rules
+from kvswap.meta.base import MetaStore
+from kvswap.meta.records import UNSET, Entry, EntrySpec, LeaseError, Session, SessionPage
 from kvswap.meta.sql.dialects import DIALECTS
 from kvswap.meta.sql.schema import SCHEMA_VERSION, tables
 from kvswap.uri import URI, Option, parse_positive_int, parse_seconds
@@ -245,7 +230,7 @@ class SQLMetaStore(MetaStore):
         now = self.now()
         row = _one(cursor, self._sql.locked, (now, now, session_id.encode()))
         if row is None:
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         return Session._make(row[:-1]), row[-1]
 
     def _write(self, cursor: Any, session: Session, entry_count: int) -> None:
@@ -255,16 +240,16 @@ class SQLMetaStore(MetaStore):
 
     def _entries_of(self, cursor: Any, session_id: str) -> list[Entry]:
         cursor.execute(self._sql.entries, (session_id.encode(),))
-        return list(map(Entry._make, cursor.fetchall()))
+        return [Entry(*row) for row in cursor.fetchall()]
 
     # ---- the contract -----------------------------------------------------------------------
 
     def get(self, session_id: str) -> Session:
-        sid, now = validate_session_id(session_id).encode(), self.now()
+        sid, now = rules.validate_session_id(session_id).encode(), self.now()
         row = self._driver_read("reading session", session_id,
                                 lambda cursor: _one(cursor, self._sql.get, (now, now, sid)))
         if row is None:
-            raise not_found(session_id)
+            raise rules.not_found(session_id)
         return Session._make(row)
 
     def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
@@ -284,7 +269,7 @@ class SQLMetaStore(MetaStore):
 
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
                ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
 
         def work(cursor: Any) -> Session:
             session, count = self._locked(cursor, session_id)
@@ -298,31 +283,31 @@ class SQLMetaStore(MetaStore):
         """A guarded write: it changes the session only if its version and token count are
         as expected, then adds the entry (PostgreSQL: one statement; MySQL: one round trip;
         SQLite: one transaction). Nothing changed: a fresh read says why."""
-        sid = validate_session_id(session_id).encode()
-        check_expected_version(expected_version)
-        validate_spec(spec)
+        sid = rules.validate_session_id(session_id).encode()
+        rules.check_expected_version(expected_version)
+        rules.validate_spec(spec)
         for _ in range(3):
             now = self.now()
             guard = (spec.token_length, now, now, sid, expected_version, spec.token_offset)
-            row = self._sql.guarded_append(self, session_id, sid, guard, (*_spec_values(spec), now), now)
+            row = self._sql.guarded_append(self, session_id, sid, guard, (*spec.spec_values(), now), now)
             if row is not None:
-                return Session._make(row[:-1]), Entry._make((*_spec_values(spec), session_id, row[-1], now))
-            check_append(self.get(session_id), expected_version, spec)  # raises, unless it changed back
+                return Session._make(row[:-1]), Entry.of(spec, session_id, row[-1], now)
+            rules.check_append(self.get(session_id), expected_version, spec)  # raises, unless it changed back
         raise VersionConflictError(f"session {session_id!r} kept changing under an append")
 
     def entries(self, session_id: str) -> list[Entry]:
-        sid = validate_session_id(session_id).encode()
+        sid = rules.validate_session_id(session_id).encode()
 
         def work(cursor: Any) -> list[Entry]:
             entries = self._entries_of(cursor, session_id)
             if not entries and _one(cursor, self._sql.exists, (sid,)) is None:
-                raise not_found(session_id)
+                raise rules.not_found(session_id)
             return entries
 
         return self._driver_read("listing entries of", session_id, work)
 
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
 
         def work(cursor: Any) -> tuple[Session, list[Entry]]:
             session, _ = self._locked(cursor, session_id)
@@ -336,12 +321,12 @@ class SQLMetaStore(MetaStore):
         return self._driver_write("truncating session", session_id, work)
 
     def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
-        validate_session_id(session_id)
+        rules.validate_session_id(session_id)
 
         def work(cursor: Any) -> list[Entry]:
             session, _ = self._locked(cursor, session_id)
             if expected_version is not None:
-                check_version(session, expected_version)
+                rules.check_version(session, expected_version)
             entries = self._entries_of(cursor, session_id)
             cursor.execute(self._sql.delete_entries_from, (session_id.encode(), 0))
             cursor.execute(self._sql.delete_session, (session_id.encode(),))
@@ -351,8 +336,8 @@ class SQLMetaStore(MetaStore):
 
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        check_limit(limit)
-        after = decode_cursor(cursor)
+        rules.check_limit(limit)
+        after = rules.decode_cursor(cursor)
         now = self.now()
         conditions: list[str] = []
         params: list[Any] = [now, now]
@@ -371,7 +356,7 @@ class SQLMetaStore(MetaStore):
 
         rows = self._driver_read("listing sessions", None, work)
         sessions = list(map(Session._make, rows[:limit]))
-        return SessionPage(sessions, encode_cursor(sessions[-1].id) if len(rows) > limit else None)
+        return SessionPage(sessions, rules.encode_cursor(sessions[-1].id) if len(rows) > limit else None)
 
     def expired(self, limit: int = 1000) -> list[Session]:
         now = self.now()
@@ -395,7 +380,7 @@ class SQLMetaStore(MetaStore):
             now = self.now()
             row = _one(cursor, self._sql.get, (now, now, session_id.encode()))
             if row is None:
-                raise not_found(session_id)
+                raise rules.not_found(session_id)
             return bool(changed), Session._make(row)
 
         changed, session = self._driver_write(f"{what} the lease of", session_id, work)
@@ -405,18 +390,18 @@ class SQLMetaStore(MetaStore):
 
     def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         ttl = self._lease_ttl(owner, ttl)
-        sid, now = validate_session_id(session_id).encode(), self.now()
+        sid, now = rules.validate_session_id(session_id).encode(), self.now()
         return _raise_lease(self._lease_update("acquiring", session_id, owner, self._sql.acquire,
                                                (owner, now + ttl, sid, owner, now)))
 
     def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         ttl = self._lease_ttl(owner, ttl)
-        sid, now = validate_session_id(session_id).encode(), self.now()
+        sid, now = rules.validate_session_id(session_id).encode(), self.now()
         return _raise_lease(self._lease_update("renewing", session_id, owner, self._sql.renew,
                                                (now + ttl, sid, owner, now)))
 
     def release_lease(self, session_id: str, owner: str) -> bool:
-        sid = validate_session_id(session_id).encode()
+        sid = rules.validate_session_id(session_id).encode()
         result = self._lease_update("releasing", session_id, owner, self._sql.release, (sid, owner, self.now()))
         return isinstance(result, Session)
 
@@ -433,10 +418,6 @@ class SQLMetaStore(MetaStore):
 def _one(cursor: Any, sql: str, params: tuple[Any, ...]) -> Any:
     cursor.execute(sql, params)
     return cursor.fetchone()
-
-
-def _spec_values(spec: EntrySpec) -> tuple[Any, ...]:
-    return tuple(spec[:7])  # an Entry is a spec too
 
 
 def _expiry(session: Session) -> float | None:

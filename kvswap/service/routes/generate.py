@@ -55,51 +55,65 @@ def generate_router(instance: Instance, user: Any) -> APIRouter:
         """OpenAI-style chat completions, rendered with the model's own chat template. The
         session whose KV to reuse is ``session_id`` or the ``X-Session-ID`` header; without
         either the turn is computed whole and nothing is kept. Greedy decoding."""
-        session_id = _session_of(body.session_id, x_session_id)
-        tokens = instance.tokenizer.encode(instance.tokenizer.render_chat(
-            [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]))
-        max_new = body.max_completion_tokens or body.max_tokens or 64
-        stop = instance.tokenizer.stop_ids
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        model = body.model or instance.layout.model
-
-        def usage(result: Any) -> schemas.ChatUsage:
-            return schemas.ChatUsage(prompt_tokens=len(tokens), completion_tokens=len(result.tokens),
-                                     total_tokens=len(tokens) + len(result.tokens), cached_tokens=result.cached,
-                                     prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=result.cached))
-
-        def reason(result: Any) -> Literal["stop", "length"]:
-            return "stop" if result.tokens and result.tokens[-1] in stop else "length"
-
-        def text(tokens: list[int]) -> str:
-            return instance.tokenizer.decode([t for t in tokens if t not in stop])
-
+        turn = _ChatTurn(instance, body, _session_of(body.session_id, x_session_id))
         if not body.stream:
-            result = await asyncio.to_thread(instance.generate, session_id, tokens, max_new, stop_tokens=stop)
-            return schemas.ChatCompletionResponse(
-                id=completion_id, created=created, model=model,
-                choices=[schemas.ChatChoice(message=schemas.ChatChoiceMessage(content=text(result.tokens)),
-                                            finish_reason=reason(result))],
-                usage=usage(result)).model_dump()
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(delta: dict, finish: str | None = None) -> dict:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        def done(result: Any) -> list[tuple]:
-            events = [(None, chunk({}, reason(result)))]
-            if include_usage:
-                events.append((None, {**chunk({}), "choices": [], "usage": usage(result).model_dump()}))
-            return events
-
-        return await _stream(instance, session_id, tokens, max_new, stop,
-                             on_token=lambda t: (None, chunk({"content": text([t])})),
-                             on_done=done, end="[DONE]")
+            result = await asyncio.to_thread(instance.generate, turn.session_id, turn.tokens, turn.max_new,
+                                             stop_tokens=turn.stop)
+            return turn.response(result).model_dump()
+        return await _stream(instance, turn.session_id, turn.tokens, turn.max_new, turn.stop,
+                             on_token=turn.token_event, on_done=turn.done_events, end="[DONE]")
 
     return router
+
+
+class _ChatTurn:
+    """One chat completion: its prompt rendered with the model's chat template, and the
+    OpenAI-shaped response, or stream chunks, built from the result."""
+
+    def __init__(self, instance: Instance, body: schemas.ChatCompletionRequest, session_id: str | None) -> None:
+        tokenizer = instance.tokenizer
+        self.session_id = session_id
+        self.tokens = tokenizer.encode(tokenizer.render_chat(
+            [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]))
+        self.max_new = body.max_completion_tokens or body.max_tokens or 64
+        self.stop = tokenizer.stop_ids
+        self.decode = tokenizer.decode
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = body.model or instance.layout.model
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def usage(self, result: Any) -> schemas.ChatUsage:
+        prompt, completion = len(self.tokens), len(result.tokens)
+        return schemas.ChatUsage(prompt_tokens=prompt, completion_tokens=completion,
+                                 total_tokens=prompt + completion, cached_tokens=result.cached,
+                                 prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=result.cached))
+
+    def reason(self, result: Any) -> Literal["stop", "length"]:
+        return "stop" if result.tokens and result.tokens[-1] in self.stop else "length"
+
+    def text(self, tokens: list[int]) -> str:
+        return self.decode([t for t in tokens if t not in self.stop])
+
+    def response(self, result: Any) -> schemas.ChatCompletionResponse:
+        return schemas.ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model,
+            choices=[schemas.ChatChoice(message=schemas.ChatChoiceMessage(content=self.text(result.tokens)),
+                                        finish_reason=self.reason(result))],
+            usage=self.usage(result))
+
+    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    def token_event(self, token: int) -> tuple:
+        return None, self.chunk({"content": self.text([token])})
+
+    def done_events(self, result: Any) -> list[tuple]:
+        events = [(None, self.chunk({}, self.reason(result)))]
+        if self.include_usage:
+            events.append((None, {**self.chunk({}), "choices": [], "usage": self.usage(result).model_dump()}))
+        return events
 
 
 def _session_of(body: str | None, header: str | None) -> str | None:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from kvswap.meta.base import Session
+from kvswap.meta import Session
 from kvswap.service import schemas
 from kvswap.service.errors import ERROR_RESPONSES
 from kvswap.service.instance import AdminInstance, Instance, SessionView
@@ -25,8 +25,8 @@ def sessions_router(instance: Instance | AdminInstance, admin: Any) -> APIRouter
                       fingerprint: str | None = Query(None, max_length=1024),
                       limit: int = Query(100, ge=1, le=1000),
                       cursor: str | None = Query(None, max_length=2048)) -> Any:
-        page = instance.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint, limit=limit,
-                                      cursor=cursor)
+        page = instance.meta.list_sessions(owner=owner, idle_since=idle_since, fingerprint=fingerprint,
+                                           limit=limit, cursor=cursor)
         return schemas.SessionList(sessions=[_summary(s) for s in page.sessions], cursor=page.cursor)
 
     @router.get("/v1/sessions/{session_id:path}", response_model=schemas.SessionDetail, responses=ERROR_RESPONSES)
@@ -78,7 +78,7 @@ def _detail(session_id: str, view: SessionView, instance_id: str) -> schemas.Ses
     return schemas.SessionDetail(
         id=session_id, session=_summary(view.session) if view.session else None, tiers=tiers,
         stored_tokens=sum(e.token_length for e in view.entries), stored_bytes=sum(e.size for e in view.entries),
-        entries=[_view(schemas.EntryView, e) for e in view.entries],
+        entries=list(view.entries),
         local=_local(view.local, instance_id))
 
 
