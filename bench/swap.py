@@ -156,12 +156,11 @@ def bench_store(name: str, uri: str, pool: PagedKVPool, tokens: int, nbytes: int
                          entry_bytes=entry_bytes)
     ids = list(range(tokens))
     t_out, t_in = swap_rounds(name, cache, tokens, ids, repeat, sync)
-    streamed_from = blob.STREAM_MIN
-    blob.STREAM_MIN = 1 << 62  # the baseline: each entry read whole, then hashed
+    blob.PARALLEL_CHUNKS = False  # the baseline: each entry read whole, then hashed
     try:
         _, t_in_whole = swap_rounds(name, cache, tokens, ids, repeat, sync)
     finally:
-        blob.STREAM_MIN = streamed_from
+        blob.PARALLEL_CHUNKS = True
     cache.close()
     connector.close()
     result = {"put_gbps": nbytes / put / 1e9, "get_gbps": nbytes / get / 1e9,

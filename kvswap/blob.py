@@ -5,7 +5,10 @@ A blob is a valid safetensors file: an 8-byte little-endian header length, a JSO
 the raw tensor bytes back to back. kvswap adds to ``__metadata__``:
 
 * ``kvswap.format`` — the format version (``"1"``);
-* ``kvswap.checksum`` — ``xxh3_128:<hex>`` of the whole data section;
+* ``kvswap.checksum`` — ``xxh3_128:<hex>`` of the whole data section, or, for data sections
+  of STREAM_MIN bytes and more, ``xxh3_128-tree-<C>:<hex>``: the xxh3-128 of the
+  concatenated 16-byte xxh3-128 digests of each ``C``-byte chunk (the last one shorter), so
+  the chunks of one blob are read and hashed in parallel, each as it lands;
 
 plus any caller fields (names starting with ``kvswap.`` are reserved). So
 ``safetensors.torch.load`` reads kvswap blobs, and kvswap reads plain safetensors files
@@ -14,9 +17,10 @@ plus any caller fields (names starting with ``kvswap.`` are reserved). So
 Writing gathers the header and each tensor's memory straight into ``Connector.put``
 (no concatenation). Reading fetches the header with one ranged get and the data
 straight into a caller's buffer (pinned host memory, for instance), then returns tensor
-views of that buffer. A large data section is read in chunks and hashed as they arrive
-(chunk k is hashed while chunk k + 1 is read), so verification costs little beyond the
-read itself; the whole section is verified before any tensor is returned. Tensors are
+views of that buffer. A large data section is read in chunks on several threads, each
+chunk hashed by the thread that read it (blobs written before the chunked checksum: chunk
+k hashed while chunk k + 1 is read), so verification costs little beyond the read itself;
+the whole section is verified before any tensor is returned. Tensors are
 laid out by descending element size, so every view is aligned. A checksum mismatch or a
 malformed header raises :class:`IntegrityError` naming the key; wrong bytes never come
 back as tensors.
@@ -28,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import struct
 import threading
 from collections.abc import Callable, Mapping
@@ -44,10 +49,13 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = "1"
 CHECKSUM_ALGORITHM = "xxh3_128"
+TREE_ALGORITHM = "xxh3_128-tree-"  # + the chunk size in bytes
+MIN_TREE_CHUNK = 4 << 10
 RESERVED_PREFIX = "kvswap."
 HEADER_PROBE = 64 << 10  # first read: header and, for small blobs, everything
-STREAM_MIN = 64 << 20  # data sections from this size are hashed chunk by chunk as they are read
-STREAM_CHUNK = 32 << 20
+STREAM_MIN = 64 << 20  # data sections from this size are read and hashed chunk by chunk
+STREAM_CHUNK = 32 << 20  # bytes per chunk, written into the checksum's name
+PARALLEL_CHUNKS = True  # False: a chunk-tree blob is read whole, then hashed (the benchmarks' baseline)
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
 _DTYPES: dict[str, tuple[str, int]] = {  # torch dtype name -> (safetensors code, itemsize)
@@ -123,7 +131,6 @@ def pack(tensors: Mapping[str, torch.Tensor],
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: aligned views
     specs: dict[str, TensorSpec] = {}
     views: list[Any] = []
-    digest = xxhash.xxh3_128()
     position = 0
     for name in order:
         tensor = tensors[name]
@@ -136,11 +143,10 @@ def pack(tensors: Mapping[str, torch.Tensor],
             raise TypeError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
         raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         view = raw.data.cast("B") if raw.size else memoryview(b"")
-        digest.update(view)
         specs[name] = TensorSpec(name, _DTYPES[dtype_name][0], tuple(tensor.shape), position, position + view.nbytes)
         position += view.nbytes
         views.append(view)
-    checksum = f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+    checksum = _checksum_of(views, position)
     header_json: dict[str, Any] = {"__metadata__": {**metadata, "kvswap.format": FORMAT_VERSION,
                                                     "kvswap.checksum": checksum}}
     for spec in specs.values():
@@ -275,7 +281,13 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
     target = out.numpy().data
     have = min(max(len(probe) - header.data_offset, 0), size)
     target[:have] = probe[header.data_offset:header.data_offset + have]
-    digest = _digest(header, key, require_checksum)
+    chunk = _tree_chunk(header, key, require_checksum)
+    if chunk and len(probe) >= HEADER_PROBE and PARALLEL_CHUNKS:  # chunks read and hashed on several threads
+        got, digests = _read_tree(connector, key, target, have, size, header.data_offset, chunk)
+        _check_length(header, key, have + got, size)
+        _compare_tree(header, digests, key)
+        return _blob(header, buffer)
+    digest = None if chunk else _digest(header, key, require_checksum)
     streamed = len(probe) >= HEADER_PROBE and size - have >= STREAM_MIN and digest is not None
     if len(probe) < HEADER_PROBE:  # the probe held the whole value (parse_header checked its size)
         got = 0
@@ -287,28 +299,86 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
             got = connector.get_into(key, target[have:], offset=header.data_offset + have)
         except ValueError as exc:
             raise IntegrityError(f"{key!r} is truncated: {exc}") from None
-    if have + got < size:
-        raise IntegrityError(f"{key!r} is truncated: {header.data_offset + have + got} of {header.total_size} bytes")
-    if have + got > size:
-        raise IntegrityError(f"{key!r} holds more bytes than its header describes ({header.total_size})")
-    if digest is not None:
+    _check_length(header, key, have + got, size)
+    if chunk:
+        verify(header, target[:size], key)
+    elif digest is not None:
         if not streamed:
             digest.update(target[:size])
         _compare(header, digest, key)
+    return _blob(header, buffer)
+
+
+def _check_length(header: BlobHeader, key: str, got: int, size: int) -> None:
+    if got < size:
+        raise IntegrityError(f"{key!r} is truncated: {header.data_offset + got} of {header.total_size} bytes")
+    if got > size:
+        raise IntegrityError(f"{key!r} holds more bytes than its header describes ({header.total_size})")
+
+
+def _blob(header: BlobHeader, buffer: torch.Tensor) -> Blob:
     tensors = {name: buffer[s.start:s.end].view(s.torch_dtype).reshape(s.shape) for name, s in header.tensors.items()}
     return Blob(header, tensors, buffer)
 
 
 def verify(header: BlobHeader, data: Any, key: str, require_checksum: bool = True) -> None:
     """Check ``data`` (the data section) against the header's checksum."""
+    chunk = _tree_chunk(header, key, require_checksum)
+    if chunk:
+        view = memoryview(data).cast("B")
+        _compare_tree(header, [xxhash.xxh3_128_digest(view[i:i + chunk]) for i in range(0, len(view), chunk)], key)
+        return
     digest = _digest(header, key, require_checksum)
     if digest is not None:
         digest.update(data)
         _compare(header, digest, key)
 
 
+def _checksum_of(views: list[Any], size: int) -> str:
+    """The checksum a new blob records for its data section (``views`` back to back, ``size``
+    bytes): one xxh3-128 below STREAM_MIN bytes, else the chunk tree (chunks hashed in parallel)."""
+    if size < STREAM_MIN:
+        digest = xxhash.xxh3_128()
+        for view in views:
+            digest.update(view)
+        return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+    chunk = STREAM_CHUNK
+    pieces: list[list[Any]] = [[] for _ in range(-(-size // chunk))]
+    position = 0
+    for view in views:  # each chunk's pieces, cut across the views
+        offset = 0
+        while offset < len(view):
+            index, within = divmod(position, chunk)
+            take = min(len(view) - offset, chunk - within)
+            pieces[index].append(view[offset:offset + take])
+            offset += take
+            position += take
+    digests = list(_chunk_pool().map(_digest_pieces, pieces))
+    return f"{TREE_ALGORITHM}{chunk}:{xxhash.xxh3_128_hexdigest(b''.join(digests))}"
+
+
+def _digest_pieces(pieces: list[Any]) -> bytes:
+    digest = xxhash.xxh3_128()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.digest()
+
+
+def _tree_chunk(header: BlobHeader, key: str, require_checksum: bool) -> int:
+    """The chunk size of the header's tree checksum; 0 for a single hash or no checksum."""
+    algorithm = (header.checksum or "").partition(":")[0]
+    if not algorithm.startswith(TREE_ALGORITHM):
+        _digest(header, key, require_checksum)  # raises for a missing or unknown one
+        return 0
+    size = algorithm[len(TREE_ALGORITHM):]
+    if not size.isdigit() or int(size) < MIN_TREE_CHUNK or int(size) & (int(size) - 1):
+        raise IntegrityError(f"{key!r} names an impossible checksum chunk size: {algorithm!r}")
+    return int(size)
+
+
 def _digest(header: BlobHeader, key: str, require_checksum: bool) -> Any:
-    """A fresh hasher for the header's checksum; None for a blob without one (if allowed)."""
+    """A fresh hasher for the header's single-hash checksum; None for a blob without one (if
+    allowed)."""
     if header.checksum is None:
         if require_checksum:
             raise IntegrityError(f"{key!r} carries no kvswap checksum (a plain safetensors file?)")
@@ -320,7 +390,15 @@ def _digest(header: BlobHeader, key: str, require_checksum: bool) -> Any:
 
 
 def _compare(header: BlobHeader, digest: Any, key: str) -> None:
-    expected, actual = (header.checksum or "").partition(":")[2], digest.hexdigest()
+    _compare_hex(header, digest.hexdigest(), key)
+
+
+def _compare_tree(header: BlobHeader, chunk_digests: list[bytes], key: str) -> None:
+    _compare_hex(header, xxhash.xxh3_128_hexdigest(b"".join(chunk_digests)), key)
+
+
+def _compare_hex(header: BlobHeader, actual: str, key: str) -> None:
+    expected = (header.checksum or "").partition(":")[2]
     if actual != expected:
         raise IntegrityError(f"checksum mismatch for {key!r}: stored {expected}, computed {actual}")
 
@@ -330,11 +408,12 @@ _chunk_readers_lock = threading.Lock()
 
 
 def _chunk_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads that read the next chunk while the caller hashes the last (shared, made once)."""
+    """Threads that read and hash chunks of large blobs (shared, made once)."""
     global _chunk_readers
     with _chunk_readers_lock:
         if _chunk_readers is None:
-            _chunk_readers = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="kvswap-chunk")
+            _chunk_readers = concurrent.futures.ThreadPoolExecutor(max(8, min(32, os.cpu_count() or 8)),
+                                                                   thread_name_prefix="kvswap-chunk")
         return _chunk_readers
 
 
@@ -364,3 +443,32 @@ def _read_hashing(connector: Connector, key: str, target: Any, start: int, size:
             break
     digest.update(target[hashed:min(position, size)])
     return position - start
+
+
+def _read_tree(connector: Connector, key: str, target: Any, start: int, size: int, data_offset: int,
+               chunk: int) -> tuple[int, list[bytes]]:
+    """Read the data section from byte ``start`` (the bytes before it are in ``target``
+    already), every ``chunk``-byte chunk on its own thread, hashed by that thread as soon as
+    it is read. ``target`` holds ``size`` bytes and one spare (the last chunk reads it along:
+    a longer value fills it). Returns the bytes read and each chunk's digest; every read has
+    ended when this returns, failed or not."""
+
+    def read_chunk(low: int) -> tuple[int, bytes]:
+        high = min(low + chunk, size)
+        begin, stop = max(low, start), (high if high < size else size + 1)
+        try:
+            got = connector.get_into(key, target[begin:stop], offset=data_offset + begin) if begin < stop else 0
+        except ValueError as exc:  # the offset lies past the end: truncated
+            raise IntegrityError(f"{key!r} is truncated: {exc}") from None
+        if high < size and got < stop - begin:
+            raise IntegrityError(f"{key!r} is truncated: chunk at {low} read {got} of {stop - begin} bytes")
+        return got, xxhash.xxh3_128_digest(target[low:min(begin + got, high)])
+
+    futures = [_chunk_pool().submit(read_chunk, low) for low in range(0, max(size, 1), chunk)]
+    try:
+        results = [future.result() for future in futures]
+    finally:
+        for future in futures:
+            future.cancel()
+        concurrent.futures.wait(futures)
+    return sum(got for got, _ in results), [digest for _, digest in results]

@@ -138,13 +138,16 @@ def test_non_contiguous_tensor_is_stored_by_value(store) -> None:
 @pytest.mark.parametrize("size", ["below", "at", "chunk-multiple", "chunk-multiple-minus-one", "odd"])
 @pytest.mark.parametrize("damage", [None, "flip-first", "flip-last", "flip-chunk-edge", "truncate", "extend",
                                     "extend-chunk"])
-def test_streamed_reads_hash_every_byte_once(monkeypatch, tmp_path, scheme: str, size: str,
-                                             damage: str | None) -> None:
-    """Large data sections are hashed chunk by chunk while the next chunk is read: at every
-    size around the chunk edges the tensors come back exact, and every damage is caught."""
+@pytest.mark.parametrize("written", ["tree", "single-hash", "tree-read-whole"])
+def test_chunked_reads_hash_every_byte_once(monkeypatch, tmp_path, scheme: str, size: str, damage: str | None,
+                                            written: str) -> None:
+    """Large data sections are read and hashed chunk by chunk: chunk-tree blobs on several
+    threads (or read whole, the benchmarks' baseline), single-hash blobs (written before the
+    tree) chunk k hashed while k + 1 is read. At every size around the chunk edges the tensors
+    come back exact, and every damage is caught."""
     import kvswap.blob as blob
 
-    monkeypatch.setattr(blob, "STREAM_MIN", 64 << 10)
+    monkeypatch.setattr(blob, "STREAM_MIN", 1 << 62 if written == "single-hash" else 64 << 10)
     monkeypatch.setattr(blob, "STREAM_CHUNK", 16 << 10)
     nbytes = {"below": (64 << 10) - 1000, "at": 64 << 10, "chunk-multiple": 160 << 10,
               "chunk-multiple-minus-one": (160 << 10) - 1, "odd": 200_003}[size] + (64 << 10)  # past the probe
@@ -152,6 +155,9 @@ def test_streamed_reads_hash_every_byte_once(monkeypatch, tmp_path, scheme: str,
     uri = "mem://" if scheme == "mem" else f"file://{tmp_path}"
     with open_connector(uri) as conn:
         header = write_blob(conn, "big/blob", {"v": value})
+        assert header.checksum.startswith("xxh3_128:" if written == "single-hash" else "xxh3_128-tree-16384:")
+        monkeypatch.setattr(blob, "STREAM_MIN", 64 << 10)
+        monkeypatch.setattr(blob, "PARALLEL_CHUNKS", written != "tree-read-whole")
         raw = bytearray(conn.get("big/blob"))
         start = header.data_offset
         if damage == "flip-first":
