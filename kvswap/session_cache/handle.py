@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kvswap.session_cache.base import SessionBusyError, common_prefix
@@ -13,8 +13,6 @@ from kvswap.session_cache.tiers import StoredState
 
 if TYPE_CHECKING:
     import torch
-
-    from kvswap.session_cache.manager import SessionCache
 
 
 @dataclasses.dataclass
@@ -107,9 +105,13 @@ class SessionHandle:
     and :meth:`commit` with every token whose KV the blocks now hold.
     """
 
-    def __init__(self, cache: SessionCache, session_id: str, resident: Resident, cached: int) -> None:
-        self.cache = cache
+    def __init__(self, session_id: str, resident: Resident, cached: int, *, block_size: int,
+                 reserve: Callable[[int], None], finish: Callable[[], None]) -> None:
+        """``reserve(num_tokens)`` and ``finish()`` are the cache's, bound to this session."""
         self.session_id = session_id
+        self._block_size = block_size
+        self._reserve = reserve
+        self._finish = finish
         self._resident = resident
         self.cached = cached
         self._closed = False
@@ -137,13 +139,13 @@ class SessionHandle:
     def reserve(self, num_tokens: int) -> None:
         """Make room for KV of positions ``0..num_tokens-1`` (may swap other sessions out)."""
         self._check_open()
-        self.cache._reserve(self.session_id, self._resident, num_tokens)
+        self._reserve(num_tokens)
 
     def commit(self, tokens: Sequence[int]) -> None:
         """Record that the blocks hold the KV of ``tokens`` (the whole sequence, from 0)."""
         self._check_open()
         tokens = list(tokens)
-        if len(tokens) > len(self._resident.blocks) * self.cache.pool.block_size:
+        if len(tokens) > len(self._resident.blocks) * self._block_size:
             raise ValueError("commit covers more tokens than were reserved")
         kept = common_prefix(self._resident.tokens, tokens)
         if kept < len(self._resident.tokens):
@@ -153,7 +155,7 @@ class SessionHandle:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.cache._finish(self.session_id, self._resident)
+            self._finish()
 
     def _check_open(self) -> None:
         if self._closed:

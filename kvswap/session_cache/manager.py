@@ -20,6 +20,7 @@ and the write-back / write-through policies: docs/session-cache.md.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -147,7 +148,9 @@ class SessionCache:
                 self.stats.misses += 1
             self._resident[session_id] = resident
             self._resident.move_to_end(session_id)
-        return SessionHandle(self, session_id, resident, cached)
+        return SessionHandle(session_id, resident, cached, block_size=self.pool.block_size,
+                             reserve=functools.partial(self._reserve, session_id, resident),
+                             finish=functools.partial(self._finish, session_id, resident))
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """The engine reports a prefill; the rate decides when loading is slower than recomputing."""
