@@ -9,6 +9,7 @@ from kvswap.errors import (
     KVSwapError,
     NotFoundError,
     StorageFullError,
+    UnsupportedFormatError,
     VersionConflictError,
 )
 from kvswap.uri import URI
@@ -25,5 +26,6 @@ __all__ = [
     "KVSwapError",
     "NotFoundError",
     "StorageFullError",
+    "UnsupportedFormatError",
     "VersionConflictError",
 ]

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from kvswap.errors import IntegrityError
+from kvswap.errors import IntegrityError, UnsupportedFormatError
 
 if TYPE_CHECKING:
     import torch
@@ -194,7 +194,7 @@ def parse_header(data: bytes | memoryview, key: str, blob_size: int | None = Non
         raise IntegrityError(f"{key!r} holds {blob_size} bytes but its header describes {8 + length + data_size}")
     version = meta.get("kvswap.format")
     if version is not None and version != FORMAT_VERSION:
-        raise IntegrityError(f"{key!r} has blob format {version}; this kvswap reads {FORMAT_VERSION}")
+        raise UnsupportedFormatError(f"{key!r} has blob format {version}; this kvswap reads {FORMAT_VERSION}")
     reserved = {k for k in meta if k.startswith(RESERVED_PREFIX)}
     if reserved and reserved != {"kvswap.format", "kvswap.checksum"}:  # a kvswap blob names exactly these
         raise IntegrityError(f"{key!r} has a damaged kvswap header: reserved fields {sorted(reserved)}")
@@ -385,7 +385,7 @@ def _digest(header: BlobHeader, key: str, require_checksum: bool) -> Any:
         return None
     algorithm = header.checksum.partition(":")[0]
     if algorithm != CHECKSUM_ALGORITHM:
-        raise IntegrityError(f"{key!r} uses unknown checksum algorithm {algorithm!r}")
+        raise UnsupportedFormatError(f"{key!r} uses unknown checksum algorithm {algorithm!r}")
     return xxhash.xxh3_128()
 
 

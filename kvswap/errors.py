@@ -50,6 +50,14 @@ class IntegrityError(KVSwapError):
     """Stored bytes fail verification (checksum, length, header, format)."""
 
 
+class UnsupportedFormatError(IntegrityError):
+    """Stored bytes in a format or checksum this kvswap does not know (written by a newer one?).
+
+    Refused like damage (never read as tensors), but not damage: the session store leaves
+    such data and its meta in place (a miss here), so an instance that has not been upgraded
+    yet does not delete what upgraded instances wrote."""
+
+
 class InvalidInputError(KVSwapError, ValueError):
     """What the caller passed is not acceptable (a kind: its subclasses say what)."""
 

@@ -74,6 +74,25 @@ def test_damaged_blob_is_a_miss_and_its_entries_are_dropped(tmp_path: Path, dama
         assert not path.exists()  # the bad blob was deleted with its entry
 
 
+def test_a_newer_format_is_a_miss_and_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans whose checksum this kvswap does not know (written by a newer one, during a rolling
+    upgrade) are not read and not dropped: once this instance reads that format, they reuse."""
+    import kvswap.blob as blob
+
+    monkeypatch.setattr(blob, "CHECKSUM_ALGORITHM", "xxh3_128_next")  # what "a newer kvswap" writes
+    cache, engine, request = _one_turn_then_store(tmp_path)
+    entries = cache.meta.entries("s")
+    assert all(e.checksum.startswith("xxh3_128_next:") for e in entries)
+    monkeypatch.setattr(blob, "CHECKSUM_ALGORITHM", "xxh3_128")  # this kvswap
+    assert cache.prefetch("s") == 0  # a miss
+    assert cache.stats.dropped_entries == 0
+    assert cache.meta.entries("s") == entries
+    assert all((tmp_path / "kv" / e.key).exists() for e in entries)
+    monkeypatch.setattr(blob, "CHECKSUM_ALGORITHM", "xxh3_128_next")  # upgraded: the format is known
+    assert cache.prefetch("s") == entries[-1].token_end
+    assert _check_exact(engine, "s", request) == entries[-1].token_end
+
+
 def test_damaged_first_entry_leaves_nothing_to_reuse(tmp_path: Path) -> None:
     cache, engine, request = _one_turn_then_store(tmp_path)
     first, second = cache.meta.entries("s")

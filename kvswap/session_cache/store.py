@@ -45,6 +45,7 @@ from kvswap.errors import (
     InvalidKeyError,
     KVSwapError,
     NotFoundError,
+    UnsupportedFormatError,
     VersionConflictError,
 )
 from kvswap.meta import Entry, LeaseError, MetaStore, Session
@@ -289,6 +290,10 @@ class SessionStore:
                     kv, span = future.result()
                     if chain_hash(previous, span) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
+                except UnsupportedFormatError as exc:  # a newer kvswap's data: a miss here, kept for it
+                    log.warning("session %r: stored KV from token %d is in a format this kvswap cannot read; "
+                                "left in place: %s", session_id, entry.token_offset, exc)
+                    return
                 except DAMAGE as exc:
                     log.warning("dropping stored KV of session %r from token %d: %s", session_id,
                                 entry.token_offset, exc)
