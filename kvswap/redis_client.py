@@ -1,7 +1,10 @@
 """One way to open a Redis or Valkey client from a kvswap URI (connectors and meta stores).
 
 ``redis://``/``rediss://`` use redis-py, ``valkey://``/``valkeys://`` valkey-py; the ``s``
-schemes use TLS. ``scheme://[user:password@]host[:port][/db]``. Connections keep the C reply
+schemes use TLS. ``scheme://[user:password@]host[:port][/db]``. With ``cluster=True`` the
+host is one node of a Redis/Valkey Cluster (``nodes``: more seed nodes, ``host:port,...``)
+and the client is the library's own cluster client: it learns the slot map, follows MOVED
+and ASK, and re-learns the map after a failover. Connections keep the C reply
 parser but pack commands in Python: the C packers copy large values (about 4x slower SETs,
 see notes/SERVICES.md), the Python one sends them as separate buffers.
 """
@@ -66,9 +69,11 @@ class RedisClient:
     needs on this library version.
     """
 
-    def __init__(self, uri: URI, opts: dict[str, Any], retries: int, *, large_values: bool = True) -> None:
+    def __init__(self, uri: URI, opts: dict[str, Any], retries: int, *, large_values: bool = True,
+                 cluster: bool = False, nodes: str | None = None) -> None:
         """``large_values``: pack commands in Python (module doc); False keeps the library's
-        own packer, faster for many small arguments (the meta store's scripts)."""
+        own packer, faster for many small arguments (the meta store's scripts). ``cluster``:
+        ``uri`` names a node of a cluster, ``nodes`` more of them (``host:port,...``)."""
         library = LIBRARIES[uri.scheme]
         lib = importlib.import_module(library)
         self.errors = error_table(lib)
@@ -85,7 +90,7 @@ class RedisClient:
         plain, tls = (_connection_classes(lib) if large_values
                       else (lib.connection.Connection, lib.connection.SSLConnection))
         kwargs: dict[str, Any] = dict(
-            host=uri.host, port=uri.port or 6379, db=db, username=uri.username, password=uri.password,
+            username=uri.username, password=uri.password,
             socket_timeout=opts["timeout"], socket_connect_timeout=opts["connect_timeout"],
             retry=lib.retry.Retry(lib.backoff.ExponentialBackoff(cap=1.0, base=0.05), retries),
             max_connections=opts["max_connections"], connection_class=plain,
@@ -93,13 +98,54 @@ class RedisClient:
         if uri.scheme in ("rediss", "valkeys"):
             kwargs.update(connection_class=tls, ssl_ca_certs=opts["tls_ca_file"],
                           ssl_cert_reqs="required" if opts["tls_verify"] else "none")
-        self.pool = lib.ConnectionPool(**kwargs)
+        self.cluster = cluster
+        if cluster:
+            if db:
+                raise ConfigError(f"{uri}: a cluster has only database 0")
+            # url= makes the cluster client build each node's pool with our connection class;
+            # the credentials stay out of the URL string (passed as arguments).
+            seeds = [lib.cluster.ClusterNode(*_host_port(node)) for node in (nodes or "").split(",") if node]
+            self.pool = None
+            self.client = getattr(lib.cluster, "RedisCluster" if library == "redis" else "ValkeyCluster")(
+                url=f"{'rediss' if uri.scheme in ('rediss', 'valkeys') else 'redis'}://{uri.host}:{uri.port or 6379}",
+                startup_nodes=seeds or None, **kwargs)
+            self.checkout_args = _checkout_args(self.node_pool("probe"))
+            return
+        self.pool = lib.ConnectionPool(host=uri.host, port=uri.port or 6379, db=db, **kwargs)
         self.client = lib.Redis(connection_pool=self.pool) if library == "redis" \
             else lib.Valkey(connection_pool=self.pool)
-        # valkey-py still requires a command name here; redis-py deprecates passing one.
-        needs_name = inspect.signature(self.pool.get_connection).parameters.get("command_name")
-        self.checkout_args = ("GET",) if needs_name and needs_name.default is inspect.Parameter.empty else ()
+        self.checkout_args = _checkout_args(self.pool)
+
+    def node_pool(self, key: str) -> Any:
+        """The connection pool of the server holding ``key`` (a cluster's primary for its slot)."""
+        if self.pool is not None:
+            return self.pool
+        node = self.client.get_node_from_key(key)
+        return (getattr(node, "redis_connection", None) or node.valkey_connection).connection_pool
+
+    def refresh(self) -> None:
+        """Re-learn a cluster's slot map (after a MOVED or ASK met outside the client)."""
+        if self.cluster:
+            self.client.nodes_manager.initialize()
+
+    def primaries(self) -> int:
+        return len(self.client.get_primaries()) if self.cluster else 1
 
     def close(self) -> None:
         self.client.close()
-        self.pool.disconnect()
+        if self.pool is not None:
+            self.pool.disconnect()
+
+
+def _checkout_args(pool: Any) -> tuple[str, ...]:
+    """What ``pool.get_connection`` needs: valkey-py still requires a command name; redis-py
+    deprecates passing one."""
+    needs_name = inspect.signature(pool.get_connection).parameters.get("command_name")
+    return ("GET",) if needs_name and needs_name.default is inspect.Parameter.empty else ()
+
+
+def _host_port(node: str) -> tuple[str, int]:
+    host, _, port = node.strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"cluster nodes are host:port, not {node!r}")
+    return host, int(port)

