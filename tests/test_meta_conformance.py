@@ -53,6 +53,15 @@ class TestEtcd(MetaSuite):
         return f"etcd://{uri.host}:{uri.port}/{unique}"
 
 
+class TestEtcdCluster(MetaSuite):
+    """Three members; the store knows all of them (``endpoints``)."""
+
+    @pytest.fixture
+    def meta_uri(self, unique: str) -> str:
+        uri = URI.parse(env_or_skip("KVSWAP_TEST_ETCD_CLUSTER_URI"))
+        return f"etcd://{uri.host}:{uri.port}/{unique}?endpoints={dict(uri.query)['endpoints']}"
+
+
 class TestRedis(MetaSuite):
     @pytest.fixture
     def meta_uri(self, unique: str) -> str:
@@ -63,3 +72,19 @@ class TestValkey(MetaSuite):
     @pytest.fixture
     def meta_uri(self, unique: str) -> str:
         return namespaced("KVSWAP_TEST_VALKEY_URI", prefix=f"{unique}:")
+
+
+class TestValkeyCluster(MetaSuite):
+    """Three primaries: a session's keys share its bucket's slot; 8 buckets, so pages merge
+    buckets on every primary."""
+
+    @pytest.fixture
+    def meta_uri(self, unique: str) -> str:
+        return namespaced("KVSWAP_TEST_VALKEY_CLUSTER_URI", prefix=f"{unique}:", buckets="8")
+
+
+class TestRedisPyOnValkeyCluster(TestValkeyCluster):
+    @pytest.fixture
+    def meta_uri(self, unique: str) -> str:
+        uri = namespaced("KVSWAP_TEST_VALKEY_CLUSTER_URI", prefix=f"{unique}:", buckets="8")
+        return "redis" + uri.removeprefix("valkey")

@@ -5,6 +5,12 @@ Client: etcd's v3 gRPC API through ``grpcio`` with the generated stubs that the 
 import with today's protobuf (notes/SERVICES.md); aetcd's own client is asyncio-only and
 lacks range limits, which paging needs; its stubs work with protobuf 7 as installed.
 
+Several members: ``etcd://host:2379/prefix?endpoints=host2:2379,host3:2379``. The gRPC channel
+holds every member's address (resolved to IPv4 when the store opens) and uses the first it
+can reach; when that member dies, calls in flight fail with BackendUnavailableError and
+the next ones go to another member (any member serves reads and forwards writes to the
+leader; two of three keep the quorum).
+
 Keys under ``prefix/``: ``s/{id}`` the session (a JSON array: its fields, then its entry
 count), ``e/{id}\\x00{seq:010d}`` one entry each (:func:`kvswap.meta.base.entry_value`;
 ids cannot contain NUL, so one session's range
@@ -80,6 +86,7 @@ def _prefix_end(prefix: bytes) -> bytes:
 class EtcdMetaStore(MetaStore):
     OPTIONS: ClassVar[Mapping[str, Option]] = {
         "timeout": Option(parse_seconds, 10.0, "seconds any etcd call may take"),
+        "endpoints": Option(str, None, "more members of the etcd cluster: host:port,host:port"),
     }
 
     def __init__(self, uri: URI, **options: Any) -> None:
@@ -95,7 +102,7 @@ class EtcdMetaStore(MetaStore):
             raise ConfigError(f"etcd:// needs a key prefix as its path, like etcd://127.0.0.1:2379/kvswap, not {uri}")
         self._root = name.encode("utf-8") + b"/"
         self._timeout = self.options["timeout"]
-        self._channel = grpc.insecure_channel(f"{uri.host}:{uri.port or 2379}")
+        self._channel = grpc.insecure_channel(_target(uri.host, uri.port or 2379, self.options["endpoints"]))
         self._kv = rpc.KVStub(self._channel)
         self._leases = rpc.LeaseStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -419,3 +426,26 @@ class EtcdMetaStore(MetaStore):
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _target(host: str, port: int, endpoints: str | None) -> str:
+    """The gRPC target for the URI's member and ``endpoints`` (``host:port,...``): one address,
+    or an ``ipv4:`` list of all of them (names resolved now) that the channel fails over within."""
+    if not endpoints:
+        return f"{host}:{port}"
+    import socket
+
+    members = [(host, port)]
+    for member in endpoints.split(","):
+        name, _, number = member.strip().rpartition(":")
+        if not name or not number.isdigit():
+            raise ConfigError(f"etcd endpoints are host:port, not {member!r}")
+        members.append((name, int(number)))
+    addresses = []
+    for member_host, member_port in members:
+        try:
+            found = socket.getaddrinfo(member_host, member_port, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"etcd member {member_host}:{member_port} does not resolve: {exc}") from None
+        addresses.append(f"{found[0][4][0]}:{member_port}")
+    return "ipv4:" + ",".join(dict.fromkeys(addresses))

@@ -12,13 +12,20 @@
 Every change is one Lua script that checks the version and writes, atomically on the server;
 reads of many sessions (a page) are one script call too.
 Scripts are never retried after a lost connection (a retried append could land twice).
-Single Redis/Valkey primary; a Redis/Valkey Cluster is refused with a ConfigError (keys of one
-session span slots): not supported yet.
+**Cluster** (``?cluster=true``, any node; ``nodes=host:port,...`` more seeds): every key above
+takes the hash tag of its session's bucket, ``{b<NN>}`` after the prefix (a CRC-32 of the id,
+modulo ``buckets``, default 64), and ``idx`` and ``ttl`` exist once per bucket. A session's
+keys and its bucket's indexes share one slot, so each change stays one atomic script on one
+primary; the buckets spread the sessions over the primaries. Listing merges the buckets'
+indexes in byte order (the order of every backend), :meth:`expired` merges them by expiry.
+A single primary without ``cluster`` keeps the untagged layout above; a cluster node opened
+without it is refused with a ConfigError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, NoReturn
 
@@ -28,7 +35,7 @@ from kvswap.meta.base import MetaStore
 from kvswap.meta.codec import entries_from_values, entry_value
 from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, LeaseError, Session, SessionPage
 from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
-from kvswap.uri import URI, Option
+from kvswap.uri import URI, Option, parse_bool, parse_positive_int
 
 # A session as scripts return it: its hash fields (_FIELDS, in order), lease holder, lease PTTL.
 _FIELDS = ("fingerprint", "version", "total_tokens", "created", "last_access", "ttl", "attrs")
@@ -40,6 +47,13 @@ local function read(skey, lkey)
   return r
 end
 """.replace("%s", ", ".join(f"'{f}'" for f in _FIELDS))
+
+# KEYS: session hash, entries list, lease: the session as _READ returns it, then its entries.
+_READ_WITH_ENTRIES = _LUA_READ + """
+local r = read(KEYS[1], KEYS[3])
+r[10] = redis.call('LRANGE', KEYS[2], 0, -1)
+return r
+"""
 
 # KEYS: session hash and lease of each session, in pairs.
 _READ = _LUA_READ + """
@@ -143,19 +157,25 @@ class RedisMetaStore(MetaStore):
     OPTIONS: ClassVar[Mapping[str, Option]] = {
         **CLIENT_OPTIONS,
         "prefix": Option(str, "kvswap:meta:", "namespace of every key this store writes"),
+        "cluster": Option(parse_bool, False, "the host is a node of a Redis/Valkey Cluster"),
+        "nodes": Option(str, None, "more cluster nodes to start from: host:port,host:port"),
+        "buckets": Option(parse_positive_int, 64, "on a cluster: slots the sessions are spread over"),
     }
 
     def __init__(self, uri: URI, **options: Any) -> None:
         super().__init__(uri, **options)
         if not self.options["prefix"]:
             raise ConfigError("prefix must not be empty")
-        self._redis = RedisClient(uri, self.options, retries=0, large_values=False)
+        self._redis = RedisClient(uri, self.options, retries=0, large_values=False,
+                                  cluster=self.options["cluster"], nodes=self.options["nodes"])
         self._client = self._redis.client
         self._prefix = self.options["prefix"]
+        buckets = self.options["buckets"] if self.options["cluster"] else 0
+        self._tags = [f"{{b{i:02x}}}" for i in range(buckets)] or [""]
         register = self._client.register_script
         self._scripts = {name: register(body) for name, body in (
             ("create", _CREATE), ("update", _UPDATE), ("append", _APPEND), ("truncate", _TRUNCATE),
-            ("delete", _DELETE), ("lease", _LEASE), ("read", _READ))}
+            ("delete", _DELETE), ("lease", _LEASE), ("read", _READ), ("read_with_entries", _READ_WITH_ENTRIES))}
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -165,16 +185,22 @@ class RedisMetaStore(MetaStore):
     def _reraise(self, exc: Exception, what: str) -> NoReturn:
         """Raise ``exc`` as kvswap's kind (hot paths catch themselves: cheaper than _errors)."""
         if "CROSSSLOT" in str(exc) or str(exc).startswith("MOVED "):
-            raise ConfigError(f"{self.uri} is a node of a Redis/Valkey Cluster; the meta store needs one primary "
-                              "(meta on a cluster is not supported yet: use etcd, PostgreSQL or MySQL)") from None
+            raise ConfigError(f"{self.uri} is a node of a Redis/Valkey Cluster: open it with cluster=true") from None
         error = translated(self._redis.errors, f"{what} on {self.uri}", exc)
         if error is None or error is exc:
             raise exc
         raise error from exc
 
+    def _tag(self, session_id: str) -> str:
+        """The hash tag of the session's bucket ("" on a single primary)."""
+        if len(self._tags) == 1:
+            return self._tags[0]
+        return self._tags[zlib.crc32(session_id.encode("utf-8")) % len(self._tags)]
+
     def _keys(self, session_id: str) -> list[str]:
-        p = self._prefix
-        return [f"{p}s:{session_id}", f"{p}e:{session_id}", f"{p}l:{session_id}", f"{p}idx", f"{p}ttl"]
+        p, t = self._prefix, self._tag(session_id)
+        return [f"{p}{t}s:{session_id}", f"{p}{t}e:{session_id}", f"{p}{t}l:{session_id}", f"{p}{t}idx",
+                f"{p}{t}ttl"]
 
     def _run(self, name: str, what: str, session_id: str, *args: Any) -> list[Any]:
         rules.validate_session_id(session_id)
@@ -210,26 +236,27 @@ class RedisMetaStore(MetaStore):
         return session
 
     def _read(self, session_ids: list[str]) -> list[Session | None]:
-        """Sessions by id in one script call (None for ids that do not exist)."""
-        p = self._prefix
-        keys = [key for session_id in session_ids for key in (f"{p}s:{session_id}", f"{p}l:{session_id}")]
-        try:
-            states = self._scripts["read"](keys=keys)
-        except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
-            self._reraise(exc, "reading sessions")
-        return [self._state(i, state) for i, state in zip(session_ids, states)]
+        """Sessions by id (None for ids that do not exist): one script call per bucket."""
+        by_tag: dict[str, list[str]] = {}
+        for session_id in session_ids:
+            by_tag.setdefault(self._tag(session_id), []).append(session_id)
+        found: dict[str, Session | None] = {}
+        for ids in by_tag.values():
+            keys = [key for session_id in ids for key in self._keys(session_id)[0:3:2]]  # hash, lease
+            try:
+                states = self._scripts["read"](keys=keys)
+            except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
+                self._reraise(exc, "reading sessions")
+            found.update((i, self._state(i, state)) for i, state in zip(ids, states))
+        return [found[i] for i in session_ids]
 
     def _entries_and_session(self, session_id: str) -> tuple[Session, list[Entry]]:
         rules.validate_session_id(session_id)
-        keys = self._keys(session_id)
-        with self._errors(f"reading session {session_id!r}"):
-            pipe = self._client.pipeline(transaction=True)  # one consistent snapshot
-            pipe.hmget(keys[0], _FIELDS)
-            pipe.get(keys[2])
-            pipe.pttl(keys[2])
-            pipe.lrange(keys[1], 0, -1)
-            fields, holder, pttl, raw = pipe.execute()
-        return self._existing(session_id, [*fields, holder, pttl]), entries_from_values(session_id, raw)
+        try:  # one script: a consistent snapshot
+            reply = self._scripts["read_with_entries"](keys=self._keys(session_id)[:3])
+        except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
+            self._reraise(exc, f"reading session {session_id!r}")
+        return self._existing(session_id, reply[:9]), entries_from_values(session_id, reply[9])
 
     # ---- the contract -----------------------------------------------------------------------
 
@@ -278,8 +305,9 @@ class RedisMetaStore(MetaStore):
     def entries(self, session_id: str) -> list[Entry]:
         rules.validate_session_id(session_id)
         try:
-            raw = self._client.lrange(f"{self._prefix}e:{session_id}", 0, -1)
-            if not raw and not self._client.exists(f"{self._prefix}s:{session_id}"):
+            keys = self._keys(session_id)
+            raw = self._client.lrange(keys[1], 0, -1)
+            if not raw and not self._client.exists(keys[0]):
                 raise rules.not_found(session_id)
         except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
             self._reraise(exc, f"listing entries of {session_id!r}")
@@ -318,7 +346,10 @@ class RedisMetaStore(MetaStore):
         start = b"-" if after is None else b"(" + after.encode("utf-8")
         while True:
             with self._errors("listing sessions"):
-                raw = self._client.zrangebylex(f"{self._prefix}idx", start, b"+", start=0, num=size + 1)
+                pipe = self._client.pipeline(transaction=False)
+                for tag in self._tags:  # each bucket's next ids; the first size + 1 of all are among them
+                    pipe.zrangebylex(f"{self._prefix}{tag}idx", start, b"+", start=0, num=size + 1)
+                raw = sorted(i for ids in pipe.execute() for i in ids)[:size + 1]  # bytes: byte order
             ids = [_text(i) for i in raw]
             more = len(ids) > size
             batch = ids[:size]
@@ -330,8 +361,12 @@ class RedisMetaStore(MetaStore):
 
     def expired(self, limit: int = 1000) -> list[Session]:
         with self._errors("finding expired sessions"):
-            raw = self._client.zrangebyscore(f"{self._prefix}ttl", "-inf", repr(self.now()), start=0, num=limit)
-        return [s for s in self._read([_text(i) for i in raw]) if s is not None]
+            pipe = self._client.pipeline(transaction=False)
+            for tag in self._tags:
+                pipe.zrangebyscore(f"{self._prefix}{tag}ttl", "-inf", repr(self.now()), start=0, num=limit,
+                                   withscores=True)
+            due = sorted((pair for pairs in pipe.execute() for pair in pairs), key=lambda pair: pair[1])[:limit]
+        return [s for s in self._read([_text(i) for i, _ in due]) if s is not None]
 
     # ---- leases -------------------------------------------------------------------------------
 

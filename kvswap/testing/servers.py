@@ -14,10 +14,12 @@ create`` as three primaries with a replica each),
 ``s3`` (SeaweedFS ``weed mini``), ``juicefs`` (a JuiceFS mount, metadata in the redis
 server's db 1, data in a local directory), ``postgres`` (Debian postgresql, run as user
 postgres), ``mariadb`` (Debian mariadb-server, run as user mysql), ``etcd`` (Debian
-etcd-server). Test variables: ``KVSWAP_TEST_REDIS_URI``, ``KVSWAP_TEST_VALKEY_URI``,
-``KVSWAP_TEST_VALKEY_CLUSTER_URI`` (one node, ``?cluster=true``),
+etcd-server), ``etcd-cluster`` (three etcd members of one cluster). Test variables:
+``KVSWAP_TEST_REDIS_URI``, ``KVSWAP_TEST_VALKEY_URI``, ``KVSWAP_TEST_VALKEY_CLUSTER_URI`` (one
+node, ``?cluster=true``),
 ``KVSWAP_TEST_S3_URI``, ``KVSWAP_TEST_JUICEFS_DIR``, ``KVSWAP_TEST_POSTGRES_URI``,
-``KVSWAP_TEST_MYSQL_URI``, ``KVSWAP_TEST_ETCD_URI``.
+``KVSWAP_TEST_MYSQL_URI``, ``KVSWAP_TEST_ETCD_URI``, ``KVSWAP_TEST_ETCD_CLUSTER_URI`` (the first
+member, ``?endpoints=`` the others; ``KVSWAP_TEST_ETCD_CLUSTER_PIDS`` lists the members' PIDs).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ S3_BUCKET = "kvswap-test"
 DB_USER = "kvswap"
 DB_PASSWORD = "kvswap-secret"
 DB_NAME = "kvswap_test"
-ALL = ("redis", "valkey", "valkey-cluster", "s3", "juicefs", "postgres", "mariadb", "etcd")
+ALL = ("redis", "valkey", "valkey-cluster", "s3", "juicefs", "postgres", "mariadb", "etcd", "etcd-cluster")
 
 
 def free_port() -> int:
@@ -399,23 +401,51 @@ def start_mariadb(state: Path) -> Started:
 
 
 def start_etcd(state: Path) -> Started:
+    return _etcd_members(state / "etcd", 1)[0]
+
+
+def start_etcd_cluster(state: Path) -> list[Started]:
+    return _etcd_members(state / "etcd-cluster", 3)
+
+
+def _etcd_members(base: Path, count: int) -> list[Started]:
+    """``count`` etcd members forming one cluster, on free ports; the first carries the test URI."""
     binary = _bin("etcd") or shutil.which("etcd", path="/usr/bin")
     if not binary:
         raise RuntimeError("etcd not found (apt-get install etcd-server)")
-    base = _owned_dir(state / "etcd", None)
-    port, peer = free_port(), free_port()
-    client_url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-    proc = _spawn([binary, "--name", "default", "--data-dir", str(base / "data"),
-                   "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-                   "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-                   "--initial-cluster", f"default={peer_url}"], base / "server.log")
+    base = _owned_dir(base, None)
+    clients, peers = [free_port() for _ in range(count)], [free_port() for _ in range(count)]
+    cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, peer in enumerate(peers))
+    started: list[Started] = []
+    try:
+        for index, (port, peer) in enumerate(zip(clients, peers)):
+            client_url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
+            proc = _spawn([binary, "--name", f"m{index}", "--data-dir", str(base / f"data{index}"),
+                           "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+                           "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+                           "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                           "--initial-cluster-token", base.name], base / f"server{index}.log")
+            started.append(Started(f"{base.name}-{index}", proc.pid, {}))
 
-    def healthy() -> bool:
-        with urllib.request.urlopen(f"{client_url}/health", timeout=1) as response:
-            return json.loads(response.read()).get("health") == "true"
+        def healthy() -> bool:
+            for port in clients:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    if json.loads(response.read()).get("health") != "true":
+                        return False
+            return True
 
-    _wait(healthy, 30, "etcd", proc)
-    return Started("etcd", proc.pid, {"KVSWAP_TEST_ETCD_URI": f"etcd://127.0.0.1:{port}/kvswap-test"})
+        _poll(healthy, 30, "etcd", None)
+    except BaseException:
+        for member in started:
+            stop_pid(member.pid)
+        raise
+    if count == 1:
+        started[0].env["KVSWAP_TEST_ETCD_URI"] = f"etcd://127.0.0.1:{clients[0]}/kvswap-test"
+    else:
+        others = ",".join(f"127.0.0.1:{port}" for port in clients[1:])
+        started[0].env["KVSWAP_TEST_ETCD_CLUSTER_URI"] = f"etcd://127.0.0.1:{clients[0]}/kvswap-test?endpoints={others}"
+        started[0].env["KVSWAP_TEST_ETCD_CLUSTER_PIDS"] = ",".join(str(m.pid) for m in started)
+    return started
 
 
 STARTERS: dict[str, Callable[[Path], Started]] = {
@@ -442,6 +472,8 @@ def up(state: Path, names: tuple[str, ...] = ALL) -> dict[str, str]:
                 started.append(STARTERS[name](state))
             elif name == "valkey-cluster":
                 started.extend(start_valkey_cluster(state))
+            elif name == "etcd-cluster":
+                started.extend(start_etcd_cluster(state))
             elif name == "juicefs":
                 redis = next((s.env["KVSWAP_TEST_REDIS_URI"] for s in started if s.name == "redis"), None)
                 if redis is None:
