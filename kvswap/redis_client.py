@@ -128,6 +128,10 @@ class RedisClient:
         if self.cluster:
             self.client.nodes_manager.initialize()
 
+    def slot_of(self, key: str) -> int:
+        """The cluster slot of ``key`` (CRC16 of it, or of its hash tag)."""
+        return int(self.client.keyslot(key))
+
     def primaries(self) -> int:
         return len(self.client.get_primaries()) if self.cluster else 1
 

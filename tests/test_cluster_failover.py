@@ -69,7 +69,7 @@ class Cluster:
                     own = int(info.split("master_repl_offset:")[1].split()[0])
                     acked = [int(f.split("=")[1]) for line in info.splitlines() if line.startswith("slave")
                              for f in line.split(",") if f.startswith("offset=")]
-                    behind += not acked or min(acked) < own
+                    behind += not acked or min(acked) < own or "state=online" not in info
             if not behind:
                 return
             time.sleep(0.1)
@@ -181,3 +181,18 @@ def test_sessions_read_exact_or_miss_after_a_primary_dies(cluster: Cluster, tmp_
     referenced = {e.key for s in histories for e in cache.meta.entries(s)}
     assert set(connector.list("")) == referenced
     cache.close()
+
+
+def test_replicas_option_waits_for_each_primarys_replica(cluster: Cluster) -> None:
+    """``replicas=1``: a put returns once every primary it wrote to has its replica caught up;
+    asking for more replicas than exist fails within ``replica_timeout``, saying so."""
+    cluster.replicate()  # the replicas' first sync is over
+    with open_connector(f"{cluster.uri}&{OPTIONS}&prefix=fr:&replicas=1&replica_timeout=1") as conn:
+        conn.put("v", os.urandom(5 << 20))  # chunks on every primary
+        conn.put("small", b"x")
+        assert conn.size("v") == 5 << 20 and bytes(conn.get("small")) == b"x"
+    with open_connector(f"{cluster.uri}&{OPTIONS}&prefix=fr:&replicas=2&replica_timeout=0.2") as conn:
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailableError, match="1 of 2 replicas"):
+            conn.put("w", b"y")
+        assert time.monotonic() - began < 2

@@ -32,6 +32,7 @@ store: :mod:`kvswap.redis_client`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -69,6 +70,8 @@ class RedisConnector(Connector):
         "parallel": Option(parse_positive_int, 4, "connections moving one value's chunks in parallel"),
         "pending_ttl": Option(parse_seconds, 600.0, "expiry of chunks until their manifest is published"),
         "retire_grace": Option(parse_seconds, 10.0, "seconds an overwritten value's chunks stay readable"),
+        "replicas": Option(int, 0, "a put returns once this many replicas of each primary it wrote have it"),
+        "replica_timeout": Option(parse_seconds, 5.0, "how long a put waits for its replicas"),
         "cluster": Option(parse_bool, False, "the host is a node of a Redis/Valkey Cluster"),
         "nodes": Option(str, None, "more cluster nodes to start from: host:port,host:port"),
     }
@@ -78,6 +81,10 @@ class RedisConnector(Connector):
         opts = self.options
         if opts["chunk_size"] > 256 << 20:
             raise ConfigError("chunk_size must be at most 256MiB (Redis caps a value at 512MB)")
+        if opts["replicas"] < 0:
+            raise ConfigError("replicas must be >= 0")
+        if opts["replicas"] and opts["replica_timeout"] >= opts["timeout"]:
+            raise ConfigError("replica_timeout must be shorter than timeout (the wait is one reply)")
         self._redis = RedisClient(uri, opts, opts["retries"], cluster=opts["cluster"], nodes=opts["nodes"])
         self._errors_table = self._redis.errors
         self._client, self._checkout_args = self._redis.client, self._redis.checkout_args
@@ -102,6 +109,7 @@ class RedisConnector(Connector):
         with self._errors("writing", key):
             if size <= chunk:
                 self._publish(key, [_encode_header({"size": size, "chunks": 0}), *parts], mode, [])
+                self._wait_replicas(key, [self._manifest_key(key)])
                 return
             write_id = _new_write_id()
             count = -(-size // chunk)
@@ -116,6 +124,41 @@ class RedisConnector(Connector):
             except BaseException:
                 self._drop_quietly(chunk_keys)
                 raise
+            self._wait_replicas(key, [*chunk_keys, self._manifest_key(key)])
+
+    def _wait_replicas(self, key: str, written: list[str]) -> None:
+        """With ``replicas``: wait until that many replicas of every primary holding one of
+        ``written`` have all it was sent; BackendUnavailableError if they do not within
+        ``replica_timeout`` (the value is then on its primary, not known to be anywhere else).
+
+        Replication is one stream per primary: a WAIT after a write of our own on that
+        primary (a small marker key in the slot of one of ``written``) covers every earlier
+        write to it, from any connection."""
+        wanted = self.options["replicas"]
+        if not wanted:
+            return
+        by_pool: dict[int, tuple[Any, str]] = {}
+        for name in written:
+            pool = self._redis.node_pool(name)
+            by_pool.setdefault(id(pool), (pool, name))
+        timeout_ms = max(1, int(self.options["replica_timeout"] * 1000))
+        for pool, name in by_pool.values():
+            conn = pool.get_connection(*self._checkout_args)
+            healthy = False
+            try:
+                conn.send_command("SET", self._marker(name), b"1", "PX", "60000")
+                conn.read_response()
+                conn.send_command("WAIT", wanted, timeout_ms)
+                acknowledged = int(conn.read_response())
+                healthy = True
+            finally:
+                if not healthy:
+                    conn.disconnect()
+                pool.release(conn)
+            if acknowledged < wanted:
+                raise BackendUnavailableError(
+                    f"{key!r} on {self.uri}: {acknowledged} of {wanted} replicas acknowledged it within "
+                    f"{self.options['replica_timeout']} s (it is on its primary only)")
 
     def _publish(self, key: str, manifest: list[Any], mode: PutMode, chunk_keys: list[str]) -> None:
         value = manifest[0] if len(manifest) == 1 else b"".join(manifest)
@@ -169,6 +212,12 @@ class RedisConnector(Connector):
             elif op == "pexpire":
                 pipe.pexpire(name, args[0])
         return pipe.execute()
+
+    def _marker(self, name: str) -> str:
+        """A small key on the same slot (so the same primary) as ``name``."""
+        if not self._redis.cluster:
+            return f"{self._prefix}replicated"
+        return f"{self._prefix}replicated:{{{_slot_tags()[self._redis.slot_of(name)]}}}"
 
     # ---- get ----------------------------------------------------------------------
 
@@ -362,6 +411,22 @@ class RedisConnector(Connector):
         if self._threads is not None:
             self._threads.shutdown()
         self._redis.close()
+
+
+@functools.cache
+def _slot_tags() -> dict[int, str]:
+    """A short hash tag for each of the 16384 cluster slots (built once, ~0.1 s)."""
+    try:
+        from valkey.crc import key_slot
+    except ImportError:  # the redis extra only
+        from redis.crc import key_slot
+
+    tags: dict[int, str] = {}
+    index = 0
+    while len(tags) < 16384:
+        tags.setdefault(key_slot(b"r%d" % index), f"r{index}")
+        index += 1
+    return tags
 
 
 def _new_write_id() -> str:

