@@ -34,7 +34,8 @@ from _record import RESULTS, write_record
 
 from kvswap.engine import ByteTokenizer
 from kvswap.service.client import ServiceClient
-from kvswap.testing.servers import nginx, stop_pid
+from kvswap.testing.nginx import nginx
+from kvswap.testing.servers import stop_pid
 from kvswap.testing.service import start_serve
 from kvswap.workload import first_prompt, user_turn
 

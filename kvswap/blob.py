@@ -262,15 +262,7 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
     """
     import torch
 
-    header, probe = _read_header(connector, key)
-    if expected_size is not None and header.total_size != expected_size:
-        raise IntegrityError(f"{key!r} holds a {header.total_size}-byte blob where {expected_size} bytes were recorded")
-    if expected_size is None and len(probe) >= HEADER_PROBE:  # bound the allocation by what is stored
-        stored = connector.size(key)
-        if stored != header.total_size:
-            raise IntegrityError(f"{key!r} holds {stored} bytes but its header describes {header.total_size}")
-    if check is not None:
-        check(header)
+    header, probe = _checked_header(connector, key, expected_size, check)
     size = header.data_size
     if out is None:
         # One spare byte: a value longer than its header says fills it (an extended blob).
@@ -307,6 +299,22 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
             digest.update(target[:size])
         _compare(header, digest, key)
     return _blob(header, buffer)
+
+
+def _checked_header(connector: Connector, key: str, expected_size: int | None,
+                    check: Callable[[BlobHeader], None] | None) -> tuple[BlobHeader, memoryview]:
+    """The header and first bytes, checked against the recorded size (or, without one, the
+    stored size, so the allocation is bounded by what is stored) and the caller's ``check``."""
+    header, probe = _read_header(connector, key)
+    if expected_size is not None and header.total_size != expected_size:
+        raise IntegrityError(f"{key!r} holds a {header.total_size}-byte blob where {expected_size} bytes were recorded")
+    if expected_size is None and len(probe) >= HEADER_PROBE:
+        stored = connector.size(key)
+        if stored != header.total_size:
+            raise IntegrityError(f"{key!r} holds {stored} bytes but its header describes {header.total_size}")
+    if check is not None:
+        check(header)
+    return header, probe
 
 
 def _check_length(header: BlobHeader, key: str, got: int, size: int) -> None:

@@ -66,13 +66,13 @@ class _RedisLike(ConnectorSuite):
 
     @pytest.fixture
     def corrupt(self, connector: Connector) -> Callable[[str], None]:
-        from kvswap.connectors.redis import _decode_manifest
+        from kvswap.connectors.redis_wire import decode_manifest
 
         client = connector._client  # type: ignore[attr-defined]
 
         def flip(key: str) -> None:
             name = connector._manifest_key(key)  # type: ignore[attr-defined]
-            header, _ = _decode_manifest(client.get(name), key)
+            header, _ = decode_manifest(client.get(name), key)
             if header["chunks"]:
                 name = connector._chunk_keys(header["id"], header["chunks"])[-1]  # type: ignore[attr-defined]
             client.set(name, flip_byte(client.get(name)))
@@ -80,12 +80,12 @@ class _RedisLike(ConnectorSuite):
 
 
     def test_missing_chunk_under_current_manifest_is_integrity_error(self, connector: Connector) -> None:
-        from kvswap.connectors.redis import _decode_manifest
+        from kvswap.connectors.redis_wire import decode_manifest
         from kvswap.errors import IntegrityError
 
         connector.put("v", bytes(3 << 20))
         client = connector._client  # type: ignore[attr-defined]
-        header, _ = _decode_manifest(client.get(connector._manifest_key("v")), "v")  # type: ignore[attr-defined]
+        header, _ = decode_manifest(client.get(connector._manifest_key("v")), "v")  # type: ignore[attr-defined]
         client.delete(connector._chunk_keys(header["id"], header["chunks"])[1])  # type: ignore[attr-defined]
         with pytest.raises(IntegrityError, match="unchanged manifest"):
             connector.get("v")

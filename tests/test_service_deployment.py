@@ -18,7 +18,8 @@ from test_session_instances import _backends
 
 from kvswap.engine import ByteTokenizer
 from kvswap.service.client import ServiceClient
-from kvswap.testing.servers import nginx, stop_pid
+from kvswap.testing.nginx import nginx
+from kvswap.testing.servers import stop_pid
 from kvswap.testing.service import Conversation, chat_reference, start_serve
 from kvswap.workload import first_prompt, user_turn
 

@@ -225,7 +225,8 @@ def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2
     import openai
 
     from kvswap.service.client import ServiceClient
-    from kvswap.testing.servers import nginx, stop_pid
+    from kvswap.testing.nginx import nginx
+    from kvswap.testing.servers import stop_pid
     from kvswap.testing.service import start_serve
     from kvswap.testing.vllm import connector_config, start_vllm_serve
 

@@ -32,17 +32,23 @@ store: :mod:`kvswap.redis_client`.
 
 from __future__ import annotations
 
-import functools
-import json
-import re
-import struct
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
 from kvswap.connectors.base import Buffer, Connector, PutMode, check_range
+from kvswap.connectors.redis_wire import (
+    Redirected,
+    decode_manifest,
+    encode_header,
+    glob_escape,
+    new_write_id,
+    read_bulk_into,
+    slot_tags,
+    split,
+    write_time,
+)
 from kvswap.errors import (
     AlreadyExistsError,
     BackendUnavailableError,
@@ -54,12 +60,9 @@ from kvswap.errors import (
 from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
 from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_seconds, parse_size
 
-MAGIC = b"KVSM"
-_HEADER = struct.Struct("<4sI")
 _HEADER_PROBE = 4096  # bytes of a manifest fetched to learn a value's size
 _READ_ATTEMPTS = 10
 _CLUSTER_READ_ATTEMPTS = 3
-_WRITE_ID = re.compile(r"[0-9a-f]{1,64}")
 
 class RedisConnector(Connector):
     OPTIONS: ClassVar[Mapping[str, Option]] = {
@@ -108,19 +111,19 @@ class RedisConnector(Connector):
         chunk = self.options["chunk_size"]
         with self._errors("writing", key):
             if size <= chunk:
-                self._publish(key, [_encode_header({"size": size, "chunks": 0}), *parts], mode, [])
+                self._publish(key, [encode_header({"size": size, "chunks": 0}), *parts], mode, [])
                 self._wait_replicas(key, [self._manifest_key(key)])
                 return
-            write_id = _new_write_id()
+            write_id = new_write_id()
             count = -(-size // chunk)
             chunk_keys = self._chunk_keys(write_id, count)
             try:
-                pieces = _split(parts, chunk)
+                pieces = split(parts, chunk)
                 ttl_ms = int(self.options["pending_ttl"] * 1000)
                 self._pipelined([("set", k, piece, ttl_ms) for k, piece in zip(chunk_keys, pieces)])
                 self._pipelined([("persist", k) for k in chunk_keys])
                 header: dict[str, Any] = {"size": size, "chunks": count, "chunk_size": chunk, "id": write_id}
-                self._publish(key, [_encode_header(header)], mode, chunk_keys)
+                self._publish(key, [encode_header(header)], mode, chunk_keys)
             except BaseException:
                 self._drop_quietly(chunk_keys)
                 raise
@@ -171,7 +174,7 @@ class RedisConnector(Connector):
             return  # a new key, the common case: one plain SET
         old = self._client.set(name, value, get=True)  # an overwrite: swap, learning what it replaces
         if old:
-            old_header, _ = _decode_manifest(old, key, partial=True)
+            old_header, _ = decode_manifest(old, key, partial=True)
             if old_header["chunks"]:  # retire, don't delete: readers of the old manifest finish
                 grace_ms = int(self.options["retire_grace"] * 1000)
                 old_chunks = self._chunk_keys(old_header["id"], old_header["chunks"])
@@ -217,7 +220,7 @@ class RedisConnector(Connector):
         """A small key on the same slot (so the same primary) as ``name``."""
         if not self._redis.cluster:
             return f"{self._prefix}replicated"
-        return f"{self._prefix}replicated:{{{_slot_tags()[self._redis.slot_of(name)]}}}"
+        return f"{self._prefix}replicated:{{{slot_tags()[self._redis.slot_of(name)]}}}"
 
     # ---- get ----------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class RedisConnector(Connector):
             raw = self._client.getrange(name, 0, _HEADER_PROBE - 1) if probe else self._client.get(name)
         if not raw:
             raise NotFoundError(f"{key!r} not found on {self.uri}")
-        return _decode_manifest(raw, key, partial=probe)
+        return decode_manifest(raw, key, partial=probe)
 
     def _read_chunks(self, key: str, header: dict[str, Any], out: memoryview, offset: int) -> bool:
         """Fill ``out`` from the chunks; False if a chunk vanished (overwritten: retry)."""
@@ -278,15 +281,15 @@ class RedisConnector(Connector):
             target = out[index * chunk + start - offset:index * chunk + end - offset]
             whole = start == 0 and end == min(chunk, header["size"] - index * chunk)
             reads.append((("GET", names[index]) if whole else ("GETRANGE", names[index], start, end - 1), target))
-        moved: tuple[type[BaseException], ...] = (_Redirected, *self._errors_table) if self._redis.cluster \
-            else (_Redirected,)
+        moved: tuple[type[BaseException], ...] = (Redirected, *self._errors_table) if self._redis.cluster \
+            else (Redirected,)
         with self._errors("reading", key):
             for attempt in range(_CLUSTER_READ_ATTEMPTS):
                 try:
                     return all(self._read_by_node(reads))
                 except moved as exc:  # a slot moved, or its primary died: learn the map, read again
                     if attempt == _CLUSTER_READ_ATTEMPTS - 1:
-                        if isinstance(exc, _Redirected):
+                        if isinstance(exc, Redirected):
                             raise BackendUnavailableError(
                                 f"{key!r} on {self.uri}: the cluster kept moving its slots") from None
                         raise
@@ -329,7 +332,7 @@ class RedisConnector(Connector):
             sock = conn._sock
             complete = True
             for _, target in reads:
-                complete &= _read_bulk_into(sock, target)
+                complete &= read_bulk_into(sock, target)
             healthy = True
             return complete
         finally:
@@ -349,7 +352,7 @@ class RedisConnector(Connector):
         if old is None:
             return
         try:
-            header, _ = _decode_manifest(old, key)
+            header, _ = decode_manifest(old, key)
         except IntegrityError:
             return  # a damaged manifest names no chunks we can trust: collect_garbage sweeps them
         if header["chunks"]:
@@ -365,14 +368,14 @@ class RedisConnector(Connector):
         manifest_root = self._manifest_key("")
         with self._errors("collecting garbage", "*"):
             referenced: set[str] = set()
-            names = list(self._client.scan_iter(match=_glob_escape(manifest_root) + "*", count=1000))
+            names = list(self._client.scan_iter(match=glob_escape(manifest_root) + "*", count=1000))
             for start in range(0, len(names), 512):
                 pipe = self._client.pipeline(transaction=False)
                 for name in names[start:start + 512]:
                     pipe.getrange(name, 0, _HEADER_PROBE - 1)
                 for raw in pipe.execute():
                     try:
-                        header, _ = _decode_manifest(raw, "?", partial=True) if raw else ({}, None)
+                        header, _ = decode_manifest(raw, "?", partial=True) if raw else ({}, None)
                     except IntegrityError:
                         continue
                     if header.get("chunks"):
@@ -380,10 +383,10 @@ class RedisConnector(Connector):
             prefix = f"{self._prefix}c/"
             horizon = time.time() - older_than
             candidates: dict[str, list[Any]] = {}
-            for name in self._client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            for name in self._client.scan_iter(match=glob_escape(prefix) + "*", count=1000):
                 text = name.decode() if isinstance(name, bytes) else name
                 write_id = text[len(prefix):].split("/", 1)[0]
-                if write_id not in referenced and _write_time(write_id) < horizon:
+                if write_id not in referenced and write_time(write_id) < horizon:
                     candidates.setdefault(write_id, []).append(name)
             orphans = [name for group in candidates.values() for name in group]
             deleted = 0
@@ -399,7 +402,7 @@ class RedisConnector(Connector):
 
     def _list(self, prefix: str) -> Iterator[str]:
         start = len(self._manifest_key(""))
-        pattern = _glob_escape(self._manifest_key(prefix)) + "*"
+        pattern = glob_escape(self._manifest_key(prefix)) + "*"
         with self._errors("listing", prefix):
             for name in self._client.scan_iter(match=pattern, count=1000):
                 yield (name.decode() if isinstance(name, bytes) else name)[start:]
@@ -411,136 +414,3 @@ class RedisConnector(Connector):
         if self._threads is not None:
             self._threads.shutdown()
         self._redis.close()
-
-
-@functools.cache
-def _slot_tags() -> dict[int, str]:
-    """A short hash tag for each of the 16384 cluster slots (built once, ~0.1 s)."""
-    try:
-        from valkey.crc import key_slot
-    except ImportError:  # the redis extra only
-        from redis.crc import key_slot
-
-    tags: dict[int, str] = {}
-    index = 0
-    while len(tags) < 16384:
-        tags.setdefault(key_slot(b"r%d" % index), f"r{index}")
-        index += 1
-    return tags
-
-
-def _new_write_id() -> str:
-    """A chunk group's id: the time it was written (ms, 12 hex digits), then 20 random hex digits."""
-    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:20]}"
-
-
-def _write_time(write_id: str) -> float:
-    """When a chunk group was written (seconds), from its id; +inf if the id tells nothing."""
-    try:
-        return int(write_id[:12], 16) / 1000 if len(write_id) == 32 else float("inf")
-    except ValueError:
-        return float("inf")
-
-
-def _encode_header(header: dict[str, Any]) -> bytes:
-    body = json.dumps(header, separators=(",", ":")).encode()
-    return _HEADER.pack(MAGIC, len(body)) + body
-
-
-def _decode_manifest(raw: bytes, key: str, partial: bool = False) -> tuple[dict[str, Any], memoryview]:
-    """The manifest's header (checked: every field present, typed and consistent) and its
-    inline value. A damaged manifest, whatever the damage, is an IntegrityError."""
-    view = memoryview(raw)
-    try:
-        magic, length = _HEADER.unpack_from(view)
-        if magic != MAGIC:
-            raise ValueError("bad magic")
-        if _HEADER.size + length > len(view):
-            raise ValueError(f"header length {length} runs past the manifest")
-        header = json.loads(bytes(view[_HEADER.size:_HEADER.size + length]))
-        _check_manifest_header(header)
-        inline = view[_HEADER.size + length:]
-        if not partial and not header["chunks"] and len(inline) != header["size"]:
-            raise ValueError(f"inline value holds {len(inline)} bytes, header says {header['size']}")
-    except (ValueError, KeyError, TypeError, RecursionError, struct.error) as exc:
-        raise IntegrityError(f"corrupt manifest for {key!r}: {exc}") from None
-    return header, inline
-
-
-def _check_manifest_header(header: Any) -> None:
-    """ValueError unless ``header`` is what :meth:`RedisConnector._put` writes."""
-    def natural(value: Any) -> bool:
-        return type(value) is int and value >= 0
-
-    if not isinstance(header, dict) or not natural(header.get("size")) or not natural(header.get("chunks")):
-        raise ValueError("size and chunks must be non-negative integers")
-    if header["chunks"]:
-        chunk, write_id = header.get("chunk_size"), header.get("id")
-        if not natural(chunk) or not chunk or not isinstance(write_id, str) or not _WRITE_ID.fullmatch(write_id):
-            raise ValueError("a chunked value needs a positive chunk_size and a write id")
-        if -(-header["size"] // chunk) != header["chunks"]:
-            raise ValueError(f"{header['chunks']} chunks of {chunk} bytes cannot hold {header['size']} bytes")
-
-
-def _split(parts: list[memoryview], chunk: int) -> list[Any]:
-    """Re-cut the put's parts into ``chunk``-sized pieces (views; joins only at seams)."""
-    pieces: list[Any] = []
-    pending: list[memoryview] = []
-    pending_size = 0
-    for part in parts:
-        while part.nbytes:
-            take = min(chunk - pending_size, part.nbytes)
-            pending.append(part[:take])
-            pending_size += take
-            part = part[take:]
-            if pending_size == chunk:
-                pieces.append(pending[0] if len(pending) == 1 else b"".join(pending))
-                pending, pending_size = [], 0
-    if pending:
-        pieces.append(pending[0] if len(pending) == 1 else b"".join(pending))
-    return pieces
-
-
-def _read_bulk_into(sock: Any, target: memoryview) -> bool:
-    """Read one RESP2/RESP3 bulk reply into ``target``; False for a null (missing key)."""
-    line = bytearray()
-    while not line.endswith(b"\r\n"):
-        byte = sock.recv(1)
-        if not byte:
-            raise ConnectionError("server closed the connection mid-reply")
-        line += byte
-    if line == b"_\r\n":  # RESP3 null: the chunk is gone
-        return False
-    if line[:1] == b"-":
-        message = line[1:-2].decode(errors="replace")
-        if message.startswith(("MOVED ", "ASK ")):
-            raise _Redirected(message)
-        raise ConnectionError(f"server error: {message}")
-    if line[:1] != b"$":
-        raise ConnectionError(f"unexpected reply {bytes(line[:20])!r}")
-    length = int(line[1:-2])
-    if length < 0:
-        return False
-    if length != len(target):
-        raise IntegrityError(f"a chunk holds {length} bytes where its manifest says {len(target)}")
-    got = 0
-    while got < length:
-        count = sock.recv_into(target[got:], length - got)
-        if not count:
-            raise ConnectionError("server closed the connection mid-reply")
-        got += count
-    tail = b""
-    while len(tail) < 2:
-        more = sock.recv(2 - len(tail))
-        if not more:
-            raise ConnectionError("server closed the connection mid-reply")
-        tail += more
-    return True
-
-
-class _Redirected(Exception):
-    """A direct chunk read met MOVED or ASK: the slot map changed."""
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
