@@ -35,7 +35,8 @@ def reference():
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind", ["postgresql+valkey", "postgresql+valkey-cluster", "etcd+juicefs"])
+@pytest.mark.parametrize("kind", ["postgresql+valkey", "postgresql+valkey-cluster", "valkey-cluster",
+                                  "etcd+juicefs"])
 def test_three_instances_behind_nginx_survive_a_killed_one(kind: str, tmp_path: Path, reference) -> None:
     unique = f"d{os.urandom(5).hex()}"
     meta, store = _backends(kind, unique)

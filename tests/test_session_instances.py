@@ -19,13 +19,17 @@ def _backends(kind: str, unique: str) -> tuple[str, str]:
     if kind == "postgresql+valkey-cluster":
         return (f"{env_or_skip('KVSWAP_TEST_POSTGRES_URI')}?table_prefix={unique.replace('-', '_')}_",
                 f"{env_or_skip('KVSWAP_TEST_VALKEY_CLUSTER_URI')}&prefix={unique}:&timeout=5")
+    if kind == "valkey-cluster":  # meta and store on one cluster
+        cluster = env_or_skip("KVSWAP_TEST_VALKEY_CLUSTER_URI")
+        return f"{cluster}&prefix={unique}:meta:&timeout=5", f"{cluster}&prefix={unique}:&timeout=5"
     if kind == "etcd+juicefs":
         return (f"{env_or_skip('KVSWAP_TEST_ETCD_URI')}/{unique}",
                 f"file://{env_or_skip('KVSWAP_TEST_JUICEFS_DIR')}/{unique}")
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["postgresql+valkey", "postgresql+valkey-cluster", "etcd+juicefs"])
+@pytest.mark.parametrize("kind", ["postgresql+valkey", "postgresql+valkey-cluster", "valkey-cluster",
+                                  "etcd+juicefs"])
 def test_any_instance_resumes_any_session(kind: str) -> None:
     unique = f"i{os.urandom(5).hex()}"
     meta, store = _backends(kind, unique)
