@@ -3,9 +3,10 @@ resident session (:class:`Resident`), and the cache's counters and per-session v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from kvswap.session_cache.base import SessionBusyError, common_prefix
@@ -65,6 +66,14 @@ class Claims:
     def release(self, session_id: str) -> None:
         with self._lock:
             self._holders.pop(session_id, None)
+
+    @contextlib.contextmanager
+    def held(self, session_id: str) -> Iterator[None]:
+        """Release the session's claim (taken before) when the block ends, however it ends."""
+        try:
+            yield
+        finally:
+            self.release(session_id)
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._holders

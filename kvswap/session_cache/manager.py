@@ -7,10 +7,9 @@ model on the handle's blocks, commits the tokens whose KV it wrote, and closes t
 handle. Unclaimed sessions stay resident in LRU order until blocks run short; then the
 least recently used are swapped out.
 
-What is stored, how it is verified and how spans move to and from storage is the
-session-store core's (:class:`~kvswap.session_cache.store.SessionStore`, shared with the
-vLLM connector): data first, meta second; every stored span verified before use; damaged
-entries dropped. This module adds the pool, the host tier and the LRU order.
+What is stored and verified is the session-store core's
+(:class:`~kvswap.session_cache.store.SessionStore`, shared with the vLLM connector); this
+module adds the pool, the host tier and the LRU order.
 
 Concurrency (one lock for bookkeeping, never held during I/O; operations *claim* their
 session), leases (taken at open, renewed by :class:`~kvswap.session_cache.leases.LeaseRenewer`)
@@ -184,7 +183,7 @@ class SessionCache:
             if resident is None and copy is None:
                 return
             self._claims.take(session_id, "being swapped out")
-        try:
+        with self._claims.held(session_id):
             if resident is not None:
                 self._evict(session_id, resident, to_store=to_store)
             elif copy is not None:
@@ -194,8 +193,6 @@ class SessionCache:
                     self._store_host_copy(session_id, copy)
                 with self._lock:
                     self.host.pop(session_id)
-        finally:
-            self._claims.release(session_id)
 
     def flush(self) -> int:
         """Store every unclaimed session (HBM and host tier) and empty HBM of them: what a
@@ -208,11 +205,9 @@ class SessionCache:
                 if resident is None or session_id in self._claims:
                     continue
                 self._claims.take(session_id, "being stored")
-            try:
+            with self._claims.held(session_id):
                 self._evict(session_id, resident, to_store=bool(self.stores))
                 count += 1
-            finally:
-                self._claims.release(session_id)
         if not self.stores:
             return count
         with self._lock:
@@ -223,11 +218,9 @@ class SessionCache:
                 if copy is None or session_id in self._claims or copy.stored.tokens >= len(copy.tokens):
                     continue
                 self._claims.take(session_id, "being stored")
-            try:
+            with self._claims.held(session_id):
                 self._store_host_copy(session_id, copy)
                 count += 1
-            finally:
-                self._claims.release(session_id)
         return count
 
     def prefetch(self, session_id: str) -> int:
@@ -236,7 +229,7 @@ class SessionCache:
             if session_id in self._resident:
                 return len(self._resident[session_id].tokens)
             self._claims.take(session_id, "being prefetched")
-        try:
+        with self._claims.held(session_id):
             record = self.store.lease(session_id, self.instance_id, None)
             resident, _ = self._sync_local(session_id, record, None)
             if resident is None:
@@ -248,8 +241,6 @@ class SessionCache:
                 self._resident[session_id] = resident
                 self._resident.move_to_end(session_id)
                 return len(resident.tokens)
-        finally:
-            self._claims.release(session_id)
 
     def drop(self, session_id: str) -> bool:
         """Forget a session everywhere: HBM, host tier, meta and stored blobs. True if it existed."""
@@ -258,10 +249,8 @@ class SessionCache:
             found = session_id in self._resident
             self._release_blocks(session_id)
             found = self.host.pop(session_id) is not None or found
-        try:
+        with self._claims.held(session_id):
             return self.store.delete(session_id) or found
-        finally:
-            self._claims.release(session_id)
 
     def gc(self) -> dict[str, int]:
         """Delete expired sessions (not in use here), blobs no meta entry points to that are

@@ -291,8 +291,7 @@ class SessionStore:
                     if chain_hash(previous, span) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
                 except UnsupportedFormatError as exc:  # a newer kvswap's data: a miss here, kept for it
-                    log.warning("session %r: stored KV from token %d is in a format this kvswap cannot read; "
-                                "left in place: %s", session_id, entry.token_offset, exc)
+                    log.warning("session %r: KV from %d kept, unreadable: %s", session_id, entry.token_offset, exc)
                     return
                 except DAMAGE as exc:
                     log.warning("dropping stored KV of session %r from token %d: %s", session_id,

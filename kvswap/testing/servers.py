@@ -180,16 +180,13 @@ def start_valkey_cluster(state: Path, primaries: int = 3) -> list[Started]:
         _run_setup([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
                     "--cluster-replicas", "1", "--cluster-yes"])
 
+        def reply(port: int, *command: str) -> str:
+            return subprocess.run([cli, "-p", str(port), *command], capture_output=True, text=True, timeout=5).stdout
+
         def formed() -> bool:  # every slot served, and every replica done with its first sync
-            for port in ports:
-                info = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True,
-                                      timeout=5).stdout
-                replication = subprocess.run([cli, "-p", str(port), "info", "replication"], capture_output=True,
-                                             text=True, timeout=5).stdout
-                if "cluster_state:ok" not in info or ("role:master" in replication
-                                                      and "state=online" not in replication):
-                    return False
-            return True
+            return all("cluster_state:ok" in reply(port, "cluster", "info") and (
+                "role:master" not in (info := reply(port, "info", "replication")) or "state=online" in info)
+                for port in ports)
 
         _poll(formed, 30, "valkey cluster", None)
     started[0].env["KVSWAP_TEST_VALKEY_CLUSTER_URI"] = f"valkey://127.0.0.1:{ports[0]}/0?cluster=true"
