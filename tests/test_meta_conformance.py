@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from kvswap.meta import MetaStore
+from kvswap.meta.etcd import EtcdMetaStore
 from kvswap.testing.connector_suite import env_or_skip
 from kvswap.testing.meta_suite import MetaSuite
 from kvswap.uri import URI
@@ -51,6 +54,23 @@ class TestEtcd(MetaSuite):
     def meta_uri(self, unique: str) -> str:
         uri = URI.parse(env_or_skip("KVSWAP_TEST_ETCD_URI"))
         return f"etcd://{uri.host}:{uri.port}/{unique}"
+
+    def test_expiry_index_covers_sessions_written_before_it(
+            self, meta: EtcdMetaStore, clocked: Callable[[float], MetaStore]) -> None:
+        """A store as a kvswap without the expiry index left it (no ``x/`` keys, no marker) is
+        indexed by the first ``expired``; an index key its session no longer matches (left by
+        such a writer) is removed, not returned."""
+        meta.create("old-short", "fp", ttl=100)
+        meta.create("old-forever", "fp")
+        root = meta._keys.root
+        meta._call(meta._kv.DeleteRange, meta._delete_range(root + b"x", root + b"y"), "test")  # x/ and x-ready
+        assert [s.id for s in clocked(500).expired()] == ["old-short"]
+        assert meta._call(meta._kv.Range, meta._range(root + b"x-ready"), "test").kvs
+        stale = root + b"x/%015d\x00old-forever" % 1
+        meta._call(meta._kv.Put, meta._put(stale, b""), "test")
+        assert [s.id for s in clocked(500).expired()] == ["old-short"]
+        assert not meta._call(meta._kv.Range, meta._range(stale), "test").kvs
+        assert [s.id for s in clocked(50).expired()] == []
 
 
 class TestEtcdCluster(MetaSuite):

@@ -11,21 +11,18 @@ can reach; when that member dies, calls in flight fail with BackendUnavailableEr
 the next ones go to another member (any member serves reads and forwards writes to the
 leader; two of three keep the quorum).
 
-Keys under ``prefix/``: ``s/{id}`` the session (a JSON array: its fields, then its entry
-count), ``e/{id}\\x00{seq:010d}`` one entry each (:func:`kvswap.meta.base.entry_value`;
-ids cannot contain NUL, so one session's range
-never reaches another's), ``l/{id}`` the lease holder, attached to an etcd lease so the
-server deletes it when the lease expires (etcd grants whole seconds, at least 2).
+The key layout (sessions, entries, leases, the expiry index): :mod:`kvswap.meta.etcd_layout`.
 
-Every change is one transaction guarded by the session key's ``mod_revision`` as read; a
-store remembers the revision of each session it last wrote, so an append that follows its
-own previous write is a single round trip. ``expired`` scans every session (O(sessions)).
+Every change is one transaction guarded by the session key's ``mod_revision`` as read,
+which also moves the session's index key; a store remembers the revision of each session
+it last wrote, so an append that follows its own previous write is a single round trip.
+Stores written before the index existed (kvswap before stop 20) are indexed once, by the
+first ``expired`` call that finds no ``x-ready`` key under the prefix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import threading
@@ -41,7 +38,8 @@ from kvswap.errors import (
 from kvswap.meta import rules
 from kvswap.meta.base import MetaStore
 from kvswap.meta.codec import entries_from_values, entry_value, json_loads
-from kvswap.meta.records import UNSET, Entry, EntrySpec, LeaseError, Session, SessionPage
+from kvswap.meta.etcd_layout import Holder, Keys, grpc_target, prefix_end
+from kvswap.meta.records import UNSET, Entry, EntrySpec, Session, SessionPage
 from kvswap.uri import URI, Option, parse_seconds
 
 _CACHE_LIMIT = 10_000
@@ -53,34 +51,6 @@ class _Read(NamedTuple):
     session: Session
     revision: int  # mod_revision of the session key
     entry_count: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Holder:
-    """The lease key as stored: who holds it, until when (client clock), which etcd lease."""
-
-    owner: str | None = None
-    expires: float | None = None
-    lease: int = 0
-    revision: int = 0  # mod_revision of the lease key (0: absent)
-
-    @classmethod
-    def parse(cls, kv: Any | None) -> _Holder:
-        if kv is None:
-            return cls()
-        fields = json.loads(kv.value)
-        return cls(fields["owner"], fields["expires"], fields["lease"], kv.mod_revision)
-
-    def active(self, now: float) -> bool:
-        return self.owner is not None and self.expires is not None and self.expires > now
-
-    def error(self, message: str) -> LeaseError:
-        return LeaseError(message, self.owner, self.expires)
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The first key after every key starting with ``prefix`` (etcd's range_end idiom)."""
-    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 class EtcdMetaStore(MetaStore):
@@ -100,14 +70,15 @@ class EtcdMetaStore(MetaStore):
         name = uri.path.strip("/")
         if not name or "\x00" in name:
             raise ConfigError(f"etcd:// needs a key prefix as its path, like etcd://127.0.0.1:2379/kvswap, not {uri}")
-        self._root = name.encode("utf-8") + b"/"
+        self._keys = Keys(name.encode("utf-8") + b"/")
         self._timeout = self.options["timeout"]
-        self._channel = grpc.insecure_channel(_target(uri.host, uri.port or 2379, self.options["endpoints"]))
+        self._channel = grpc.insecure_channel(grpc_target(uri.host, uri.port or 2379, self.options["endpoints"]))
         self._kv = rpc.KVStub(self._channel)
         self._leases = rpc.LeaseStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._cache: dict[str, _Read] = {}
         self._cache_lock = threading.Lock()
+        self._indexed = False
         if uri.username is not None:
             with self._errors("authenticating"):
                 reply = rpc.AuthStub(self._channel).Authenticate(
@@ -131,14 +102,12 @@ class EtcdMetaStore(MetaStore):
             detail = exc.details() if hasattr(exc, "details") else str(exc)
             raise kind(f"{what} on {self.uri}: {code.name if code else 'RpcError'}: {detail}") from exc
 
-    def _key(self, kind: str, session_id: str) -> bytes:
-        return self._root + kind.encode() + b"/" + session_id.encode("utf-8")
-
-    def _entries_prefix(self, session_id: str) -> bytes:
-        return self._key("e", session_id) + b"\x00"
-
-    def _entry_key(self, session_id: str, seq: int) -> bytes:
-        return self._entries_prefix(session_id) + b"%010d" % seq
+    def _index_ops(self, before: Session | None, after: Session | None) -> list[Any]:
+        """Moves a session's expiry index key from its state ``before`` a change to ``after``."""
+        old, new = self._keys.deadline(before), self._keys.deadline(after)
+        if old == new:
+            return []
+        return ([self._delete_range(old)] if old else []) + ([self._put(new, b"")] if new else [])
 
     def _call(self, method: Any, request: Any, what: str) -> Any:
         with self._errors(what):
@@ -195,7 +164,7 @@ class EtcdMetaStore(MetaStore):
 
     def _with_lease(self, session: Session, lease_kv: Any | None) -> Session:
         """``session`` with the owner and expiry of its lease key, if that lease is active."""
-        holder = _Holder.parse(lease_kv)
+        holder = Holder.parse(lease_kv)
         if holder.active(self.now()):
             return session._replace(owner=holder.owner, lease_expires=holder.expires)
         return session._replace(owner=None, lease_expires=None)
@@ -203,10 +172,10 @@ class EtcdMetaStore(MetaStore):
     def _read(self, session_id: str, with_entries: bool = False) -> tuple[_Read, list[Entry]]:
         """Session (and entries) in one consistent transaction; NotFoundError if missing."""
         rules.validate_session_id(session_id)
-        ops = [self._range(self._key("s", session_id)), self._range(self._key("l", session_id))]
+        ops = [self._range(self._keys.session(session_id)), self._range(self._keys.lease(session_id))]
         if with_entries:
-            prefix = self._entries_prefix(session_id)
-            ops.append(self._range(prefix, _prefix_end(prefix)))
+            prefix = self._keys.entries(session_id)
+            ops.append(self._range(prefix, prefix_end(prefix)))
         reply = self._txn(f"reading session {session_id!r}", [], ops)
         ranges = [r.response_range.kvs for r in reply.responses]
         if not ranges[0]:
@@ -236,7 +205,7 @@ class EtcdMetaStore(MetaStore):
         ``after`` is the session's new state (None when deleted) with its entry count. Returns
         ``(session after, with its current lease; extra)``."""
         rules.validate_session_id(session_id)
-        lease_key = self._key("l", session_id)
+        lease_key = self._keys.lease(session_id)
         while True:
             with self._cache_lock:
                 cached = self._cache.get(session_id) if use_cache else None
@@ -247,7 +216,8 @@ class EtcdMetaStore(MetaStore):
             if expected_version is not None:
                 rules.check_version(read.session, expected_version)
             ops, after, extra = plan(read, entries)
-            key = self._key("s", session_id)
+            ops += self._index_ops(read.session, after.session if after else None)
+            key = self._keys.session(session_id)
             reply = self._txn(f"writing session {session_id!r}", [self._compare(key, "MOD", read.revision)],
                               [*ops, self._range(lease_key)])
             if not reply.succeeded:
@@ -275,11 +245,12 @@ class EtcdMetaStore(MetaStore):
     def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
                attrs: Mapping[str, Any] | None = None) -> Session:
         session = self._new_session(session_id, fingerprint, ttl, attrs)
-        key = self._key("s", session_id)
-        prefix = self._entries_prefix(session_id)
+        self._index_state(backfill=False)
+        key = self._keys.session(session_id)
+        prefix = self._keys.entries(session_id)
         reply = self._txn(f"creating session {session_id!r}", [self._compare(key, "CREATE", 0)],
                           [self._put(key, self._session_value(session, 0)),
-                           self._delete_range(prefix, _prefix_end(prefix))])
+                           self._delete_range(prefix, prefix_end(prefix)), *self._index_ops(None, session)])
         if not reply.succeeded:
             raise AlreadyExistsError(f"session {session_id!r} already exists")
         self._remember(_Read(session, reply.header.revision, 0))
@@ -289,7 +260,7 @@ class EtcdMetaStore(MetaStore):
                ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
         def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, None]:
             new = self._updated(read.session, expected_version, fingerprint, ttl, attrs)
-            ops = [self._put(self._key("s", session_id), self._session_value(new, read.entry_count))]
+            ops = [self._put(self._keys.session(session_id), self._session_value(new, read.entry_count))]
             return ops, read._replace(session=new), None
 
         return self._guarded(session_id, expected_version, plan, use_cache=True)[0]
@@ -297,8 +268,8 @@ class EtcdMetaStore(MetaStore):
     def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, Entry]:
             new, entry = self._appended(read.session, expected_version, spec, read.entry_count)
-            ops = [self._put(self._entry_key(session_id, entry.seq), entry_value(entry)),
-                   self._put(self._key("s", session_id), self._session_value(new, read.entry_count + 1))]
+            ops = [self._put(self._keys.entry(session_id, entry.seq), entry_value(entry)),
+                   self._put(self._keys.session(session_id), self._session_value(new, read.entry_count + 1))]
             return ops, _Read(new, 0, read.entry_count + 1), entry
 
         return self._guarded(session_id, expected_version, plan, use_cache=True)
@@ -309,19 +280,19 @@ class EtcdMetaStore(MetaStore):
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         def plan(read: _Read, entries: list[Entry]) -> tuple[list[Any], _Read, list[Entry]]:
             new, kept, removed = self._truncated(read.session, expected_version, token_offset, entries)
-            ops = [self._put(self._key("s", session_id), self._session_value(new, len(kept)))]
+            ops = [self._put(self._keys.session(session_id), self._session_value(new, len(kept)))]
             if removed:
-                ops.append(self._delete_range(self._entry_key(session_id, len(kept)),
-                                              _prefix_end(self._entries_prefix(session_id))))
+                ops.append(self._delete_range(self._keys.entry(session_id, len(kept)),
+                                              prefix_end(self._keys.entries(session_id))))
             return ops, _Read(new, 0, len(kept)), removed
 
         return self._guarded(session_id, expected_version, plan, with_entries=True)
 
     def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
         def plan(read: _Read, entries: list[Entry]) -> tuple[list[Any], None, list[Entry]]:
-            prefix = self._entries_prefix(session_id)
-            ops = [self._delete_range(self._key("s", session_id)), self._delete_range(prefix, _prefix_end(prefix)),
-                   self._delete_range(self._key("l", session_id))]
+            prefix = self._keys.entries(session_id)
+            ops = [self._delete_range(self._keys.session(session_id)), self._delete_range(prefix, prefix_end(prefix)),
+                   self._delete_range(self._keys.lease(session_id))]
             return ops, None, entries
 
         return self._guarded(session_id, expected_version, plan, with_entries=True)[1]
@@ -336,12 +307,12 @@ class EtcdMetaStore(MetaStore):
         """Sessions after ``after`` in byte order, ``size`` at a time, with their leases: one
         transaction reads a batch and the lease keys from its first id on (there are at most as
         many lease keys as sessions up to the batch's last id; later ones are not used)."""
-        base, lease_base = self._root + b"s/", self._root + b"l/"
-        start = base if after is None else self._key("s", after) + b"\x00"
+        base, lease_base = self._keys.sessions, self._keys.leases
+        start = base if after is None else self._keys.session(after) + b"\x00"
         while True:
             reply = self._txn("listing sessions", [], [
-                self._range(start, _prefix_end(base), size),
-                self._range(lease_base + start[len(base):], _prefix_end(lease_base), size)])
+                self._range(start, prefix_end(base), size),
+                self._range(lease_base + start[len(base):], prefix_end(lease_base), size)])
             sessions, leases = (response.response_range for response in reply.responses)
             records = [(kv.key, kv.value) for kv in sessions.kvs]
             if not records:
@@ -354,24 +325,92 @@ class EtcdMetaStore(MetaStore):
             start = records[-1][0] + b"\x00"
 
     def expired(self, limit: int = 1000) -> list[Session]:
+        """Due sessions from the expiry index, earliest deadline first, each read again and
+        checked (an index key that no longer matches its session is removed, not returned)."""
+        self._index_state(backfill=True)
         now, found = self.now(), list[Session]()
-        for batch, _ in self._session_batches(None, 1000):
-            found.extend(s for s in batch if s.is_expired(now))
-            if len(found) >= limit:
+        base = self._keys.index
+        start, end = base, base + b"%015d" % (math.floor(now * 1000) + 1)
+        while len(found) < limit:
+            reply = self._call(self._kv.Range, self._range(start, end, limit), "finding expired sessions")
+            keys = [kv.key for kv in reply.kvs]
+            for key, (session, revision) in zip(keys, self._sessions_by_id(
+                    [key.partition(b"\x00")[2].decode("utf-8") for key in keys])):
+                if session is not None and self._keys.deadline(session) == key:
+                    if session.is_expired(now):
+                        found.append(session)
+                else:
+                    self._drop_stale(key, session, revision)
+            if not reply.more:
                 break
+            start = keys[-1] + b"\x00"
         return found[:limit]
+
+    def _sessions_by_id(self, session_ids: list[str]) -> list[tuple[Session | None, int]]:
+        """Each session (None if gone) with its key's mod_revision, with its lease; 64 per transaction."""
+        out: list[tuple[Session | None, int]] = []
+        for first in range(0, len(session_ids), 64):
+            ids = session_ids[first:first + 64]
+            reply = self._txn("reading sessions", [], [
+                op for i in ids for op in (self._range(self._keys.session(i)), self._range(self._keys.lease(i)))])
+            ranges = [r.response_range.kvs for r in reply.responses]
+            for i, session_id in enumerate(ids):
+                kvs, lease = ranges[2 * i], ranges[2 * i + 1]
+                if not kvs:
+                    out.append((None, 0))
+                    continue
+                sessions, _ = self._decode([session_id], [kvs[0].value], {session_id: lease[0]} if lease else {})
+                out.append((sessions[0], kvs[0].mod_revision))
+        return out
+
+    def _drop_stale(self, key: bytes, session: Session | None, revision: int) -> None:
+        """Remove an index key its session no longer matches, unless the session changed since it was read."""
+        skey = self._keys.session(key.partition(b"\x00")[2].decode("utf-8"))
+        guard = self._compare(skey, "MOD", revision) if session else self._compare(skey, "CREATE", 0)
+        self._txn("removing a stale expiry index key", [guard], [self._delete_range(key)])
+
+    def _index_state(self, backfill: bool) -> None:
+        """Whether every session with a ttl is in the expiry index, settled once per store: a
+        store with the ``x-ready`` marker is; an empty one is marked now; one written before
+        the index existed is indexed first (only when ``backfill``: ``expired`` does it)."""
+        if self._indexed:
+            return
+        marker, base = self._keys.marker, self._keys.sessions
+        if self._call(self._kv.Range, self._range(marker), "reading the expiry index marker").kvs:
+            self._indexed = True
+            return
+        empty = not self._call(self._kv.Range, self._range(base, prefix_end(base), 1), "reading sessions").kvs
+        if not empty and not backfill:
+            return
+        start = base
+        while not empty:
+            reply = self._call(self._kv.Range, self._range(start, prefix_end(base), 64), "indexing sessions")
+            ids = [kv.key[len(base):].decode("utf-8") for kv in reply.kvs]
+            sessions, _ = self._decode(ids, [kv.value for kv in reply.kvs], {})
+            # each put only if its session is still as read: a later change wrote its own key
+            due = [([self._compare(kv.key, "MOD", kv.mod_revision)], [self._put(key, b"")])
+                   for kv, key in zip(reply.kvs, map(self._keys.deadline, sessions)) if key]
+            whole = ([guard for guards, _ in due for guard in guards], [put for _, puts in due for put in puts])
+            if due and not self._txn("indexing sessions", *whole).succeeded:
+                for guards, puts in due:
+                    self._txn("indexing a session", guards, puts)
+            if not reply.more:
+                break
+            start = reply.kvs[-1].key + b"\x00"
+        self._call(self._kv.Put, self._put(marker, b"1"), "marking the expiry index")
+        self._indexed = True
 
     # ---- leases -------------------------------------------------------------------------------
 
-    def _holder(self, session_id: str) -> _Holder:
+    def _holder(self, session_id: str) -> Holder:
         """The session's lease key as stored; NotFoundError if the session does not exist."""
         rules.validate_session_id(session_id)
         reply = self._txn(f"reading the lease of {session_id!r}", [],
-                          [self._range(self._key("s", session_id)), self._range(self._key("l", session_id))])
+                          [self._range(self._keys.session(session_id)), self._range(self._keys.lease(session_id))])
         session_kvs, lease_kvs = (r.response_range.kvs for r in reply.responses)
         if not session_kvs:
             raise rules.not_found(session_id)
-        return _Holder.parse(lease_kvs[0] if lease_kvs else None)
+        return Holder.parse(lease_kvs[0] if lease_kvs else None)
 
     def _grant(self, ttl: float) -> tuple[int, float]:
         reply = self._call(self._leases.LeaseGrant, self._rpc.LeaseGrantRequest(TTL=max(2, math.ceil(ttl))),
@@ -382,11 +421,11 @@ class EtcdMetaStore(MetaStore):
         with contextlib.suppress(BackendUnavailableError, ConfigError):  # it expires anyway
             self._call(self._leases.LeaseRevoke, self._rpc.LeaseRevokeRequest(ID=lease_id), "revoking a lease")
 
-    def _take(self, session_id: str, owner: str, ttl: float, held: _Holder) -> Session:
+    def _take(self, session_id: str, owner: str, ttl: float, held: Holder) -> Session:
         """Put the lease key for ``owner`` if it is still as seen (``held``) and the session
         exists. Returns the session; LeaseError on a lost race."""
         lease_id, granted = self._grant(ttl)
-        key, skey = self._key("l", session_id), self._key("s", session_id)
+        key, skey = self._keys.lease(session_id), self._keys.session(session_id)
         guard = (self._compare(key, "MOD", held.revision) if held.revision
                  else self._compare(key, "CREATE", 0))
         value = json.dumps({"owner": owner, "expires": self.now() + granted, "lease": lease_id})
@@ -417,7 +456,7 @@ class EtcdMetaStore(MetaStore):
         held = self._holder(session_id)
         if held.owner != owner:
             return False
-        key = self._key("l", session_id)
+        key = self._keys.lease(session_id)
         reply = self._txn(f"releasing the lease of {session_id!r}", [self._compare(key, "MOD", held.revision)],
                           [self._delete_range(key)])
         if reply.succeeded:
@@ -426,26 +465,3 @@ class EtcdMetaStore(MetaStore):
 
     def close(self) -> None:
         self._channel.close()
-
-
-def _target(host: str, port: int, endpoints: str | None) -> str:
-    """The gRPC target for the URI's member and ``endpoints`` (``host:port,...``): one address,
-    or an ``ipv4:`` list of all of them (names resolved now) that the channel fails over within."""
-    if not endpoints:
-        return f"{host}:{port}"
-    import socket
-
-    members = [(host, port)]
-    for member in endpoints.split(","):
-        name, _, number = member.strip().rpartition(":")
-        if not name or not number.isdigit():
-            raise ConfigError(f"etcd endpoints are host:port, not {member!r}")
-        members.append((name, int(number)))
-    addresses = []
-    for member_host, member_port in members:
-        try:
-            found = socket.getaddrinfo(member_host, member_port, socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConfigError(f"etcd member {member_host}:{member_port} does not resolve: {exc}") from None
-        addresses.append(f"{found[0][4][0]}:{member_port}")
-    return "ipv4:" + ",".join(dict.fromkeys(addresses))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, NoReturn
 
 from kvswap.errors import AlreadyExistsError, ConfigError, VersionConflictError, translate_errors, translated
@@ -341,32 +341,50 @@ class RedisMetaStore(MetaStore):
                    for ids, more in self._id_batches(rules.decode_cursor(cursor), max(limit, 100)))
         return rules.collect_page(batches, wanted, limit)
 
+    def _asked(self, wanted: int) -> int:
+        """How many items to ask each bucket for when ``wanted`` of all are wanted: a share
+        with room (ids spread evenly over buckets), not ``wanted`` from every bucket."""
+        return wanted if len(self._tags) == 1 else 2 * wanted // len(self._tags) + 8
+
+    @staticmethod
+    def _merge_buckets(replies: list[list[Any]], asked: int, key: Callable[[Any], Any]) -> tuple[list[Any], bool]:
+        """The buckets' sorted replies (each asked for ``asked`` items) merged, cut where they
+        are surely the first of all: at the smallest last item of a bucket that filled its
+        reply, since that bucket may hold more items after it; and whether any bucket may."""
+        merged = sorted((item for reply in replies for item in reply), key=key)
+        ends = [key(reply[-1]) for reply in replies if len(reply) >= asked]
+        if not ends:
+            return merged, False
+        bound = min(ends)
+        return [item for item in merged if key(item) <= bound], True
+
     def _id_batches(self, after: str | None, size: int) -> Iterator[tuple[list[str], bool]]:
-        """Ids after ``after`` in byte order, ``size`` at a time, with whether more follow."""
+        """Ids after ``after`` in byte order, up to ``size`` at a time, with whether more follow."""
         start = b"-" if after is None else b"(" + after.encode("utf-8")
+        asked = self._asked(size + 1)
         while True:
             with self._errors("listing sessions"):
                 pipe = self._client.pipeline(transaction=False)
-                for tag in self._tags:  # each bucket's next ids; the first size + 1 of all are among them
-                    pipe.zrangebylex(f"{self._prefix}{tag}idx", start, b"+", start=0, num=size + 1)
-                raw = sorted(i for ids in pipe.execute() for i in ids)[:size + 1]  # bytes: byte order
-            ids = [_text(i) for i in raw]
-            more = len(ids) > size
-            batch = ids[:size]
-            if batch:
-                yield batch, more
+                for tag in self._tags:
+                    pipe.zrangebylex(f"{self._prefix}{tag}idx", start, b"+", start=0, num=asked)
+                sure, more = self._merge_buckets(pipe.execute(), asked, _same)  # bytes: byte order
+            ids = [_text(i) for i in sure[:size]]
+            more = more or len(sure) > size
+            if ids:
+                yield ids, more
             if not more:
                 return
-            start = b"(" + batch[-1].encode("utf-8")
+            start = b"(" + ids[-1].encode("utf-8")
 
     def expired(self, limit: int = 1000) -> list[Session]:
+        asked = self._asked(limit)
         with self._errors("finding expired sessions"):
             pipe = self._client.pipeline(transaction=False)
             for tag in self._tags:
-                pipe.zrangebyscore(f"{self._prefix}{tag}ttl", "-inf", repr(self.now()), start=0, num=limit,
+                pipe.zrangebyscore(f"{self._prefix}{tag}ttl", "-inf", repr(self.now()), start=0, num=asked,
                                    withscores=True)
-            due = sorted((pair for pairs in pipe.execute() for pair in pairs), key=lambda pair: pair[1])[:limit]
-        return [s for s in self._read([_text(i) for i, _ in due]) if s is not None]
+            due, _ = self._merge_buckets(pipe.execute(), asked, lambda pair: pair[1])
+        return [s for s in self._read([_text(i) for i, _ in due[:limit]]) if s is not None]
 
     # ---- leases -------------------------------------------------------------------------------
 
@@ -406,3 +424,7 @@ def _fields(session: Session) -> dict[str, Any]:
 
 def _flat(fields: Mapping[str, Any]) -> list[Any]:
     return [item for pair in fields.items() for item in pair]
+
+
+def _same(value: Any) -> Any:
+    return value

@@ -297,6 +297,21 @@ class MetaSuite:
         assert clocked(650).expired() == []
         assert [s.id for s in clocked(700).expired()] == ["short"]
 
+    def test_expired_drains_in_batches(self, meta: MetaStore, clocked: Callable[[float], MetaStore]) -> None:
+        """gc's loop: ``expired(limit)`` then delete, until none is due, finds every due session once."""
+        due = {f"d{i:02d}" for i in range(40)}
+        for i, session_id in enumerate(sorted(due)):
+            meta.create(session_id, FP, ttl=100 + i)
+        meta.create("later", FP, ttl=1_000_000)
+        future, seen = clocked(10_000), list[str]()
+        while batch := future.expired(limit=7):
+            assert len(batch) <= 7
+            for session in batch:
+                seen.append(session.id)
+                future.delete(session.id)
+        assert sorted(seen) == sorted(due)
+        assert [s.id for s in meta.list_sessions().sessions] == ["later"]
+
     # ---- leases -----------------------------------------------------------------------------
 
     def test_lease_lifecycle(self, meta: MetaStore) -> None:

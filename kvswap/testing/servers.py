@@ -381,7 +381,9 @@ def _etcd_members(base: Path, count: int) -> list[Started]:
                            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
                            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
                            "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                           "--initial-cluster-token", base.name], base / f"server{index}.log")
+                           "--initial-cluster-token", base.name, "--quota-backend-bytes", str(8 << 30),
+                           "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000"],
+                          base / f"server{index}.log")
             started.append(Started(f"{base.name}-{index}", proc.pid, {}))
 
         def healthy() -> bool:
