@@ -77,6 +77,7 @@ class RedisClient:
         library = LIBRARIES[uri.scheme]
         lib = importlib.import_module(library)
         self.errors = error_table(lib)
+        self.no_script: type[Exception] = lib.exceptions.NoScriptError
         if retries < 0:
             raise ConfigError("retries must be >= 0")
         db = 0

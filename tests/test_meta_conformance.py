@@ -10,6 +10,7 @@ import pytest
 
 from kvswap.meta import MetaStore
 from kvswap.meta.etcd import EtcdMetaStore
+from kvswap.meta.redis import RedisMetaStore
 from kvswap.testing.connector_suite import env_or_skip
 from kvswap.testing.meta_suite import MetaSuite
 from kvswap.uri import URI
@@ -101,6 +102,16 @@ class TestValkeyCluster(MetaSuite):
     @pytest.fixture
     def meta_uri(self, unique: str) -> str:
         return namespaced("KVSWAP_TEST_VALKEY_CLUSTER_URI", prefix=f"{unique}:", buckets="8")
+
+    def test_reads_when_nodes_lost_their_scripts(self, meta: RedisMetaStore) -> None:
+        """A replica promoted by a failover has no scripts loaded: a page's pipelined reads
+        load them where missing and go on."""
+        ids = [f"s{i:02d}" for i in range(40)]
+        for session_id in ids:
+            meta.create(session_id, "fp")
+        meta._client.execute_command("SCRIPT", "FLUSH", target_nodes=meta._client.ALL_NODES)
+        assert [s.id for s in meta.list_sessions().sessions] == ids
+        assert meta.get("s07").id == "s07"
 
 
 class TestRedisPyOnValkeyCluster(TestValkeyCluster):

@@ -236,17 +236,29 @@ class RedisMetaStore(MetaStore):
         return session
 
     def _read(self, session_ids: list[str]) -> list[Session | None]:
-        """Sessions by id (None for ids that do not exist): one script call per bucket."""
+        """Sessions by id (None for ids that do not exist): one script call per bucket, all
+        pipelined (a call that meets a node without the script runs again, loading it)."""
         by_tag: dict[str, list[str]] = {}
         for session_id in session_ids:
             by_tag.setdefault(self._tag(session_id), []).append(session_id)
+        keys = [[key for session_id in ids for key in self._keys(session_id)[0:3:2]] for ids in by_tag.values()]
+        script = self._scripts["read"]
+        try:
+            if len(keys) == 1:
+                replies = [script(keys=keys[0])]
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for group in keys:
+                    pipe.execute_command("EVALSHA", script.sha, len(group), *group)  # evalsha() is barred there
+                replies = [script(keys=group) if isinstance(reply, self._redis.no_script) else reply
+                           for group, reply in zip(keys, pipe.execute(raise_on_error=False))]
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply
+        except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
+            self._reraise(exc, "reading sessions")
         found: dict[str, Session | None] = {}
-        for ids in by_tag.values():
-            keys = [key for session_id in ids for key in self._keys(session_id)[0:3:2]]  # hash, lease
-            try:
-                states = self._scripts["read"](keys=keys)
-            except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
-                self._reraise(exc, "reading sessions")
+        for ids, states in zip(by_tag.values(), replies):
             found.update((i, self._state(i, state)) for i, state in zip(ids, states))
         return [found[i] for i in session_ids]
 
