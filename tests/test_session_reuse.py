@@ -201,3 +201,40 @@ def test_gc_removes_expired_sessions_and_orphan_blobs(tmp_path: Path) -> None:
 @pytest.fixture
 def unique() -> Iterator[str]:
     yield f"t-{os.urandom(6).hex()}"
+
+
+class _PerLayerPool(PagedKVPool):
+    """Shows the mover its layers one by one, as an engine's per-layer caches do."""
+
+    def layer_range(self, first: int, last: int) -> None:
+        return None
+
+
+@pytest.mark.parametrize("pool_kind", [PagedKVPool, _PerLayerPool])
+@pytest.mark.parametrize("group_layers", [1, 2, 5])
+def test_mover_moves_layer_groups_exactly(pool_kind: type[PagedKVPool], group_layers: int,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scatter and gather in groups of layers (more groups than staging buffers, a short last
+    group), from spans cut short along their tokens (not contiguous), at an offset in a
+    session's scattered blocks: every slot of the session exact, every other slot untouched."""
+    from kvswap.session_cache import KVLayout, KVMover, transfer
+
+    layout = KVLayout(model="mover-test", num_layers=5, num_kv_heads=2, head_dim=8, dtype="float32")
+    pool = pool_kind(layout, 40, block_size=4, device=DEVICE)
+    pool._free.reverse()  # the session's blocks out of order
+    monkeypatch.setattr(transfer, "_STAGING_BYTES", group_layers * 2 * 50 * 2 * 8 * 4)
+    blocks = pool.allocate(pool.blocks_for(50))
+    mover = KVMover(pool)
+    src = mover.host_tensor(60)
+    src.copy_(torch.randn(src.shape))
+    mover.scatter(src[:, :, :37], blocks, 3)
+    events = mover.scatter(src[:, :, 40:50], blocks, 40, per_layer=True)
+    assert events is None if DEVICE == "cpu" else len(events) == layout.num_layers
+    mover.synchronize()
+    out = mover.host_tensor(47)
+    mover.gather(blocks, 3, 50, out)
+    assert torch.equal(out[:, :, :37], src[:, :, :37]) and torch.equal(out[:, :, 37:], src[:, :, 40:50])
+    session = pool.slots(blocks, 3, 50).cpu()
+    others = torch.ones(pool.kv.shape[2], dtype=torch.bool)
+    others[session] = False
+    assert not pool.kv[:, :, others.to(pool.kv.device)].any()

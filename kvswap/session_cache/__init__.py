@@ -21,8 +21,8 @@ from kvswap.session_cache.base import (
 from kvswap.session_cache.handle import CacheStats, LocalState, SessionHandle
 from kvswap.session_cache.manager import SessionCache
 from kvswap.session_cache.pool import PagedKVPool
-from kvswap.session_cache.store import Plan, SessionStore, Span
-from kvswap.session_cache.tiers import HostTier, StoreTier, store_location
+from kvswap.session_cache.store import SessionStore
+from kvswap.session_cache.tiers import HostTier, Plan, Span, StoreTier, store_location
 from kvswap.session_cache.transfer import KVMover
 
 __all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "LocalState", "OutOfBlocksError", "PagedKVPool",

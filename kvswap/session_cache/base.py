@@ -120,6 +120,11 @@ class KVPool(abc.ABC):
         """K and V of ``layer`` as ``[num_blocks * block_size, num_kv_heads, head_dim]`` views
         of the pool's memory (writes through them land in the pool)."""
 
+    def layer_range(self, first: int, last: int) -> torch.Tensor | None:
+        """Layers ``first..last-1`` as one ``[last - first, 2, slots, heads, dim]`` view, if the
+        pool keeps them in one tensor (then a copy moves them with one kernel); None if not."""
+        return None
+
     @abc.abstractmethod
     def allocate(self, count: int) -> list[int]:
         """Take ``count`` free blocks; OutOfBlocksError (taking none) if fewer are free."""

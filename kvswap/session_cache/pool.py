@@ -55,6 +55,9 @@ class PagedKVPool(KVPool):
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer, 0], self.kv[layer, 1]
 
+    def layer_range(self, first: int, last: int) -> torch.Tensor:
+        return self.kv[first:last]
+
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):
             raise OutOfBlocksError(f"need {count} blocks, {len(self._free)} of {self.num_blocks} are free")

@@ -31,7 +31,6 @@ The rules every engine gets from it:
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,7 +56,7 @@ from kvswap.session_cache.base import (
     common_prefix,
     root_hash,
 )
-from kvswap.session_cache.tiers import SpanCache, StoredState, StoreTier
+from kvswap.session_cache.tiers import Plan, Span, SpanCache, StoredState, StoreTier
 
 if TYPE_CHECKING:
     import torch
@@ -70,43 +69,10 @@ log = logging.getLogger("kvswap.session_cache")
 #: What a damaged entry raises when read: a miss, its entry and all after it are dropped.
 DAMAGE = (IntegrityError, NotFoundError, InvalidKeyError)
 
-
-@dataclasses.dataclass
-class Plan:
-    """What a session's stored entries can give back for one request (:meth:`SessionStore.plan`).
-
-    ``entries`` are the ones to read, in token order: every entry whose span the request's
-    tokens hash to (``matched`` tokens in all), then possibly one ``partial`` entry where
-    the request diverges from the stored history inside an entry (how far they agree is
-    known only from the blob's own token ids). ``stored`` is the session as meta has it,
-    for the caller's next write.
-    """
-
-    session: Session | None
-    entries: list[tuple[Entry, StoreTier]]
-    matched: int
-    partial: bool
-    stored: StoredState
-
-    @property
-    def bytes(self) -> int:
-        return sum(entry.size for entry, _ in self.entries)
-
-    @property
-    def end(self) -> int:
-        """The last token position the planned entries cover (an upper bound of the reuse)."""
-        return self.entries[-1][0].token_end if self.entries else 0
-
-
-@dataclasses.dataclass
-class Span:
-    """One verified entry read back: ``kv`` holds its tokens' KV; the first ``take`` of them
-    agree with the request (all of them, except in a partial entry)."""
-
-    entry: Entry
-    kv: torch.Tensor
-    tokens: list[int]
-    take: int
+#: Bytes of entries a read keeps in flight beyond the one it waits for (at least one entry):
+#: large entries are read (their chunks in parallel) about one after another, so the first
+#: is ready early and its copy to the device overlaps the reads of the rest.
+READ_AHEAD_BYTES = 512 << 20
 
 
 class SessionStore:
@@ -270,7 +236,8 @@ class SessionStore:
 
     def read(self, session_id: str, plan: Plan, tokens: Sequence[int] | None, *, limit: int | None = None,
              start: int = 0, pin: bool = False) -> Iterator[Span]:
-        """Read the plan's entries (in parallel, yielded in order), each verified against its
+        """Read the plan's entries (in parallel, within ``READ_AHEAD_BYTES`` beyond the one
+        waited for; yielded in order), each verified against its
         entry, the prefix-hash chain and ``tokens`` (None: taken as stored), up to ``limit``
         tokens. Entries that end by ``start`` are not read (the caller holds those tokens; with
         ``tokens`` given, :meth:`plan` verified them by hash). Stops at the first entry that is
@@ -281,13 +248,24 @@ class SessionStore:
             raise ValueError("reading from a start position needs the request's tokens")
         held = [entry for entry, _ in plan.entries if entry.token_end <= start]
         wanted = [(e, s) for e, s in plan.entries[len(held):] if limit is None or e.token_offset < limit]
-        reads = [self._io.submit(self._read_entry, entry, store, pin) for entry, store in wanted]
+        reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int]]]] = []
+
+        def read_ahead(waiting: int) -> None:  # start reads from entry ``waiting`` on, within the budget
+            ahead = sum(entry.size for entry, _ in wanted[waiting:len(reads)])
+            while len(reads) < len(wanted) and (len(reads) <= waiting
+                                                or ahead + wanted[len(reads)][0].size <= READ_AHEAD_BYTES):
+                entry, store = wanted[len(reads)]
+                reads.append(self._io.submit(self._read_entry, entry, store, pin))
+                ahead += entry.size
+
         previous = held[-1].prefix_hash if held else root_hash(self.fingerprint)
         plan.stored.entries.extend((entry.token_end, entry.prefix_hash) for entry in held)
         try:
-            for (entry, _), future in zip(wanted, reads):
+            for position, (entry, _) in enumerate(wanted):
+                read_ahead(position)
                 try:
-                    kv, span = future.result()
+                    kv, span = reads[position].result()
+                    read_ahead(position + 1)
                     if chain_hash(previous, span) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
                 except UnsupportedFormatError as exc:  # a newer kvswap's data: a miss here, kept for it

@@ -6,7 +6,8 @@ checksum and is lost on exit. :class:`StoreTier` writes spans as kvswap blobs th
 connector and reads them back verified; what a span is (offsets, prefix hash) is
 recorded in the meta store by the session cache, data first. :class:`SpanCache` keeps
 recently written or read spans by blob key, a host tier for engines that keep no host copy
-of their own (the vLLM connector).
+of their own (the vLLM connector). :class:`Plan` and :class:`Span` are what the session
+store plans to read from these stores and what it reads back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from kvswap.connectors.base import Connector
-    from kvswap.meta import Entry, EntrySpec
+    from kvswap.meta import Entry, EntrySpec, Session
 
 
 @dataclasses.dataclass
@@ -257,3 +258,41 @@ class SpanCache:
                 self.used -= old.numel() * old.element_size()
             self._spans[key] = (kv, tokens)
             self.used += nbytes
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a session's stored entries can give back for one request (``SessionStore.plan``).
+
+    ``entries`` are the ones to read, in token order: every entry whose span the request's
+    tokens hash to (``matched`` tokens in all), then possibly one ``partial`` entry where
+    the request diverges from the stored history inside an entry (how far they agree is
+    known only from the blob's own token ids). ``stored`` is the session as meta has it,
+    for the caller's next write.
+    """
+
+    session: Session | None
+    entries: list[tuple[Entry, StoreTier]]
+    matched: int
+    partial: bool
+    stored: StoredState
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry.size for entry, _ in self.entries)
+
+    @property
+    def end(self) -> int:
+        """The last token position the planned entries cover (an upper bound of the reuse)."""
+        return self.entries[-1][0].token_end if self.entries else 0
+
+
+@dataclasses.dataclass
+class Span:
+    """One verified entry read back: ``kv`` holds its tokens' KV; the first ``take`` of them
+    agree with the request (all of them, except in a partial entry)."""
+
+    entry: Entry
+    kv: torch.Tensor
+    tokens: list[int]
+    take: int

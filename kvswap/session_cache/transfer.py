@@ -1,15 +1,18 @@
 """Moving a session's KV between the pool's scattered blocks and one token-major host tensor.
 
 On a CUDA pool, copies run on side streams so they never queue behind the model's
-kernels: each (layer, K|V) slice is gathered by ``index_select`` into a small device
-staging tensor and copied to pinned host memory (and the reverse for swap-in). The side
-streams first wait for the compute stream (the KV must be written before it is read);
-after a swap-in the compute stream waits for them (the model must not read blocks before
-they are filled). A swap-in keeps the copy engine busy: host-to-device copies run on one
-stream into a ring of staging buffers while the scatter kernels (``index_copy_``) run on
-another, each buffer reused once its scatter is done. Both calls return when the host
-side is done (or, for a per-layer swap-in, hand back events), so the host tensor may be
-reused or freed at once. On a CPU pool the same gathers write straight into the host tensor.
+kernels. The layers move in groups of about ``_STAGING_BYTES``: a group is gathered by
+one ``index_select`` (on a pool that keeps its layers in one tensor; one per (layer, K|V)
+otherwise) into a device staging tensor and copied to pinned host memory in one copy, and
+the reverse for swap-in: so a call launches a few dozen operations, not hundreds (their
+launch cost, not the bytes, bounded a swap-in of small entries). The side streams first
+wait for the compute stream (the KV must be written before it is read); after a swap-in
+the compute stream waits for them (the model must not read blocks before they are
+filled). A swap-in keeps the copy engine busy: host-to-device copies run on one stream
+into a ring of staging buffers while the scatter kernels (``index_copy_``) run on another,
+each buffer reused once its scatter is done. Both calls return when the host side is done
+(or, for a per-layer swap-in, hand back events), so the host tensor may be reused or freed
+at once. On a CPU pool the same gathers write straight into the host tensor.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ if TYPE_CHECKING:
     import torch
 
 
-#: Staging buffers a swap-in cycles through (one (layer, K|V) slice each): enough that the
+#: Staging buffers a swap-in cycles through (one group of layers each): enough that the
 #: next host-to-device copy never waits for a scatter kernel.
-_RING = 4
+_RING = 3
+
+#: Bytes of device staging per group of layers (at least one layer).
+_STAGING_BYTES = 16 << 20
 
 
 class KVMover:
@@ -73,12 +79,37 @@ class KVMover:
         stream.wait_stream(torch.cuda.current_stream(self.pool.device))
         index.record_stream(stream)
         with torch.cuda.stream(stream):
-            staging = torch.empty(out.shape[2:], dtype=out.dtype, device=self.pool.device)
-            for layer in range(self.layout.num_layers):
-                for which, view in enumerate(self.pool.layer_slots(layer)):
-                    torch.index_select(view, 0, index, out=staging)
-                    out[layer, which].copy_(staging, non_blocking=True)
+            groups = self._groups(out)
+            staging = torch.empty((groups[0][1] - groups[0][0], *out.shape[1:]), dtype=out.dtype,
+                                  device=self.pool.device)
+            for first, last in groups:
+                buffer = staging[:last - first]
+                whole = self.pool.layer_range(first, last)
+                if whole is not None:
+                    torch.index_select(whole, 2, index, out=buffer)
+                else:
+                    for layer in range(first, last):
+                        for which, view in enumerate(self.pool.layer_slots(layer)):
+                            torch.index_select(view, 0, index, out=buffer[layer - first, which])
+                _copy(out[first:last], buffer)
         stream.synchronize()
+
+    def _groups(self, span: torch.Tensor) -> list[tuple[int, int]]:
+        """The layers of ``span`` (``[layers, 2, tokens, ...]``) in runs of about ``_STAGING_BYTES``."""
+        layers = self.layout.num_layers
+        per_layer = span[0].numel() * span.element_size()
+        size = max(1, min(layers, _STAGING_BYTES // max(per_layer, 1)))
+        return [(first, min(first + size, layers)) for first in range(0, layers, size)]
+
+    def _put_layers(self, first: int, last: int, index: torch.Tensor, src: torch.Tensor) -> None:
+        """Write ``src`` (layers ``first..last-1``, on the device) to the pool's ``index`` slots."""
+        whole = self.pool.layer_range(first, last)
+        if whole is not None:
+            whole.index_copy_(2, index, src)
+            return
+        for layer in range(first, last):
+            for which, view in enumerate(self.pool.layer_slots(layer)):
+                view.index_copy_(0, index, src[layer - first, which])
 
     def scatter(self, src: torch.Tensor, blocks: Sequence[int], start: int, *,
                 per_layer: bool = False) -> list[torch.cuda.Event] | None:
@@ -107,31 +138,32 @@ class KVMover:
         copier.wait_stream(current)  # blocks may have been handed over by a just-finished kernel
         scatterer.wait_stream(current)
         index.record_stream(scatterer)  # made on the compute stream: not to be reused while we copy
-        ring = [torch.empty(src.shape[2:], dtype=src.dtype, device=self.pool.device) for _ in range(_RING)]
-        copied = [torch.cuda.Event() for _ in range(_RING)]
-        freed = [torch.cuda.Event() for _ in range(_RING)]
+        groups = self._groups(src)
+        ring = [torch.empty((groups[0][1] - groups[0][0], *src.shape[1:]), dtype=src.dtype, device=self.pool.device)
+                for _ in range(min(_RING, len(groups)))]
+        copied = [torch.cuda.Event() for _ in ring]
+        freed = [torch.cuda.Event() for _ in ring]
         events = []
-        for step, (layer, which) in enumerate((layer, which) for layer in range(self.layout.num_layers)
-                                              for which in (0, 1)):
-            slot = step % _RING
-            buffer = ring[slot]
+        for step, (first, last) in enumerate(groups):
+            slot = step % len(ring)
+            buffer = ring[slot][:last - first]
             with torch.cuda.stream(copier):
-                if step >= _RING:
-                    copier.wait_event(freed[slot])  # its previous slice is scattered
-                buffer.copy_(src[layer, which], non_blocking=True)
+                if step >= len(ring):
+                    copier.wait_event(freed[slot])  # its previous group is scattered
+                _copy(buffer, src[first:last])
                 copied[slot].record(copier)
             with torch.cuda.stream(scatterer):
                 scatterer.wait_event(copied[slot])
-                self.pool.layer_slots(layer)[which].index_copy_(0, index, buffer)
+                self._put_layers(first, last, index, buffer)
                 freed[slot].record(scatterer)
-            if per_layer and which == 1:
+            if per_layer:
                 events.append(torch.cuda.Event())
                 events[-1].record(scatterer)
         for buffer in ring:  # allocated on the compute stream, used on both side streams
             buffer.record_stream(copier)
             buffer.record_stream(scatterer)
-        if per_layer:
-            return events
+        if per_layer:  # one event per layer: each layer's is its group's
+            return [events[step] for step, (first, last) in enumerate(groups) for _ in range(first, last)]
         current.wait_stream(scatterer)
         scatterer.synchronize()
         return None
@@ -153,3 +185,15 @@ class KVMover:
                              f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
         if (count and not tensor[0, 0].is_contiguous()) or tensor.stride(1) != tensor.stride(0) // 2:
             raise ValueError("each (layer, K|V) slice of the host tensor must be contiguous")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """An asynchronous copy between host and device of a group of layers: one copy when both
+    sides are contiguous, else one per (layer, K|V) slice (each contiguous: a span cut
+    short along its tokens is)."""
+    if dst.is_contiguous() and src.is_contiguous():
+        dst.copy_(src, non_blocking=True)
+        return
+    for layer in range(dst.shape[0]):
+        for which in (0, 1):
+            dst[layer, which].copy_(src[layer, which], non_blocking=True)

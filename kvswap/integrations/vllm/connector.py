@@ -61,8 +61,8 @@ from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
 from kvswap.integrations.vllm.kv_cache import VLLMKVCache, engine_writer
 from kvswap.meta import Entry, open_meta_store
 from kvswap.session_cache.base import SwapError
-from kvswap.session_cache.store import Plan, SessionStore
-from kvswap.session_cache.tiers import StoredState
+from kvswap.session_cache.store import SessionStore
+from kvswap.session_cache.tiers import Plan, StoredState
 
 log = logging.getLogger("vllm.kvswap")
 
