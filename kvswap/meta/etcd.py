@@ -16,7 +16,7 @@ The key layout (sessions, entries, leases, the expiry index): :mod:`kvswap.meta.
 Every change is one transaction guarded by the session key's ``mod_revision`` as read,
 which also moves the session's index key; a store remembers the revision of each session
 it last wrote, so an append that follows its own previous write is a single round trip.
-Stores written before the index existed (kvswap before stop 20) are indexed once, by the
+Stores written before the index existed (kvswap before CHANGELOG's stop 15) are indexed once, by the
 first ``expired`` call that finds no ``x-ready`` key under the prefix.
 """
 
