@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.testing import servers
 from kvswap.uri import parse_size
@@ -108,6 +108,7 @@ def run(kind: str, uri: str, clients: int, args: dict) -> dict[str, float]:
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,2,4")
     parser.add_argument("--value", type=parse_size, default=8 << 20)

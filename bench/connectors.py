@@ -34,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.connectors import Connector, open_connector
 from kvswap.testing import servers
@@ -200,6 +200,7 @@ def memory_ops() -> tuple[Callable, Callable]:
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1MiB,64MiB")
     parser.add_argument("--only", default="file,juicefs,redis,valkey,s3,mem")

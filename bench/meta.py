@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.meta import EntrySpec, MetaStore, open_meta_store
 from kvswap.testing import servers
@@ -397,6 +397,7 @@ def bench_backend(name: str, uri: URI, sessions: int, rounds: int, counts: dict[
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="memkv,sqlite,postgresql,mysql,etcd,redis,valkey")
     parser.add_argument("--sessions", type=int, default=100_000)

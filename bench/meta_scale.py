@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.meta import EntrySpec, MetaStore, open_meta_store
 from kvswap.meta.rules import encode_cursor
@@ -122,6 +122,7 @@ def _gc(meta: MetaStore, count: int, threads: int, limit_s: float) -> dict[str, 
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="postgresql,etcd,valkey-cluster")
     parser.add_argument("--sizes", default="10000,100000,1000000")

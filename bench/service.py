@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.engine import ByteTokenizer
 from kvswap.service.client import ServiceClient
@@ -102,6 +102,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import xxhash
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap import blob
 from kvswap.connectors import open_connector
@@ -70,6 +70,7 @@ def copy_limits(nbytes: int, device: torch.device, repeat: int, sync: Callable[[
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1GiB,4GiB")
     parser.add_argument("--tiers", default="host,file,valkey")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.connectors import open_connector
 from kvswap.engine import Engine, build_model
@@ -105,6 +105,7 @@ def profile_turn(engine: Engine, cache: SessionCache, tier: str, session: str, h
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-8b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

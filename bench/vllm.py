@@ -38,7 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.connectors import open_connector
 from kvswap.testing.vllm import Driver, vllm_python
@@ -110,6 +110,7 @@ def store_ceiling(uri: str, nbytes: int, repeat: int) -> dict[str, float]:
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--histories", default="1024,4096,8192")
     parser.add_argument("--follow", type=int, default=128)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import RESULTS, write_record
+from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap.engine.model import MODEL_CONFIGS
 from kvswap.testing import servers
@@ -294,6 +294,7 @@ def bench_seed(directory: Path, nbytes: int, shapes: dict[str, tuple], device: t
 
 
 def main() -> int:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", choices=sorted(MODEL_CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
