@@ -383,17 +383,19 @@ class EtcdMetaStore(MetaStore):
         if not empty and not backfill:
             return
         start = base
-        while not empty:
-            reply = self._call(self._kv.Range, self._range(start, prefix_end(base), 64), "indexing sessions")
+        while not empty:  # 1000 a range: etcd (before 3.7) walks the whole rest of a range to count it
+            reply = self._call(self._kv.Range, self._range(start, prefix_end(base), 1000), "indexing sessions")
             ids = [kv.key[len(base):].decode("utf-8") for kv in reply.kvs]
             sessions, _ = self._decode(ids, [kv.value for kv in reply.kvs], {})
             # each put only if its session is still as read: a later change wrote its own key
             due = [([self._compare(kv.key, "MOD", kv.mod_revision)], [self._put(key, b"")])
                    for kv, key in zip(reply.kvs, map(self._keys.deadline, sessions)) if key]
-            whole = ([guard for guards, _ in due for guard in guards], [put for _, puts in due for put in puts])
-            if due and not self._txn("indexing sessions", *whole).succeeded:
-                for guards, puts in due:
-                    self._txn("indexing a session", guards, puts)
+            for first in range(0, len(due), 64):  # etcd takes at most 128 operations a transaction
+                group = due[first:first + 64]
+                whole = ([guard for guards, _ in group for guard in guards], [put for _, puts in group for put in puts])
+                if not self._txn("indexing sessions", *whole).succeeded:
+                    for guards, puts in group:
+                        self._txn("indexing a session", guards, puts)
             if not reply.more:
                 break
             start = reply.kvs[-1].key + b"\x00"
