@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from kvswap.testing.servers import _bin, _port_open, _spawn, _wait, free_port
+from kvswap.testing.servers import find_binary, free_port, port_open, spawn, wait_until
 
 NGINX_CONF = """worker_processes 1;
 pid {dir}/nginx.pid;
@@ -46,7 +46,7 @@ def nginx(workdir: Path, upstreams: list[str], port: int | None = None,
     """Debian's nginx in the foreground, round robin over ``upstreams`` (``host:port``); a
     connection refused moves a request to the next upstream (nginx does not resend a POST
     that reached a server). Returns (process, port); stop it with :func:`stop_pid`."""
-    binary = _bin("nginx") or "/usr/sbin/nginx"
+    binary = find_binary("nginx") or "/usr/sbin/nginx"
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -55,6 +55,6 @@ def nginx(workdir: Path, upstreams: list[str], port: int | None = None,
     servers = "\n".join(f"    server {u} max_fails=1 fail_timeout=2s;" for u in upstreams)
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=workdir, servers=servers, port=port, max_body=max_body))
-    proc = _spawn([binary, "-c", str(conf), "-p", str(workdir)], workdir / "nginx.log")
-    _wait(lambda: _port_open(port), 10, "nginx", proc)
+    proc = spawn([binary, "-c", str(conf), "-p", str(workdir)], workdir / "nginx.log")
+    wait_until(lambda: port_open(port), 10, "nginx", proc)
     return proc, port

