@@ -14,8 +14,9 @@ own API (``--threads`` at a time) until each size is reached; at each size, one 
 * **entries**: the entries of a random session (each holds one).
 
 Then gc: ``--expired`` sessions are created with a short ttl, and the time to find and
-delete all of them (``expired(1000)`` and ``delete`` in a loop, as the session store's gc
-does) is measured, for at most ``--gc-seconds``. The growth ratios (the time per operation at the largest size over the
+delete all of them (``expired(1000)``, then ``delete`` on ``--gc-threads`` threads, in a
+loop, as the session store's gc does) is measured, for at most ``--gc-seconds``; once per
+thread count given. The growth ratios (the time per operation at the largest size over the
 smallest) say whether a backend's cost grows with its size. JSON to bench/results/.
 """
 
@@ -99,9 +100,11 @@ def _measure(meta: MetaStore, size: int, ops: int, hot: list[str]) -> dict[str, 
     }
 
 
-def _gc(meta: MetaStore, count: int, threads: int, limit_s: float) -> dict[str, float]:
+def _gc(meta: MetaStore, count: int, threads: int, limit_s: float, deleters: int) -> dict[str, float]:
+    prefix = f"x{deleters}-"
+
     def one(index: int) -> None:
-        meta.create(f"x{index:07d}", "fp", ttl=0.5)
+        meta.create(f"{prefix}{index:07d}", "fp", ttl=0.5)
 
     began = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -109,15 +112,14 @@ def _gc(meta: MetaStore, count: int, threads: int, limit_s: float) -> dict[str, 
     created = time.perf_counter() - began
     time.sleep(1.0)
     began, deleted = time.perf_counter(), 0
-    while time.perf_counter() - began < limit_s:  # a backend that scans every session may not finish
-        due = meta.expired(limit=1000)
-        if not due:
-            break
-        for session in due:
-            meta.delete(session.id)
-            deleted += 1
+    with ThreadPoolExecutor(deleters) as pool:
+        while time.perf_counter() - began < limit_s:  # a backend that scans every session may not finish
+            due = meta.expired(limit=1000)
+            if not due:
+                break
+            deleted += len(list(pool.map(lambda session: meta.delete(session.id), due)))
     seconds = time.perf_counter() - began
-    return {"expired": count, "deleted": deleted, "create_s": created, "gc_s": seconds,
+    return {"expired": count, "deleted": deleted, "deleters": deleters, "create_s": created, "gc_s": seconds,
             "gc_per_s": deleted / seconds if seconds else 0.0}
 
 
@@ -131,6 +133,8 @@ def main() -> int:
     parser.add_argument("--expired", type=int, default=100_000)
     parser.add_argument("--cap", default="", help="largest size per backend, like etcd=100000 (fills are slow)")
     parser.add_argument("--gc-seconds", type=float, default=300.0, help="stop gc after this long (reported)")
+    parser.add_argument("--gc-threads", default="8", help="deleting threads, one gc per count: like 1,8 "
+                        "(the session store deletes io_threads, 8, at a time)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     kinds = args.only.split(",")
@@ -161,10 +165,10 @@ def main() -> int:
             rows[kind]["growth"] = {name: last[name] / first[name] for name in first if name.endswith("_ms")}
             print(f"{kind:15s} {have:,} / {sizes[0]:,}: " + ", ".join(
                 f"{name[:-3]} {ratio:.2f}x" for name, ratio in rows[kind]["growth"].items()), flush=True)
-            if args.expired:
-                rows[kind]["gc"] = gc = _gc(meta, args.expired, args.threads, args.gc_seconds)
-                print(f"{kind:15s} gc of {gc['deleted']:,} of {gc['expired']:,} expired sessions among {have:,}: "
-                      f"{gc['gc_s']:.1f} s ({gc['gc_per_s']:.0f}/s)", flush=True)
+            for deleters in map(int, args.gc_threads.split(",") if args.expired else []):
+                rows[kind][f"gc_{deleters}"] = gc = _gc(meta, args.expired, args.threads, args.gc_seconds, deleters)
+                print(f"{kind:15s} gc of {gc['deleted']:,} of {gc['expired']:,} expired sessions among {have:,}, "
+                      f"{deleters} deleting: {gc['gc_s']:.1f} s ({gc['gc_per_s']:.0f}/s)", flush=True)
             meta.close()
     finally:
         servers.down(state)

@@ -426,21 +426,23 @@ class SessionStore:
 
     def gc(self, in_use: Callable[[str], bool] = lambda session_id: False,
            forget: Callable[[str], None] = lambda session_id: None) -> dict[str, int]:
-        """Delete expired sessions (except those ``in_use``; ``forget(id)`` is told of each one
-        removed), blobs that no meta entry points to and that are older than ``gc_grace``
-        seconds, and what interrupted writes left in the stores (counted with the blobs).
-        Returns counts."""
-        removed_sessions = removed_blobs = 0
-        for session in self.meta.expired():
+        """Delete expired sessions, ``io_threads`` at a time (except those ``in_use``;
+        ``forget(id)``, which must be thread-safe, is told of each one removed), blobs that no
+        meta entry points to and that are older than ``gc_grace`` seconds, and what
+        interrupted writes left in the stores (counted with the blobs). Returns counts."""
+        def remove(session: Session) -> bool:
             if in_use(session.id):
-                continue
+                return False
             try:
                 if not self.delete(session.id, expected_version=session.version):
-                    continue
+                    return False
             except VersionConflictError:
-                continue  # touched meanwhile: no longer expired as seen
+                return False  # touched meanwhile: no longer expired as seen
             forget(session.id)
-            removed_sessions += 1
+            return True
+
+        removed_sessions = sum(self._io.map(remove, self.meta.expired()))  # meta round trips overlap
+        removed_blobs = 0
         referenced: set[tuple[str, str]] = set()
         cursor = None
         while True:
