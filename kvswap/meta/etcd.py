@@ -78,7 +78,7 @@ class EtcdMetaStore(MetaStore):
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._cache: dict[str, _Read] = {}
         self._cache_lock = threading.Lock()
-        self._indexed = False
+        self._indexed = self._unindexed = False
         if uri.username is not None:
             with self._errors("authenticating"):
                 reply = rpc.AuthStub(self._channel).Authenticate(
@@ -373,7 +373,7 @@ class EtcdMetaStore(MetaStore):
         """Whether every session with a ttl is in the expiry index, settled once per store: a
         store with the ``x-ready`` marker is; an empty one is marked now; one written before
         the index existed is indexed first (only when ``backfill``: ``expired`` does it)."""
-        if self._indexed:
+        if self._indexed or (self._unindexed and not backfill):  # creates ask once (a range counts its keys)
             return
         marker, base = self._keys.marker, self._keys.sessions
         if self._call(self._kv.Range, self._range(marker), "reading the expiry index marker").kvs:
@@ -381,6 +381,7 @@ class EtcdMetaStore(MetaStore):
             return
         empty = not self._call(self._kv.Range, self._range(base, prefix_end(base), 1), "reading sessions").kvs
         if not empty and not backfill:
+            self._unindexed = True
             return
         start = base
         while not empty:  # 1000 a range: etcd (before 3.7) walks the whole rest of a range to count it
