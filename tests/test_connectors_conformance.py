@@ -10,7 +10,7 @@ import pytest
 
 from kvswap.connectors import open_connector
 from kvswap.connectors.base import Connector
-from kvswap.testing.connector_suite import ConnectorSuite, env_or_skip, flip_byte
+from kvswap.testing.connector_suite import ConnectorSuite, env_or_skip, flip_byte, payload
 
 
 def _flip_file(path: Path) -> None:
@@ -100,6 +100,37 @@ class _RedisLike(ConnectorSuite):
         assert all(0 < client.pttl(k) <= 10_000 for k in first)  # retired: readable a while
         connector.delete("v")
         assert not set(client.scan_iter(match=f"{prefix}c/*")) - first
+
+    def test_a_ranged_read_of_an_inline_value_fetches_that_range(self, connector: Connector) -> None:
+        """A blob's 64 KiB header probe of a 1 MiB inline value costs the server ~68 KiB of
+        replies, not the value; a manifest cut short or run long reads as IntegrityError."""
+        from kvswap.errors import IntegrityError
+
+        data = payload(1 << 20, 9)
+        connector.put("inline", data)  # 1 MiB <= chunk_size: inline in its manifest
+        client = connector._client  # type: ignore[attr-defined]
+        cluster = connector._redis.cluster  # type: ignore[attr-defined]
+        sent = lambda: sum(int(node_info["total_net_output_bytes"])  # noqa: E731
+                           for node_info in _per_node(client.info("stats", target_nodes=client.ALL_NODES)
+                                                      if cluster else client.info("stats")))
+        before = sent()
+        assert bytes(connector.get("inline", offset=100, length=64 << 10)) == data[100:100 + (64 << 10)]
+        assert sent() - before < 100 << 10
+        buffer = bytearray(len(data) + 1)  # a spare byte, as read_blob reads
+        assert connector.get_into("inline", buffer) == len(data) and buffer[:-1] == data
+        name = connector._manifest_key("inline")  # type: ignore[attr-defined]
+        whole = client.get(name)
+        for damaged in (whole[:-1], whole + b"x"):
+            client.set(name, damaged)
+            with pytest.raises(IntegrityError, match="inline"):
+                connector.get_into("inline", bytearray(len(data) + 1))
+            with pytest.raises(IntegrityError, match="inline"):
+                connector.get("inline")
+
+
+def _per_node(info: dict) -> list[dict]:
+    """``INFO`` of one server, or of every node of a cluster (a dict by node)."""
+    return [info] if "total_net_output_bytes" in info else list(info.values())
 
 
 class TestRedis(_RedisLike):

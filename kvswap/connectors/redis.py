@@ -306,8 +306,9 @@ class RedisConnector(Connector):
         race: read the new manifest. Missing under an unchanged manifest: corruption.
         """
         failed_id = None
+        want = length if buffer is None else len(buffer) if length is None else min(length, len(buffer))
         for _ in range(_READ_ATTEMPTS):
-            header, inline = self._manifest(key)
+            header, inline = self._manifest(key, upto=None if want is None else offset + want)
             check_range(key, offset, header["size"])
             count = header["size"] - offset
             if length is not None:
@@ -328,13 +329,23 @@ class RedisConnector(Connector):
             failed_id = header["id"]
         raise BackendUnavailableError(f"{key!r} on {self.uri} was overwritten {_READ_ATTEMPTS} times while being read")
 
-    def _manifest(self, key: str, probe: bool = False) -> tuple[dict[str, Any], memoryview]:
+    def _manifest(self, key: str, probe: bool = False, upto: int | None = None) -> tuple[dict[str, Any], memoryview]:
+        """The manifest's header and inline value: only the header with ``probe``; only as far
+        as the value's first ``upto`` bytes when given (a blob's header probe of an inline
+        value fetches 68 KiB, not the whole value)."""
         with self._errors("reading", key):
             name = self._manifest_key(key)
-            raw = self._client.getrange(name, 0, _HEADER_PROBE - 1) if probe else self._client.get(name)
+            if probe or upto is not None:
+                raw = self._client.getrange(name, 0, _HEADER_PROBE - 1 + (upto or 0))
+            else:
+                raw = self._client.get(name)
         if not raw:
             raise NotFoundError(f"{key!r} not found on {self.uri}")
-        return decode_manifest(raw, key, partial=probe)
+        header, inline = decode_manifest(raw, key, partial=probe or upto is not None)
+        if upto is not None and not header["chunks"] and not min(header["size"], upto) <= len(inline) <= header["size"]:
+            raise IntegrityError(f"corrupt manifest for {key!r}: inline value holds {len(inline)} bytes where "
+                                 f"{min(header['size'], upto)} to {header['size']} were expected")
+        return header, inline
 
     def _read_chunks(self, key: str, header: dict[str, Any], out: memoryview, offset: int) -> bool:
         """Fill ``out`` from the chunks; False if a chunk vanished (overwritten: retry)."""
