@@ -103,7 +103,8 @@ class _RedisLike(ConnectorSuite):
 
     def test_a_ranged_read_of_an_inline_value_fetches_that_range(self, connector: Connector) -> None:
         """A blob's 64 KiB header probe of a 1 MiB inline value costs the server ~68 KiB of
-        replies, not the value; a manifest cut short or run long reads as IntegrityError."""
+        replies, not the value, and so does its delete; a manifest cut short or run long
+        reads as IntegrityError."""
         from kvswap.errors import IntegrityError
 
         data = payload(1 << 20, 9)
@@ -118,6 +119,10 @@ class _RedisLike(ConnectorSuite):
         assert sent() - before < 100 << 10
         buffer = bytearray(len(data) + 1)  # a spare byte, as read_blob reads
         assert connector.get_into("inline", buffer) == len(data) and buffer[:-1] == data
+        connector.put("gone", data)
+        before = sent()
+        connector.delete("gone")  # learns the manifest's header only: no value sent back
+        assert sent() - before < 100 << 10 and not connector.exists("gone")
         name = connector._manifest_key("inline")  # type: ignore[attr-defined]
         whole = client.get(name)
         for damaged in (whole[:-1], whole + b"x"):

@@ -11,13 +11,11 @@ Layout under the namespace ``prefix`` (default ``kvswap:``):
 
 A put writes its chunks first (each with a short expiry, so a writer that dies leaves
 nothing behind for long), removes the expiries, and publishes the manifest last, in one
-``SET``: a reader sees the whole value or none. A new key is one ``SET NX``; an
-overwrite swaps the manifest atomically (MULTI: read the old head, SET) and gives the old
-chunks a short expiry (``retire_grace``), so readers of the old manifest finish; a reader
-that still misses a chunk re-reads the manifest.
-Chunks keep every Redis value far under its 512 MB cap and keep the server responsive;
-they are moved by several pipelined connections in parallel, and read replies land
-straight in the caller's buffer.
+``SET``: a reader sees the whole value or none. A new key is one ``SET NX``; an overwrite
+swaps the manifest (``SET ... GET``) and gives the old chunks a short expiry
+(``retire_grace``) so readers of the old manifest finish (one that still misses a chunk
+re-reads the manifest). Chunks keep values far under Redis's 512 MB cap; several pipelined
+connections move them, read replies landing straight in the caller's buffer.
 
 **Cluster** (``?cluster=true``, the URI naming any node; ``nodes=host:port,...`` more seeds):
 the same layout through the library's cluster client. Chunk keys carry no hash tag, so a
@@ -61,6 +59,11 @@ from kvswap.redis_client import CLIENT_OPTIONS, RedisClient
 from kvswap.uri import URI, Option, parse_bool, parse_positive_int, parse_seconds, parse_size
 
 _HEADER_PROBE = 4096  # bytes of a manifest fetched to learn a value's size
+# Delete KEYS[1], returning its first ARGV[1] + 1 bytes ("" if missing): GETDEL would send a
+# whole inline value back to learn the manifest's header.
+_TAKE_HEAD = """local head = redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]))
+if head ~= '' then redis.call('UNLINK', KEYS[1]) end
+return head"""
 _READ_ATTEMPTS = 10
 _CLUSTER_READ_ATTEMPTS = 3
 
@@ -94,6 +97,7 @@ class RedisConnector(Connector):
         self._threads: ThreadPoolExecutor | None = None
         self._batch_threads: ThreadPoolExecutor | None = None  # put_many's connections
         self._prefix = opts["prefix"]
+        self._take_head = self._client.register_script(_TAKE_HEAD)
 
     # ---- layout -----------------------------------------------------------------
 
@@ -132,14 +136,12 @@ class RedisConnector(Connector):
 
     def put_many(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]], *, mode: PutMode = "overwrite") -> None:
         """As :meth:`Connector.put_many`; values of up to ``chunk_size`` go out on up to
-        ``parallel`` connections at once (the server takes one while the client sends
-        another), larger ones one after another (each spreads its chunks over ``parallel``
-        connections itself). An error other than an existing key stops its connection's
-        share of the batch; the others finish theirs, then it is raised."""
+        ``parallel`` connections at once, larger ones one after another (each spreads its
+        chunks over ``parallel`` connections itself). An error other than an existing key
+        stops its connection's share of the batch; the others finish theirs, then it is raised."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
-        chunk = self.options["chunk_size"]
         small = [(index, key, data) for index, (key, data) in enumerate(pairs)
-                 if sum(part.nbytes for part in as_parts(data)) <= chunk]
+                 if sum(part.nbytes for part in as_parts(data)) <= self.options["chunk_size"]]
         lanes = min(self.options["parallel"], len(small))
         if lanes < 2:
             super().put_many(pairs, mode=mode)
@@ -428,11 +430,11 @@ class RedisConnector(Connector):
 
     def _delete(self, key: str) -> None:
         with self._errors("deleting", key):
-            old = self._client.getdel(self._manifest_key(key))
-        if old is None:
+            old = self._take_head(keys=[self._manifest_key(key)], args=[_HEADER_PROBE - 1])
+        if not old:
             return
         try:
-            header, _ = decode_manifest(old, key)
+            header, _ = decode_manifest(old, key, partial=True)
         except IntegrityError:
             return  # a damaged manifest names no chunks we can trust: collect_garbage sweeps them
         if header["chunks"]:
