@@ -71,9 +71,7 @@ class KVMover:
             return
         index = self.pool.slots(blocks, start, stop)
         if not self.cuda:
-            for layer in range(self.layout.num_layers):
-                for which, view in enumerate(self.pool.layer_slots(layer)):
-                    torch.index_select(view, 0, index, out=out[layer, which])
+            self._take_layers(0, self.layout.num_layers, index, out)
             return
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.pool.device))
@@ -84,13 +82,7 @@ class KVMover:
                                   device=self.pool.device)
             for first, last in groups:
                 buffer = staging[:last - first]
-                whole = self.pool.layer_range(first, last)
-                if whole is not None:
-                    torch.index_select(whole, 2, index, out=buffer)
-                else:
-                    for layer in range(first, last):
-                        for which, view in enumerate(self.pool.layer_slots(layer)):
-                            torch.index_select(view, 0, index, out=buffer[layer - first, which])
+                self._take_layers(first, last, index, buffer)
                 _copy(out[first:last], buffer)
         stream.synchronize()
 
@@ -101,15 +93,31 @@ class KVMover:
         size = max(1, min(layers, _STAGING_BYTES // max(per_layer, 1)))
         return [(first, min(first + size, layers)) for first in range(0, layers, size)]
 
+    def _take_layers(self, first: int, last: int, index: torch.Tensor, out: torch.Tensor) -> None:
+        """Read the pool's ``index`` slots of layers ``first..last-1`` into ``out`` (on the
+        pool's device): one kernel where the pool keeps those layers in one tensor."""
+        import torch
+
+        whole = self.pool.layer_range(first, last)
+        if whole is not None and out.is_contiguous():
+            torch.index_select(whole, 2, index, out=out)
+            return
+        for layer, which, view in self._slot_views(first, last):
+            torch.index_select(view, 0, index, out=out[layer - first, which])
+
     def _put_layers(self, first: int, last: int, index: torch.Tensor, src: torch.Tensor) -> None:
-        """Write ``src`` (layers ``first..last-1``, on the device) to the pool's ``index`` slots."""
+        """Write ``src`` (layers ``first..last-1``, on the pool's device) to the pool's ``index`` slots."""
         whole = self.pool.layer_range(first, last)
         if whole is not None:
             whole.index_copy_(2, index, src)
             return
-        for layer in range(first, last):
-            for which, view in enumerate(self.pool.layer_slots(layer)):
-                view.index_copy_(0, index, src[layer - first, which])
+        for layer, which, view in self._slot_views(first, last):
+            view.index_copy_(0, index, src[layer - first, which])
+
+    def _slot_views(self, first: int, last: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(layer, 0 for K | 1 for V, the pool's slot view) for layers ``first..last-1``."""
+        return [(layer, which, view) for layer in range(first, last)
+                for which, view in enumerate(self.pool.layer_slots(layer))]
 
     def scatter(self, src: torch.Tensor, blocks: Sequence[int], start: int, *,
                 per_layer: bool = False) -> list[torch.cuda.Event] | None:
@@ -129,9 +137,7 @@ class KVMover:
             return None
         index = self.pool.slots(blocks, start, start + count)
         if not self.cuda:
-            for layer in range(self.layout.num_layers):
-                for which, view in enumerate(self.pool.layer_slots(layer)):
-                    view.index_copy_(0, index, src[layer, which])
+            self._put_layers(0, self.layout.num_layers, index, src)
             return None
         copier, scatterer = self._stream, self._scatter_stream
         current = torch.cuda.current_stream(self.pool.device)
