@@ -78,6 +78,7 @@ class RedisClient:
         lib = importlib.import_module(library)
         self.errors = error_table(lib)
         self.no_script: type[Exception] = lib.exceptions.NoScriptError
+        self.no_permission: type[Exception] = lib.exceptions.NoPermissionError
         if retries < 0:
             raise ConfigError("retries must be >= 0")
         db = 0

@@ -133,6 +133,27 @@ class _RedisLike(ConnectorSuite):
                 connector.get("inline")
 
 
+    def test_a_user_without_scripting_still_deletes(self, connector: Connector, unique: str) -> None:
+        """The delete's script falls back to GETDEL for a Redis user whose ACL denies @scripting."""
+        if connector._redis.cluster:  # type: ignore[attr-defined]
+            pytest.skip("ACL users are set per node; the single-server classes cover the fallback")
+        client = connector._client  # type: ignore[attr-defined]
+        user = f"noscript-{unique}".replace(":", "")
+        client.acl_setuser(user, enabled=True, passwords=["+secret-pw"], keys=["*"],
+                           commands=["+@all", "-@scripting"])
+        try:
+            scheme, rest = self.uri(env_or_skip(self.env_name)).split("://", 1)
+            with open_connector(f"{scheme}://{user}:secret-pw@{rest}?prefix={unique}:acl:") as limited:
+                limited.put("v", payload(1 << 20, 3))
+                limited.put("big", payload(3 << 20, 4))  # chunked: the old chunks must go too
+                limited.delete("v")
+                limited.delete("big")
+                assert not limited.exists("v") and not limited.exists("big")
+                assert not list(client.scan_iter(match=f"{unique}:acl:*"))
+        finally:
+            client.acl_deluser(user)
+
+
 def _per_node(info: dict) -> list[dict]:
     """``INFO`` of one server, or of every node of a cluster (a dict by node)."""
     return [info] if "total_net_output_bytes" in info else list(info.values())
