@@ -213,6 +213,22 @@ def memory_ops() -> tuple[Callable, Callable]:
     return put, get
 
 
+def print_row(row: dict) -> None:
+    """One backend and size: connector / ceiling for put and get, then its batch figures."""
+    c, k, r = row["connector"], row["ceiling"], row["ratio"]
+    bare = row.get("bare_clients")
+    print(f"{row['backend']:8} {row['size'] >> 20:>4} MiB  put {c['put_gbps']:6.2f} GB/s / {k['put_gbps']:6.2f} = "
+          f"{r['put_gbps']:5.2f}   get {c['get_gbps']:6.2f} GB/s / {k['get_gbps']:6.2f} = {r['get_gbps']:5.2f}"
+          + (f"   [obstore put {bare['obstore']['put_gbps']:.2f} get {bare['obstore']['get_gbps']:.2f};"
+             f" boto3 put {bare['boto3']['put_gbps']:.2f} get {bare['boto3']['get_gbps']:.2f}]" if bare else "")
+          + (f"   [redis-benchmark SET of one key: {k['put_one_key_gbps']:.2f}]" if "put_one_key_gbps" in k else ""),
+          flush=True)
+    if "batch" in row:
+        b, br = row["batch"], row["batch_ratio"]
+        print(f"{'':8} {'':>4}      batches of {BATCH}: put_many {b['put_gbps']:6.2f} GB/s = "
+              f"{br['put_gbps']:5.2f}   get_many {b['get_gbps']:6.2f} GB/s = {br['get_gbps']:5.2f}", flush=True)
+
+
 def main() -> int:
     stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -265,20 +281,7 @@ def main() -> int:
                     row["batch"] = figures["batch"]
                     row["batch_ratio"] = {f: row["batch"][f] / row["ceiling"][f] for f in ("put_gbps", "get_gbps")}
                 rows.append(row)
-                c, k, r = row["connector"], row["ceiling"], row["ratio"]
-                print(f"{backend:8} {size >> 20:>4} MiB  put {c['put_gbps']:6.2f} GB/s / {k['put_gbps']:6.2f} = "
-                      f"{r['put_gbps']:5.2f}   get {c['get_gbps']:6.2f} GB/s / {k['get_gbps']:6.2f} = "
-                      f"{r['get_gbps']:5.2f}"
-                      + (f"   [obstore put {bare['obstore']['put_gbps']:.2f} get {bare['obstore']['get_gbps']:.2f};"
-                         f" boto3 put {bare['boto3']['put_gbps']:.2f} get {bare['boto3']['get_gbps']:.2f}]"
-                         if backend == "s3" else "")
-                      + (f"   [redis-benchmark SET of one key: {k['put_one_key_gbps']:.2f}]"
-                         if "put_one_key_gbps" in k else ""), flush=True)
-                if "batch" in row:
-                    b, br = row["batch"], row["batch_ratio"]
-                    print(f"{'':8} {'':>4}      batches of {BATCH}: put_many {b['put_gbps']:6.2f} GB/s = "
-                          f"{br['put_gbps']:5.2f}   get_many {b['get_gbps']:6.2f} GB/s = {br['get_gbps']:5.2f}",
-                          flush=True)
+                print_row(row)
     finally:
         servers.down(state / "servers")
         shutil.rmtree(state, ignore_errors=True)
