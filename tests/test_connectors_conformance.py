@@ -103,8 +103,8 @@ class _RedisLike(ConnectorSuite):
 
     def test_a_ranged_read_of_an_inline_value_fetches_that_range(self, connector: Connector) -> None:
         """A blob's 64 KiB header probe of a 1 MiB inline value costs the server ~68 KiB of
-        replies, not the value, and so does its delete; a manifest cut short or run long
-        reads as IntegrityError."""
+        replies, not the value, and so do its delete and (on one server) its overwrite; a
+        manifest cut short or run long reads as IntegrityError."""
         from kvswap.errors import IntegrityError
 
         data = payload(1 << 20, 9)
@@ -123,6 +123,11 @@ class _RedisLike(ConnectorSuite):
         before = sent()
         connector.delete("gone")  # learns the manifest's header only: no value sent back
         assert sent() - before < 100 << 10 and not connector.exists("gone")
+        if not connector._redis.cluster:  # type: ignore[attr-defined]  # (a cluster swaps by SET ... GET)
+            connector.put("again", data)
+            before = sent()
+            connector.put("again", data[::-1])  # an overwrite: the old value is not sent back either
+            assert sent() - before < 100 << 10 and bytes(connector.get("again")) == data[::-1]
         name = connector._manifest_key("inline")  # type: ignore[attr-defined]
         whole = client.get(name)
         for damaged in (whole[:-1], whole + b"x"):

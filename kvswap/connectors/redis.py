@@ -12,10 +12,11 @@ Layout under the namespace ``prefix`` (default ``kvswap:``):
 A put writes its chunks first (each with a short expiry, so a writer that dies leaves
 nothing behind for long), removes the expiries, and publishes the manifest last, in one
 ``SET``: a reader sees the whole value or none. A new key is one ``SET NX``; an overwrite
-swaps the manifest (``SET ... GET``) and gives the old chunks a short expiry
-(``retire_grace``) so readers of the old manifest finish (one that still misses a chunk
-re-reads the manifest). Chunks keep values far under Redis's 512 MB cap; several pipelined
-connections move them, read replies landing straight in the caller's buffer.
+swaps the manifest (MULTI: GETRANGE, SET; on a cluster SET ... GET) and gives the old
+chunks a short expiry (``retire_grace``) so readers of the old manifest finish (one that
+still misses a chunk re-reads the manifest). Chunks keep values far under Redis's 512 MB
+cap; several pipelined connections move them, read replies landing straight in the
+caller's buffer.
 
 **Cluster** (``?cluster=true``, the URI naming any node; ``nodes=host:port,...`` more seeds):
 the same layout through the library's cluster client. Chunk keys carry no hash tag, so a
@@ -94,7 +95,7 @@ class RedisConnector(Connector):
         self._errors_table = self._redis.errors
         self._client, self._checkout_args = self._redis.client, self._redis.checkout_args
         self._threads: ThreadPoolExecutor | None = None
-        self._batch_threads: ThreadPoolExecutor | None = None  # put_many's connections
+        self._batch_threads: ThreadPoolExecutor | None = None  # put_many's lanes
         self._prefix = opts["prefix"]
         self._take_head = self._client.register_script(_TAKE_HEAD)
 
@@ -134,10 +135,9 @@ class RedisConnector(Connector):
             self._wait_replicas(key, [*chunk_keys, self._manifest_key(key)])
 
     def put_many(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]], *, mode: PutMode = "overwrite") -> None:
-        """As :meth:`Connector.put_many`; values of up to ``chunk_size`` go out on up to
-        ``parallel`` connections at once, larger ones one after another (each spreads its
-        chunks over ``parallel`` connections itself). An error other than an existing key
-        stops its connection's share of the batch; the others finish theirs, then it is raised."""
+        """As :meth:`Connector.put_many`; values of up to ``chunk_size`` go out on up to ``parallel``
+        connections at once, larger ones one after another (each spreads its own chunks). An error
+        other than an existing key stops its connection's share; the others finish, then it is raised."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
         small = [(index, key, data) for index, (key, data) in enumerate(pairs)
                  if sum(part.nbytes for part in as_parts(data)) <= self.options["chunk_size"]]
@@ -159,14 +159,9 @@ class RedisConnector(Connector):
             self._batch_threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis-batch")
         futures = [self._batch_threads.submit(put_lane, small[i::lanes]) for i in range(lanes)]
         wait(futures)
-        existing = sorted(index for future in futures for index in future.result())
         chosen = {index for index, _, _ in small}
-        for index, (key, data) in enumerate(pairs):
-            if index not in chosen:
-                try:
-                    self.put(key, data, mode=mode)
-                except AlreadyExistsError:
-                    existing.append(index)
+        existing = [index for future in futures for index in future.result()]
+        existing += put_lane([(index, key, data) for index, (key, data) in enumerate(pairs) if index not in chosen])
         self._raise_existing([pairs[index][0] for index in sorted(existing)])
 
     def _wait_replicas(self, key: str, written: list[str]) -> None:
@@ -211,9 +206,12 @@ class RedisConnector(Connector):
             return
         if self._set_new(name, manifest):
             return  # a new key, the common case: one plain SET
-        # An overwrite: swap, learning what it replaces. (A Lua script returning only the old
-        # manifest's head measured slower than SET ... GET for 1 MiB inline values.)
-        old = self._client.set(name, b"".join(manifest), get=True)
+        # An overwrite: swap, learning what it replaces (one server: its head only, in a MULTI).
+        if self._redis.cluster:
+            old = self._client.set(name, b"".join(manifest), get=True)
+        else:
+            old = self._client.pipeline(transaction=True).getrange(name, 0, _HEADER_PROBE - 1).set(
+                name, b"".join(manifest)).execute()[0]
         if old:
             old_header, _ = decode_manifest(old, key, partial=True)
             if old_header["chunks"]:  # retire, don't delete: readers of the old manifest finish
@@ -330,8 +328,7 @@ class RedisConnector(Connector):
 
     def _manifest(self, key: str, probe: bool = False, upto: int | None = None) -> tuple[dict[str, Any], memoryview]:
         """The manifest's header and inline value: only the header with ``probe``; only as far
-        as the value's first ``upto`` bytes when given (a blob's header probe of an inline
-        value fetches 68 KiB, not the whole value)."""
+        as the value's first ``upto`` bytes when given (not the whole of an inline value)."""
         with self._errors("reading", key):
             name = self._manifest_key(key)
             if probe or upto is not None:
