@@ -11,8 +11,10 @@ see notes/SERVICES.md), the Python one sends them as separate buffers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 from kvswap.errors import (
@@ -124,6 +126,20 @@ class RedisClient:
             return self.pool
         node = self.client.get_node_from_key(key)
         return (getattr(node, "redis_connection", None) or node.valkey_connection).connection_pool
+
+    @contextlib.contextmanager
+    def connection(self, pool: Any) -> Iterator[Any]:
+        """A connection of ``pool`` (see :meth:`node_pool`) for commands sent and read by hand,
+        given back after; dropped instead if the body raised (a reply may be unread, or a
+        command half sent: it is never reused)."""
+        conn = pool.get_connection(*self.checkout_args)
+        try:
+            yield conn
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def refresh(self) -> None:
         """Re-learn a cluster's slot map (after a MOVED or ASK met outside the client)."""

@@ -111,9 +111,11 @@ class _RedisLike(ConnectorSuite):
         connector.put("inline", data)  # 1 MiB <= chunk_size: inline in its manifest
         client = connector._client  # type: ignore[attr-defined]
         cluster = connector._redis.cluster  # type: ignore[attr-defined]
-        sent = lambda: sum(int(node_info["total_net_output_bytes"])  # noqa: E731
-                           for node_info in _per_node(client.info("stats", target_nodes=client.ALL_NODES)
-                                                      if cluster else client.info("stats")))
+
+        def sent() -> int:  # bytes every server has sent so far
+            info = client.info("stats", target_nodes=client.ALL_NODES) if cluster else client.info("stats")
+            return sum(int(node_info["total_net_output_bytes"]) for node_info in _per_node(info))
+
         before = sent()
         assert bytes(connector.get("inline", offset=100, length=64 << 10)) == data[100:100 + (64 << 10)]
         assert sent() - before < 100 << 10

@@ -234,14 +234,17 @@ class Connector(abc.ABC):
         """Store several values; each is atomic on its own, the batch is not. With
         ``mode="create"`` every value is tried, then :class:`AlreadyExistsError` names the
         first key that existed (the others were stored); any other error stops the batch."""
-        pairs = items.items() if isinstance(items, Mapping) else items
+        self._raise_existing(self._put_each(items.items() if isinstance(items, Mapping) else items, mode))
+
+    def _put_each(self, pairs: Iterable[tuple[str, Data]], mode: PutMode) -> builtins.list[str]:
+        """Put each value in turn; the keys that existed (``mode="create"``), in order."""
         existing: builtins.list[str] = []
         for key, data in pairs:
             try:
                 self.put(key, data, mode=mode)
             except AlreadyExistsError:
                 existing.append(key)
-        self._raise_existing(existing)
+        return existing
 
     def _raise_existing(self, keys: builtins.list[str]) -> None:
         """What a create-mode batch raises when ``keys`` existed (nothing if none did)."""

@@ -93,7 +93,7 @@ class RedisConnector(Connector):
             raise ConfigError("replica_timeout must be shorter than timeout (the wait is one reply)")
         self._redis = RedisClient(uri, opts, opts["retries"], cluster=opts["cluster"], nodes=opts["nodes"])
         self._errors_table = self._redis.errors
-        self._client, self._checkout_args = self._redis.client, self._redis.checkout_args
+        self._client = self._redis.client
         self._threads: ThreadPoolExecutor | None = None
         self._batch_threads: ThreadPoolExecutor | None = None  # put_many's lanes
         self._prefix = opts["prefix"]
@@ -139,30 +139,22 @@ class RedisConnector(Connector):
         connections at once, larger ones one after another (each spreads its own chunks). An error
         other than an existing key stops its connection's share; the others finish, then it is raised."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
-        small = [(index, key, data) for index, (key, data) in enumerate(pairs)
-                 if sum(part.nbytes for part in as_parts(data)) <= self.options["chunk_size"]]
+        small: list[tuple[str, Data]] = []
+        large: list[tuple[str, Data]] = []
+        for key, data in pairs:
+            inline = sum(part.nbytes for part in as_parts(data)) <= self.options["chunk_size"]
+            (small if inline else large).append((key, data))
         lanes = min(self.options["parallel"], len(small))
         if lanes < 2:
             super().put_many(pairs, mode=mode)
             return
-
-        def put_lane(batch: list[tuple[int, str, Data]]) -> list[int]:
-            existing = []
-            for index, key, data in batch:
-                try:
-                    self.put(key, data, mode=mode)
-                except AlreadyExistsError:
-                    existing.append(index)
-            return existing
-
         if self._batch_threads is None:
             self._batch_threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis-batch")
-        futures = [self._batch_threads.submit(put_lane, small[i::lanes]) for i in range(lanes)]
+        futures = [self._batch_threads.submit(self._put_each, small[i::lanes], mode) for i in range(lanes)]
         wait(futures)
-        chosen = {index for index, _, _ in small}
-        existing = [index for future in futures for index in future.result()]
-        existing += put_lane([(index, key, data) for index, (key, data) in enumerate(pairs) if index not in chosen])
-        self._raise_existing([pairs[index][0] for index in sorted(existing)])
+        existing = {key for future in futures for key in future.result()}
+        existing.update(self._put_each(large, mode))
+        self._raise_existing([key for key, _ in pairs if key in existing])
 
     def _wait_replicas(self, key: str, written: list[str]) -> None:
         """With ``replicas``: wait until that many replicas of every primary holding one of
@@ -181,18 +173,11 @@ class RedisConnector(Connector):
             by_pool.setdefault(id(pool), (pool, name))
         timeout_ms = max(1, int(self.options["replica_timeout"] * 1000))
         for pool, name in by_pool.values():
-            conn = pool.get_connection(*self._checkout_args)
-            healthy = False
-            try:
+            with self._redis.connection(pool) as conn:
                 conn.send_command("SET", self._marker(name), b"1", "PX", "60000")
                 conn.read_response()
                 conn.send_command("WAIT", wanted, timeout_ms)
                 acknowledged = int(conn.read_response())
-                healthy = True
-            finally:
-                if not healthy:
-                    conn.disconnect()
-                pool.release(conn)
             if acknowledged < wanted:
                 raise BackendUnavailableError(
                     f"{key!r} on {self.uri}: {acknowledged} of {wanted} replicas acknowledged it within "
@@ -229,22 +214,12 @@ class RedisConnector(Connector):
         size = sum(memoryview(part).nbytes for part in parts)
         command = [b"*4\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(encoded), encoded, size), *parts,
                    b"\r\n$2\r\nNX\r\n"]
-        pool = self._redis.node_pool(name)
-        conn = pool.get_connection(*self._checkout_args)
+        with self._redis.connection(self._redis.node_pool(name)) as conn:
+            def send() -> bool:
+                conn.send_packed_command(command)
+                return conn.read_response() is not None
 
-        def send() -> bool:
-            conn.send_packed_command(command)
-            return conn.read_response() is not None
-
-        healthy = False
-        try:
-            result = bool(conn.retry.call_with_retry(send, lambda error: conn.disconnect()))
-            healthy = True
-            return result
-        finally:
-            if not healthy:  # a reply may be unread, or a command half sent: never reuse it
-                conn.disconnect()
-            pool.release(conn)
+            return bool(conn.retry.call_with_retry(send, lambda error: conn.disconnect()))
 
     def _drop_quietly(self, keys: list[str]) -> None:
         """Best-effort removal of chunks; their expiry or a later sweep covers failures."""
@@ -326,18 +301,15 @@ class RedisConnector(Connector):
             failed_id = header["id"]
         raise BackendUnavailableError(f"{key!r} on {self.uri} was overwritten {_READ_ATTEMPTS} times while being read")
 
-    def _manifest(self, key: str, probe: bool = False, upto: int | None = None) -> tuple[dict[str, Any], memoryview]:
-        """The manifest's header and inline value: only the header with ``probe``; only as far
-        as the value's first ``upto`` bytes when given (not the whole of an inline value)."""
+    def _manifest(self, key: str, upto: int | None = None) -> tuple[dict[str, Any], memoryview]:
+        """The manifest's header and inline value, the value only as far as its first ``upto``
+        bytes when given (0: the header alone; never more of an inline value than needed)."""
         with self._errors("reading", key):
             name = self._manifest_key(key)
-            if probe or upto is not None:
-                raw = self._client.getrange(name, 0, _HEADER_PROBE - 1 + (upto or 0))
-            else:
-                raw = self._client.get(name)
+            raw = self._client.get(name) if upto is None else self._client.getrange(name, 0, _HEADER_PROBE - 1 + upto)
         if not raw:
             raise NotFoundError(f"{key!r} not found on {self.uri}")
-        header, inline = decode_manifest(raw, key, partial=probe or upto is not None)
+        header, inline = decode_manifest(raw, key, partial=upto is not None)
         if upto is not None and not header["chunks"] and not min(header["size"], upto) <= len(inline) <= header["size"]:
             raise IntegrityError(f"corrupt manifest for {key!r}: inline value holds {len(inline)} bytes where "
                                  f"{min(header['size'], upto)} to {header['size']} were expected")
@@ -401,23 +373,15 @@ class RedisConnector(Connector):
         comes from the pool, so auth, TLS and db selection are the library's; if anything is
         unexpected the connection is dropped, never reused half-read.
         """
-        conn = pool.get_connection(*self._checkout_args)
-        healthy = False
-        try:
+        with self._redis.connection(pool) as conn:
             conn.send_packed_command(conn.pack_commands([command for command, _ in reads]))
-            sock = conn._sock
             complete = True
             for _, target in reads:
-                complete &= read_bulk_into(sock, target)
-            healthy = True
+                complete &= read_bulk_into(conn._sock, target)
             return complete
-        finally:
-            if not healthy:
-                conn.disconnect()
-            pool.release(conn)
 
     def _size(self, key: str) -> int:
-        header, _ = self._manifest(key, probe=True)
+        header, _ = self._manifest(key, upto=0)
         return int(header["size"])
 
     # ---- delete, list, close ----------------------------------------------------------
