@@ -6,10 +6,13 @@ Starts its own servers on loopback (kvswap.testing.servers), then for each conne
 value size measures put and get (into a preallocated buffer) throughput, and the ceiling:
 
 * file:// and the JuiceFS mount: one plain file written with write+fsync, read with readinto;
-* redis:// and valkey://: ``redis-benchmark`` with the same value size (the better of 1 and
-  ``parallel`` clients): SET of a new key each time (``-r``, as kvswap writes), GET of one
-  key; its SET of one key over and over (the server reusing that value's memory) is printed
-  and recorded beside it;
+* redis:// and valkey://: a bare RESP client (:class:`RespSocket`: one SET of a new key or
+  one GET into the buffer per round trip on one socket, what ``redis-benchmark`` does),
+  interleaved with the connector so both meet the same server state; batches against
+  ``parallel`` such sockets at once. ``redis-benchmark``'s own figures (the better of 1 and
+  ``parallel`` clients; SET of a new key each time, SET of one key, GET) are printed and
+  recorded beside them: run before or after the connector, they meet another server state
+  (a server takes new 1 MiB values at rates that vary 3x with what its allocator holds);
 * s3://: the bare clients, obstore (put / get) and boto3 (put_object / 8-way ranged get),
   the better of the two; both are reported, which is how the S3 connector's client was
   chosen;
@@ -27,12 +30,13 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,9 +79,16 @@ class FreshKeys:
         self.put(self.keys[-1], self.data)
 
 
+#: A ceiling for batches: puts (keys, data) or gets (keys, buffers) the way the bare client
+#: would move a batch (several connections at once).
+BatchPut = Callable[[Sequence[str], bytes], object]
+BatchGet = Callable[[Sequence[str], Sequence[memoryview]], object]
+
+
 def measure(data: bytes, repeat: int, connector_uri: str,
             ceiling_put: Callable[[str, bytes], object] | None,
-            ceiling_get: Callable[[str, memoryview], object] | None) -> dict[str, dict[str, float]]:
+            ceiling_get: Callable[[str, memoryview], object] | None,
+            batch_ceiling: tuple[BatchPut, BatchGet] | None = None) -> dict[str, dict[str, float]]:
     """Connector and ceiling put/get GB/s, interleaved. Ceilings take (key, data|buffer)."""
     size = len(data)
     buffer = bytearray(size)
@@ -98,27 +109,96 @@ def measure(data: bytes, repeat: int, connector_uri: str,
         figures = {name: {"put_gbps": gbps(size, put_seconds[name]), "get_gbps": gbps(size, get_seconds[name])}
                    for name in get_seconds}
         if size <= BATCH_MAX:
-            figures["batch"] = measure_batch(store, data, max(2, repeat // 10))
+            figures["batch"] = measure_batch(store, data, max(2, repeat // 10), batch_ceiling)
     return figures
 
 
 BATCH_MAX, BATCH = 4 << 20, 32
 
 
-def measure_batch(store: Connector, data: bytes, repeat: int) -> dict[str, float]:
-    """put_many (create mode, as kvswap writes) and get_many of BATCH values of ``data``."""
-    rounds: list[list[str]] = []
+def measure_batch(store: Connector, data: bytes, repeat: int,
+                  ceiling: tuple[BatchPut, BatchGet] | None = None) -> dict[str, float]:
+    """put_many (create mode, as kvswap writes) and get_many of BATCH values of ``data``; with
+    a ``ceiling``, the same batches through it, interleaved (``ceiling_put_gbps``, ...)."""
+    rounds: dict[str, list[list[str]]] = {"put": [], "ceiling_put": []}
 
-    def put() -> None:
-        rounds.append([f"bench/batch-{len(rounds)}-{i}" for i in range(BATCH)])
-        store.put_many(dict.fromkeys(rounds[-1], data), mode="create")
+    def fresh(name: str) -> list[str]:
+        rounds[name].append([f"bench/batch-{name}-{len(rounds[name])}-{i}" for i in range(BATCH)])
+        return rounds[name][-1]
 
-    seconds = interleaved({"put": put}, repeat)
-    got = interleaved({"get": lambda: store.get_many(rounds[-1])}, repeat)
-    assert all(bytes(v) == data for v in store.get_many(rounds[-1])), "batch read back differs"
-    for keys in rounds:
+    puts: dict[str, Callable[[], object]] = {"put": lambda: store.put_many(dict.fromkeys(fresh("put"), data),
+                                                                          mode="create")}
+    gets: dict[str, Callable[[], object]] = {"get": lambda: store.get_many(rounds["put"][-1])}
+    if ceiling is not None:
+        buffers = [memoryview(bytearray(len(data))) for _ in range(BATCH)]
+        puts["ceiling_put"] = lambda: ceiling[0](fresh("ceiling_put"), data)
+        gets["ceiling_get"] = lambda: ceiling[1](rounds["ceiling_put"][-1], buffers)
+    seconds = {**interleaved(puts, repeat), **interleaved(gets, repeat)}
+    assert all(bytes(v) == data for v in store.get_many(rounds["put"][-1])), "batch read back differs"
+    for keys in rounds["put"]:
         store.delete_many(keys)
-    return {"put_gbps": gbps(BATCH * len(data), seconds["put"]), "get_gbps": gbps(BATCH * len(data), got["get"])}
+    return {f"{name}_gbps": gbps(BATCH * len(data), value) for name, value in seconds.items()}
+
+
+class RespSocket:
+    """The floor of a Redis client: one socket, one command per round trip, RESP written by
+    hand (as ``redis-benchmark`` does), the value sent from the caller's buffer and read into
+    it. A ceiling to interleave with the connector; not a client for anything else."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+
+    def _send(self, *parts: bytes) -> None:
+        pieces = [memoryview(b"*%d\r\n" % len(parts))]
+        for part in parts:
+            pieces += [memoryview(b"$%d\r\n" % len(part)), memoryview(part), memoryview(b"\r\n")]
+        while pieces:  # sendmsg may send part of it
+            sent = self.sock.sendmsg(pieces)
+            while pieces and sent >= len(pieces[0]):
+                sent -= len(pieces.pop(0))
+            if pieces:
+                pieces[0] = pieces[0][sent:]
+
+    def set(self, key: str, data: bytes) -> None:
+        self._send(b"SET", key.encode(), data)
+        if self.reader.readline() != b"+OK\r\n":
+            raise RuntimeError("SET failed")
+
+    def flushall(self) -> None:
+        self._send(b"FLUSHALL")
+        if self.reader.readline() != b"+OK\r\n":
+            raise RuntimeError("FLUSHALL failed")
+
+    def get_into(self, key: str, buffer: memoryview) -> None:
+        self._send(b"GET", key.encode())
+        length = int(self.reader.readline()[1:])
+        if length != len(buffer) or self.reader.readinto(buffer) != length or self.reader.read(2) != b"\r\n":
+            raise RuntimeError("GET returned another length")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def resp_lanes(clients: list[RespSocket]) -> tuple[BatchPut, BatchGet]:
+    """Batch ceilings over ``clients``: each socket moves its share of the keys, all at once."""
+    def spread(work: Callable[[RespSocket, int], None], count: int) -> None:
+        def lane(number: int) -> None:
+            for i in range(number, count, len(clients)):
+                work(clients[number], i)
+
+        with ThreadPoolExecutor(len(clients)) as pool:
+            list(pool.map(lane, range(len(clients))))
+
+    def put(keys: Sequence[str], data: bytes) -> None:
+        spread(lambda client, i: client.set(keys[i], data), len(keys))
+
+    def get(keys: Sequence[str], buffers: Sequence[memoryview]) -> None:
+        spread(lambda client, i: client.get_into(keys[i], buffers[i]), len(keys))
+
+    return put, get
 
 
 def plain_file_ops(directory: Path) -> tuple[Callable, Callable]:
@@ -162,6 +242,53 @@ def redis_benchmark_ceiling(port: int, size: int, clients: list[int]) -> dict[st
                 rate = float(re.findall(rf"{op}: ([\d.]+) requests per second", out.replace("\r", "\n"))[-1])
                 best[field] = max(best[field], rate * size / 1e9)
     return best
+
+
+def redis_benchmark_set(port: int, size: int, clients: int, count: int) -> float:
+    """GB/s of one redis-benchmark run: ``count`` SETs of ``size``-byte values under new keys
+    (``-r``) from ``clients`` clients, by its own clock (its start-up is not counted)."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
+    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-d", str(size), "-n", str(count),
+                          "-c", str(clients), "-r", str(count * 1000), "-q", "-t", "set"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    return float(re.findall(r"SET: ([\d.]+) requests per second", out.replace("\r", "\n"))[-1]) * size / 1e9
+
+
+def redis_put_rounds(store: Connector, bare: RespSocket, port: int, data: bytes, parallel: int,
+                     rounds: int) -> dict[str, float]:
+    """Median GB/s of ``put`` (one value after another) and ``put_many`` against redis-benchmark's
+    SET of new keys from 1 and from ``parallel`` clients, the four run round-robin with the
+    server flushed before each round: each meets the server in the same state (how fast a
+    server takes new values depends on what its allocator holds)."""
+    size, count = len(data), max(4, min(64, (64 << 20) // len(data)))
+    serial = iter(range(1 << 30))
+
+    def fresh() -> list[str]:
+        return [f"bench/rounds-{next(serial)}" for _ in range(count)]
+
+    def timed(move: Callable[[list[str]], object]) -> float:
+        keys = fresh()
+        start = time.perf_counter()
+        move(keys)
+        return gbps(count * size, time.perf_counter() - start)
+
+    runs: dict[str, Callable[[], float]] = {
+        "put_gbps": lambda: timed(lambda keys: [store.put(key, data, mode="create") for key in keys]),
+        "ceiling_put_gbps": lambda: redis_benchmark_set(port, size, 1, count),
+        "put_many_gbps": lambda: timed(lambda keys: store.put_many(dict.fromkeys(keys, data), mode="create")),
+        "ceiling_put_many_gbps": lambda: redis_benchmark_set(port, size, parallel, count),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for round_number in range(rounds + 1):  # the first round warms up
+        for name, run in runs.items():
+            bare.flushall()
+            rate = run()
+            if round_number:
+                samples[name].append(rate)
+    bare.flushall()
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def s3_bare_ops(port: int) -> tuple[Callable, Callable]:
@@ -221,12 +348,20 @@ def print_row(row: dict) -> None:
           f"{r['put_gbps']:5.2f}   get {c['get_gbps']:6.2f} GB/s / {k['get_gbps']:6.2f} = {r['get_gbps']:5.2f}"
           + (f"   [obstore put {bare['obstore']['put_gbps']:.2f} get {bare['obstore']['get_gbps']:.2f};"
              f" boto3 put {bare['boto3']['put_gbps']:.2f} get {bare['boto3']['get_gbps']:.2f}]" if bare else "")
-          + (f"   [redis-benchmark SET of one key: {k['put_one_key_gbps']:.2f}]" if "put_one_key_gbps" in k else ""),
-          flush=True)
+          , flush=True)
     if "batch" in row:
         b, br = row["batch"], row["batch_ratio"]
+        lanes = (f"   (its ceilings: put {b['ceiling_put_gbps']:.2f}, get {b['ceiling_get_gbps']:.2f})"
+                 if "ceiling_put_gbps" in b else "")
         print(f"{'':8} {'':>4}      batches of {BATCH}: put_many {b['put_gbps']:6.2f} GB/s = "
-              f"{br['put_gbps']:5.2f}   get_many {b['get_gbps']:6.2f} GB/s = {br['get_gbps']:5.2f}", flush=True)
+              f"{br['put_gbps']:5.2f}   get_many {b['get_gbps']:6.2f} GB/s = {br['get_gbps']:5.2f}{lanes}", flush=True)
+    if "redis_benchmark" in row:
+        rb = row["redis_benchmark"]
+        bare = row["bare_socket_put_gbps"]
+        print(f"{'':8} {'':>4}      for reference: a bare RESP socket's SET {bare['one']:.2f}"
+              + (f" ({bare['lanes']:.2f} on several at once)" if bare["lanes"] else "")
+              + f"; redis-benchmark run apart: SET of new keys {rb['put_gbps']:.2f}, of one key "
+              f"{rb['put_one_key_gbps']:.2f}, GET {rb['get_gbps']:.2f} GB/s", flush=True)
 
 
 def main() -> int:
@@ -257,11 +392,28 @@ def main() -> int:
                     row["ceiling_what"] = "plain fresh file write+fsync / readinto"
                 elif backend in ("redis", "valkey"):
                     uri = env[f"KVSWAP_TEST_{backend.upper()}_URI"]
-                    figures = measure(data, repeat, f"{uri}?parallel={parallel}", None, None)
                     port = int(uri.rsplit(":", 1)[1].split("/")[0])
-                    figures["ceiling"] = redis_benchmark_ceiling(port, size, [1, parallel])
-                    row["ceiling_what"] = (f"redis-benchmark -d {size}, best of -c 1 and -c {parallel}: SET of a new "
-                                           "key each time (-r, as kvswap writes), GET of one key")
+                    clients = [RespSocket(port) for _ in range(parallel)]
+                    try:
+                        figures = measure(data, repeat, f"{uri}?parallel={parallel}", clients[0].set,
+                                          clients[0].get_into, resp_lanes(clients))
+                        with open_connector(f"{uri}?parallel={parallel}") as store:
+                            rounds = redis_put_rounds(store, clients[0], port, data, parallel, args.repeat)
+                    finally:
+                        for client in clients:
+                            client.close()
+                    row["bare_socket_put_gbps"] = {"one": figures["ceiling"]["put_gbps"],
+                                                   "lanes": figures.get("batch", {}).get("ceiling_put_gbps")}
+                    figures["connector"]["put_gbps"] = rounds["put_gbps"]
+                    figures["ceiling"]["put_gbps"] = rounds["ceiling_put_gbps"]
+                    if "batch" in figures:
+                        figures["batch"]["put_gbps"] = rounds["put_many_gbps"]
+                        figures["batch"]["ceiling_put_gbps"] = rounds["ceiling_put_many_gbps"]
+                    row["redis_benchmark"] = redis_benchmark_ceiling(port, size, [1, parallel])
+                    row["ceiling_what"] = (
+                        f"put: redis-benchmark SET of new keys from 1 client (put_many: {parallel} clients), run "
+                        "round-robin with the connector, the server flushed before each run; get: a bare RESP "
+                        f"socket's GET into the buffer, interleaved (get_many: {parallel} such sockets at once)")
                 elif backend == "s3":
                     port = int(env["KVSWAP_TEST_S3_ENDPOINT"].rsplit(":", 1)[1])
                     figures = measure(data, repeat, env["KVSWAP_TEST_S3_URI"], *s3_bare_ops(port))
@@ -278,8 +430,9 @@ def main() -> int:
                 row["connector"], row["ceiling"] = figures["connector"], figures["ceiling"]
                 row["ratio"] = {f: row["connector"][f] / row["ceiling"][f] for f in ("put_gbps", "get_gbps")}
                 if "batch" in figures:
-                    row["batch"] = figures["batch"]
-                    row["batch_ratio"] = {f: row["batch"][f] / row["ceiling"][f] for f in ("put_gbps", "get_gbps")}
+                    batch = row["batch"] = figures["batch"]
+                    row["batch_ratio"] = {f: batch[f] / batch.get(f"ceiling_{f}", row["ceiling"][f])
+                                          for f in ("put_gbps", "get_gbps")}
                 rows.append(row)
                 print_row(row)
     finally:

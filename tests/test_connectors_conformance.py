@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -159,6 +161,51 @@ class _RedisLike(ConnectorSuite):
                 assert not list(client.scan_iter(match=f"{unique}:acl:*"))
         finally:
             client.acl_deluser(user)
+
+
+    def test_a_batch_whose_connection_drops_midway_still_lands_whole(self, connector: Connector) -> None:
+        """On one server put_many and get_many send a whole batch on one connection; killed
+        midway (CLIENT KILL), what was not answered goes again one by one: every value lands
+        whole, and reads back whole."""
+        from kvswap.errors import AlreadyExistsError
+
+        if connector._redis.cluster:  # type: ignore[attr-defined]
+            pytest.skip("a cluster's batches go over several connections, each value on its own")
+        client = connector._client  # type: ignore[attr-defined]
+        values = {f"batch/{i}": payload(512 << 10, i) for i in range(160)}  # inline: under chunk_size
+        total = sum(len(v) for v in values.values())
+
+        def kill_when(progress: Callable[[], int], threshold: int, seen: list[int]) -> threading.Thread:
+            def run() -> None:
+                deadline = time.monotonic() + 30
+                while progress() < threshold and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                killed = client.client_kill_filter(_type="normal", skipme=True)
+                seen.extend([killed, progress()])
+            thread = threading.Thread(target=run)
+            thread.start()
+            return thread
+
+        before = client.dbsize()
+        seen: list[int] = []
+        thread = kill_when(lambda: client.dbsize() - before, 10, seen)
+        try:
+            connector.put_many(values, mode="create")
+        except AlreadyExistsError as exc:  # taken by the server just before the kill, then put again
+            assert "batch/" in str(exc)
+        thread.join()
+        assert seen[0] >= 1 and seen[1] < len(values), f"the kill did not land mid-batch: {seen}"
+        assert client.dbsize() - before == len(values)
+
+        def output() -> int:
+            return int(client.info("stats")["total_net_output_bytes"])
+
+        start, seen = output(), []
+        thread = kill_when(lambda: output() - start, 8 << 20, seen)
+        got = connector.get_many(list(values))
+        thread.join()
+        assert seen[0] >= 1 and seen[1] < total, f"the kill did not land mid-batch: {seen}"
+        assert [bytes(v) for v in got] == list(values.values())
 
 
 def _per_node(info: dict) -> list[dict]:

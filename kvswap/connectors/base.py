@@ -233,8 +233,17 @@ class Connector(abc.ABC):
     def put_many(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]], *, mode: PutMode = "overwrite") -> None:
         """Store several values; each is atomic on its own, the batch is not. With
         ``mode="create"`` every value is tried, then :class:`AlreadyExistsError` names the
-        first key that existed (the others were stored); any other error stops the batch."""
-        self._raise_existing(self._put_each(items.items() if isinstance(items, Mapping) else items, mode))
+        first key that existed (the others were stored); any other error stops the batch.
+        Every key (and the mode) is checked before the first value is written."""
+        self._raise_existing(self._put_each(self._checked_batch(items, mode), mode))
+
+    def _checked_batch(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]],
+                       mode: PutMode) -> builtins.list[tuple[str, Data]]:
+        """A put_many's (key, data) pairs once the connector is open, the mode known and every key valid."""
+        self._check_open()
+        if mode not in PUT_MODES:
+            raise ValueError(f"mode must be one of {PUT_MODES}, not {mode!r}")
+        return [(validate_key(key), data) for key, data in (items.items() if isinstance(items, Mapping) else items)]
 
     def _put_each(self, pairs: Iterable[tuple[str, Data]], mode: PutMode) -> builtins.list[str]:
         """Put each value in turn; the keys that existed (``mode="create"``), in order."""

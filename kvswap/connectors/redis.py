@@ -31,20 +31,22 @@ store: :mod:`kvswap.redis_client`.
 
 from __future__ import annotations
 
+import builtins
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
-from kvswap.connectors.base import Buffer, Connector, Data, PutMode, as_parts, check_range
+from kvswap.connectors.base import Buffer, Connector, Data, PutMode, as_parts, check_range, validate_key
 from kvswap.connectors.redis_wire import (
     Redirected,
     decode_manifest,
     encode_header,
     glob_escape,
     new_write_id,
+    read_bulk,
     read_bulk_into,
-    slot_tags,
+    set_nx_command,
     split,
     write_time,
 )
@@ -95,7 +97,7 @@ class RedisConnector(Connector):
         self._errors_table = self._redis.errors
         self._client = self._redis.client
         self._threads: ThreadPoolExecutor | None = None
-        self._batch_threads: ThreadPoolExecutor | None = None  # put_many's lanes
+        self._batch_threads: ThreadPoolExecutor | None = None  # put_many's and get_many's lanes
         self._prefix = opts["prefix"]
         self._take_head = self._client.register_script(_TAKE_HEAD)
 
@@ -135,53 +137,86 @@ class RedisConnector(Connector):
             self._wait_replicas(key, [*chunk_keys, self._manifest_key(key)])
 
     def put_many(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]], *, mode: PutMode = "overwrite") -> None:
-        """As :meth:`Connector.put_many`; values of up to ``chunk_size`` go out on up to ``parallel``
-        connections at once, larger ones one after another (each spreads its own chunks). An error
-        other than an existing key stops its connection's share; the others finish, then it is raised."""
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
-        small: list[tuple[str, Data]] = []
-        large: list[tuple[str, Data]] = []
-        for key, data in pairs:
-            inline = sum(part.nbytes for part in as_parts(data)) <= self.options["chunk_size"]
-            (small if inline else large).append((key, data))
-        lanes = min(self.options["parallel"], len(small))
-        if lanes < 2:
+        """As :meth:`Connector.put_many`. Values of up to ``chunk_size``: created on one server by
+        one connection that sends them all before reading a reply (:meth:`_create_all`), else
+        spread over up to ``parallel`` connections at once; larger ones go one after another
+        (each spreads its own chunks). An error other than an existing key stops its share;
+        the other shares finish, then it is raised."""
+        chunk = self.options["chunk_size"]
+        pairs = [(key, as_parts(data)) for key, data in self._checked_batch(items, mode)]
+        small = [pair for pair in pairs if sum(part.nbytes for part in pair[1]) <= chunk]
+        large = [pair for pair in pairs if sum(part.nbytes for part in pair[1]) > chunk]
+        if len(small) < 2 or (mode != "create" and self.options["parallel"] < 2):
             super().put_many(pairs, mode=mode)
             return
-        if self._batch_threads is None:
-            self._batch_threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis-batch")
-        futures = [self._batch_threads.submit(self._put_each, small[i::lanes], mode) for i in range(lanes)]
-        wait(futures)
-        existing = {key for future in futures for key in future.result()}
+        if mode == "create" and not self._redis.cluster:
+            existing = set(self._create_all(small))
+        else:
+            shares = self._across_lanes(lambda share: self._put_each(share, mode), small, self._batch_executor())
+            existing = {key for share in shares for key in share}
         existing.update(self._put_each(large, mode))
         self._raise_existing([key for key, _ in pairs if key in existing])
 
+    def _create_all(self, values: builtins.list[tuple[str, builtins.list[memoryview]]]) -> builtins.list[str]:
+        """Create inline values on one server, every ``SET ... NX`` sent on one connection before
+        the first reply is read: neither side waits per value, no lanes contend for the GIL.
+        The keys that existed. If the connection fails midway, the unanswered values go one by
+        one (one the server took before the failure then reads as existing, as on a retry)."""
+        names = [self._manifest_key(key) for key, _ in values]
+        commands = [set_nx_command(name, [encode_header({"size": sum(p.nbytes for p in parts), "chunks": 0}),
+                                                *parts]) for name, (_, parts) in zip(names, values)]
+        replies: builtins.list[Any] = []
+        try:
+            with self._errors("writing", values[0][0]), self._redis.connection(self._redis.node_pool(names[0])) as conn:
+                for command in commands:
+                    conn.send_packed_command(command)
+                for _ in commands:
+                    replies.append(conn.read_response())
+        except BackendUnavailableError:
+            pass  # the unanswered ones one by one, below (each with the URI's retries)
+        existing = [key for (key, _), reply in zip(values, replies) if reply is None]
+        existing += self._put_each(values[len(replies):], "create")
+        if replies:
+            self._wait_replicas(values[0][0], names[:len(replies)])
+        return existing
+
+    def get_many(self, keys: Iterable[str]) -> builtins.list[Buffer]:
+        """As :meth:`Connector.get_many`. On one server every manifest's ``GET`` goes out on one
+        connection before the first reply is read, each reply landing in its own buffer (the
+        library would build a bytes object per reply); chunked values, and every value if that
+        connection fails, are read one by one on up to ``parallel`` connections at once."""
+        self._check_open()
+        keys = [validate_key(key) for key in keys]
+        if self._redis.cluster or len(keys) < 2:
+            return self._in_order(lambda share: [self.get(key) for key in share], keys, self._batch_executor())
+        names = [self._manifest_key(key) for key in keys]
+        try:
+            with self._errors("reading", keys[0]), self._redis.connection(self._redis.node_pool(names[0])) as conn:
+                conn.send_packed_command(conn.pack_commands([("GET", name) for name in names]))
+                with conn._sock.makefile("rb") as reader:
+                    raws = [read_bulk(reader) for _ in names]
+        except BackendUnavailableError:
+            return self._in_order(lambda share: [self.get(key) for key in share], keys, self._batch_executor())
+        values: builtins.list[Buffer] = []
+        for key, raw in zip(keys, raws):
+            if raw is None:
+                raise NotFoundError(f"{key!r} not found on {self.uri}")
+            header, inline = decode_manifest(raw, key)
+            values.append(self.get(key) if header["chunks"] else inline)
+        return values
+
     def _wait_replicas(self, key: str, written: list[str]) -> None:
         """With ``replicas``: wait until that many replicas of every primary holding one of
-        ``written`` have all it was sent; BackendUnavailableError if they do not within
-        ``replica_timeout`` (the value is then on its primary, not known to be anywhere else).
-
-        Replication is one stream per primary: a WAIT after a write of our own on that
-        primary (a small marker key in the slot of one of ``written``) covers every earlier
-        write to it, from any connection."""
+        ``written`` have all it was sent (:meth:`RedisClient.wait_replicas`); BackendUnavailableError
+        if they do not within ``replica_timeout`` (the value is then on its primary only)."""
         wanted = self.options["replicas"]
         if not wanted:
             return
-        by_pool: dict[int, tuple[Any, str]] = {}
-        for name in written:
-            pool = self._redis.node_pool(name)
-            by_pool.setdefault(id(pool), (pool, name))
-        timeout_ms = max(1, int(self.options["replica_timeout"] * 1000))
-        for pool, name in by_pool.values():
-            with self._redis.connection(pool) as conn:
-                conn.send_command("SET", self._marker(name), b"1", "PX", "60000")
-                conn.read_response()
-                conn.send_command("WAIT", wanted, timeout_ms)
-                acknowledged = int(conn.read_response())
-            if acknowledged < wanted:
-                raise BackendUnavailableError(
-                    f"{key!r} on {self.uri}: {acknowledged} of {wanted} replicas acknowledged it within "
-                    f"{self.options['replica_timeout']} s (it is on its primary only)")
+        acknowledged = self._redis.wait_replicas(written, wanted, self.options["replica_timeout"], self._prefix)
+        if acknowledged < wanted:
+            raise BackendUnavailableError(
+                f"{key!r} on {self.uri}: {acknowledged} of {wanted} replicas acknowledged it within "
+                f"{self.options['replica_timeout']} s (it is on its primary only)")
 
     def _publish(self, key: str, manifest: list[Any], mode: PutMode, chunk_keys: list[str]) -> None:
         name = self._manifest_key(key)
@@ -210,10 +245,7 @@ class RedisConnector(Connector):
         joined: a copy, ~15% of a 1 MiB put); a cluster client routes, so there they are joined."""
         if self._redis.cluster:
             return bool(self._client.set(name, b"".join(parts), nx=True))
-        encoded = name.encode()
-        size = sum(memoryview(part).nbytes for part in parts)
-        command = [b"*4\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(encoded), encoded, size), *parts,
-                   b"\r\n$2\r\nNX\r\n"]
+        command = set_nx_command(name, parts)
         with self._redis.connection(self._redis.node_pool(name)) as conn:
             def send() -> bool:
                 conn.send_packed_command(command)
@@ -231,20 +263,34 @@ class RedisConnector(Connector):
 
     def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Run commands over up to ``parallel`` pipelined connections; results in order."""
-        if not commands:
-            return []
-        results = self._across_lanes(self._run_pipeline, commands)
-        ordered: list[Any] = [None] * len(commands)
-        for lane, lane_results in enumerate(results):
-            ordered[lane::len(results)] = lane_results
+        return self._in_order(self._run_pipeline, commands) if commands else []
+
+    def _in_order(self, run: Callable[[list[Any]], list[Any]], items: list[Any],
+                  executor: ThreadPoolExecutor | None = None) -> list[Any]:
+        """:meth:`_across_lanes` of a ``run`` that gives one result per item: the results in the items' order."""
+        shares = self._across_lanes(run, items, executor)
+        ordered: list[Any] = [None] * len(items)
+        for lane, share in enumerate(shares):
+            ordered[lane::len(shares)] = share
         return ordered
 
-    def _across_lanes(self, run: Any, items: list[Any]) -> list[Any]:
-        """``run`` each lane ``items[i::lanes]`` on its own connection; results by lane."""
+    def _across_lanes(self, run: Callable[[list[Any]], Any], items: list[Any],
+                      executor: ThreadPoolExecutor | None = None) -> list[Any]:
+        """``run`` of each lane ``items[i::lanes]`` (``lanes`` = min(``parallel``, items)), the
+        lanes at once on ``executor`` (the chunk threads by default; batches have their own, as
+        a batch's values use the chunk threads); results by lane, once every lane has finished
+        (the first error is raised then)."""
         lanes = min(self.options["parallel"], len(items))
-        if lanes == 1:
+        if lanes <= 1:
             return [run(items)]
-        return [f.result() for f in [self._executor().submit(run, items[i::lanes]) for i in range(lanes)]]
+        futures = [(executor or self._executor()).submit(run, items[i::lanes]) for i in range(lanes)]
+        wait(futures)
+        return [future.result() for future in futures]
+
+    def _batch_executor(self) -> ThreadPoolExecutor:
+        if self._batch_threads is None:
+            self._batch_threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis-batch")
+        return self._batch_threads
 
     def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
@@ -256,12 +302,6 @@ class RedisConnector(Connector):
             elif op == "pexpire":
                 pipe.pexpire(name, args[0])
         return pipe.execute()
-
-    def _marker(self, name: str) -> str:
-        """A small key on the same slot (so the same primary) as ``name``."""
-        if not self._redis.cluster:
-            return f"{self._prefix}replicated"
-        return f"{self._prefix}replicated:{{{slot_tags()[self._redis.slot_of(name)]}}}"
 
     # ---- get ----------------------------------------------------------------------
 
@@ -375,10 +415,9 @@ class RedisConnector(Connector):
         """
         with self._redis.connection(pool) as conn:
             conn.send_packed_command(conn.pack_commands([command for command, _ in reads]))
-            complete = True
-            for _, target in reads:
-                complete &= read_bulk_into(conn._sock, target)
-            return complete
+            with conn._sock.makefile("rb") as reader:  # buffered: a reply's header is one read, not one per byte
+                found = [read_bulk_into(reader, target) for _, target in reads]  # all read, even after a miss
+            return all(found)
 
     def _size(self, key: str) -> int:
         header, _ = self._manifest(key, upto=0)

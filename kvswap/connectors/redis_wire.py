@@ -5,7 +5,6 @@ put into chunks, reading a bulk reply straight into a buffer, and a hash tag per
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import struct
@@ -18,22 +17,6 @@ from kvswap.errors import IntegrityError
 MAGIC = b"KVSM"
 _HEADER = struct.Struct("<4sI")
 _WRITE_ID = re.compile(r"[0-9a-f]{1,64}")
-
-
-@functools.cache
-def slot_tags() -> dict[int, str]:
-    """A short hash tag for each of the 16384 cluster slots (built once, ~0.1 s)."""
-    try:
-        from valkey.crc import key_slot
-    except ImportError:  # the redis extra only
-        from redis.crc import key_slot
-
-    tags: dict[int, str] = {}
-    index = 0
-    while len(tags) < 16384:
-        tags.setdefault(key_slot(b"r%d" % index), f"r{index}")
-        index += 1
-    return tags
 
 
 def new_write_id() -> str:
@@ -54,7 +37,8 @@ def encode_header(header: dict[str, Any]) -> bytes:
     return _HEADER.pack(MAGIC, len(body)) + body
 
 
-def decode_manifest(raw: bytes, key: str, partial: bool = False) -> tuple[dict[str, Any], memoryview]:
+def decode_manifest(raw: bytes | bytearray | memoryview, key: str,
+                    partial: bool = False) -> tuple[dict[str, Any], memoryview]:
     """The manifest's header (checked: every field present, typed and consistent) and its
     inline value. A damaged manifest, whatever the damage, is an IntegrityError."""
     view = memoryview(raw)
@@ -108,16 +92,29 @@ def split(parts: list[memoryview], chunk: int) -> list[Any]:
     return pieces
 
 
-def read_bulk_into(sock: Any, target: memoryview) -> bool:
-    """Read one RESP2/RESP3 bulk reply into ``target``; False for a null (missing key)."""
-    line = bytearray()
-    while not line.endswith(b"\r\n"):
-        byte = sock.recv(1)
-        if not byte:
-            raise ConnectionError("server closed the connection mid-reply")
-        line += byte
-    if line == b"_\r\n":  # RESP3 null: the chunk is gone
-        return False
+def set_nx_command(name: str, parts: list[Any]) -> list[Any]:
+    """``SET name <parts, back to back> NX`` as RESP, the parts as they are (no joined copy)."""
+    encoded = name.encode()
+    size = sum(memoryview(part).nbytes for part in parts)
+    return [b"*4\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(encoded), encoded, size), *parts,
+            b"\r\n$2\r\nNX\r\n"]
+
+
+def read_bulk_into(reader: Any, target: memoryview) -> bool:
+    """Read one RESP2/RESP3 bulk reply into ``target`` (IntegrityError if it holds another
+    length); False for a null (missing key)."""
+    return read_bulk(reader, target) is not None
+
+
+def read_bulk(reader: Any, target: memoryview | None = None) -> memoryview | None:
+    """Read one RESP2/RESP3 bulk reply from ``reader`` (a connection's socket opened as a
+    buffered binary file: ``sock.makefile("rb")``) straight into ``target``, which must be its
+    length, or into a new buffer when None: the bytes read, None for a null."""
+    line = reader.readline(1 << 16)
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("server closed the connection mid-reply" if len(line) < 1 << 16 else "reply too long")
+    if line == b"_\r\n":  # RESP3 null
+        return None
     if line[:1] == b"-":
         message = line[1:-2].decode(errors="replace")
         if message.startswith(("MOVED ", "ASK ")):
@@ -127,22 +124,14 @@ def read_bulk_into(sock: Any, target: memoryview) -> bool:
         raise ConnectionError(f"unexpected reply {bytes(line[:20])!r}")
     length = int(line[1:-2])
     if length < 0:
-        return False
-    if length != len(target):
+        return None
+    if target is None:
+        target = memoryview(bytearray(length))
+    elif length != len(target):
         raise IntegrityError(f"a chunk holds {length} bytes where its manifest says {len(target)}")
-    got = 0
-    while got < length:
-        count = sock.recv_into(target[got:], length - got)
-        if not count:
-            raise ConnectionError("server closed the connection mid-reply")
-        got += count
-    tail = b""
-    while len(tail) < 2:
-        more = sock.recv(2 - len(tail))
-        if not more:
-            raise ConnectionError("server closed the connection mid-reply")
-        tail += more
-    return True
+    if reader.readinto(target) != length or reader.read(2) != b"\r\n":
+        raise ConnectionError("server closed the connection mid-reply")
+    return target
 
 
 class Redirected(Exception):
