@@ -8,9 +8,11 @@ out to a tier, and then a follow-up turn of ``--follow`` new tokens is timed fro
 request to its first token (swap-in, verification and the prefill of the new tokens
 included). The baseline, timed in the same run, is the same request on an empty session:
 the whole history plus the follow-up recomputed. The model is a Llama with random weights
-(bf16 on GPU); only its shapes matter for time. For the file tier the page cache is
-dropped before the read when the machine allows it (reported); ``file-warm`` reads what
-was just written, from the page cache.
+(bf16 on GPU); only its shapes matter for time. ``hbm-dma`` (GPU only) is the HBM hit with an
+unrelated pinned host->device copy of the history's bytes running beside it on another
+stream: what any swap-in that overlaps the turn costs the engine on this host, whoever
+copies. For the file tier the page cache is dropped before the read when the machine
+allows it (reported); ``file-warm`` reads what was just written, from the page cache.
 
 Prints TTFTs and recompute/tier speedups; writes JSON to bench/results/.
 """
@@ -67,6 +69,21 @@ def h2d_bandwidth(nbytes: int, device: torch.device) -> float | None:
     return nbytes / statistics.median(samples[1:])
 
 
+class BesideCopy:
+    """A pinned host->device copy of ``nbytes`` on a side stream, started on demand and left
+    running: the DMA traffic of a swap-in, with nothing of kvswap's in it."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.stream = torch.cuda.Stream(device)
+
+    def start(self) -> None:
+        torch.cuda.synchronize()
+        with torch.cuda.stream(self.stream):
+            self.target.copy_(self.host, non_blocking=True)
+
+
 def profile_turn(engine: Engine, cache: SessionCache, tier: str, session: str, history: list[int],
                  request: list[int]) -> None:
     """One follow-up from ``tier`` (host or file-warm) under torch.profiler: where its time goes, by op and by
@@ -112,8 +129,9 @@ def main() -> int:
     parser.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--histories", default="4096,16384,32768")
     parser.add_argument("--follow", type=int, default=128)
-    parser.add_argument("--tiers", default="hbm,host,file,file-warm",
-                        help="hbm (history still resident: the floor), host, file (page cache dropped first), "
+    parser.add_argument("--tiers", default="hbm,hbm-dma,host,file,file-warm",
+                        help="hbm (history still resident: the floor), hbm-dma (the same beside an unrelated copy of "
+                             "the history's bytes to the GPU; GPU only), host, file (page cache dropped first), "
                              "file-warm (just written, cached)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one host and one file-warm follow-up per history (torch.profiler, top ops)")
@@ -124,7 +142,7 @@ def main() -> int:
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     histories = [int(h) for h in args.histories.split(",")]
-    tiers = args.tiers.split(",")
+    tiers = [t for t in args.tiers.split(",") if t != "hbm-dma" or device.type == "cuda"]
     model, layout = build_model(args.model, dtype=dtype, device=device)
     longest = max(histories) + args.follow + 16
     pool = PagedKVPool(layout, num_blocks=2 * (-(-longest // 16)) + 8, block_size=16, device=device)
@@ -162,12 +180,15 @@ def main() -> int:
                    "h2d_gbps": h2d / 1e9 if h2d else None}
             print(f"\nhistory {history_len} tokens ({history_len * layout.token_bytes / 2**30:.2f} GiB of KV): "
                   f"recompute TTFT {row['recompute_ttft_s'] * 1e3:.1f} ms")
+            beside = BesideCopy(kv_bytes, device) if "hbm-dma" in tiers else None
             for tier in tiers:
                 times, same, cold = [], True, None
                 for i in range(args.repeat):
                     session = f"{tier}-{history_len}-{i}"
                     engine.generate(session, history, 1)  # prefill the history (untimed)
-                    if tier != "hbm":
+                    if tier == "hbm-dma" and beside is not None:
+                        beside.start()
+                    elif tier != "hbm":
                         cache.swap_out(session, to_store=tier != "host")
                     if tier == "file":
                         cold = drop_page_cache()
@@ -189,6 +210,9 @@ def main() -> int:
                     if h2d:
                         row[tier]["over_hit_per_copy"] = extra / (kv_bytes / h2d)
                         over += f" ({row[tier]['over_hit_per_copy']:.2f}x the copy at H2D speed)"
+                    if tier not in ("hbm", "hbm-dma") and "hbm-dma" in row:
+                        row[tier]["over_hit_beside_copy_s"] = ttft - row["hbm-dma"]["ttft_s"]
+                        over += f", {row[tier]['over_hit_beside_copy_s'] * 1e3:+.1f} over a hit beside a copy"
                 if tier.startswith("file"):
                     row[tier]["page_cache_dropped"] = cold
                 note = ("" if not tier.startswith("file")

@@ -95,6 +95,27 @@ def test_long_spans_are_split_into_entries_written_and_read_in_parallel(tmp_path
     assert cache.stats.store_hits >= 5
 
 
+@pytest.mark.parametrize("tier", ["host", "file"])
+def test_a_handle_waits_for_its_copies_before_the_blocks_are_read(tier: str, tmp_path: Path) -> None:
+    """On a GPU a swap-in returns with its copies in flight (the model waits per layer); an
+    engine that reads the blocks whole calls handle.wait() first, and finds the KV it left."""
+    cache = make_cache(f"file://{tmp_path}/kv", blocks=40, host_bytes=(1 << 30) if tier == "host" else 0,
+                       entry_bytes=(LAYOUT.token_bytes + 4) * 32 + 1)  # a store swap-in of several entries
+    engine = Engine(MODEL, cache)
+    tokens = first_prompt(TOKENIZER, 5)
+    engine.generate("waits", tokens, 1)
+    with cache.open("waits", tokens + [33]) as handle:
+        before = cache.mover.gatherer(handle.blocks)(0, len(tokens))
+    cache.swap_out("waits", to_store=tier != "host")
+    with cache.open("waits", tokens + [33]) as handle:
+        assert handle.cached == len(tokens)
+        assert (handle.layer_events is not None) == (DEVICE == "cuda")  # copies still in flight on a GPU
+        handle.wait()
+        after = cache.mover.gatherer(handle.blocks)(0, len(tokens))
+    assert torch.equal(before, after)
+    assert cache.stats.host_hits + cache.stats.store_hits == 1
+
+
 def test_edited_history_reuses_only_the_matching_prefix(tmp_path: Path) -> None:
     cache = make_cache(f"file://{tmp_path}/kv", blocks=40)
     engine = Engine(MODEL, cache)

@@ -7,13 +7,9 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from kvswap.session_cache.base import SessionBusyError, common_prefix
 from kvswap.session_cache.tiers import StoredState
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclasses.dataclass
@@ -103,7 +99,7 @@ class Resident:
     tokens: list[int]  # ids whose KV the blocks hold, position by position
     blocks: list[int]
     stored: StoredState
-    pending: tuple[list, torch.Tensor] | None = None  # per-layer copy events, and their source
+    pending: tuple[list, object] | None = None  # per-layer copy events, and their sources (kept alive until done)
 
 
 class SessionHandle:
@@ -140,6 +136,15 @@ class SessionHandle:
         """CUDA events, one per layer, that the model must wait on before reading that layer's
         KV (a swap-in still in flight), or None."""
         return self._resident.pending[0] if self._resident.pending else None
+
+    def wait(self) -> None:
+        """Order the current CUDA stream after the swap-in's copies (nothing to do when none
+        are in flight). Call it before the model reads :attr:`blocks`, unless it waits on each
+        layer's event of :attr:`layer_events` instead (letting later layers' copies overlap
+        earlier layers' compute). The last event follows every copy: one stream records them."""
+        events = self.layer_events
+        if events:
+            events[-1].wait()
 
     @property
     def tokens(self) -> list[int]:

@@ -440,11 +440,12 @@ class SessionCache:
         resident.blocks = self._allocate(self.pool.blocks_for(total), exclude=session_id)
         loaded = nbytes = 0
         in_flight: list[torch.Tensor] = []  # host sources of copies not yet known to be done
+        events = None
         try:
             for span in self.store.read(session_id, plan, tokens, limit=total, pin=self.mover.cuda):
                 # Asynchronous on a GPU: this entry's copy overlaps the wait for the next one.
-                self.mover.scatter(span.kv[:, :, :span.take], resident.blocks, span.entry.token_offset,
-                                   per_layer=True)
+                events = self.mover.scatter(span.kv[:, :, :span.take], resident.blocks, span.entry.token_offset,
+                                            per_layer=True)
                 in_flight.append(span.kv)
                 resident.tokens.extend(span.tokens[:span.take])
                 loaded += span.take
@@ -454,8 +455,12 @@ class SessionCache:
             with self._lock:
                 self.pool.free(resident.blocks)
             raise
-        self.mover.synchronize()
-        in_flight.clear()
+        if tokens is not None and events:
+            # A request: the model waits per layer on the last entry's events, which the
+            # scatter stream records after every earlier entry's copies (all verified already).
+            resident.pending = (events, in_flight)
+        else:
+            self.mover.synchronize()
         with self._lock:
             self.stats.count_in(nbytes, time.perf_counter() - began, loaded)
             self._trim_blocks(resident.blocks, loaded)
