@@ -19,7 +19,8 @@ value size measures put and get (into a preallocated buffer) throughput, and the
 * mem://: a plain memory copy of the value.
 
 Values up to 4 MiB are also moved in batches of 32 (``put_many`` in create mode, as kvswap
-writes, and ``get_many``) against the same ceiling.
+writes, and ``get_many``) against the same ceiling; on Redis/Valkey ``put_many`` moves the
+round-robin runs' values (64 of 1 MiB) against redis-benchmark with ``parallel`` clients.
 
 Prints connector / ceiling ratios and writes JSON to bench/results/.
 """
@@ -288,7 +289,36 @@ def redis_put_rounds(store: Connector, bare: RespSocket, port: int, data: bytes,
             if round_number:
                 samples[name].append(rate)
     bare.flushall()
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {"values": count, **{name: statistics.median(values) for name, values in samples.items()}}
+
+
+def measure_redis(row: dict, uri: str, data: bytes, repeat: int, rounds: int, parallel: int) -> dict:
+    """A Redis/Valkey row's figures: gets against bare RESP sockets (interleaved), puts against
+    redis-benchmark runs round-robin with the connector (:func:`redis_put_rounds`); ``row``
+    gets the bare sockets' put figures and redis-benchmark's own, run apart, for reference."""
+    port = int(uri.rsplit(":", 1)[1].split("/")[0])
+    clients = [RespSocket(port) for _ in range(parallel)]
+    try:
+        figures = measure(data, repeat, f"{uri}?parallel={parallel}", clients[0].set, clients[0].get_into,
+                          resp_lanes(clients))
+        with open_connector(f"{uri}?parallel={parallel}") as store:
+            puts = redis_put_rounds(store, clients[0], port, data, parallel, rounds)
+    finally:
+        for client in clients:
+            client.close()
+    row["bare_socket_put_gbps"] = {"one": figures["ceiling"]["put_gbps"],
+                                   "lanes": figures.get("batch", {}).get("ceiling_put_gbps")}
+    figures["connector"]["put_gbps"] = puts["put_gbps"]
+    figures["ceiling"]["put_gbps"] = puts["ceiling_put_gbps"]
+    if "batch" in figures:
+        figures["batch"].update(put_gbps=puts["put_many_gbps"], ceiling_put_gbps=puts["ceiling_put_many_gbps"],
+                                put_values=puts["values"])
+    row["redis_benchmark"] = redis_benchmark_ceiling(port, len(data), [1, parallel])
+    row["ceiling_what"] = (
+        f"put: redis-benchmark SET of new keys from 1 client (put_many: {parallel} clients), run round-robin "
+        "with the connector, the server flushed before each run; get: a bare RESP socket's GET into the "
+        f"buffer, interleaved (get_many: {parallel} such sockets at once)")
+    return figures
 
 
 def s3_bare_ops(port: int) -> tuple[Callable, Callable]:
@@ -353,8 +383,9 @@ def print_row(row: dict) -> None:
         b, br = row["batch"], row["batch_ratio"]
         lanes = (f"   (its ceilings: put {b['ceiling_put_gbps']:.2f}, get {b['ceiling_get_gbps']:.2f})"
                  if "ceiling_put_gbps" in b else "")
-        print(f"{'':8} {'':>4}      batches of {BATCH}: put_many {b['put_gbps']:6.2f} GB/s = "
-              f"{br['put_gbps']:5.2f}   get_many {b['get_gbps']:6.2f} GB/s = {br['get_gbps']:5.2f}{lanes}", flush=True)
+        print(f"{'':8} {'':>4}      batches: put_many of {b.get('put_values', BATCH)} {b['put_gbps']:6.2f} GB/s = "
+              f"{br['put_gbps']:5.2f}   get_many of {BATCH} {b['get_gbps']:6.2f} GB/s = {br['get_gbps']:5.2f}{lanes}",
+              flush=True)
     if "redis_benchmark" in row:
         rb = row["redis_benchmark"]
         bare = row["bare_socket_put_gbps"]
@@ -391,29 +422,8 @@ def main() -> int:
                     figures = measure(data, repeat, f"file://{root}/kvswap", *plain_file_ops(root / "plain"))
                     row["ceiling_what"] = "plain fresh file write+fsync / readinto"
                 elif backend in ("redis", "valkey"):
-                    uri = env[f"KVSWAP_TEST_{backend.upper()}_URI"]
-                    port = int(uri.rsplit(":", 1)[1].split("/")[0])
-                    clients = [RespSocket(port) for _ in range(parallel)]
-                    try:
-                        figures = measure(data, repeat, f"{uri}?parallel={parallel}", clients[0].set,
-                                          clients[0].get_into, resp_lanes(clients))
-                        with open_connector(f"{uri}?parallel={parallel}") as store:
-                            rounds = redis_put_rounds(store, clients[0], port, data, parallel, args.repeat)
-                    finally:
-                        for client in clients:
-                            client.close()
-                    row["bare_socket_put_gbps"] = {"one": figures["ceiling"]["put_gbps"],
-                                                   "lanes": figures.get("batch", {}).get("ceiling_put_gbps")}
-                    figures["connector"]["put_gbps"] = rounds["put_gbps"]
-                    figures["ceiling"]["put_gbps"] = rounds["ceiling_put_gbps"]
-                    if "batch" in figures:
-                        figures["batch"]["put_gbps"] = rounds["put_many_gbps"]
-                        figures["batch"]["ceiling_put_gbps"] = rounds["ceiling_put_many_gbps"]
-                    row["redis_benchmark"] = redis_benchmark_ceiling(port, size, [1, parallel])
-                    row["ceiling_what"] = (
-                        f"put: redis-benchmark SET of new keys from 1 client (put_many: {parallel} clients), run "
-                        "round-robin with the connector, the server flushed before each run; get: a bare RESP "
-                        f"socket's GET into the buffer, interleaved (get_many: {parallel} such sockets at once)")
+                    figures = measure_redis(row, env[f"KVSWAP_TEST_{backend.upper()}_URI"], data, repeat,
+                                            args.repeat, parallel)
                 elif backend == "s3":
                     port = int(env["KVSWAP_TEST_S3_ENDPOINT"].rsplit(":", 1)[1])
                     figures = measure(data, repeat, env["KVSWAP_TEST_S3_URI"], *s3_bare_ops(port))

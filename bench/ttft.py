@@ -84,6 +84,58 @@ class BesideCopy:
             self.target.copy_(self.host, non_blocking=True)
 
 
+def time_tier(engine: Engine, cache: SessionCache, tier: str, history: list[int], request: list[int], repeat: int,
+              beside: BesideCopy | None) -> tuple[list[float], list[list[int]], bool | None]:
+    """``repeat`` follow-ups of ``request`` with ``history`` prefilled and then put where ``tier``
+    says (each must reuse the whole history; "recompute": nothing prefilled, nothing reused):
+    their TTFTs, their tokens, and whether the page cache was dropped (None: not a file tier)."""
+    times: list[float] = []
+    answers: list[list[int]] = []
+    cold = None
+    for i in range(repeat):
+        session = f"{tier}-{len(history)}-{i}"
+        if tier != "recompute":
+            engine.generate(session, history, 1)  # prefill the history (untimed)
+        if tier == "hbm-dma" and beside is not None:
+            beside.start()
+        elif tier not in ("hbm", "hbm-dma", "recompute"):
+            cache.swap_out(session, to_store=tier != "host")
+        if tier == "file":
+            cold = drop_page_cache()
+        elif tier == "file-warm":
+            cold = False
+        got = engine.generate(session, request, 1)
+        assert got.cached == (0 if tier == "recompute" else len(history)), (tier, got.cached)
+        times.append(got.ttft)
+        answers.append(got.tokens)
+        cache.drop(session)
+    return times, answers, cold
+
+
+def report(row: dict, tier: str, times: list[float], same: bool, cold: bool | None, h2d: float | None) -> None:
+    """Put ``tier``'s median TTFT, spread and speedups into ``row`` (over the HBM hit and the hit
+    beside a copy when those were timed first) and print them."""
+    ttft = statistics.median(times)
+    row[tier] = {"ttft_s": ttft, "spread_s": spread(times), "speedup": row["recompute_ttft_s"] / ttft,
+                 "same_first_token": same}
+    over = ""
+    if tier != "hbm" and "hbm" in row:
+        extra = ttft - row["hbm"]["ttft_s"]
+        row[tier]["over_hit_s"] = extra
+        over = f"  +{extra * 1e3:6.1f} ms over a hit"
+        if h2d:
+            row[tier]["over_hit_per_copy"] = extra / (row["kv_bytes"] / h2d)
+            over += f" ({row[tier]['over_hit_per_copy']:.2f}x the copy at H2D speed)"
+        if tier != "hbm-dma" and "hbm-dma" in row:
+            row[tier]["over_hit_beside_copy_s"] = ttft - row["hbm-dma"]["ttft_s"]
+            over += f", {row[tier]['over_hit_beside_copy_s'] * 1e3:+.1f} over a hit beside a copy"
+    if cold is not None:
+        row[tier]["page_cache_dropped"] = cold
+    note = "" if cold is None else " (page cache dropped)" if cold else " (page cache warm)"
+    print(f"  {tier:<9} TTFT {ttft * 1e3:7.1f} ms (spread {spread(times) * 1e3:.1f})  speedup "
+          f"{row[tier]['speedup']:5.1f}x{over}{note}  same first token as recompute: {same}")
+
+
 def profile_turn(engine: Engine, cache: SessionCache, tier: str, session: str, history: list[int],
                  request: list[int]) -> None:
     """One follow-up from ``tier`` (host or file-warm) under torch.profiler: where its time goes, by op and by
@@ -121,8 +173,7 @@ def profile_turn(engine: Engine, cache: SessionCache, tier: str, session: str, h
         print("\n".join("    " + line for line in table.splitlines()))
 
 
-def main() -> int:
-    stop_servers_on_sigterm()
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-8b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +189,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the file tier writes (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    stop_servers_on_sigterm()
+    args = parse_args()
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     histories = [int(h) for h in args.histories.split(",")]
@@ -167,13 +223,8 @@ def main() -> int:
             history = [rng.randrange(vocab) for _ in range(history_len)]
             follow = [rng.randrange(vocab) for _ in range(args.follow)]
             request = history + follow
-            recompute, baseline_tokens = [], None
-            for i in range(args.repeat):
-                got = engine.generate(f"recompute-{history_len}-{i}", request, 1)
-                assert got.cached == 0
-                recompute.append(got.ttft)
-                baseline_tokens = got.tokens
-                cache.drop(f"recompute-{history_len}-{i}")
+            recompute, answers, _ = time_tier(engine, cache, "recompute", history, request, args.repeat, None)
+            baseline_tokens = answers[-1]
             kv_bytes = history_len * layout.token_bytes
             row = {"history": history_len, "follow": args.follow, "kv_bytes": kv_bytes,
                    "recompute_ttft_s": statistics.median(recompute), "recompute_spread_s": spread(recompute),
@@ -182,43 +233,8 @@ def main() -> int:
                   f"recompute TTFT {row['recompute_ttft_s'] * 1e3:.1f} ms")
             beside = BesideCopy(kv_bytes, device) if "hbm-dma" in tiers else None
             for tier in tiers:
-                times, same, cold = [], True, None
-                for i in range(args.repeat):
-                    session = f"{tier}-{history_len}-{i}"
-                    engine.generate(session, history, 1)  # prefill the history (untimed)
-                    if tier == "hbm-dma" and beside is not None:
-                        beside.start()
-                    elif tier != "hbm":
-                        cache.swap_out(session, to_store=tier != "host")
-                    if tier == "file":
-                        cold = drop_page_cache()
-                    elif tier == "file-warm":
-                        cold = False
-                    got = engine.generate(session, request, 1)
-                    assert got.cached == history_len, (tier, got.cached)
-                    times.append(got.ttft)
-                    same = same and got.tokens == baseline_tokens
-                    cache.drop(session)
-                ttft = statistics.median(times)
-                row[tier] = {"ttft_s": ttft, "spread_s": spread(times), "speedup": row["recompute_ttft_s"] / ttft,
-                             "same_first_token": same}
-                over = ""
-                if tier != "hbm" and "hbm" in row:
-                    extra = ttft - row["hbm"]["ttft_s"]
-                    row[tier]["over_hit_s"] = extra
-                    over = f"  +{extra * 1e3:6.1f} ms over a hit"
-                    if h2d:
-                        row[tier]["over_hit_per_copy"] = extra / (kv_bytes / h2d)
-                        over += f" ({row[tier]['over_hit_per_copy']:.2f}x the copy at H2D speed)"
-                    if tier not in ("hbm", "hbm-dma") and "hbm-dma" in row:
-                        row[tier]["over_hit_beside_copy_s"] = ttft - row["hbm-dma"]["ttft_s"]
-                        over += f", {row[tier]['over_hit_beside_copy_s'] * 1e3:+.1f} over a hit beside a copy"
-                if tier.startswith("file"):
-                    row[tier]["page_cache_dropped"] = cold
-                note = ("" if not tier.startswith("file")
-                        else " (page cache dropped)" if cold else " (page cache warm)")
-                print(f"  {tier:<9} TTFT {ttft * 1e3:7.1f} ms (spread {spread(times) * 1e3:.1f})  speedup "
-                      f"{row[tier]['speedup']:5.1f}x{over}{note}  same first token as recompute: {same}")
+                times, answers, cold = time_tier(engine, cache, tier, history, request, args.repeat, beside)
+                report(row, tier, times, all(tokens == baseline_tokens for tokens in answers), cold, h2d)
             for tier in [t for t in ("host", "file-warm") if args.profile and t in tiers]:
                 profile_turn(engine, cache, tier, f"profiled-{tier}-{history_len}", history, request)
             rows.append(row)

@@ -159,7 +159,8 @@ class RedisClient:
         every earlier write to it, from any connection."""
         by_pool: dict[int, tuple[Any, str]] = {}
         for name in names:
-            by_pool.setdefault(id(self.node_pool(name)), (self.node_pool(name), name))
+            pool = self.node_pool(name)
+            by_pool.setdefault(id(pool), (pool, name))
         for pool, name in by_pool.values():
             marker = f"{prefix}replicated" + (f":{{{slot_tags()[self.slot_of(name)]}}}" if self.cluster else "")
             with self.connection(pool) as conn:

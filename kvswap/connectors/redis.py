@@ -182,9 +182,9 @@ class RedisConnector(Connector):
 
     def get_many(self, keys: Iterable[str]) -> builtins.list[Buffer]:
         """As :meth:`Connector.get_many`. On one server every manifest's ``GET`` goes out on one
-        connection before the first reply is read, each reply landing in its own buffer (the
-        library would build a bytes object per reply); chunked values, and every value if that
-        connection fails, are read one by one on up to ``parallel`` connections at once."""
+        connection before the first reply is read, each reply landing in its own buffer, then
+        chunked values are read one after another; if that connection fails, and on a cluster,
+        each value is read on its own, up to ``parallel`` at once."""
         self._check_open()
         keys = [validate_key(key) for key in keys]
         if self._redis.cluster or len(keys) < 2:
