@@ -6,13 +6,13 @@ Starts its own servers on loopback (kvswap.testing.servers), then for each conne
 value size measures put and get (into a preallocated buffer) throughput, and the ceiling:
 
 * file:// and the JuiceFS mount: one plain file written with write+fsync, read with readinto;
-* redis:// and valkey://: a bare RESP client (:class:`RespSocket`: one SET of a new key or
-  one GET into the buffer per round trip on one socket, what ``redis-benchmark`` does),
-  interleaved with the connector so both meet the same server state; batches against
-  ``parallel`` such sockets at once. ``redis-benchmark``'s own figures (the better of 1 and
-  ``parallel`` clients; SET of a new key each time, SET of one key, GET) are printed and
-  recorded beside them: run before or after the connector, they meet another server state
-  (a server takes new 1 MiB values at rates that vary 3x with what its allocator holds);
+* redis:// and valkey://: puts against ``redis-benchmark`` SETs of new keys (``-r``, as
+  kvswap writes every value once; 1 client for ``put``, ``parallel`` for ``put_many``) run
+  round-robin with the connector on a server flushed before each run, since a server takes
+  new 1 MiB values at rates that vary 3x with what its allocator holds; gets against a bare
+  RESP socket (:class:`RespSocket`, one GET into a reused buffer per round trip; ``parallel``
+  of them for ``get_many``) interleaved with the connector. redis-benchmark's figures run
+  apart (SET of new keys, of one key, GET) and the bare socket's SET are recorded beside;
 * s3://: the bare clients, obstore (put / get) and boto3 (put_object / 8-way ranged get),
   the better of the two; both are reported, which is how the S3 connector's client was
   chosen;
@@ -217,7 +217,19 @@ def plain_file_ops(directory: Path) -> tuple[Callable, Callable]:
     return put, get
 
 
-def redis_benchmark_ceiling(port: int, size: int, clients: list[int]) -> dict[str, float]:
+def redis_benchmark(port: int, size: int, requests: int, clients: int, *arguments: str) -> dict[str, float]:
+    """GB/s by command (``SET``, ``GET``) of one redis-benchmark run of ``requests`` commands with
+    ``size``-byte values from ``clients`` clients, by its own clock (its start-up not counted)."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
+    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-d", str(size), "-n", str(requests),
+                          "-c", str(clients), "-q", *arguments],
+                         capture_output=True, text=True, timeout=600, check=True).stdout.replace("\r", "\n")
+    return {op: float(rate) * size / 1e9 for op, rate in re.findall(r"(SET|GET): ([\d.]+) requests per second", out)}
+
+
+def redis_benchmark_ceiling(port: int, size: int, clients: list[int], bare: RespSocket) -> dict[str, float]:
     """redis-benchmark's GB/s with ``size``-byte values, each the best of ``clients``.
 
     ``put_gbps``: SET under a new key each time (``-r``), as kvswap writes every value once,
@@ -225,36 +237,22 @@ def redis_benchmark_ceiling(port: int, size: int, clients: list[int]) -> dict[st
     ``put_one_key_gbps``: plain ``-t set`` sets one key over and over, the server reusing
     that value's memory (the figure redis-benchmark prints by default). ``get_gbps``: GET of
     that one existing key. The keys are flushed after each run."""
-    binary = shutil.which("redis-benchmark")
-    if binary is None:
-        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
     best = {"put_gbps": 0.0, "put_one_key_gbps": 0.0, "get_gbps": 0.0}
     requests = max(16, min(2000, (2 << 30) // size))
     runs = ((["-t", "set", "-r", str(requests * 1000)], {"SET": "put_gbps"}),
             (["-t", "set,get"], {"SET": "put_one_key_gbps", "GET": "get_gbps"}))
     for count in clients:
         for arguments, fields in runs:
-            out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-d", str(size), "-n", str(requests),
-                                  "-c", str(count), "-q", *arguments],
-                                 capture_output=True, text=True, timeout=600, check=True).stdout
-            subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-n", "1", "-q", "flushall"],
-                           capture_output=True, timeout=120, check=True)
+            rates = redis_benchmark(port, size, requests, count, *arguments)
+            bare.flushall()
             for op, field in fields.items():
-                rate = float(re.findall(rf"{op}: ([\d.]+) requests per second", out.replace("\r", "\n"))[-1])
-                best[field] = max(best[field], rate * size / 1e9)
+                best[field] = max(best[field], rates[op])
     return best
 
 
 def redis_benchmark_set(port: int, size: int, clients: int, count: int) -> float:
-    """GB/s of one redis-benchmark run: ``count`` SETs of ``size``-byte values under new keys
-    (``-r``) from ``clients`` clients, by its own clock (its start-up is not counted)."""
-    binary = shutil.which("redis-benchmark")
-    if binary is None:
-        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
-    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-d", str(size), "-n", str(count),
-                          "-c", str(clients), "-r", str(count * 1000), "-q", "-t", "set"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
-    return float(re.findall(r"SET: ([\d.]+) requests per second", out.replace("\r", "\n"))[-1]) * size / 1e9
+    """GB/s of ``count`` redis-benchmark SETs under new keys (``-r``) from ``clients`` clients."""
+    return redis_benchmark(port, size, count, clients, "-t", "set", "-r", str(count * 1000))["SET"]
 
 
 def redis_put_rounds(store: Connector, bare: RespSocket, port: int, data: bytes, parallel: int,
@@ -303,6 +301,7 @@ def measure_redis(row: dict, uri: str, data: bytes, repeat: int, rounds: int, pa
                           resp_lanes(clients))
         with open_connector(f"{uri}?parallel={parallel}") as store:
             puts = redis_put_rounds(store, clients[0], port, data, parallel, rounds)
+        row["redis_benchmark"] = redis_benchmark_ceiling(port, len(data), [1, parallel], clients[0])
     finally:
         for client in clients:
             client.close()
@@ -313,7 +312,6 @@ def measure_redis(row: dict, uri: str, data: bytes, repeat: int, rounds: int, pa
     if "batch" in figures:
         figures["batch"].update(put_gbps=puts["put_many_gbps"], ceiling_put_gbps=puts["ceiling_put_many_gbps"],
                                 put_values=puts["values"])
-    row["redis_benchmark"] = redis_benchmark_ceiling(port, len(data), [1, parallel])
     row["ceiling_what"] = (
         f"put: redis-benchmark SET of new keys from 1 client (put_many: {parallel} clients), run round-robin "
         "with the connector, the server flushed before each run; get: a bare RESP socket's GET into the "

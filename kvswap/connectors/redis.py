@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
@@ -45,7 +45,6 @@ from kvswap.connectors.redis_wire import (
     glob_escape,
     new_write_id,
     read_bulk,
-    read_bulk_into,
     set_nx_command,
     split,
     write_time,
@@ -139,32 +138,31 @@ class RedisConnector(Connector):
     def put_many(self, items: Mapping[str, Data] | Iterable[tuple[str, Data]], *, mode: PutMode = "overwrite") -> None:
         """As :meth:`Connector.put_many`. Values of up to ``chunk_size``: created on one server by
         one connection that sends them all before reading a reply (:meth:`_create_all`), else
-        spread over up to ``parallel`` connections at once; larger ones go one after another
-        (each spreads its own chunks). An error other than an existing key stops its share;
-        the other shares finish, then it is raised."""
-        chunk = self.options["chunk_size"]
+        spread over up to ``parallel`` connections; larger ones one after another (each spreads
+        its chunks). An error other than an existing key stops its share; the others finish."""
         pairs = [(key, as_parts(data)) for key, data in self._checked_batch(items, mode)]
-        small = [pair for pair in pairs if sum(part.nbytes for part in pair[1]) <= chunk]
-        large = [pair for pair in pairs if sum(part.nbytes for part in pair[1]) > chunk]
+        sizes = [sum(part.nbytes for part in parts) for _, parts in pairs]
+        small = [(key, parts, size) for (key, parts), size in zip(pairs, sizes) if size <= self.options["chunk_size"]]
+        large = [pair for pair, size in zip(pairs, sizes) if size > self.options["chunk_size"]]
         if len(small) < 2 or (mode != "create" and self.options["parallel"] < 2):
             super().put_many(pairs, mode=mode)
             return
         if mode == "create" and not self._redis.cluster:
             existing = set(self._create_all(small))
         else:
-            shares = self._across_lanes(lambda share: self._put_each(share, mode), small, self._batch_executor())
+            shares = self._across_lanes(lambda share: self._put_each([(k, p) for k, p, _ in share], mode), small,
+                                        self._batch_executor())
             existing = {key for share in shares for key in share}
         existing.update(self._put_each(large, mode))
         self._raise_existing([key for key, _ in pairs if key in existing])
 
-    def _create_all(self, values: builtins.list[tuple[str, builtins.list[memoryview]]]) -> builtins.list[str]:
-        """Create inline values on one server, every ``SET ... NX`` sent on one connection before
-        the first reply is read: neither side waits per value, no lanes contend for the GIL.
-        The keys that existed. If the connection fails midway, the unanswered values go one by
-        one (one the server took before the failure then reads as existing, as on a retry)."""
-        names = [self._manifest_key(key) for key, _ in values]
-        commands = [set_nx_command(name, [encode_header({"size": sum(p.nbytes for p in parts), "chunks": 0}),
-                                                *parts]) for name, (_, parts) in zip(names, values)]
+    def _create_all(self, values: builtins.list[tuple[str, builtins.list[memoryview], int]]) -> builtins.list[str]:
+        """Create inline values on one server, every ``SET ... NX`` sent on one connection before the
+        first reply is read; the keys that existed. If the connection fails midway, unanswered values
+        go one by one (one the server took before the failure then reads as existing, as on a retry)."""
+        names = [self._manifest_key(key) for key, _, _ in values]
+        commands = [set_nx_command(name, [encode_header({"size": size, "chunks": 0}), *parts])
+                    for name, (_, parts, size) in zip(names, values)]
         replies: builtins.list[Any] = []
         try:
             with self._errors("writing", values[0][0]), self._redis.connection(self._redis.node_pool(names[0])) as conn:
@@ -174,8 +172,8 @@ class RedisConnector(Connector):
                     replies.append(conn.read_response())
         except BackendUnavailableError:
             pass  # the unanswered ones one by one, below (each with the URI's retries)
-        existing = [key for (key, _), reply in zip(values, replies) if reply is None]
-        existing += self._put_each(values[len(replies):], "create")
+        existing = [key for (key, _, _), reply in zip(values, replies) if reply is None]
+        existing += self._put_each([(key, parts) for key, parts, _ in values[len(replies):]], "create")
         if replies:
             self._wait_replicas(values[0][0], names[:len(replies)])
         return existing
@@ -187,16 +185,18 @@ class RedisConnector(Connector):
         each value is read on its own, up to ``parallel`` at once."""
         self._check_open()
         keys = [validate_key(key) for key in keys]
-        if self._redis.cluster or len(keys) < 2:
+
+        def one_by_one() -> builtins.list[Buffer]:
             return self._in_order(lambda share: [self.get(key) for key in share], keys, self._batch_executor())
+
+        if self._redis.cluster or len(keys) < 2:
+            return one_by_one()
         names = [self._manifest_key(key) for key in keys]
         try:
-            with self._errors("reading", keys[0]), self._redis.connection(self._redis.node_pool(names[0])) as conn:
-                conn.send_packed_command(conn.pack_commands([("GET", name) for name in names]))
-                with conn._sock.makefile("rb") as reader:
-                    raws = [read_bulk(reader) for _ in names]
+            with self._errors("reading", keys[0]):
+                raws = self._read_lane(self._redis.node_pool(names[0]), [(("GET", name), None) for name in names])
         except BackendUnavailableError:
-            return self._in_order(lambda share: [self.get(key) for key in share], keys, self._batch_executor())
+            return one_by_one()
         values: builtins.list[Buffer] = []
         for key, raw in zip(keys, raws):
             if raw is None:
@@ -374,7 +374,7 @@ class RedisConnector(Connector):
         with self._errors("reading", key):
             for attempt in range(_CLUSTER_READ_ATTEMPTS):
                 try:
-                    return all(self._read_by_node(reads))
+                    return all(reply is not None for lane in self._read_by_node(reads) for reply in lane)
                 except moved as exc:  # a slot moved, or its primary died: learn the map, read again
                     if attempt == _CLUSTER_READ_ATTEMPTS - 1:
                         if isinstance(exc, Redirected):
@@ -385,8 +385,8 @@ class RedisConnector(Connector):
                     self._redis.refresh()
         return False  # not reached
 
-    def _read_by_node(self, reads: list[tuple[tuple[Any, ...], memoryview]]) -> list[bool]:
-        """Each server's reads on up to ``parallel`` pipelined connections of its own, all at once."""
+    def _read_by_node(self, reads: list[tuple[tuple[Any, ...], memoryview]]) -> list[list[Any]]:
+        """Each server's reads on up to ``parallel`` pipelined connections of its own, all at once; replies by lane."""
         by_pool: dict[int, tuple[Any, list[tuple[tuple[Any, ...], memoryview]]]] = {}
         for read in reads:
             pool = self._redis.node_pool(read[0][1])
@@ -405,8 +405,9 @@ class RedisConnector(Connector):
             self._threads = ThreadPoolExecutor(workers, thread_name_prefix="kvswap-redis")
         return self._threads
 
-    def _read_lane(self, pool: Any, reads: list[tuple[tuple[Any, ...], memoryview]]) -> bool:
-        """Pipeline the reads on one connection; bulk replies land straight in their targets.
+    def _read_lane(self, pool: Any, reads: Sequence[tuple[tuple[Any, ...], memoryview | None]]) -> list[Any]:
+        """Pipeline the reads on one connection; bulk replies land straight in their targets (new
+        buffers for None): each reply's bytes, None for a missing key.
 
         redis-py's parsers build a bytes object per reply that we would copy again; here the
         socket fills the caller's buffer directly (about 2x the throughput). The connection
@@ -416,8 +417,7 @@ class RedisConnector(Connector):
         with self._redis.connection(pool) as conn:
             conn.send_packed_command(conn.pack_commands([command for command, _ in reads]))
             with conn._sock.makefile("rb") as reader:  # buffered: a reply's header is one read, not one per byte
-                found = [read_bulk_into(reader, target) for _, target in reads]  # all read, even after a miss
-            return all(found)
+                return [read_bulk(reader, target) for _, target in reads]  # every one read, even after a miss
 
     def _size(self, key: str) -> int:
         header, _ = self._manifest(key, upto=0)

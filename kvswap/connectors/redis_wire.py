@@ -100,16 +100,11 @@ def set_nx_command(name: str, parts: list[Any]) -> list[Any]:
             b"\r\n$2\r\nNX\r\n"]
 
 
-def read_bulk_into(reader: Any, target: memoryview) -> bool:
-    """Read one RESP2/RESP3 bulk reply into ``target`` (IntegrityError if it holds another
-    length); False for a null (missing key)."""
-    return read_bulk(reader, target) is not None
-
-
 def read_bulk(reader: Any, target: memoryview | None = None) -> memoryview | None:
     """Read one RESP2/RESP3 bulk reply from ``reader`` (a connection's socket opened as a
     buffered binary file: ``sock.makefile("rb")``) straight into ``target``, which must be its
-    length, or into a new buffer when None: the bytes read, None for a null."""
+    length (IntegrityError if the reply holds another), or into a new buffer when None: the
+    bytes read, None for a null."""
     line = reader.readline(1 << 16)
     if not line.endswith(b"\r\n"):
         raise ConnectionError("server closed the connection mid-reply" if len(line) < 1 << 16 else "reply too long")
