@@ -194,12 +194,12 @@ def main() -> int:
         finally:
             driver.close()
         records = [json.loads(line) for line in stats.read_text().splitlines()] if stats.exists() else []
-        for op in ("load", "save"):
-            done = [r for r in records if r["op"] == op and r["tokens"] >= min(histories)]
+        for op, name in (("fetch", "load"), ("save", "save")):  # a fetch reads and verifies what a load copies
+            done = [r for r in records if r["op"] == op and r["tokens"] >= min(histories) and r["seconds"] > 0]
             if done:
                 big = max(done, key=lambda r: r["bytes"])
                 rate = [r["bytes"] / r["seconds"] / 1e9 for r in done if r["bytes"] == big["bytes"]]
-                results.setdefault("bandwidth", {}).setdefault(kind, {})[f"{op}_gbps"] = statistics.median(rate)
+                results.setdefault("bandwidth", {}).setdefault(kind, {})[f"{name}_gbps"] = statistics.median(rate)
                 results["bandwidth"][kind]["bytes"] = big["bytes"]
         if kind in results.get("bandwidth", {}):
             ceiling = store_ceiling(store, results["bandwidth"][kind]["bytes"], args.repeat)

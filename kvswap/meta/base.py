@@ -117,6 +117,11 @@ class MetaStore(abc.ABC):
     def entries(self, session_id: str) -> list[Entry]:
         """The session's entries in token order. NotFoundError if the session does not exist."""
 
+    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        """The session and its entries as one consistent snapshot, in one round trip where the
+        backend allows (the lookup of every request reads this). NotFoundError if there is none."""
+        return self.get(session_id), self.entries(session_id)
+
     @abc.abstractmethod
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         """Compare-and-swap: remove every entry that ends after ``token_offset`` (an entry is

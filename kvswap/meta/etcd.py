@@ -274,6 +274,10 @@ class EtcdMetaStore(MetaStore):
 
         return self._guarded(session_id, expected_version, plan, use_cache=True)
 
+    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        read, entries = self._read(session_id, with_entries=True)
+        return read.session, entries
+
     def entries(self, session_id: str) -> list[Entry]:
         return self._read(session_id, with_entries=True)[1]
 

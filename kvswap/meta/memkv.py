@@ -96,6 +96,11 @@ class MemKVMetaStore(MetaStore):
             self._space.sessions[session_id] = new
             return new, entry
 
+    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        rules.validate_session_id(session_id)
+        with self._space.lock:
+            return self._session(session_id), list(self._space.entries.get(session_id, []))
+
     def entries(self, session_id: str) -> list[Entry]:
         rules.validate_session_id(session_id)
         with self._space.lock:

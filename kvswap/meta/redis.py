@@ -314,6 +314,9 @@ class RedisMetaStore(MetaStore):
                 f"not {spec.token_offset} (no gaps, no overlaps)")
         return self._existing(session_id, reply[1]), dataclasses.replace(entry, seq=int(reply[2]))
 
+    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        return self._entries_and_session(session_id)
+
     def entries(self, session_id: str) -> list[Entry]:
         rules.validate_session_id(session_id)
         try:

@@ -35,9 +35,10 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's; float32 for names)")
     serve.add_argument("--dir", dest="directory", default="/tmp/kvswap-serve",
                        help="where the default SQLite meta and file store live (/tmp/kvswap-serve)")
-    serve.add_argument("--meta", help="meta store URI (default sqlite:///<dir>/meta.db)")
+    serve.add_argument("--meta", help="meta store URI (default $KVSWAP_META, else sqlite:///<dir>/meta.db)")
     serve.add_argument("--store", dest="stores", action="append", default=[],
-                       help="KV store URI, repeatable; new KV goes to the first (default file://<dir>/kv)")
+                       help="KV store URI, repeatable; new KV goes to the first (default $KVSWAP_STORE, comma "
+                            "separated, else file://<dir>/kv)")
     serve.add_argument("--hbm-blocks", type=int, default=1024, help="KV pool size in blocks (1024)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per block (16)")
     serve.add_argument("--host-bytes", type=parse_size, default=0, help="host tier size, e.g. 8GiB (0: none)")

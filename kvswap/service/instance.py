@@ -25,6 +25,7 @@ from kvswap.engine import Engine
 from kvswap.engine.engine import Generation
 from kvswap.errors import ConfigError, NotFoundError
 from kvswap.meta import Entry, Session, open_meta_store, validate_session_id
+from kvswap.paths import stack_uris
 from kvswap.service.model import LoadedModel, load_model
 from kvswap.session_cache import LocalState, PagedKVPool, SessionCache
 from kvswap.session_cache.manager import Policy
@@ -45,8 +46,8 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str | None = None  # default: the checkpoint's (float32 for named configs)
     directory: str = "/tmp/kvswap-serve"
-    meta: str | None = None  # default sqlite:///<directory>/meta.db
-    stores: list[str] = dataclasses.field(default_factory=list)  # default [file://<directory>/kv]
+    meta: str | None = None  # default $KVSWAP_META, else sqlite:///<directory>/meta.db
+    stores: list[str] = dataclasses.field(default_factory=list)  # default $KVSWAP_STORE, else [file://<directory>/kv]
     hbm_blocks: int = 1024
     block_size: int = 16
     host_bytes: int = 0
@@ -67,11 +68,11 @@ class ServeConfig:
 
     @property
     def meta_uri(self) -> str:
-        return self.meta or f"sqlite:///{self.directory}/meta.db"
+        return stack_uris(self.meta, self.stores, self.directory)[0]
 
     @property
     def store_uris(self) -> list[str]:
-        return self.stores or [f"file://{self.directory}/kv"]
+        return stack_uris(self.meta, self.stores, self.directory)[1]
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ class Instance:
     def __init__(self, config: ServeConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.started = time.time()
-        if config.meta is None or not config.stores:
+        if any(config.directory in uri for uri in (config.meta_uri, *config.store_uris)):  # the defaults
             os.makedirs(config.directory, exist_ok=True)
         began = time.perf_counter()
         self.loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype,
@@ -227,7 +228,7 @@ class AdminInstance:
 
         self.config = config
         self.started = time.time()
-        if config.meta is None or not config.stores:
+        if any(config.directory in uri for uri in (config.meta_uri, *config.store_uris)):  # the defaults
             os.makedirs(config.directory, exist_ok=True)
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-admin"
         self.meta = open_meta_store(config.meta_uri)

@@ -34,7 +34,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from kvswap.errors import (
     AlreadyExistsError,
@@ -74,6 +74,12 @@ DAMAGE = (IntegrityError, NotFoundError, InvalidKeyError)
 #: is ready early and its copy to the device overlaps the reads of the rest.
 READ_AHEAD_BYTES = 512 << 20
 
+#: How often a commit reads meta again after losing a compare-and-swap before it gives up.
+COMMIT_ATTEMPTS = 4
+
+#: What :meth:`SessionStore.commit` did: appended; found it all stored already; found another history.
+CommitOutcome = Literal["saved", "stored", "diverged"]
+
 
 class SessionStore:
     """Sessions' spans in ``stores`` (new spans go to the first; entries naming any are read),
@@ -83,13 +89,14 @@ class SessionStore:
     read) in parallel by ``io_threads`` threads. ``session_ttl`` is given to sessions this
     store creates; ``gc_grace`` spares young blobs that no entry names yet (their append may
     still be on its way). With ``layout`` None the store is for administration (listing,
-    deleting, gc) of sessions that engines wrote: it moves no KV.
+    deleting, gc) of sessions that engines wrote: it moves no KV; with ``meta`` None it moves
+    data only (reads and writes blobs; a damaged entry is reported in the plan, not dropped).
     """
 
-    def __init__(self, meta: MetaStore, stores: Sequence[Connector], layout: KVLayout | None, *,
+    def __init__(self, meta: MetaStore | None, stores: Sequence[Connector], layout: KVLayout | None, *,
                  key_prefix: str = "kv", io_threads: int = 8, entry_tokens: int | None = None,
                  session_ttl: float | None = None, gc_grace: float = 600.0, span_cache_bytes: int = 0) -> None:
-        self.meta = meta
+        self._meta = meta
         self._layout = layout
         self.fingerprint = layout.fingerprint if layout is not None else ""
         self.stores = [StoreTier(c, layout, key_prefix) for c in stores]
@@ -101,7 +108,16 @@ class SessionStore:
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="kvswap-io")
 
     def __repr__(self) -> str:
-        return f"SessionStore({self.fingerprint!r}, meta={self.meta.uri.render()!r}, stores={self.locations})"
+        meta = self._meta.uri.render() if self._meta is not None else None
+        return f"SessionStore({self.fingerprint!r}, meta={meta!r}, stores={self.locations})"
+
+    @property
+    def meta(self) -> MetaStore:
+        """The meta store (ConfigError for a data-only store: an engine's worker that moves KV
+        and leaves meta to its scheduler)."""
+        if self._meta is None:
+            raise ConfigError("this session store moves data only: it has no meta store")
+        return self._meta
 
     @property
     def layout(self) -> KVLayout:
@@ -175,22 +191,36 @@ class SessionStore:
             stored.fingerprint_ok = record.fingerprint == self.fingerprint
         return stored
 
-    def plan(self, session_id: str, record: Session | None, tokens: Sequence[int] | None) -> Plan:
+    def lookup(self, session_id: str, tokens: Sequence[int] | None) -> Plan:
+        """:meth:`plan` for a request of ``tokens`` from one meta round trip (the session and
+        its entries together). BackendUnavailableError if meta does not answer."""
+        try:
+            record, entries = self.meta.read(session_id)
+        except NotFoundError:
+            return self.plan(session_id, None, tokens)
+        except IntegrityError:  # the entries do not decode: plan() reads the record alone and drops them
+            return self.plan(session_id, self.meta.get(session_id), tokens)
+        return self.plan(session_id, record, tokens, entries)
+
+    def plan(self, session_id: str, record: Session | None, tokens: Sequence[int] | None,
+             entries: Sequence[Entry] | None = None) -> Plan:
         """What to read for a request of ``tokens`` (None: everything stored) in session
-        ``session_id`` whose meta record is ``record``: one meta read (its entries), no blob
-        read. Malformed or non-contiguous entries are dropped from meta here."""
+        ``session_id`` whose meta record is ``record`` (and whose ``entries`` meta holds, read
+        here when not given): no blob read. Malformed or non-contiguous entries are dropped
+        from meta here."""
         stored = self.state_of(record)
         plan = Plan(record, [], 0, False, stored)
         if record is None or not record.total_tokens or not stored.fingerprint_ok or tokens == []:
             return plan
-        try:
-            entries = self.meta.entries(session_id)
-        except NotFoundError:
-            return plan
-        except IntegrityError as exc:  # meta cannot even decode them: nothing of it is usable
-            log.warning("session %r: its entries are unreadable (%s); dropping them", session_id, exc)
-            self.drop_from(session_id, stored, 0)
-            return plan
+        if entries is None:
+            try:
+                entries = self.meta.entries(session_id)
+            except NotFoundError:
+                return plan
+            except IntegrityError as exc:  # meta cannot even decode them: nothing of it is usable
+                log.warning("session %r: its entries are unreadable (%s); dropping them", session_id, exc)
+                self.drop_from(session_id, stored, 0)
+                return plan
         previous, position = root_hash(self.fingerprint), 0
         for entry in entries:
             if not _well_formed(entry, position):
@@ -221,6 +251,17 @@ class SessionStore:
             plan.matched = position
         return plan
 
+    def plan_of(self, entries: Sequence[Entry], stored: StoredState | None = None) -> Plan:
+        """A plan that reads ``entries`` (as another process planned them: entries travel, tiers
+        do not); entries naming a store this instance does not have end it."""
+        tiers = {s.location: s for s in self.stores}
+        planned: list[tuple[Entry, StoreTier]] = []
+        for entry in entries:
+            if entry.connector not in tiers:
+                break
+            planned.append((entry, tiers[entry.connector]))
+        return Plan(None, planned, planned[-1][0].token_end if planned else 0, False, stored or StoredState())
+
     def probe(self, plan: Plan, tokens: Sequence[int]) -> int:
         """How many of ``tokens`` a plan can give back, reading the token ids (a small ranged
         read) of a partial entry: an upper bound that :meth:`read` verifies. 0 extra if the
@@ -248,7 +289,7 @@ class SessionStore:
             raise ValueError("reading from a start position needs the request's tokens")
         held = [entry for entry, _ in plan.entries if entry.token_end <= start]
         wanted = [(e, s) for e, s in plan.entries[len(held):] if limit is None or e.token_offset < limit]
-        reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int]]]] = []
+        reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int], bool]]] = []
 
         def read_ahead(waiting: int) -> None:  # start reads from entry ``waiting`` on, within the budget
             ahead = sum(entry.size for entry, _ in wanted[waiting:len(reads)])
@@ -264,26 +305,33 @@ class SessionStore:
             for position, (entry, _) in enumerate(wanted):
                 read_ahead(position)
                 try:
-                    kv, span = reads[position].result()
+                    kv, span, cached = reads[position].result()
                     read_ahead(position + 1)
                     if chain_hash(previous, span) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
                 except UnsupportedFormatError as exc:  # a newer kvswap's data: a miss here, kept for it
                     log.warning("session %r: KV from %d kept, unreadable: %s", session_id, entry.token_offset, exc)
+                    plan.failure = exc
                     return
                 except DAMAGE as exc:
+                    plan.damaged_at, plan.failure = entry.token_offset, exc
+                    if self._meta is None:  # a data-only store: its caller drops them from meta
+                        log.warning("session %r: stored KV from token %d is damaged: %s", session_id,
+                                    entry.token_offset, exc)
+                        return
                     log.warning("dropping stored KV of session %r from token %d: %s", session_id,
                                 entry.token_offset, exc)
                     self.drop_from(session_id, plan.stored, entry.token_offset)
                     return
                 except KVSwapError as exc:
                     log.warning("store unavailable for session %r: %s", session_id, exc)
+                    plan.failure = exc
                     return
                 own = span if tokens is None else tokens[entry.token_offset:entry.token_end]
                 take = common_prefix(span, own)
                 if limit is not None:
                     take = min(take, limit - entry.token_offset)
-                yield Span(entry, kv, span, take)
+                yield Span(entry, kv, span, take, cached)
                 if take < len(span):
                     return
                 plan.stored.entries.append((entry.token_end, entry.prefix_hash))
@@ -293,13 +341,13 @@ class SessionStore:
                 future.cancel()
             concurrent.futures.wait(reads)
 
-    def _read_entry(self, entry: Entry, store: StoreTier, pin: bool) -> tuple[torch.Tensor, list[int]]:
+    def _read_entry(self, entry: Entry, store: StoreTier, pin: bool) -> tuple[torch.Tensor, list[int], bool]:
         cached = self.spans.get(entry.key)
         if cached is not None:
-            return cached
+            return (*cached, True)
         kv, tokens = store.read(entry, pin)
         self.spans.put(entry.key, kv, tokens)
-        return kv, tokens
+        return kv, tokens, False
 
     def drop_from(self, session_id: str, stored: StoredState, token_offset: int) -> None:
         """Remove every entry ending after ``token_offset`` from meta (their data is bad or
@@ -333,18 +381,24 @@ class SessionStore:
 
     def write(self, session_id: str, stored: StoredState, tokens: Sequence[int],
               fetch: Callable[[int, int], torch.Tensor]) -> int:
-        """Store ``tokens[stored.tokens:]`` (``fetch(a, b)`` gives the KV of tokens a..b-1 as a
-        host tensor): blobs first, in entries of at most ``entry_tokens``, written in parallel;
-        then one meta append per entry, in order (compare-and-swap). Returns the bytes written.
+        """Store ``tokens[stored.tokens:]`` and record it: :meth:`write_blobs`, then
+        :meth:`commit`. Returns the bytes written; SwapError if they could not be stored or
+        recorded (meta then points only at complete blobs)."""
+        specs = self.write_blobs(session_id, stored, tokens, fetch)
+        if self.commit(session_id, stored, tokens, specs) == "diverged":
+            raise SwapError(f"session {session_id!r} was not saved: its stored history diverged from this one")
+        return sum(spec.size for spec in specs)
 
-        Updates ``stored`` for every entry appended; raises SwapError on any failure, after
-        which meta points only at complete blobs.
-        """
+    def write_blobs(self, session_id: str, stored: StoredState, tokens: Sequence[int],
+                    fetch: Callable[[int, int], torch.Tensor]) -> list[EntrySpec]:
+        """The data half of a write: store ``tokens[stored.tokens:]`` (``fetch(a, b)`` gives the
+        KV of tokens a..b-1 as a host tensor) as blobs of at most ``entry_tokens`` tokens,
+        written in parallel (create-only). Returns the entries to :meth:`commit`, in token
+        order. SwapError on any failure, after deleting what was written."""
         store = self.stores[0]
         writes: list[concurrent.futures.Future[EntrySpec]] = []
         spans: list[tuple[torch.Tensor, list[int]]] = []
         try:
-            self._prepare_meta(session_id, stored)
             previous = stored.entries[-1][1] if stored.entries else root_hash(self.fingerprint)
             for start in range(stored.tokens, len(tokens), self.entry_tokens):
                 stop = min(start + self.entry_tokens, len(tokens))
@@ -354,39 +408,96 @@ class SessionStore:
                 writes.append(self._io.submit(store.write, session_id, kv, tokens[start:stop], start, previous))
             concurrent.futures.wait(writes)
             specs = [write.result() for write in writes]
-            for spec, (kv, span) in zip(specs, spans):
-                self.spans.put(spec.key, kv, span)
         except KVSwapError as exc:
             concurrent.futures.wait(writes)
             self._delete_keys(store, [w.result().key for w in writes if w.exception() is None])
             raise SwapError(f"could not store session {session_id!r}: {exc}") from exc
-        for index, spec in enumerate(specs):
-            assert stored.version is not None  # _prepare_meta made the session
-            try:
-                session, _ = self.meta.append(session_id, stored.version, spec)
-            except KVSwapError as exc:
-                # A conflict appended nothing; another failure may have landed unseen: gc keeps that blob.
-                unappended = specs[index:] if isinstance(exc, VersionConflictError) else specs[index + 1:]
-                self._delete_keys(store, [s.key for s in unappended])
-                raise SwapError(f"could not record session {session_id!r} in meta: {exc}") from exc
-            stored.version = session.version
-            stored.meta_total = session.total_tokens
-            stored.entries.append((spec.token_offset + spec.token_length, spec.prefix_hash))
-        return sum(spec.size for spec in specs)
+        for spec, (kv, span) in zip(specs, spans):
+            self.spans.put(spec.key, kv, span)
+        return specs
+
+    def commit(self, session_id: str, stored: StoredState, tokens: Sequence[int],
+               specs: Sequence[EntrySpec]) -> CommitOutcome:
+        """The meta half of a write: append ``specs`` (blobs :meth:`write_blobs` wrote for
+        ``tokens``) after ``stored``, one compare-and-swap each, and update ``stored``.
+
+        When meta moved since ``stored`` was read (another instance saved a turn of the session,
+        or damaged entries were dropped), it is read again: what it holds that agrees with
+        ``tokens`` is kept, and what ``specs`` add beyond it is appended (where the stored
+        history ends inside one of our entries, the stored tail is replaced by ours, which
+        covers it). Returns "saved"; "stored" when meta already held all of it; "diverged"
+        when meta holds another history (another turn of the session won): then nothing is
+        appended. Blobs not appended are deleted. SwapError if meta failed."""
+        pending = list(specs)
+        in_flight: EntrySpec | None = None
+        try:
+            for _ in range(COMMIT_ATTEMPTS):
+                try:
+                    self._prepare_meta(session_id, stored)
+                    while pending:
+                        assert stored.version is not None  # _prepare_meta made the session
+                        in_flight = pending[0]
+                        session, _ = self.meta.append(session_id, stored.version, in_flight)
+                        in_flight = None
+                        spec = pending.pop(0)
+                        stored.version, stored.meta_total = session.version, session.total_tokens
+                        stored.entries.append((spec.token_end, spec.prefix_hash))
+                    return "saved"
+                except (VersionConflictError, AlreadyExistsError):
+                    in_flight = None  # a conflict appended nothing
+                    outcome, pending = self._rebase(session_id, stored, tokens, pending)
+                    if outcome is not None:
+                        return outcome
+            raise VersionConflictError(f"session {session_id!r} kept changing under {COMMIT_ATTEMPTS} commits")
+        except KVSwapError as exc:
+            # A failure other than a conflict may have landed unseen: gc keeps that blob.
+            pending = [spec for spec in pending if spec is not in_flight]
+            raise SwapError(f"could not record session {session_id!r} in meta: {exc}") from exc
+        finally:
+            self._delete_keys(self.stores[0], [spec.key for spec in pending])
+
+    def _rebase(self, session_id: str, stored: StoredState, tokens: Sequence[int],
+                pending: list[EntrySpec]) -> tuple[CommitOutcome | None, list[EntrySpec]]:
+        """After a conflict: read meta again and set ``stored`` to what of it agrees with
+        ``tokens``, up to where ``pending`` can follow. Returns (an outcome, when there is
+        nothing left to append; None to try again) and the specs still to append."""
+        if not pending:
+            return "stored", pending
+        try:
+            record, entries = self.meta.read(session_id)
+        except NotFoundError:
+            record, entries = None, []  # deleted meanwhile: ours may start it anew
+        fresh = self.state_of(record)
+        previous = root_hash(self.fingerprint)
+        if fresh.fingerprint_ok:
+            for entry in entries:
+                if not _well_formed(entry, fresh.tokens) or entry.token_end > len(tokens):
+                    break
+                following = chain_hash(previous, tokens[entry.token_offset:entry.token_end])
+                if following != entry.prefix_hash:
+                    return "diverged", pending
+                fresh.entries.append((entry.token_end, following))
+                previous = following
+        end = pending[-1].token_end
+        if record is not None and fresh.fingerprint_ok and record.total_tokens >= end:
+            return "stored", pending  # nothing of ours is new (or the rest is another turn's, longer)
+        starts = {spec.token_offset: index for index, spec in enumerate(pending)}
+        while fresh.entries and fresh.tokens not in starts:
+            fresh.entries.pop()  # the stored tail ends inside one of our entries: ours replace it
+        if fresh.tokens not in starts:
+            return "diverged", pending  # no stored boundary ours can follow
+        first = starts[fresh.tokens]
+        self._delete_keys(self.stores[0], [spec.key for spec in pending[:first]])
+        stored.version, stored.meta_total, stored.fingerprint_ok = fresh.version, fresh.meta_total, fresh.fingerprint_ok
+        stored.entries = fresh.entries
+        return None, pending[first:]
 
     def _prepare_meta(self, session_id: str, stored: StoredState) -> None:
         """Make the meta record ready for an append at ``stored.tokens``: create it, adopt it,
         or truncate entries beyond the history we kept."""
-        if stored.version is None:
-            try:
-                session = self.meta.create(session_id, self.fingerprint, ttl=self.session_ttl)
-            except AlreadyExistsError:
-                session = self.meta.get(session_id)
-                if session.total_tokens:  # somebody else's history: ours replaces it
-                    session, removed = self.meta.truncate(session_id, session.version, 0)
-                    self.delete_blobs(removed)
+        if stored.version is None:  # AlreadyExistsError: another instance made it meanwhile (commit rebases)
+            session = self.meta.create(session_id, self.fingerprint, ttl=self.session_ttl)
             stored.version, stored.meta_total, stored.entries = session.version, 0, []
-            stored.fingerprint_ok = session.fingerprint == self.fingerprint
         if not stored.fingerprint_ok:
             session = self.meta.update(session_id, stored.version, fingerprint=self.fingerprint)
             session, removed = self.meta.truncate(session_id, session.version, 0)
@@ -410,7 +521,7 @@ class SessionStore:
         self.delete_blobs(entries)
         return True
 
-    def delete_blobs(self, entries: Sequence[Entry]) -> None:
+    def delete_blobs(self, entries: Sequence[EntrySpec]) -> None:
         """Best effort, one batch per store (meta no longer points at them; gc retries what fails)."""
         for store in self.stores:
             keys = [entry.key for entry in entries if entry.connector == store.location and isinstance(entry.key, str)]

@@ -276,6 +276,10 @@ class Plan:
     matched: int
     partial: bool
     stored: StoredState
+    #: Set by ``SessionStore.read`` when it stopped early: the first entry found damaged (a
+    #: miss from there on), or the error of a store that did not answer.
+    damaged_at: int | None = None
+    failure: Exception | None = None
 
     @property
     def bytes(self) -> int:
@@ -296,3 +300,4 @@ class Span:
     kv: torch.Tensor
     tokens: list[int]
     take: int
+    cached: bool = False  # served by the span cache (host memory), not read from its store

@@ -135,6 +135,13 @@ class MetaSuite:
         assert meta.get("s1") == created
         assert meta.entries("s1") == []
 
+    def test_read_is_the_session_and_its_entries(self, meta: MetaStore) -> None:
+        assert meta.read(meta.create("s1", FP).id) == (meta.get("s1"), [])
+        filled = fill(meta, "s2", [16, 8])
+        session, entries = meta.read("s2")
+        assert session == filled == meta.get("s2") and entries == meta.entries("s2")
+        assert [(e.token_offset, e.token_length, e.seq) for e in entries] == [(0, 16, 0), (16, 8, 1)]
+
     def test_create_twice_is_already_exists(self, meta: MetaStore) -> None:
         meta.create("s1", FP)
         with pytest.raises(AlreadyExistsError):
@@ -143,7 +150,8 @@ class MetaSuite:
 
     def test_missing_session_is_not_found_everywhere(self, meta: MetaStore) -> None:
         calls: list[Callable[[], Any]] = [
-            lambda: meta.get("nope"), lambda: meta.entries("nope"), lambda: meta.update("nope", 1),
+            lambda: meta.get("nope"), lambda: meta.entries("nope"), lambda: meta.read("nope"),
+            lambda: meta.update("nope", 1),
             lambda: meta.append("nope", 1, spec(0)), lambda: meta.truncate("nope", 1, 0),
             lambda: meta.delete("nope"), lambda: meta.acquire_lease("nope", "me", 5),
             lambda: meta.renew_lease("nope", "me", 5), lambda: meta.release_lease("nope", "me")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +27,11 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"
 
 
 def vllm_python() -> Path | None:
-    """``.venv-vllm/bin/python`` if ``scripts/setup.sh --vllm`` made it."""
+    """The Python that runs vLLM: ``$KVSWAP_VLLM_PYTHON`` (a GPU machine's own), else
+    ``.venv-vllm/bin/python`` if ``scripts/setup.sh --vllm`` made it."""
+    chosen = os.environ.get("KVSWAP_VLLM_PYTHON")
+    if chosen:
+        return Path(shutil.which(chosen) or chosen)
     return VLLM_PYTHON if VLLM_PYTHON.exists() else None
 
 

@@ -7,12 +7,14 @@ Runs in vLLM's own environment (``.venv-vllm``)::
 The argument is a JSON object: ``model`` (a directory), and optionally ``connector``
 (``kv_connector_extra_config``; absent: no connector), ``load`` (``{"source": ...}``: load
 with ``--load-format kvswap``; ``"dummy"``: random weights), ``block_size``, ``dtype``
-(float32), ``prefix_caching`` (false: every reuse is the connector's), ``max_model_len``.
+(float32), ``prefix_caching`` (false: every reuse is the connector's), ``max_model_len``,
+``eager`` (true; false keeps vLLM's CUDA graphs), ``gpu_memory_utilization``.
 It prints ``{"ready": true}`` and then answers one JSON object per line read:
 
 * ``{"op": "chat", "messages": [...], "session": s, "max_tokens": n}`` or
   ``{"op": "generate", "tokens": [...], ...}`` -> ``{"tokens", "text", "cached", "prompt",
-  "seconds", "ttft"}`` (``session`` absent: served without a session, as vLLM alone would);
+  "seconds", "ttft", "kvswap"}`` (``session`` absent: served without a session, as vLLM alone
+  would; ``kvswap``: what the connector reported for the request, its ``kv_transfer_params``);
 * ``{"op": "generate_many", "requests": [{"tokens", "max_tokens", "session"?}, ...]}`` ->
   ``{"tokens": [...], "seconds"}``: the requests in one batch, side by side;
 * ``{"op": "exit"}``.
@@ -32,10 +34,13 @@ from typing import Any
 def build(spec: dict[str, Any]) -> Any:
     from vllm import LLM
 
-    kwargs: dict[str, Any] = dict(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True,
+    kwargs: dict[str, Any] = dict(model=spec["model"], dtype=spec.get("dtype", "float32"),
+                                  enforce_eager=bool(spec.get("eager", True)),
                                   max_model_len=int(spec.get("max_model_len", 4096)),
                                   enable_prefix_caching=bool(spec.get("prefix_caching", False)),
                                   seed=0)
+    if "gpu_memory_utilization" in spec:
+        kwargs["gpu_memory_utilization"] = float(spec["gpu_memory_utilization"])
     if "block_size" in spec:
         kwargs["block_size"] = int(spec["block_size"])
     if spec.get("skip_tokenizer"):
@@ -80,9 +85,10 @@ def serve(llm: Any, request: dict[str, Any]) -> dict[str, Any]:
     result = outputs[0]
     metrics = getattr(result, "metrics", None)
     ttft = getattr(metrics, "first_token_latency", None) if metrics is not None else None
+    transfer = getattr(result, "kv_transfer_params", None) or {}
     return {"tokens": list(result.outputs[0].token_ids), "text": result.outputs[0].text,
             "cached": int(result.num_cached_tokens or 0), "prompt": list(result.prompt_token_ids or []),
-            "seconds": seconds, "ttft": ttft}
+            "seconds": seconds, "ttft": ttft, "kvswap": transfer.get("kvswap")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from kvswap.errors import ConfigError
 from kvswap.integrations.vllm.identity import checkpoint_digest, source_identity
+from kvswap.paths import stack_uris
 from kvswap.session_cache.base import KVLayout
 from kvswap.uri import URI, parse_size
 
@@ -40,9 +41,20 @@ class ConnectorConfig:
       ``hf:<name>@<revision>`` for a hub name);
     * ``entry_bytes`` (``16MiB``: entries are read in parallel and each is scattered into
       vLLM's blocks as it arrives), ``io_threads`` (8), ``session_ttl`` (seconds, none);
+    * ``timeout`` (seconds, 5): the deadline of every storage step: a lookup (meta) must answer
+      within it, or the request is served as a miss; a fetch or a save gets it plus a second
+      per 256 MiB it moves, or it is dropped (a fetch: recomputed; a save: nothing in meta
+      points at it). A store or meta that failed is not asked again for ``timeout`` seconds
+      (requests meanwhile are misses and saves are skipped, at full speed), then tried again;
     * ``probe_partial`` (true): when a request leaves the stored history inside an entry,
-      read that entry's token ids to reuse up to the first changed token (one small read in
-      the scheduler) rather than only whole entries.
+      reuse it up to the first changed token (the entry's token ids are compared when it is
+      fetched) rather than only whole entries;
+    * ``recompute_when_faster`` (true): a fetch predicted to take longer than recomputing its
+      tokens (from the bandwidths and prefill speed measured while serving) is not made;
+    * ``whole_blocks`` (false): reuse whole blocks only, as vLLM's own prefix cache does (up to
+      ``block_size - 1`` tokens more are computed each turn, and the entry they fall in is
+      written again), so that a turn computes exactly what it would after a prefix-cache hit:
+      the same tokens as vLLM with its prefix cache, bit for bit.
     """
 
     meta: str
@@ -52,10 +64,13 @@ class ConnectorConfig:
     entry_bytes: int = 16 << 20  # small entries: read in parallel, each scattered as it arrives
     io_threads: int = 8
     session_ttl: float | None = None
+    timeout: float = 5.0
     probe_partial: bool = True
+    recompute_when_faster: bool = True
+    whole_blocks: bool = False
 
     KEYS = ("meta", "store", "directory", "host_bytes", "model_id", "entry_bytes", "io_threads", "session_ttl",
-            "probe_partial")
+            "timeout", "probe_partial", "recompute_when_faster", "whole_blocks")
 
     def __repr__(self) -> str:  # URIs without their passwords
         def shown(uri: str) -> str:
@@ -65,7 +80,7 @@ class ConnectorConfig:
                 return "<unparsable URI>"
 
         return (f"ConnectorConfig(meta={shown(self.meta)!r}, stores={[shown(s) for s in self.stores]!r}, "
-                f"host_bytes={self.host_bytes}, model_id={self.model_id!r})")
+                f"host_bytes={self.host_bytes}, model_id={self.model_id!r}, timeout={self.timeout})")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -74,31 +89,53 @@ class ConnectorConfig:
         if unknown:
             raise ConfigError(f"unknown kvswap connector settings {unknown}; known: {list(cls.KEYS)}")
         directory = str(extra.get("directory") or DEFAULT_DIRECTORY)
-        stores = extra.get("store") or os.environ.get("KVSWAP_STORE") or f"file://{directory}/kv"
-        stores = tuple(s.strip() for s in stores.split(",")) if isinstance(stores, str) else tuple(stores)
-        if not stores or not all(isinstance(s, str) and s for s in stores):
+        store = extra.get("store")
+        if store is not None and not (isinstance(store, str) or
+                                      (isinstance(store, list) and all(isinstance(s, str) for s in store))):
+            raise ConfigError("store must be a URI or a list of URIs")
+        meta, stores = stack_uris(extra.get("meta"), store, directory)
+        if not stores or not all(stores):
             raise ConfigError("store must be a URI or a non-empty list of URIs")
-        meta = str(extra.get("meta") or os.environ.get("KVSWAP_META") or f"sqlite:///{directory}/meta.db")
-        if meta.startswith("sqlite:") or any(s.startswith("file:") for s in stores):
+        if any(directory in uri for uri in (meta, *stores)):
             os.makedirs(directory, exist_ok=True)
         try:
             ttl = extra.get("session_ttl")
-            return cls(meta=meta, stores=stores, host_bytes=_size(extra.get("host_bytes", 0)),
-                       model_id=extra.get("model_id") or None,
-                       entry_bytes=_size(extra.get("entry_bytes", 16 << 20)),
-                       io_threads=int(extra.get("io_threads", 8)),
-                       session_ttl=float(ttl) if ttl is not None else None,
-                       probe_partial=bool(extra.get("probe_partial", True)))
+            config = cls(meta=str(meta), stores=tuple(stores), host_bytes=_size(extra.get("host_bytes", 0)),
+                         model_id=extra.get("model_id") or None,
+                         entry_bytes=_size(extra.get("entry_bytes", 16 << 20)),
+                         io_threads=int(extra.get("io_threads", 8)),
+                         session_ttl=float(ttl) if ttl is not None else None,
+                         timeout=float(extra.get("timeout", 5.0)),
+                         probe_partial=_flag(extra.get("probe_partial", True)),
+                         recompute_when_faster=_flag(extra.get("recompute_when_faster", True)),
+                         whole_blocks=_flag(extra.get("whole_blocks", False)))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"a kvswap connector setting is malformed: {exc}") from None
+        if not config.timeout > 0 or config.io_threads < 1:
+            raise ConfigError("timeout must be positive and io_threads at least 1")
+        return config
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def _size(value: Any) -> int:
     return value if isinstance(value, int) else parse_size(str(value))
 
 
-def kv_layout(vllm_config: Any, config: ConnectorConfig, kv_format: str) -> KVLayout:
-    """The fingerprint's fields for this engine (this TP rank's share of the heads)."""
+def kv_layout(vllm_config: Any, config: ConnectorConfig) -> KVLayout:
+    """The fingerprint's fields for this engine (this TP rank's share of the heads).
+
+    Stored KV is token-major and every engine moves it through what its own attention kernel
+    writes (:mod:`.kv_cache`), so the fingerprint names what the KV values depend on (the
+    weights, dtype, shapes and tensor-parallel split), not vLLM's version, platform or memory
+    layout: a session stored by one vLLM continues in another, in kvswap's own engine, and back.
+    """
     import torch
 
     model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
@@ -111,7 +148,7 @@ def kv_layout(vllm_config: Any, config: ConnectorConfig, kv_format: str) -> KVLa
     return KVLayout(model=weights_identity(vllm_config, config),
                     num_layers=model.get_num_layers(parallel), num_kv_heads=model.get_num_kv_heads(parallel),
                     head_dim=model.get_head_size(), dtype=str(dtype).removeprefix("torch."),
-                    tp_rank=_tp_rank(parallel), tp_size=parallel.tensor_parallel_size, kv_format=kv_format)
+                    tp_rank=_tp_rank(parallel), tp_size=parallel.tensor_parallel_size)
 
 
 def _tp_rank(parallel: Any) -> int:

@@ -1,21 +1,29 @@
 """vLLM's paged KV memory, read and written as kvswap's token-major spans.
 
 vLLM hands the worker one tensor per attention layer (``register_kv_caches``). Where a
-token's K and V bytes lie inside it is the attention kernel's business: vLLM's CPU backend
-writes each (block, head) page in an ISA-specific arrangement (tokens interleaved in pairs
-for its vector kernels, for instance), and GPU backends have changed their K/V packing
-between releases (vLLM 0.26, PR #44455, silently broke a connector that assumed the old one).
+token's K and V bytes lie inside it is the attention backend's business, and it changes:
+the CPU backend interleaves tokens for its vector kernels; FlashAttention's cache was
+``[blocks, 2, block, heads, dim]`` in vLLM 0.25 and packs K and V into one row per head in
+0.32 (vLLM PR #44455, which silently broke a connector that assumed the old layout); the
+views vLLM hands out on CUDA may be non-contiguous (an HND stride order).
 
-So kvswap does not assume a layout: it asks vLLM's own cache writer. At registration it
-writes a probe page through the backend's ``reshape_and_cache`` op (every element a distinct
-number) and reads where each token's K and V landed: a map from (slot, K|V, head, dim) to
-the element of the page that holds it. Gathers and scatters go through that map, so they
-move exactly the bytes the kernel writes and reads for those tokens, whatever the layout;
-a map that is not a permutation of the page is refused. The backend, layout, ISA, vLLM's
-version and the block size still name the KV in its fingerprint (``KVLayout.kv_format``).
+So kvswap assumes nothing: at registration it writes a probe through the layer's own cache
+writer (``impl.do_kv_cache_update``, which calls ``reshape_and_cache_flash`` on GPUs and
+``cpu_attn_reshape_and_cache`` on the CPU) into the real layer tensor, over two blocks:
 
-Known writers: vLLM's CPU attention backend (``cpu_attn_reshape_and_cache``). Other
-platforms are refused when the engine starts.
+1. NaN into every (slot, K|V, head, dim) of two blocks: the elements that turn NaN are the
+   ones the writer owns for those blocks (the cache holds zeros when vLLM registers it);
+2. each value's number, digit by digit in a base the dtype holds exactly: where each value
+   went;
+3. zeros back where they were.
+
+That gives ``where[slot, K|V, head * dim + d]`` (the element of a block's page holding that
+value) and the distance between two blocks; every layer has the real layer's strides, so the
+same map serves all. A writer whose blocks do not repeat at a fixed distance, or that does not
+give each value an element of its own, is refused when the engine starts. Gathers and
+scatters move exactly the elements the kernel owns, on the CPU through strided views of
+whole pages (a permutation of axes) or an element gather, on a GPU through one kernel for
+all layers (:mod:`.gpu`).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvswap.errors import ConfigError
 
@@ -34,40 +42,27 @@ if TYPE_CHECKING:
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 #: Integers each dtype holds exactly: the probe writes its numbers in digits of this base.
 _EXACT = {"float32": 1 << 24, "float16": 1 << 11, "bfloat16": 1 << 8}
+#: Elements of a cache scanned at once when looking for the probe's NaNs (bounds the scan's memory).
+_SCAN = 1 << 26
 
 #: Writes K and V of tokens ``[n, heads, dim]`` into slots ``[n]`` of one layer's cache tensor.
 Writer = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"], None]
 
 
-def cpu_writer(dtype: torch.dtype, block_size: int, head_dim: int, cache_dtype: str) -> tuple[str, Writer]:
-    """vLLM's CPU attention cache writer for this configuration, and its ISA's name."""
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+def layer_writer(vllm_config: Any, layer_name: str) -> Writer:
+    """The attention layer's own cache writer (``impl.do_kv_cache_update``, in vLLM 0.25 to
+    0.34); ConfigError where the layer has none."""
+    context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    layer = context.get(layer_name)
+    update = getattr(getattr(layer, "impl", None), "do_kv_cache_update", None)
+    if update is None:
+        raise ConfigError(f"vLLM layer {layer_name!r} has no cache writer (impl.do_kv_cache_update) for kvswap to "
+                          "learn its KV layout from")
 
-    isa = _get_attn_isa(dtype, block_size, head_dim, cache_dtype)
+    def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        update(layer, key, value, cache, slots)
 
-    def write(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-        blocks, heads, size, _ = layer.shape
-        key_cache, value_cache = layer.view(blocks, heads, size * 2, -1).chunk(2, dim=2)  # as cpu_attn.py does
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
-
-    return isa, write
-
-
-def engine_writer(vllm_config: object, dtype: torch.dtype, head_dim: int, block_size: int) -> tuple[str, Writer]:
-    """The KV format this engine's cache has (it goes into fingerprints) and its cache writer;
-    ConfigError where kvswap knows no writer."""
-    import vllm
-    from vllm.platforms import current_platform
-
-    device = str(current_platform.device_type)
-    cache = vllm_config.cache_config  # type: ignore[attr-defined]
-    if device != "cpu":
-        raise ConfigError(f"kvswap's vLLM connector moves KV on vLLM's CPU backend only for now (this is {device}): "
-                          "it will not move KV whose layout it has not checked")
-    isa, write = cpu_writer(dtype, block_size, head_dim, str(cache.cache_dtype or "auto"))
-    version = ".".join(str(vllm.__version__).split(".")[:2])
-    return f"vllm{version}:{device}:{getattr(cache, 'kv_cache_layout', None) or 'default'}:{isa}:b{block_size}", write
+    return write
 
 
 def layer_index(name: str) -> int:
@@ -77,95 +72,123 @@ def layer_index(name: str) -> int:
     return int(match.group(1))
 
 
+def ordered_layers(kv_caches: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    return sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))
+
+
 @dataclasses.dataclass
-class VLLMKVCache:
+class PagedKV:
     """The worker's KV tensors, as token-major spans ``[layers, 2, tokens, heads, head_dim]``.
 
-    ``pages`` are the layers' tensors viewed as ``[kernel blocks, page elements]``;
-    ``where[slot, which, head * head_dim + d]`` is the element of a page holding that value.
-    ``block_size`` is the scheduler's (its block ids index ``block_size`` tokens); vLLM may
-    split a scheduler block into several kernel blocks of ``kernel_block_size``.
+    ``storages[i]`` is layer ``i``'s whole storage as a flat tensor; block ``b`` of layer ``i``
+    starts at element ``bases[i] + b * block_stride`` of it, and ``where[slot, K|V, head * dim
+    + d]`` is the element of that block's page holding the value (pages span ``page_elems``
+    elements). Block ids are the scheduler's (``block_size`` tokens each), whatever block size
+    the kernel uses inside them.
     """
 
-    pages: list[torch.Tensor]
-    where: torch.Tensor  # [kernel_block_size, 2, heads * head_dim] int64
+    storages: list[torch.Tensor]
+    bases: list[int]
+    where: torch.Tensor  # [block_size, 2, heads * head_dim] int64, on the cache's device
+    block_stride: int
+    page_elems: int
     heads: int
     head_dim: int
     block_size: int
-    kernel_block_size: int
 
     @classmethod
-    def register(cls, kv_caches: Mapping[str, torch.Tensor], write: Writer, *, num_layers: int, heads: int,
-                 head_dim: int, dtype: torch.dtype, block_size: int) -> VLLMKVCache:
-        """Check vLLM's per-layer tensors against the fingerprint, and learn their layout
-        from ``write`` (the backend's own cache writer)."""
-        ordered = [tensor for _, tensor in sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))]
+    def register(cls, kv_caches: Mapping[str, torch.Tensor], writer: Callable[[str], Writer], *, num_layers: int,
+                 heads: int, head_dim: int, dtype: torch.dtype, block_size: int) -> PagedKV:
+        """Check vLLM's per-layer tensors against the fingerprint and learn their layout from
+        the first layer's own cache writer (``writer(layer name)``)."""
+        ordered = ordered_layers(kv_caches)
         if len(ordered) != num_layers:
             raise ConfigError(f"vLLM registered {len(ordered)} KV layers; the model has {num_layers}")
-        shapes = {tuple(t.shape) for t in ordered}
-        if len(shapes) != 1 or any(t.dtype != dtype or not t.is_contiguous() for t in ordered):
-            raise ConfigError(f"vLLM's KV layers are not alike contiguous {dtype} tensors: {sorted(shapes)}")
-        blocks, layer_heads, kernel, content = ordered[0].shape
-        if layer_heads != heads or content != 2 * head_dim or not kernel or block_size % kernel:
-            raise ConfigError(f"a vLLM KV layer of shape {tuple(ordered[0].shape)} is not [blocks, {heads}, "
-                              f"block (a divisor of {block_size}), {2 * head_dim}]: an unknown layout")
-        where = _probe(write, heads, kernel, head_dim, dtype, ordered[0].device)
-        return cls([t.view(blocks, -1) for t in ordered], where, heads, head_dim, block_size, kernel)
+        first = ordered[0][1]
+        if any(t.dtype != dtype or t.shape != first.shape or t.stride() != first.stride() or t.device != first.device
+               for _, t in ordered):
+            raise ConfigError(f"vLLM's KV layers are not alike {dtype} tensors: "
+                              f"{sorted({(tuple(t.shape), t.stride()) for _, t in ordered})}")
+        where, stride, low = _probe(writer(ordered[0][0]), first, heads, head_dim, block_size, dtype)
+        page = int(where.max()) + 1
+        storages = [_storage_of(t) for _, t in ordered]
+        return cls(storages, [int(t.storage_offset()) + low for _, t in ordered], where, stride, page, heads, head_dim,
+                   block_size)
 
-    def _index(self, block_ids: Sequence[int], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel block and slot of each token position ``start..stop-1`` of a request."""
+    @property
+    def device(self) -> torch.device:
+        return self.storages[0].device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.storages)
+
+    @functools.cached_property
+    def pages(self) -> list[torch.Tensor] | None:
+        """Each layer as ``[blocks, page_elems]``; None unless a block's values fill a page of
+        their own (no gaps, not wider than the distance between blocks)."""
+        if self.page_elems > self.block_stride or self.page_elems != self.where.numel():
+            return None
+        return [s.as_strided(((s.numel() - base - self.page_elems) // self.block_stride + 1, self.page_elems),
+                             (self.block_stride, 1), base) for s, base in zip(self.storages, self.bases)]
+
+    def element_offsets(self, block_ids: Sequence[int], start: int, stop: int) -> torch.Tensor:
+        """The page element (relative to a layer's base) of every value of positions
+        ``start..stop-1``: ``[stop - start, 2, heads * head_dim]``."""
         import torch
 
         positions = torch.arange(start, stop, dtype=torch.int64)
         table = torch.as_tensor(list(block_ids), dtype=torch.int64)
-        ratio = self.block_size // self.kernel_block_size
-        blocks = table[positions // self.block_size] * ratio + (positions % self.block_size) // self.kernel_block_size
-        return blocks, positions % self.kernel_block_size
+        blocks = table[positions // self.block_size].to(self.device)
+        return blocks[:, None, None] * self.block_stride + self.where[(positions % self.block_size).to(self.device)]
 
     def _pieces(self, start: int, stop: int) -> list[tuple[int, int, bool]]:
-        """``start..stop`` cut at kernel-block bounds: (from, to, whole blocks?) pieces; whole
-        blocks move as pages through one permutation, the partial ends element by element."""
-        size = self.kernel_block_size
+        """``start..stop`` cut at block bounds: (from, to, whole blocks?) pieces; whole blocks
+        move as pages through one permutation, the partial ends element by element."""
+        size = self.block_size
         first, last = -(-start // size) * size, stop // size * size
-        if first >= last:
+        if self.pages is None or first >= last:
             return [(start, stop, False)]
         return [(a, b, whole) for a, b, whole in ((start, first, False), (first, last, True), (last, stop, False))
                 if b > a]
 
     def gather(self, block_ids: Sequence[int], start: int, stop: int, out: torch.Tensor) -> None:
         """Token positions ``start..stop-1`` of a request whose blocks are ``block_ids`` into
-        ``out`` (``[layers, 2, stop - start, heads, head_dim]``, host memory)."""
+        ``out`` (``[layers, 2, stop - start, heads, head_dim]``, on the CPU)."""
         for low, high, whole in self._pieces(start, stop):
-            blocks, slots = self._index(block_ids, low, high)
             target = out[:, :, low - start:high - start]
             if whole:
-                pages = blocks[::self.kernel_block_size]
-                for index, page in enumerate(self.pages):
-                    self._axes.to_tokens(page.index_select(0, pages), target[index])
+                blocks = self._block_index(block_ids, low, high)
+                for index, pages in enumerate(self.pages or ()):
+                    self._axes.to_tokens(pages.index_select(0, blocks), target[index])
                 continue
-            rows = blocks[:, None]
-            for index, page in enumerate(self.pages):
-                for which in (0, 1):
-                    target[index, which].copy_(page[rows, self.where[slots, which]].view(-1, self.heads, self.head_dim))
+            offsets = self.element_offsets(block_ids, low, high)
+            for index, (storage, base) in enumerate(zip(self.storages, self.bases)):
+                values = storage[base + offsets].view(high - low, 2, self.heads, self.head_dim)
+                target[index].copy_(values.transpose(0, 1))
 
     def scatter(self, src: torch.Tensor, block_ids: Sequence[int], start: int) -> None:
         """Write ``src`` (``[layers, 2, n, heads, head_dim]``) into positions ``start..start+n-1``."""
         for low, high, whole in self._pieces(start, start + src.shape[2]):
-            blocks, slots = self._index(block_ids, low, high)
             source = src[:, :, low - start:high - start]
             if whole:
-                pages = blocks[::self.kernel_block_size]
-                for index, page in enumerate(self.pages):
-                    page.index_copy_(0, pages, self._axes.to_pages(source[index].to(page.dtype)))
+                blocks = self._block_index(block_ids, low, high)
+                for index, pages in enumerate(self.pages or ()):
+                    pages.index_copy_(0, blocks, self._axes.to_pages(source[index].to(pages.dtype)))
                 continue
-            rows = blocks[:, None]
-            for index, page in enumerate(self.pages):
-                for which in (0, 1):
-                    page[rows, self.where[slots, which]] = source[index, which].reshape(len(slots), -1).to(page.dtype)
+            offsets = self.element_offsets(block_ids, low, high)
+            for index, (storage, base) in enumerate(zip(self.storages, self.bases)):
+                storage[base + offsets] = source[index].transpose(0, 1).reshape(offsets.shape).to(storage.dtype)
+
+    def _block_index(self, block_ids: Sequence[int], low: int, high: int) -> torch.Tensor:
+        import torch
+
+        return torch.as_tensor(list(block_ids[low // self.block_size:high // self.block_size]), dtype=torch.int64,
+                               device=self.device)
 
     @functools.cached_property
     def _axes(self) -> _PageLayout:
-        return _PageLayout(self.where, self.kernel_block_size, self.heads * self.head_dim)
+        return _PageLayout(self.where, self.block_size, self.heads * self.head_dim)
 
 
 class _PageLayout:
@@ -196,7 +219,7 @@ class _PageLayout:
         sizes = [size for group in groups for size in group]
         slot, which, width = (len(g) for g in groups)
         inverse = [page_axes.index(axis) for axis in range(len(sizes))]
-        logical = pages.view(count, *[sizes[a] for a in page_axes]).permute(0, *[1 + a for a in inverse])
+        logical = pages.reshape(count, *[sizes[a] for a in page_axes]).permute(0, *[1 + a for a in inverse])
         # logical axes: m, slot digits, the K|V digit, width digits -> K|V, m, slot digits, width digits
         arranged = logical.permute(1 + slot, 0, *range(1, 1 + slot), *range(2 + slot, 1 + slot + which + width))
         out.view(2, count, *groups[0], *groups[2]).copy_(arranged)
@@ -270,32 +293,67 @@ def _prime_factors(value: int) -> list[int]:
     return factors or [1]
 
 
-def _probe(write: Writer, heads: int, block: int, head_dim: int, dtype: torch.dtype,
-           device: torch.device) -> torch.Tensor:
-    """Where ``write`` puts each (slot, K|V, head, dim) of one page: write every value's
-    number, digit by digit in a base the dtype holds exactly, into a scratch page."""
+def _storage_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole storage under ``tensor`` as a flat tensor of its dtype."""
     import torch
 
-    count = 2 * block * heads * head_dim
-    numbers = torch.arange(count, dtype=torch.int64).view(block, 2, heads, head_dim)
+    storage = tensor.untyped_storage()
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        storage, 0, (storage.nbytes() // tensor.element_size(),), (1,))
+
+
+def _nan_positions(flat: torch.Tensor) -> torch.Tensor:
+    """Positions of NaN elements of a flat tensor, on the CPU (scanned in pieces)."""
+    import torch
+
+    found = [torch.nonzero(flat[low:low + _SCAN].isnan()).flatten().cpu() + low
+             for low in range(0, flat.numel(), _SCAN)]
+    return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
+def _probe(write: Writer, cache: torch.Tensor, heads: int, head_dim: int, block_size: int,
+           dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+    """Where ``write`` puts each value of blocks 0 and 1 of ``cache`` (see the module
+    docstring). Returns ``where`` (relative to the lowest element of block 0), the distance
+    between consecutive blocks, and that lowest element relative to ``cache``'s own offset."""
+    import torch
+
     base = _EXACT.get(str(dtype).removeprefix("torch."))
     if base is None:
         raise ConfigError(f"kvswap cannot probe a {dtype} KV cache")
+    flat, device = _storage_of(cache), cache.device
+    slots = torch.arange(2 * block_size, dtype=torch.int64, device=device)
+    count = 2 * block_size * 2 * heads * head_dim
+    already = _nan_positions(flat)
+    nan = torch.full((2 * block_size, heads, head_dim), float("nan"), dtype=dtype, device=device)
+    write(cache, nan, nan, slots)
+    owned = _nan_positions(flat)
+    if already.numel():
+        owned = owned[~torch.isin(owned, already)]
+    if owned.numel() != count:
+        flat[owned.to(device)] = 0
+        raise ConfigError(f"vLLM's cache writer wrote {owned.numel()} elements for {count} values: "
+                          "an unknown KV layout")
+    positions = owned.to(device)
+    numbers = torch.arange(count, dtype=torch.int64).view(2 * block_size, 2, heads, head_dim)
     found = torch.zeros(count, dtype=torch.int64)
     scale = 1
-    while scale < count:
-        digits = ((numbers // scale) % base).to(dtype)
-        page = torch.full((1, heads, block, 2 * head_dim), -1, dtype=dtype, device=device)
-        write(page, digits[:, 0].contiguous().to(device), digits[:, 1].contiguous().to(device),
-              torch.arange(block, dtype=torch.int64, device=device))
-        written = page.reshape(-1).cpu().to(torch.int64)
-        if (written < 0).any():
-            raise ConfigError("vLLM's cache writer left part of a page unwritten: an unknown KV layout")
-        found += written * scale
-        scale *= base
+    try:
+        while scale < count:
+            digits = ((numbers // scale) % base).to(dtype).to(device)
+            write(cache, digits[:, 0].contiguous(), digits[:, 1].contiguous(), slots)
+            found += flat[positions].cpu().to(torch.int64) * scale
+            scale *= base
+    finally:
+        flat[positions] = 0  # what vLLM allocated
     if not torch.equal(torch.sort(found).values, torch.arange(count)):
-        raise ConfigError("vLLM's cache writer does not place each token's K and V in a page of its own: "
+        raise ConfigError("vLLM's cache writer does not give each token's K and V values elements of their own: "
                           "an unknown KV layout")
     where = torch.empty(count, dtype=torch.int64)
-    where[found] = torch.arange(count, dtype=torch.int64)
-    return where.view(block, 2, heads * head_dim).to(device)
+    where[found] = owned
+    where = where.view(2, block_size, 2, heads * head_dim)
+    strides = (where[1] - where[0]).unique()
+    if strides.numel() != 1 or int(strides[0]) <= 0:
+        raise ConfigError("vLLM's KV blocks do not repeat at a fixed distance: an unknown KV layout")
+    low = int(where[0].min())
+    return (where[0] - low).to(device), int(strides[0]), low - int(cache.storage_offset())

@@ -295,6 +295,17 @@ class SQLMetaStore(MetaStore):
             rules.check_append(self.get(session_id), expected_version, spec)  # raises, unless it changed back
         raise VersionConflictError(f"session {session_id!r} kept changing under an append")
 
+    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        sid, now = rules.validate_session_id(session_id).encode(), self.now()
+
+        def work(cursor: Any) -> tuple[Session, list[Entry]]:  # one connection, two statements
+            row = _one(cursor, self._sql.get, (now, now, sid))
+            if row is None:
+                raise rules.not_found(session_id)
+            return Session._make(row), self._entries_of(cursor, session_id)
+
+        return self._driver_read("reading session", session_id, work)
+
     def entries(self, session_id: str) -> list[Entry]:
         sid = rules.validate_session_id(session_id).encode()
 

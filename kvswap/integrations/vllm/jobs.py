@@ -1,0 +1,117 @@
+"""What crosses between the connector's two halves: plain data, never objects holding connections.
+
+The scheduler half sends, in each step's :class:`KVSwapConnectorMetadata`:
+
+* :class:`FetchJob`: read a session's planned entries from the stores (or the worker's host
+  tier), verify every byte, and hold the verified KV in host memory. Nothing is promised to
+  vLLM before this is done, so what vLLM reports as cached is what was verified.
+* :class:`LoadJob`: copy fetched tokens into the blocks vLLM allocated for them.
+* :class:`SaveJob`: gather a finished request's new tokens from its blocks and write them as
+  blobs (the data half of a save; the scheduler commits meta once they are written).
+* ``releases``: fetched KV that will not be loaded (the request went away, or vLLM's own
+  prefix cache covered it).
+
+The worker half answers, in its :class:`KVSwapWorkerMetadata`, with a :class:`Fetched` per
+fetch and a :class:`Saved` per save. vLLM aggregates the workers' answers (one per
+tensor-parallel rank) before the scheduler sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+from kvswap.meta import Entry, EntrySpec
+
+
+@dataclasses.dataclass
+class FetchJob:
+    """Read ``entries`` of ``session`` for tokens ``start..end-1`` of a request whose tokens
+    are ``tokens``; give up after ``seconds``. ``recompute_seconds`` is what recomputing those
+    tokens is predicted to cost: a fetch predicted to take longer is not started (None: fetch)."""
+
+    request_id: str
+    session: str
+    entries: list[Entry]
+    start: int
+    end: int
+    tokens: list[int]
+    seconds: float
+    recompute_seconds: float | None = None
+
+
+@dataclasses.dataclass
+class LoadJob:
+    """Copy the fetched tokens ``start..end-1`` of a request into its ``block_ids``."""
+
+    request_id: str
+    start: int
+    end: int
+    block_ids: list[int]
+
+
+@dataclasses.dataclass
+class SaveJob:
+    """Write tokens ``base..len(tokens)-1`` of a finished request (held in ``block_ids``) as
+    blobs after the stored entry ending at ``base`` with prefix hash ``base_hash``; give up
+    after ``seconds``."""
+
+    request_id: str
+    session: str
+    tokens: list[int]
+    base: int
+    base_hash: str
+    block_ids: list[int]
+    seconds: float
+
+
+@dataclasses.dataclass
+class KVSwapConnectorMetadata(KVConnectorMetadata):
+    fetches: list[FetchJob] = dataclasses.field(default_factory=list)
+    loads: list[LoadJob] = dataclasses.field(default_factory=list)
+    saves: list[SaveJob] = dataclasses.field(default_factory=list)
+    releases: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Fetched:
+    """A fetch's outcome: tokens ``start..end-1`` are verified and held (``end == start``: none).
+    ``source`` is where they came from ("host", "store", "host+store"); ``rejected`` counts
+    tokens of entries found damaged, missing or foreign, from ``damaged_at`` on (meta should
+    drop them); ``reason`` says why the fetch stopped short ("" when it got all it asked)."""
+
+    end: int
+    source: str = ""
+    rejected: int = 0
+    damaged_at: int | None = None
+    reason: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Saved:
+    """A save's data half: ``specs`` are the blobs written, in token order (None: nothing was
+    written, ``reason`` says why)."""
+
+    specs: list[EntrySpec] | None
+    reason: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class KVSwapWorkerMetadata(KVConnectorWorkerMetadata):
+    fetched: dict[str, Fetched] = dataclasses.field(default_factory=dict)
+    saved: dict[str, Saved] = dataclasses.field(default_factory=dict)
+
+    def aggregate(self, other: Any) -> KVSwapWorkerMetadata:
+        if isinstance(other, KVSwapWorkerMetadata):
+            self.fetched.update(other.fetched)
+            self.saved.update(other.saved)
+        return self
+
+    def is_empty(self) -> bool:
+        return not self.fetched and not self.saved

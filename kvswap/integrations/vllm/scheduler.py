@@ -1,0 +1,383 @@
+"""The connector's scheduler half: what a request's session holds, what to fetch, load and save,
+and the meta commit. It never waits for storage: meta reads and commits run on its own
+threads with deadlines, and the worker half moves the data.
+
+A request with a session goes through:
+
+1. **lookup** (a thread): one meta read, and the session-store core's plan (each entry
+   checked, the chained prefix hash of the request's own tokens recomputed over it). While it
+   runs, vLLM is told to ask again next step (the request waits in the queue; others run).
+2. **fetch** (the worker): the planned entries beyond vLLM's own prefix-cache hit are read and
+   verified into host memory. Only what arrived verified is offered to vLLM, so what vLLM
+   reports as cached is what kvswap really served (a damaged or missing entry is never
+   promised, then recomputed behind the count's back).
+3. **load** (the worker): into the blocks vLLM allocated, asynchronously.
+4. **save** (when the request finishes): the worker writes the turn's new tokens (prompt and
+   answer but the last token) as blobs; the scheduler then commits them to meta (a
+   compare-and-swap; when another instance moved the session meanwhile, the commit appends
+   what is missing or finds another history won: :meth:`SessionStore.commit`). The session's
+   next request waits for that commit, within the save's deadline.
+
+A lookup, fetch or save that misses its deadline is a miss (or a save dropped); a meta store
+that failed is not asked again for ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from kvswap.connectors import open_connector
+from kvswap.errors import KVSwapError
+from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
+from kvswap.integrations.vllm.jobs import (
+    Fetched,
+    FetchJob,
+    KVSwapConnectorMetadata,
+    KVSwapWorkerMetadata,
+    LoadJob,
+    Saved,
+    SaveJob,
+)
+from kvswap.integrations.vllm.stats import Counters
+from kvswap.meta import open_meta_store
+from kvswap.session_cache.store import SessionStore
+from kvswap.session_cache.tiers import Plan, StoredState
+
+log = logging.getLogger("vllm.kvswap")
+
+#: How long a new request's lookup may hold the scheduler step before it is asked again next step.
+LOOKUP_WAIT = 0.002
+#: Seconds a fetch or save gets beyond ``timeout`` per byte it moves (a second per 256 MiB).
+SECONDS_PER_BYTE = 1.0 / (256 << 20)
+#: A worker reports a job's outcome at the end of a step: the scheduler waits this much longer.
+REPORT_SLACK = 2.0
+
+
+@dataclasses.dataclass
+class _Request:
+    """What the scheduler knows of one request of a session."""
+
+    session: str
+    tokens: list[int]
+    deadline: float
+    lookup: concurrent.futures.Future[Plan] | None = None
+    plan: Plan | None = None
+    phase: str = "lookup"  # lookup -> fetch -> ready -> loading -> done
+    fetch_start: int = 0
+    fetched: Fetched | None = None
+    ready_end: int = 0
+    load_blocks: frozenset[int] = frozenset()
+    loaded: int = 0
+    source: str = ""
+    rejected: int = 0
+
+
+@dataclasses.dataclass
+class _Save:
+    session: str
+    tokens: list[int]
+    stored: StoredState
+    deadline: float
+    committing: bool = False
+
+
+class SchedulerSide:
+    """The scheduler half of :class:`~kvswap.integrations.vllm.connector.KVSwapConnector`."""
+
+    def __init__(self, vllm_config: Any, config: ConnectorConfig, block_size: int) -> None:
+        self._vllm_config = vllm_config
+        self.config = config
+        self.block_size = block_size
+        self.counters = Counters()
+        self._store: SessionStore | None = None
+        self._store_lock = threading.Lock()
+        self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvswap-meta")
+        self._requests: dict[str, _Request] = {}
+        self._saves: dict[str, _Save] = {}
+        self._saves_lock = threading.Lock()
+        self._meta_down_until = 0.0
+        self._next = KVSwapConnectorMetadata()
+        self._rate = PrefillRate()
+
+    @property
+    def store(self) -> SessionStore:
+        """The session-store core over meta (and the stores, for their locations), opened on first use."""
+        with self._store_lock:
+            if self._store is None:
+                layout = kv_layout(self._vllm_config, self.config)
+                self._store = SessionStore(open_meta_store(self.config.meta),
+                                           [open_connector(uri) for uri in self.config.stores], layout,
+                                           session_ttl=self.config.session_ttl)
+                log.info("kvswap connector: %s, meta %s, stores %s", layout.fingerprint,
+                         self._store.meta.uri.render(), self._store.locations)
+            return self._store
+
+    # ---- lookups --------------------------------------------------------------------------------
+
+    def matched(self, request: Any, session: str, num_computed: int) -> tuple[int | None, bool]:
+        """vLLM's ``get_num_new_matched_tokens`` for a request of ``session``."""
+        now = time.monotonic()
+        state = self._requests.get(request.request_id)
+        if state is None:
+            if self._saving(session, now):
+                return None, False  # the previous turn's KV is on its way to the store (within its deadline)
+            state = _Request(session, list(request.all_token_ids), now + self.config.timeout)
+            self._requests[request.request_id] = state
+            if now < self._meta_down_until:
+                state.phase = "done"
+                self.counters.add("lookups", "meta not answering")
+                return 0, False
+            state.lookup = self._threads.submit(self.store.lookup, session, state.tokens)
+            concurrent.futures.wait([state.lookup], timeout=LOOKUP_WAIT)
+        return self._advance(request.request_id, state, num_computed, now)
+
+    def _advance(self, request_id: str, state: _Request, num_computed: int, now: float) -> tuple[int | None, bool]:
+        if state.phase == "lookup":
+            assert state.lookup is not None
+            if not state.lookup.done():
+                if now < state.deadline:
+                    return None, False
+                self._meta_failed(f"a lookup took over {self.config.timeout:.1f} s")
+                return self._miss(state, "timed out")
+            try:
+                plan = state.plan = state.lookup.result()
+            except KVSwapError as exc:
+                log.warning("kvswap: session %r not looked up (a miss): %s", state.session, exc)
+                self._meta_failed(str(exc))
+                return self._miss(state, "meta failed")
+            last = len(state.tokens) - 1  # the last token is always computed: its logits pick the next one
+            reusable = self._aligned(min(plan.end if plan.partial and self.config.probe_partial else plan.matched,
+                                         last))
+            if reusable <= num_computed:
+                return self._miss(state, "miss" if not plan.entries else "held locally")
+            state.phase, state.fetch_start = "fetch", num_computed
+            nbytes = sum(entry.size for entry, _ in plan.entries if entry.token_end > num_computed)
+            seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
+            state.deadline = now + seconds + REPORT_SLACK
+            recompute = self._rate.seconds(reusable - num_computed) if self.config.recompute_when_faster else None
+            self._next.fetches.append(FetchJob(request_id, state.session, [entry for entry, _ in plan.entries],
+                                               num_computed, reusable, state.tokens[:reusable], seconds, recompute))
+            return None, False
+        if state.phase == "fetch":
+            if state.fetched is None:
+                if now < state.deadline:
+                    return None, False
+                self._next.releases.append(request_id)
+                return self._miss(state, "fetch timed out")
+            fetched = state.fetched
+            end = self._aligned(fetched.end)
+            if end <= state.fetch_start or num_computed < state.fetch_start:
+                self._next.releases.append(request_id)
+                return self._miss(state, fetched.reason or "fetch came back empty")
+            state.phase, state.ready_end = "ready", end
+        if state.phase == "ready":
+            if state.ready_end <= num_computed:
+                self._next.releases.append(request_id)
+                return self._miss(state, "held locally")
+            return state.ready_end - num_computed, True
+        return 0, False
+
+    def _aligned(self, tokens: int) -> int:
+        """``tokens`` rounded down to whole blocks with ``whole_blocks`` (as vLLM's own prefix
+        cache reuses), else as is."""
+        return tokens // self.block_size * self.block_size if self.config.whole_blocks else tokens
+
+    def _miss(self, state: _Request, why: str) -> tuple[int, bool]:
+        state.phase = "done"
+        self.counters.add("lookups", why)
+        return 0, False
+
+    def fetched(self, request_id: str, fetched: Fetched) -> None:
+        state = self._requests.get(request_id)
+        if state is None or state.phase != "fetch":
+            self._next.releases.append(request_id)  # nobody waits for it any more
+            return
+        state.fetched = fetched
+        state.source, state.rejected = fetched.source, fetched.rejected
+        if fetched.rejected:
+            self.counters.add("tokens rejected", "damaged or foreign", fetched.rejected)
+        if fetched.damaged_at is not None and state.plan is not None:
+            self._threads.submit(self._drop, state.session, state.plan, fetched.damaged_at)
+        if fetched.nbytes:
+            self.counters.add("bytes fetched", "store", fetched.nbytes)
+        record_op("fetch", state.session, fetched.end - state.fetch_start, fetched.nbytes, fetched.seconds,
+                  source=fetched.source, reason=fetched.reason)
+
+    def _drop(self, session: str, plan: Plan, token_offset: int) -> None:
+        """Remove damaged entries from meta (and their blobs): the next lookup does not plan them."""
+        self.store.drop_from(session, StoredState(plan.stored.version, plan.stored.meta_total, [],
+                                                  plan.stored.fingerprint_ok), token_offset)
+
+    def _meta_failed(self, why: str) -> None:
+        if time.monotonic() >= self._meta_down_until:
+            log.warning("kvswap: meta store not answering (%s); requests are misses for %.0f s", why,
+                        self.config.timeout)
+        self._meta_down_until = time.monotonic() + self.config.timeout
+
+    # ---- loads ----------------------------------------------------------------------------------
+
+    def allocated(self, request: Any, block_ids: list[int], num_external: int) -> None:
+        """vLLM's ``update_state_after_alloc``: blocks for the tokens promised; load them."""
+        state = self._requests.get(request.request_id)
+        if num_external <= 0 or state is None or state.phase != "ready":
+            return
+        start = state.ready_end - num_external
+        self._next.loads.append(LoadJob(request.request_id, start, state.ready_end, block_ids))
+        first, last = start // self.block_size, -(-state.ready_end // self.block_size)
+        state.phase, state.loaded, state.load_blocks = "loading", num_external, frozenset(block_ids[first:last])
+
+    def loads_finished(self, request_ids: set[str], invalid_blocks: set[int]) -> None:
+        for request_id in request_ids:
+            state = self._requests.get(request_id)
+            if state is None:
+                continue
+            state.phase = "done"
+            if state.load_blocks & invalid_blocks:
+                self.counters.add("tokens loaded", "failed", state.loaded)
+                state.loaded = 0
+            else:
+                self.counters.add("tokens loaded", state.source or "store", state.loaded)
+
+    # ---- saves ----------------------------------------------------------------------------------
+
+    def finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's ``request_finished``: save the turn's new tokens; report what was reused."""
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return False, None
+        if state.phase in ("fetch", "ready"):
+            self._next.releases.append(request.request_id)
+        report = {"kvswap": {"session": state.session, "loaded_tokens": state.loaded, "source": state.source,
+                             "rejected_tokens": state.rejected}}
+        log.debug("kvswap: request %s of session %r: %d tokens loaded from %s, %d rejected", request.request_id,
+                  state.session, state.loaded, state.source or "nowhere", state.rejected)
+        plan = state.plan
+        if plan is None or time.monotonic() < self._meta_down_until:
+            return False, report  # nothing is known to build on, or meta cannot take it
+        tokens = list(request.all_token_ids)
+        computed = min(int(request.num_computed_tokens), len(tokens) - 1)  # the last token's KV never was
+        # What this turn builds on: the entries it loaded (its own KV beyond them is what it
+        # computed), or, when it loaded nothing, those meta holds for its tokens, minus any found damaged.
+        damaged = state.fetched.damaged_at if state.fetched is not None else None
+        limit = state.ready_end if state.loaded else min(plan.matched, damaged if damaged is not None else plan.matched)
+        kept = [(entry.token_end, entry.prefix_hash) for entry, _ in plan.entries if entry.token_end <= limit]
+        base, base_hash = kept[-1] if kept else (0, "")
+        if computed <= base:
+            return False, report
+        nbytes = (computed - base) * self.store.layout.token_bytes
+        seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
+        stored = StoredState(plan.stored.version, plan.stored.meta_total, kept, plan.stored.fingerprint_ok)
+        with self._saves_lock:
+            self._saves[request.request_id] = _Save(state.session, tokens[:computed], stored,
+                                                    time.monotonic() + seconds + REPORT_SLACK)
+        self._next.saves.append(SaveJob(request.request_id, state.session, tokens[:computed], base, base_hash,
+                                        list(block_ids), seconds))
+        return True, report  # the blocks stay until the worker has copied them out
+
+    def saved(self, request_id: str, saved: Saved) -> None:
+        with self._saves_lock:
+            save = self._saves.get(request_id)
+            if save is None:
+                return
+            if saved.specs is None:
+                del self._saves[request_id]
+                self.counters.add("saves", "not written")
+                return
+            save.committing = True
+        self.counters.add("bytes saved", "store", saved.nbytes)
+        record_op("save", save.session, len(save.tokens) - save.stored.tokens, saved.nbytes, saved.seconds)
+        self._threads.submit(self._commit, request_id, save, saved)
+
+    def _commit(self, request_id: str, save: _Save, saved: Saved) -> None:
+        assert saved.specs is not None
+        outcome: str
+        try:
+            outcome = self.store.commit(save.session, save.stored, save.tokens, saved.specs)
+        except KVSwapError as exc:
+            log.warning("kvswap: session %r not recorded in meta (its next turn recomputes): %s", save.session, exc)
+            self._meta_failed(str(exc))
+            outcome = "meta failed"
+        if outcome == "diverged":
+            log.warning("kvswap: session %r not saved: another turn of it was stored meanwhile", save.session)
+        self.counters.add("saves", outcome)
+        with self._saves_lock:
+            self._saves.pop(request_id, None)
+
+    def _saving(self, session: str, now: float) -> bool:
+        with self._saves_lock:
+            return any(s.session == session and now < s.deadline for s in self._saves.values())
+
+    def writing(self) -> bool:
+        """Whether a worker is still writing a save: vLLM must keep stepping to hear of it."""
+        now = time.monotonic()
+        with self._saves_lock:
+            return any(not s.committing and now < s.deadline for s in self._saves.values())
+
+    # ---- each step ------------------------------------------------------------------------------
+
+    def build_meta(self, scheduler_output: Any) -> KVSwapConnectorMetadata:
+        self._rate.observe(scheduler_output)
+        meta, self._next = self._next, KVSwapConnectorMetadata()
+        if not getattr(scheduler_output, "total_num_scheduled_tokens", 1) and (self._requests or self._saves):
+            time.sleep(0.001)  # an idle engine spins while kvswap's jobs run: let their threads have the GIL
+        return meta
+
+    def worker_output(self, worker_meta: Any) -> None:
+        if not isinstance(worker_meta, KVSwapWorkerMetadata):
+            return
+        for request_id, fetched in worker_meta.fetched.items():
+            self.fetched(request_id, fetched)
+        for request_id, saved in worker_meta.saved.items():
+            self.saved(request_id, saved)
+
+    def shutdown(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=False)
+        if self._store is not None:
+            self._store.close()
+            self._store.meta.close()
+            for tier in self._store.stores:
+                tier.connector.close()
+
+
+def record_op(op: str, session: str, tokens: int, nbytes: int, seconds: float, **more: Any) -> None:
+    """One line of JSON per fetch or save to ``$KVSWAP_VLLM_STATS``, when set (the benchmarks read it)."""
+    path = os.environ.get("KVSWAP_VLLM_STATS")
+    if not path:
+        return
+    record = {"op": op, "session": session, "tokens": tokens, "bytes": nbytes, "seconds": seconds, "at": time.time(),
+              **more}
+    with _RECORD_LOCK, open(path, "a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+_RECORD_LOCK = threading.Lock()
+
+
+class PrefillRate:
+    """Tokens per second the engine prefills, measured from the steps it schedules: the
+    time between two steps of at least :data:`MIN_TOKENS` scheduled tokens."""
+
+    MIN_TOKENS = 256
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+        self._last: tuple[float, int] | None = None
+
+    def observe(self, scheduler_output: Any) -> None:
+        now = time.monotonic()
+        tokens = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
+        if self._last is not None and self._last[1] >= self.MIN_TOKENS:
+            rate = self._last[1] / max(now - self._last[0], 1e-6)
+            self.rate = rate if self.rate is None else max(rate, 0.8 * self.rate + 0.2 * rate)
+        self._last = (now, tokens)
+
+    def seconds(self, tokens: int) -> float | None:
+        """Predicted seconds to recompute ``tokens`` (None before a prefill was seen)."""
+        return tokens / self.rate if self.rate else None

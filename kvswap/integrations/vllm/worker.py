@@ -1,0 +1,408 @@
+"""The connector's worker half: vLLM's KV memory, and the fetch, load and save jobs that move it.
+
+It holds no meta store: the scheduler half plans and commits; this half only reads and writes
+blobs (:class:`~kvswap.session_cache.store.SessionStore` opened for data only) and moves KV
+between them and vLLM's blocks (:mod:`.kv_cache` on the CPU, :mod:`.gpu` on a GPU).
+
+* A **fetch** reads and verifies a session's entries into host memory (pinned on a GPU; the
+  host tier, ``host_bytes``, serves recent spans without a read) and holds them for the load.
+* A **load** copies fetched tokens into the blocks vLLM allocated: on a GPU, on kvswap's own
+  stream after the forwards already queued, reported finished when its copies are done.
+* A **save** gathers a finished request's new tokens into host memory (on a GPU: after the
+  forward that wrote them), reports the blocks free as soon as that copy is done, then writes
+  the blobs and reports what it wrote, for the scheduler to commit.
+
+Every job has a deadline; one that misses it is reported failed and abandoned (its late
+results are dropped, its late blobs deleted), and the store it waited on is not asked again
+for ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from kvswap.connectors import open_connector
+from kvswap.errors import KVSwapError
+from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
+from kvswap.integrations.vllm.jobs import (
+    Fetched,
+    FetchJob,
+    KVSwapConnectorMetadata,
+    KVSwapWorkerMetadata,
+    LoadJob,
+    Saved,
+    SaveJob,
+)
+from kvswap.integrations.vllm.kv_cache import PagedKV, layer_writer
+from kvswap.session_cache.base import SwapError
+from kvswap.session_cache.store import SessionStore, entry_tokens_within
+from kvswap.session_cache.tiers import Span, StoredState
+
+log = logging.getLogger("vllm.kvswap")
+
+#: Fetched KV not loaded or released within this many seconds is dropped (a lost release).
+HOLD_SECONDS = 300.0
+
+
+@dataclasses.dataclass
+class _Job:
+    """A job running on a thread: its deadline, and whether it was abandoned (late)."""
+
+    request_id: str
+    deadline: float
+    future: concurrent.futures.Future[Any] | None = None
+    abandoned: bool = False
+    ready: threading.Event = dataclasses.field(default_factory=threading.Event)  # loads: done; saves: blocks out
+    locations: tuple[str, ...] = ()  # the stores it waits on
+    event: Any = None  # a GPU load: done when this CUDA event is
+    keep: Any = None  # what must live until then (the host spans a GPU load copies from)
+
+
+class StoreHealth:
+    """Stores that failed recently are not asked again until ``pause`` seconds have passed
+    (then one job tries; it fails again or they are back)."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+        self._down: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def down(self, location: str) -> None:
+        with self._lock:
+            if location not in self._down:
+                log.warning("kvswap: store %s is not answering; served as misses for %.0f s", location, self.pause)
+            self._down[location] = time.monotonic() + self.pause
+
+    def up(self, location: str) -> None:
+        with self._lock:
+            if self._down.pop(location, None) is not None:
+                log.info("kvswap: store %s answers again", location)
+
+    def is_down(self, location: str) -> bool:
+        with self._lock:
+            until = self._down.get(location)
+            return until is not None and time.monotonic() < until
+
+
+class WorkerSide:
+    """The worker half of :class:`~kvswap.integrations.vllm.connector.KVSwapConnector`."""
+
+    def __init__(self, vllm_config: Any, config: ConnectorConfig, block_size: int) -> None:
+        self._vllm_config = vllm_config
+        self.config = config
+        self.block_size = block_size
+        self.health = StoreHealth(config.timeout)
+        self.kv: PagedKV | None = None
+        self.store: SessionStore | None = None
+        self.gpu: Any = None
+        self._threads = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvswap-job")
+        self._lock = threading.Lock()
+        self._fetches: dict[str, _Job] = {}
+        self._held: dict[str, tuple[list[Span], float]] = {}  # fetched, waiting for their load
+        self._loads: dict[str, _Job] = {}
+        self._saves: dict[str, _Job] = {}  # until their blocks are copied out
+        self._writing: dict[str, tuple[SaveJob, _Job]] = {}  # then until their blobs are written
+        self._fetched: dict[str, Fetched] = {}
+        self._saved: dict[str, Saved] = {}
+        self._load_errors: set[int] = set()
+        self._received: set[str] = set()
+        self._sent: set[str] = set()
+
+    # ---- registration ---------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layout = kv_layout(self._vllm_config, self.config)
+        self.kv = PagedKV.register(kv_caches, lambda name: layer_writer(self._vllm_config, name),
+                                   num_layers=layout.num_layers, heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                                   dtype=layout.torch_dtype, block_size=self.block_size)
+        self.store = SessionStore(None, [open_connector(uri) for uri in self.config.stores], layout,
+                                  io_threads=self.config.io_threads,
+                                  entry_tokens=max(self.block_size,
+                                                   entry_tokens_within(self.config.entry_bytes, layout)),
+                                  span_cache_bytes=self.config.host_bytes)
+        if self.kv.device.type == "cuda":
+            from kvswap.integrations.vllm.gpu import GPUMover
+
+            self.gpu = GPUMover(self.kv)
+        log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
+                 self.kv.device, self.block_size, self.kv.block_stride,
+                 "strided" if self.kv.pages is not None else "element-mapped")
+
+    # ---- each step ------------------------------------------------------------------------------
+
+    def start(self, meta: KVSwapConnectorMetadata) -> None:
+        """Start this step's jobs (vLLM's ``start_load_kv``, before the step's forward)."""
+        after = self._compute_done() if (meta.loads or meta.saves) else None
+        with self._lock:
+            for request_id in meta.releases:
+                self._held.pop(request_id, None)
+                job = self._fetches.pop(request_id, None)
+                if job is not None:
+                    job.abandoned = True
+        for fetch in meta.fetches:
+            self._start_fetch(fetch)
+        for load in meta.loads:
+            self._start_load(load, after)
+        for save in meta.saves:
+            self._start_save(save, after)
+
+    def finished(self) -> tuple[set[str] | None, set[str] | None]:
+        """(saves whose blocks may be freed, loads done) since the last call; jobs past their
+        deadline are reported failed here."""
+        now = time.monotonic()
+        with self._lock:
+            for request_id, job in list(self._fetches.items()):
+                if job.future is None or job.future.done() or now < job.deadline:
+                    continue
+                job.abandoned = True
+                del self._fetches[request_id]
+                self._fetched[request_id] = Fetched(0, reason="timed out")
+                for location in job.locations:
+                    self.health.down(location)
+            for request_id, job in list(self._loads.items()):
+                if job.event is not None and job.event.query():
+                    job.ready.set()
+                if job.ready.is_set():
+                    del self._loads[request_id]
+                    self._received.add(request_id)
+            for request_id, job in list(self._saves.items()):
+                if job.ready.is_set():  # the blocks are copied out: vLLM may reuse them
+                    del self._saves[request_id]
+                    self._sent.add(request_id)
+            for request_id, (save, job) in list(self._writing.items()):
+                if now >= job.deadline:
+                    job.abandoned = True
+                    del self._writing[request_id]
+                    self._saved[request_id] = Saved(None, f"timed out after {save.seconds:.1f} s")
+                    for location in job.locations:
+                        self.health.down(location)
+            for request_id, (_, since) in list(self._held.items()):
+                if now - since > HOLD_SECONDS:
+                    del self._held[request_id]
+            sent, received = self._sent, self._received
+            self._sent, self._received = set(), set()
+        return sent or None, received or None
+
+    def load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def worker_meta(self) -> KVSwapWorkerMetadata | None:
+        with self._lock:
+            if not self._fetched and not self._saved:
+                return None
+            meta = KVSwapWorkerMetadata(self._fetched, self._saved)
+            self._fetched, self._saved = {}, {}
+        return meta
+
+    def shutdown(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
+            for tier in self.store.stores:
+                tier.connector.close()
+
+    # ---- fetches --------------------------------------------------------------------------------
+
+    def _start_fetch(self, fetch: FetchJob) -> None:
+        job = _Job(fetch.request_id, time.monotonic() + fetch.seconds)
+        with self._lock:
+            self._fetches[fetch.request_id] = job
+        job.future = self._threads.submit(self._fetch, fetch, job)
+
+    def _fetch(self, fetch: FetchJob, job: _Job) -> None:
+        spans, result = self._read(fetch, job)
+        with self._lock:
+            if job.abandoned or self._fetches.get(fetch.request_id) is not job:
+                return
+            del self._fetches[fetch.request_id]
+            if result.end > fetch.start:
+                self._held[fetch.request_id] = (spans, time.monotonic())
+            self._fetched[fetch.request_id] = result
+
+    def _read(self, fetch: FetchJob, job: _Job) -> tuple[list[Span], Fetched]:
+        """Read and verify what the job asks; what arrived and what stopped it."""
+        store = self._store()
+        plan = store.plan_of(fetch.entries)
+        locations = {tier.location for _, tier in plan.entries}
+        job.locations = tuple(locations)
+        if any(self.health.is_down(location) for location in locations):
+            return [], Fetched(fetch.start, reason="store not answering")
+        if fetch.recompute_seconds is not None and self._slower(plan.entries, fetch.recompute_seconds):
+            return [], Fetched(fetch.start, reason="slower than recompute")
+        spans: list[Span] = []
+        began = time.perf_counter()
+        end = fetch.start
+        try:
+            for span in store.read(fetch.session, plan, fetch.tokens, limit=fetch.end, start=fetch.start,
+                                   pin=self.gpu is not None):
+                if job.abandoned:
+                    break
+                spans.append(span)
+                end = min(fetch.end, span.entry.token_offset + span.take)
+        except Exception as exc:  # noqa: BLE001 - a fetch that fails is a miss for what did not arrive
+            log.warning("kvswap: fetching session %r stopped at token %d: %s", fetch.session, end, exc)
+            plan.failure = plan.failure or exc
+        seconds = time.perf_counter() - began
+        if plan.failure is not None and plan.damaged_at is None:
+            for location in locations:
+                self.health.down(location)
+        elif spans:
+            for location in locations:
+                self.health.up(location)
+        cached = [span.cached for span in spans]
+        source = "host" if cached and all(cached) else "store" if not any(cached) else "host+store"
+        damaged = plan.damaged_at
+        return spans, Fetched(end, source=source if spans else "", damaged_at=damaged,
+                              rejected=max(0, fetch.end - damaged) if damaged is not None else 0,
+                              reason=str(plan.failure or ""), nbytes=sum(s.entry.size for s in spans if not s.cached),
+                              seconds=seconds)
+
+    def _slower(self, planned: list[Any], recompute_seconds: float) -> bool:
+        """Whether reading ``planned`` entries not in the host tier is predicted to take
+        longer than ``recompute_seconds`` (each store's bandwidth as measured so far)."""
+        store = self._store()
+        seconds = 0.0
+        for entry, tier in planned:
+            if store.spans.get(entry.key) is not None:
+                continue
+            bandwidth = tier.read_bandwidth
+            if bandwidth is None:
+                return False
+            seconds += entry.size / bandwidth
+        return seconds > recompute_seconds
+
+    # ---- loads ----------------------------------------------------------------------------------
+
+    def _start_load(self, load: LoadJob, after: Any) -> None:
+        with self._lock:
+            spans = self._held.pop(load.request_id, ([], 0.0))[0]
+        pieces = [(span.kv, span.entry.token_offset, max(load.start, span.entry.token_offset),
+                   min(load.end, span.entry.token_offset + span.take)) for span in spans]
+        pieces = [piece for piece in pieces if piece[3] > piece[2]]
+        job = _Job(load.request_id, float("inf"))
+        covered = sum(high - low for _, _, low, high in pieces)
+        if covered != load.end - load.start:  # nothing promised may be missing: recompute it
+            log.warning("kvswap: request %s: %d of %d tokens to load are not held", load.request_id, covered,
+                        load.end - load.start)
+            self._fail_load(load, job)
+            return
+        if self.gpu is not None:
+            job.event, job.keep = self.gpu.load(pieces, load.block_ids, after), pieces  # spans live until done
+            with self._lock:
+                self._loads[load.request_id] = job
+            return
+        with self._lock:
+            self._loads[load.request_id] = job
+        job.future = self._threads.submit(self._scatter, load, pieces, job)
+
+    def _scatter(self, load: LoadJob, pieces: list[tuple[torch.Tensor, int, int, int]], job: _Job) -> None:
+        assert self.kv is not None
+        try:
+            for kv, offset, low, high in pieces:
+                self.kv.scatter(kv[:, :, low - offset:high - offset], load.block_ids, low)
+        except Exception:
+            log.exception("kvswap: loading request %s into its blocks failed", load.request_id)
+            self._fail_load(load, job)
+        job.ready.set()
+
+    def _fail_load(self, load: LoadJob, job: _Job) -> None:
+        first, last = load.start // self.block_size, -(-load.end // self.block_size)
+        with self._lock:
+            self._load_errors.update(load.block_ids[first:last])
+            self._loads[load.request_id] = job
+        job.ready.set()
+
+    # ---- saves ----------------------------------------------------------------------------------
+
+    def _start_save(self, save: SaveJob, after: Any) -> None:
+        store = self._store()
+        job = _Job(save.request_id, time.monotonic() + save.seconds, locations=(store.stores[0].location,))
+        with self._lock:
+            self._saves[save.request_id] = job
+        if self.health.is_down(store.stores[0].location):
+            self._report_save(save, job, Saved(None, "store not answering"))
+            job.ready.set()
+            return
+        chunks = [(start, min(start + store.entry_tokens, len(save.tokens)))
+                  for start in range(save.base, len(save.tokens), store.entry_tokens)]
+        gathered: Any = None
+        if self.gpu is not None:
+            gathered = self.gpu.save(save.block_ids, chunks, after)
+        job.future = self._threads.submit(self._save, save, job, chunks, gathered)
+
+    def _save(self, save: SaveJob, job: _Job, chunks: list[tuple[int, int]], gathered: Any) -> None:
+        store = self._store()
+        try:
+            if gathered is not None:
+                views, event = gathered
+                event.synchronize()
+            else:
+                views = [self._gather(save.block_ids, start, stop) for start, stop in chunks]
+        except Exception as exc:  # a save that fails is a later miss, never a failed request
+            log.exception("kvswap: copying session %r out of its blocks failed", save.session)
+            self._report_save(save, job, Saved(None, f"gather failed: {exc}"))
+            return
+        finally:
+            job.ready.set()  # the blocks are no longer read
+        with self._lock:
+            if not job.abandoned:
+                self._writing[save.request_id] = (save, job)
+        spans = dict(zip(chunks, views))
+        stored = StoredState(entries=[(save.base, save.base_hash)] if save.base else [])
+        began = time.perf_counter()
+        try:
+            specs = store.write_blobs(save.session, stored, save.tokens, lambda a, b: spans[(a, b)])
+        except SwapError as exc:
+            self.health.down(store.stores[0].location)
+            self._report_save(save, job, Saved(None, str(exc)))
+            return
+        self.health.up(store.stores[0].location)
+        if not self._report_save(save, job, Saved(specs, nbytes=sum(s.size for s in specs),
+                                                  seconds=time.perf_counter() - began)):
+            store.delete_blobs(specs)  # too late: nothing will point at them
+
+    def _gather(self, block_ids: list[int], start: int, stop: int) -> torch.Tensor:
+        assert self.kv is not None
+        layout = self._store().layout
+        out = torch.empty(layout.span_shape(stop - start), dtype=layout.torch_dtype)
+        self.kv.gather(block_ids, start, stop, out)
+        return out
+
+    def _report_save(self, save: SaveJob, job: _Job, saved: Saved) -> bool:
+        """Report a save's outcome; False if it missed its deadline (reported as such already)."""
+        with self._lock:
+            self._writing.pop(save.request_id, None)
+            if job.abandoned:
+                return False
+            job.abandoned = True  # reported once
+            self._saved[save.request_id] = saved
+        if saved.specs is None:
+            log.warning("kvswap: session %r not saved (its next turn recomputes): %s", save.session, saved.reason)
+        return True
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _store(self) -> SessionStore:
+        if self.store is None:
+            raise KVSwapError("kvswap's worker has no KV registered yet")
+        return self.store
+
+    def _compute_done(self) -> Any:
+        """An event after the work queued so far on the compute stream (None on the CPU)."""
+        if self.gpu is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.gpu.device))
+        return event
+
+
+__all__ = ["StoreHealth", "WorkerSide"]
