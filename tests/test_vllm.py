@@ -204,19 +204,33 @@ def saves(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str,
 
 
 @pytest.mark.parametrize("engine", ["file"], indirect=True)
-def test_load_format_kvswap_boots_from_valkey_and_another_block_size_is_a_miss(
-        saves, engine, reference, tmp_path: Path) -> None:
+def test_load_format_kvswap_boots_from_valkey_and_continues_a_session_of_another_block_size(
+        saves, engine, smollm2: Path, reference, tmp_path: Path) -> None:
+    """An engine with 64-token blocks, booted from a Valkey save, continues a session stored
+    by an engine with 128-token blocks (stored KV is token-major: the block size is the
+    engine's business), and one stored under another name for the weights is a miss."""
+    from kvswap.integrations.vllm.identity import checkpoint_digest
+
     valkey, _, config = saves
     _, file_engine, _, connector = engine
-    converse(file_engine, "layout", turns=2)  # stored with 128-token blocks
-    driver = Driver({"model": str(config), "load": {"source": valkey}, "block_size": 64, "connector": connector},
+    converse(file_engine, "layout", turns=2)  # stored with 128-token blocks, weights named by their digest
+    converse(file_engine, "unnamed", turns=2)
+    same_weights = {**connector, "model_id": f"weights:{checkpoint_digest(smollm2)}"}  # the save holds them
+    driver = Driver({"model": str(config), "load": {"source": valkey}, "block_size": 64, "connector": same_weights},
                     tmp_path / "engine.log")
     try:
         third = driver.ask(op="chat", messages=history(reference, 3), session="layout", max_tokens=MAX_TOKENS)
         assert third["tokens"] == reference[2]["tokens"]  # the weights came whole from the Valkey save
-        assert third["cached"] == 0  # another block size is another layout: a miss, not misread KV
+        assert third["cached"] >= len(reference[1]["prompt"]) and third["kvswap"]["source"] == "store", third
         replies = converse(driver, None, turns=2)
         assert [r["tokens"] for r in replies] == [r["tokens"] for r in reference[:2]]
+    finally:
+        driver.close()
+    driver = Driver({"model": str(config), "load": {"source": valkey}, "connector": connector},
+                    tmp_path / "unnamed.log")
+    try:  # without model_id the save's weights are named by its checksums: not the checkpoint's digest
+        third = driver.ask(op="chat", messages=history(reference, 3), session="unnamed", max_tokens=MAX_TOKENS)
+        assert third["tokens"] == reference[2]["tokens"] and third["cached"] == 0
     finally:
         driver.close()
 

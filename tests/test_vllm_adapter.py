@@ -166,3 +166,44 @@ def test_vllm_cpu_cache_writer_round_trips() -> None:
     done = subprocess.run([str(vllm_python()), "-c", REAL_WRITER], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("ok") == 3, done.stdout
+
+
+def emulate_move(kv: PagedKV, stage: torch.Tensor, rows, to_pages: bool) -> None:
+    """What the GPU kernel (kvswap.integrations.vllm.gpu._move) does with a move table, in torch."""
+    width = kv.heads * kv.head_dim
+    table = torch.from_numpy(rows)
+    lanes = torch.arange(width)
+    for token in range(table.shape[1]):
+        block, slot, entry, length, index = (int(v) for v in table[:, token])
+        for plane in range(2 * kv.num_layers):
+            layer, which = divmod(plane, 2)
+            paged = kv.bases[layer] + block + kv.where[slot, which]
+            staged = entry + (plane * length + index) * width + lanes
+            if to_pages:
+                kv.storages[layer][paged] = stage[staged]
+            else:
+                stage[staged] = kv.storages[layer][paged]
+
+
+@pytest.mark.parametrize("writer", [paired_writer, split_writer, hnd_writer])
+def test_the_gpu_kernels_table_moves_each_token_of_each_entry(writer) -> None:
+    """The GPU path moves entries (staged one after another, each [layers, 2, n, heads * dim])
+    by a table of offsets: emulated here, it agrees with the CPU gather and scatter."""
+    tensors = caches(torch.float32, writer)
+    kv = register(tensors, writer)
+    block_ids = [7, 2, 9, 4]  # a request of entries 0-40, 40-70, 70-128
+    written = torch.randn(LAYERS, 2, 4 * BLOCK, HEADS, DIM)
+    kv.scatter(written, block_ids, 0)
+    # Gather entries 2 and 3 (a group), positions 50.. only, as a load would scatter them.
+    group = [(40, 30, 50, 70), (70, 4 * BLOCK - 70, 70, 4 * BLOCK)]
+    stage = torch.zeros(sum(n for _, n, _, _ in group) * LAYERS * 2 * HEADS * DIM)
+    emulate_move(kv, stage, kv.move_table(block_ids, group), to_pages=False)
+    first = stage[:30 * LAYERS * 2 * HEADS * DIM].view(LAYERS, 2, 30, HEADS, DIM)
+    second = stage[30 * LAYERS * 2 * HEADS * DIM:].view(LAYERS, 2, 4 * BLOCK - 70, HEADS, DIM)
+    assert torch.equal(first[:, :, 10:], written[:, :, 50:70]) and not first[:, :, :10].any()
+    assert torch.equal(second, written[:, :, 70:])
+    # And back, into other blocks: the CPU gather reads what the table wrote.
+    emulate_move(kv, stage, kv.move_table([1, 0, 3, 5], group), to_pages=True)
+    out = torch.empty(LAYERS, 2, 4 * BLOCK - 50, HEADS, DIM)
+    kv.gather([1, 0, 3, 5], 50, 4 * BLOCK, out)
+    assert torch.equal(out, written[:, :, 50:])

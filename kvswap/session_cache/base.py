@@ -66,9 +66,9 @@ class KVLayout:
     dtype: str  # torch dtype name without "torch.": "bfloat16", "float32", ...
     tp_rank: int = 0
     tp_size: int = 1
-    # The engine whose memory the KV was read from, when it matters (vLLM: version, attention
-    # backend, memory layout, block size): KV moved through another engine's layout is a miss.
-    # Empty for kvswap's own engine.
+    # A stored format other than kvswap's token-major one, when an engine needs it: KV of
+    # another format is a miss. Empty for kvswap's own engine and vLLM (both move token-major
+    # KV through what their own kernels write, so they share sessions).
     kv_format: str = ""
 
     @property

@@ -236,6 +236,10 @@ class SpanCache:
         self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int]]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._spans
+
     def get(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
         if not self.capacity:
             return None

@@ -51,10 +51,10 @@ class ConnectorConfig:
       fetched) rather than only whole entries;
     * ``recompute_when_faster`` (true): a fetch predicted to take longer than recomputing its
       tokens (from the bandwidths and prefill speed measured while serving) is not made;
-    * ``whole_blocks`` (false): reuse whole blocks only, as vLLM's own prefix cache does (up to
-      ``block_size - 1`` tokens more are computed each turn, and the entry they fall in is
-      written again), so that a turn computes exactly what it would after a prefix-cache hit:
-      the same tokens as vLLM with its prefix cache, bit for bit.
+    * ``whole_blocks`` (false): store and reuse whole blocks only, as vLLM's own prefix cache
+      does (up to ``block_size - 1`` tokens more are computed each turn), so that a turn
+      computes exactly what it would after a prefix-cache hit: the same tokens as vLLM with
+      its prefix cache, bit for bit.
     """
 
     meta: str

@@ -125,7 +125,8 @@ class KVSwapConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVSwapConnectorMetadata)
-        self._worker().start(meta)
+        # A step with no forward (vLLM's kv_connector_no_forward) has no attention metadata.
+        self._worker().start(meta, forward=getattr(forward_context, "attn_metadata", None) is not None)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads finish before their request is scheduled (asynchronous loads)

@@ -79,26 +79,25 @@ class GPUMover:
     def save(self, block_ids: Sequence[int], chunks: Sequence[tuple[int, int]],
              after: torch.cuda.Event) -> tuple[list[torch.Tensor], torch.cuda.Event]:
         """Gather positions of ``chunks`` ((start, stop) each) into pinned host tensors
-        ``[layers, 2, stop - start, heads, head_dim]``, after ``after``; returns them and the
-        event that tells when they hold the KV."""
-        total = sum(stop - start for start, stop in chunks)
-        host = torch.empty(total * self.token_elems, dtype=self.dtype, pin_memory=True)
-        views, offset = [], 0
-        for start, stop in chunks:
-            size = (stop - start) * self.token_elems
-            views.append(host[offset:offset + size].view(self.kv.num_layers, 2, stop - start, self.kv.heads,
-                                                         self.kv.head_dim))
-            offset += size
+        ``[layers, 2, stop - start, heads, head_dim]`` (one per chunk: entry-sized pinned
+        blocks, which the fetches' reads reuse), after ``after``; returns them and the event
+        that tells when they hold the KV."""
+        views = [torch.empty((self.kv.num_layers, 2, stop - start, self.kv.heads, self.kv.head_dim),
+                             dtype=self.dtype, pin_memory=True) for start, stop in chunks]
         placed = [(start, stop - start, start, stop) for start, stop in chunks]
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(after)
-            offset = 0
+            index = 0
             for group in self._groups(placed):
                 elems = sum(n for _, n, _, _ in group) * self.token_elems
                 stage = torch.empty(elems, dtype=self.dtype, device=self.device)
                 self._launch(stage, block_ids, group, to_pages=False)
-                host[offset:offset + elems].copy_(stage, non_blocking=True)
-                offset += elems
+                at = 0
+                for _, length, _, _ in group:
+                    size = length * self.token_elems
+                    views[index].view(-1).copy_(stage[at:at + size], non_blocking=True)
+                    at += size
+                    index += 1
             done = torch.cuda.Event()
             done.record(self.stream)
         return views, done
@@ -142,20 +141,12 @@ class GPUMover:
                 *, to_pages: bool) -> None:
         """One kernel moving positions ``low..high-1`` of each entry of ``group`` between the
         blocks and ``stage`` (the group's entries one after another)."""
-        kv = self.kv
-        ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
-        parts, at = [], 0
-        for offset, length, low, high in group:
-            positions = torch.arange(low, high, dtype=torch.int64)
-            parts.append(torch.stack([ids[positions // kv.block_size] * kv.block_stride, positions % kv.block_size,
-                                      torch.full_like(positions, at), torch.full_like(positions, length),
-                                      positions - offset]))
-            at += length * self.token_elems
-        rows = torch.cat(parts, dim=1)
+        rows = self.kv.move_table(block_ids, group)
         count = rows.shape[1]
         if not count:
             return
-        table = rows.pin_memory().to(self.device, non_blocking=True)
+        table = torch.from_numpy(rows).pin_memory().to(self.device, non_blocking=True)
+        kv = self.kv
         block = triton.next_power_of_2(self.width)
         _move[(count, 2 * kv.num_layers)](self.layers, stage, self.where, table, count, WIDTH=self.width,
                                           BLOCK=block, TO_PAGES=to_pages, num_warps=4 if block >= 512 else 2)

@@ -29,8 +29,7 @@ from kvswap.meta import Entry, EntrySpec
 @dataclasses.dataclass
 class FetchJob:
     """Read ``entries`` of ``session`` for tokens ``start..end-1`` of a request whose tokens
-    are ``tokens``; give up after ``seconds``. ``recompute_seconds`` is what recomputing those
-    tokens is predicted to cost: a fetch predicted to take longer is not started (None: fetch)."""
+    are ``tokens``; give up after ``seconds``."""
 
     request_id: str
     session: str
@@ -39,7 +38,6 @@ class FetchJob:
     end: int
     tokens: list[int]
     seconds: float
-    recompute_seconds: float | None = None
 
 
 @dataclasses.dataclass
@@ -73,6 +71,7 @@ class KVSwapConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = dataclasses.field(default_factory=list)
     saves: list[SaveJob] = dataclasses.field(default_factory=list)
     releases: list[str] = dataclasses.field(default_factory=list)
+    step_tokens: int = 0  # the tokens this step computes (the worker times them: the prefill speed)
 
 
 @dataclasses.dataclass

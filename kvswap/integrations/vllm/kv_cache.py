@@ -142,6 +142,29 @@ class PagedKV:
         blocks = table[positions // self.block_size].to(self.device)
         return blocks[:, None, None] * self.block_stride + self.where[(positions % self.block_size).to(self.device)]
 
+    def move_table(self, block_ids: Sequence[int], group: Sequence[tuple[int, int, int, int]]) -> Any:
+        """What the GPU kernel (:mod:`.gpu`) reads to move positions ``low..high-1`` of each
+        entry ``(offset, length, low, high)`` of ``group`` (entries staged one after another,
+        each ``[layers, 2, length, heads * head_dim]``): rows of the block's element offset, the
+        slot, the token's entry's first staged element, that entry's length, the token's index
+        in it; one column per position (a numpy ``[5, positions]`` int64 array)."""
+        import numpy
+
+        ids = numpy.asarray(block_ids, dtype=numpy.int64)
+        spans = numpy.asarray([(offset, length, high - low) for offset, length, low, high in group],
+                              dtype=numpy.int64).reshape(-1, 3)
+        positions = numpy.concatenate([numpy.arange(low, high, dtype=numpy.int64) for _, _, low, high in group]
+                                      or [numpy.empty(0, dtype=numpy.int64)])
+        token_elems = self.num_layers * 2 * self.heads * self.head_dim
+        starts = numpy.concatenate([[0], numpy.cumsum(spans[:-1, 1])]).astype(numpy.int64) * token_elems
+        rows = numpy.empty((5, len(positions)), dtype=numpy.int64)
+        rows[0] = ids[positions // self.block_size] * self.block_stride
+        rows[1] = positions % self.block_size
+        rows[2] = numpy.repeat(starts, spans[:, 2])
+        rows[3] = numpy.repeat(spans[:, 1], spans[:, 2])
+        rows[4] = positions - numpy.repeat(spans[:, 0], spans[:, 2])
+        return rows
+
     def _pieces(self, start: int, stop: int) -> list[tuple[int, int, bool]]:
         """``start..stop`` cut at block bounds: (from, to, whole blocks?) pieces; whole blocks
         move as pages through one permutation, the partial ends element by element."""

@@ -104,7 +104,6 @@ class SchedulerSide:
         self._saves_lock = threading.Lock()
         self._meta_down_until = 0.0
         self._next = KVSwapConnectorMetadata()
-        self._rate = PrefillRate()
 
     @property
     def store(self) -> SessionStore:
@@ -161,9 +160,8 @@ class SchedulerSide:
             nbytes = sum(entry.size for entry, _ in plan.entries if entry.token_end > num_computed)
             seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
             state.deadline = now + seconds + REPORT_SLACK
-            recompute = self._rate.seconds(reusable - num_computed) if self.config.recompute_when_faster else None
             self._next.fetches.append(FetchJob(request_id, state.session, [entry for entry, _ in plan.entries],
-                                               num_computed, reusable, state.tokens[:reusable], seconds, recompute))
+                                               num_computed, reusable, state.tokens[:reusable], seconds))
             return None, False
         if state.phase == "fetch":
             if state.fetched is None:
@@ -262,7 +260,7 @@ class SchedulerSide:
         if plan is None or time.monotonic() < self._meta_down_until:
             return False, report  # nothing is known to build on, or meta cannot take it
         tokens = list(request.all_token_ids)
-        computed = min(int(request.num_computed_tokens), len(tokens) - 1)  # the last token's KV never was
+        computed = self._aligned(min(int(request.num_computed_tokens), len(tokens) - 1))  # the last token's: never
         # What this turn builds on: the entries it loaded (its own KV beyond them is what it
         # computed), or, when it loaded nothing, those meta holds for its tokens, minus any found damaged.
         damaged = state.fetched.damaged_at if state.fetched is not None else None
@@ -323,10 +321,10 @@ class SchedulerSide:
     # ---- each step ------------------------------------------------------------------------------
 
     def build_meta(self, scheduler_output: Any) -> KVSwapConnectorMetadata:
-        self._rate.observe(scheduler_output)
         meta, self._next = self._next, KVSwapConnectorMetadata()
+        meta.step_tokens = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
         if not getattr(scheduler_output, "total_num_scheduled_tokens", 1) and (self._requests or self._saves):
-            time.sleep(0.001)  # an idle engine spins while kvswap's jobs run: let their threads have the GIL
+            time.sleep(0.0005)  # an idle engine spins while kvswap's jobs run: let their threads have the GIL
         return meta
 
     def worker_output(self, worker_meta: Any) -> None:
@@ -358,26 +356,3 @@ def record_op(op: str, session: str, tokens: int, nbytes: int, seconds: float, *
 
 
 _RECORD_LOCK = threading.Lock()
-
-
-class PrefillRate:
-    """Tokens per second the engine prefills, measured from the steps it schedules: the
-    time between two steps of at least :data:`MIN_TOKENS` scheduled tokens."""
-
-    MIN_TOKENS = 256
-
-    def __init__(self) -> None:
-        self.rate: float | None = None
-        self._last: tuple[float, int] | None = None
-
-    def observe(self, scheduler_output: Any) -> None:
-        now = time.monotonic()
-        tokens = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
-        if self._last is not None and self._last[1] >= self.MIN_TOKENS:
-            rate = self._last[1] / max(now - self._last[0], 1e-6)
-            self.rate = rate if self.rate is None else max(rate, 0.8 * self.rate + 0.2 * rate)
-        self._last = (now, tokens)
-
-    def seconds(self, tokens: int) -> float | None:
-        """Predicted seconds to recompute ``tokens`` (None before a prefill was seen)."""
-        return tokens / self.rate if self.rate else None

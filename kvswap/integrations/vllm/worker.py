@@ -49,6 +49,17 @@ log = logging.getLogger("vllm.kvswap")
 
 #: Fetched KV not loaded or released within this many seconds is dropped (a lost release).
 HOLD_SECONDS = 300.0
+#: A store whose bandwidth was last measured longer ago than this (seconds) is read again in
+#: the background when a fetch from it is skipped as slower than recomputing (a slow first read
+#: must not keep it skipped for good); the probe reads at most PROBE_BYTES.
+PROBE_AFTER, PROBE_BYTES = 30.0, 256 << 20
+#: Steps of at least this many tokens are timed: the engine's prefill speed, what a fetch is weighed against.
+TIMED_TOKENS = 512
+#: Pinned host memory taken and given back at start, in entry-sized blocks that reads and
+#: saves reuse (pinning is slow: the first fetch must not pay for it).
+WARM_PINNED_BYTES = 2 << 30
+#: How long a step with no forward waits for a load's copies to finish (seconds).
+IDLE_WAIT = 0.002
 
 
 @dataclasses.dataclass
@@ -114,6 +125,10 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._received: set[str] = set()
         self._sent: set[str] = set()
+        self._rates: dict[str, tuple[float, float]] = {}  # store -> (bytes per second of recent fetches, when)
+        self._probing: set[str] = set()
+        self.clock = ForwardClock()
+        self._idle = False  # this step runs no forward
 
     # ---- registration ---------------------------------------------------------------------------
 
@@ -131,14 +146,18 @@ class WorkerSide:
             from kvswap.integrations.vllm.gpu import GPUMover
 
             self.gpu = GPUMover(self.kv)
+            self._threads.submit(_warm_pinned, self.config.entry_bytes, WARM_PINNED_BYTES)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
 
     # ---- each step ------------------------------------------------------------------------------
 
-    def start(self, meta: KVSwapConnectorMetadata) -> None:
-        """Start this step's jobs (vLLM's ``start_load_kv``, before the step's forward)."""
+    def start(self, meta: KVSwapConnectorMetadata, forward: bool = True) -> None:
+        """Start this step's jobs (vLLM's ``start_load_kv``, before the step's forward;
+        ``forward``: whether the step runs one)."""
+        self._idle = not forward
+        self.clock.start(meta.step_tokens if forward else 0, self.gpu is not None)
         after = self._compute_done() if (meta.loads or meta.saves) else None
         with self._lock:
             for request_id in meta.releases:
@@ -156,6 +175,9 @@ class WorkerSide:
     def finished(self) -> tuple[set[str] | None, set[str] | None]:
         """(saves whose blocks may be freed, loads done) since the last call; jobs past their
         deadline are reported failed here."""
+        self.clock.stop()
+        if self._idle and self.gpu is not None:
+            self._wait_for_loads(IDLE_WAIT)
         now = time.monotonic()
         with self._lock:
             for request_id, job in list(self._fetches.items()):
@@ -216,6 +238,10 @@ class WorkerSide:
         job = _Job(fetch.request_id, time.monotonic() + fetch.seconds)
         with self._lock:
             self._fetches[fetch.request_id] = job
+        spans = self._store().spans
+        if all(entry.key in spans for entry in fetch.entries if entry.token_end > fetch.start):
+            self._fetch(fetch, job)  # all in the host tier: no I/O, answered in this very step
+            return
         job.future = self._threads.submit(self._fetch, fetch, job)
 
     def _fetch(self, fetch: FetchJob, job: _Job) -> None:
@@ -236,7 +262,7 @@ class WorkerSide:
         job.locations = tuple(locations)
         if any(self.health.is_down(location) for location in locations):
             return [], Fetched(fetch.start, reason="store not answering")
-        if fetch.recompute_seconds is not None and self._slower(plan.entries, fetch.recompute_seconds):
+        if self.config.recompute_when_faster and self._slower(fetch, plan.entries):
             return [], Fetched(fetch.start, reason="slower than recompute")
         spans: list[Span] = []
         began = time.perf_counter()
@@ -252,6 +278,7 @@ class WorkerSide:
             log.warning("kvswap: fetching session %r stopped at token %d: %s", fetch.session, end, exc)
             plan.failure = plan.failure or exc
         seconds = time.perf_counter() - began
+        self._measured(locations, sum(s.entry.size for s in spans if not s.cached), seconds)
         if plan.failure is not None and plan.damaged_at is None:
             for location in locations:
                 self.health.down(location)
@@ -266,19 +293,76 @@ class WorkerSide:
                               reason=str(plan.failure or ""), nbytes=sum(s.entry.size for s in spans if not s.cached),
                               seconds=seconds)
 
-    def _slower(self, planned: list[Any], recompute_seconds: float) -> bool:
-        """Whether reading ``planned`` entries not in the host tier is predicted to take
-        longer than ``recompute_seconds`` (each store's bandwidth as measured so far)."""
+    def _slower(self, fetch: FetchJob, planned: list[Any]) -> bool:
+        """Whether reading the planned entries not in the host tier is predicted to take longer
+        than recomputing the fetch's tokens (each store's recent fetch bandwidth against the
+        engine's measured prefill speed); then a store not measured lately is probed in the
+        background, so that a slow measurement does not keep it skipped for good."""
+        per_token = self.clock.seconds_per_token
+        if per_token is None:
+            return False
         store = self._store()
-        seconds = 0.0
+        seconds, waiting = 0.0, []
         for entry, tier in planned:
-            if store.spans.get(entry.key) is not None:
+            if entry.token_end <= fetch.start or entry.key in store.spans:
                 continue
-            bandwidth = tier.read_bandwidth
-            if bandwidth is None:
+            rate = self._rates.get(tier.location)
+            if rate is None:
                 return False
-            seconds += entry.size / bandwidth
-        return seconds > recompute_seconds
+            seconds += entry.size / rate[0]
+            waiting.append((entry, tier))
+        if seconds <= (fetch.end - fetch.start) * per_token:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            stale = {t.location for _, t in waiting if now - self._rates[t.location][1] > PROBE_AFTER} - self._probing
+            self._probing |= stale
+        if stale:
+            self._threads.submit(self._probe, fetch.session, [(e, t) for e, t in waiting if t.location in stale])
+        return True
+
+    def _probe(self, session: str, planned: list[Any]) -> None:
+        """Read up to PROBE_BYTES of ``planned`` entries (nobody waits for them) to measure
+        their stores again."""
+        store = self._store()
+        entries, total = [], 0
+        for entry, _ in planned:
+            if total and total + entry.size > PROBE_BYTES:
+                break
+            entries.append(entry)
+            total += entry.size
+        locations = {tier.location for _, tier in planned}
+        began = time.perf_counter()
+        try:
+            spans = list(store.read(session, store.plan_of(entries), None))
+            self._measured(locations, sum(span.entry.size for span in spans if not span.cached),
+                           time.perf_counter() - began)
+        except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
+            log.info("kvswap: probing %s failed: %s", sorted(locations), exc)
+        finally:
+            with self._lock:
+                self._probing -= locations
+
+    def _measured(self, locations: set[str], nbytes: int, seconds: float) -> None:
+        """A read of ``nbytes`` from ``locations`` took ``seconds``: their bandwidth (a moving average)."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        rate, now = nbytes / seconds, time.monotonic()
+        with self._lock:
+            for location in locations:
+                old = self._rates.get(location)
+                self._rates[location] = (rate if old is None else 0.5 * old[0] + 0.5 * rate, now)
+
+    def _wait_for_loads(self, timeout: float) -> None:
+        """A step with no forward: wait up to ``timeout`` for the GPU loads in flight, so the
+        one that finishes is reported now rather than a spin of the engine loop later."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            events = [job.event for job in self._loads.values() if job.event is not None]
+        while events and time.monotonic() < deadline:
+            if any(event.query() for event in events):
+                return
+            time.sleep(0.0001)
 
     # ---- loads ----------------------------------------------------------------------------------
 
@@ -403,6 +487,53 @@ class WorkerSide:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.gpu.device))
         return event
+
+
+class ForwardClock:
+    """The engine's prefill speed: the time of steps that compute at least TIMED_TOKENS
+    tokens (on a GPU by CUDA events around the step's forward; on the CPU, whose forward runs
+    between ``start_load_kv`` and ``get_finished``, by the wall clock), per token."""
+
+    def __init__(self) -> None:
+        self.seconds_per_token: float | None = None
+        self._pending: list[tuple[Any, Any, int]] = []  # CUDA events of timed steps not yet done
+        self._began: tuple[Any, int] | None = None
+
+    def start(self, tokens: int, cuda: bool) -> None:
+        self._began = None
+        if tokens < TIMED_TOKENS:
+            return
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._began = (event, tokens)
+        else:
+            self._began = (time.perf_counter(), tokens)
+
+    def stop(self) -> None:
+        if self._began is not None:
+            began, tokens = self._began
+            self._began = None
+            if isinstance(began, float):
+                self._add((time.perf_counter() - began) / tokens)
+            else:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((began, end, tokens))
+        while self._pending and self._pending[0][1].query():
+            began, end, tokens = self._pending.pop(0)
+            self._add(began.elapsed_time(end) / 1e3 / tokens)
+
+    def _add(self, per_token: float) -> None:
+        old = self.seconds_per_token
+        self.seconds_per_token = per_token if old is None else 0.5 * old + 0.5 * per_token
+
+
+def _warm_pinned(block_bytes: int, total: int) -> None:
+    """Take pinned host memory in blocks of ``block_bytes`` up to ``total``, and give it back
+    to PyTorch's pinned-memory cache, where reads and saves of entries find it."""
+    blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(total // block_bytes)]
+    del blocks
 
 
 __all__ = ["StoreHealth", "WorkerSide"]
