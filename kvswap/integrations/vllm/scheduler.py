@@ -309,8 +309,16 @@ class SchedulerSide:
             self._saves.pop(request_id, None)
 
     def _saving(self, session: str, now: float) -> bool:
+        """Whether a save of ``session`` is in flight (within its deadline); saves whose report
+        never came by their deadline are forgotten here (counted as not written)."""
         with self._saves_lock:
-            return any(s.session == session and now < s.deadline for s in self._saves.values())
+            late = [r for r, s in self._saves.items() if not s.committing and now >= s.deadline]
+            for request_id in late:
+                del self._saves[request_id]
+            saving = any(s.session == session and now < s.deadline for s in self._saves.values())
+        for _ in late:
+            self.counters.add("saves", "timed out")
+        return saving
 
     def writing(self) -> bool:
         """Whether a worker is still writing a save: vLLM must keep stepping to hear of it."""
