@@ -207,3 +207,35 @@ def test_the_gpu_kernels_table_moves_each_token_of_each_entry(writer) -> None:
     out = torch.empty(LAYERS, 2, 4 * BLOCK - 50, HEADS, DIM)
     kv.gather([1, 0, 3, 5], 50, 4 * BLOCK, out)
     assert torch.equal(out, written[:, :, 50:])
+
+
+def test_store_health_pauses_a_store_then_tries_it_again() -> None:
+    import time
+
+    from kvswap.integrations.vllm.pacing import StoreHealth
+
+    health = StoreHealth(pause=0.2)
+    assert not health.is_down("valkey://a")
+    health.down("valkey://a")
+    assert health.is_down("valkey://a") and not health.is_down("valkey://b")
+    time.sleep(0.25)
+    assert not health.is_down("valkey://a")  # tried again after the pause
+    health.down("valkey://a")
+    health.up("valkey://a")  # it answered
+    assert not health.is_down("valkey://a")
+
+
+def test_forward_clock_times_large_steps_only() -> None:
+    import time
+
+    from kvswap.integrations.vllm.pacing import TIMED_TOKENS, ForwardClock
+
+    clock = ForwardClock()
+    clock.start(TIMED_TOKENS - 1, cuda=False)  # a decode step: not a prefill speed
+    time.sleep(0.01)
+    clock.stop()
+    assert clock.seconds_per_token is None
+    clock.start(1000, cuda=False)
+    time.sleep(0.02)
+    clock.stop()
+    assert clock.seconds_per_token is not None and 1.5e-5 < clock.seconds_per_token < 2e-4

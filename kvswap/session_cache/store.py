@@ -34,7 +34,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from kvswap.errors import (
     AlreadyExistsError,
@@ -56,6 +56,7 @@ from kvswap.session_cache.base import (
     common_prefix,
     root_hash,
 )
+from kvswap.session_cache.commit import CommitOutcome, commit
 from kvswap.session_cache.tiers import Plan, Span, SpanCache, StoredState, StoreTier
 
 if TYPE_CHECKING:
@@ -73,12 +74,6 @@ DAMAGE = (IntegrityError, NotFoundError, InvalidKeyError)
 #: large entries are read (their chunks in parallel) about one after another, so the first
 #: is ready early and its copy to the device overlaps the reads of the rest.
 READ_AHEAD_BYTES = 512 << 20
-
-#: How often a commit reads meta again after losing a compare-and-swap before it gives up.
-COMMIT_ATTEMPTS = 4
-
-#: What :meth:`SessionStore.commit` did: appended; found it all stored already; found another history.
-CommitOutcome = Literal["saved", "stored", "diverged"]
 
 
 class SessionStore:
@@ -223,7 +218,7 @@ class SessionStore:
                 return plan
         previous, position = root_hash(self.fingerprint), 0
         for entry in entries:
-            if not _well_formed(entry, position):
+            if not well_formed(entry, position):
                 log.warning("session %r: a malformed entry at token %d; dropping it and what follows",
                             session_id, position)
                 self.drop_from(session_id, stored, position)
@@ -261,19 +256,6 @@ class SessionStore:
                 break
             planned.append((entry, tiers[entry.connector]))
         return Plan(None, planned, planned[-1][0].token_end if planned else 0, False, stored or StoredState())
-
-    def probe(self, plan: Plan, tokens: Sequence[int]) -> int:
-        """How many of ``tokens`` a plan can give back, reading the token ids (a small ranged
-        read) of a partial entry: an upper bound that :meth:`read` verifies. 0 extra if the
-        read fails (it is only a guess; the load decides)."""
-        if not plan.partial:
-            return plan.matched
-        entry, store = plan.entries[-1]
-        try:
-            stored_tokens = store.read_tokens(entry)
-        except KVSwapError:
-            return plan.matched
-        return entry.token_offset + common_prefix(stored_tokens, tokens[entry.token_offset:entry.token_end])
 
     def read(self, session_id: str, plan: Plan, tokens: Sequence[int] | None, *, limit: int | None = None,
              start: int = 0, pin: bool = False) -> Iterator[Span]:
@@ -419,95 +401,11 @@ class SessionStore:
     def commit(self, session_id: str, stored: StoredState, tokens: Sequence[int],
                specs: Sequence[EntrySpec]) -> CommitOutcome:
         """The meta half of a write: append ``specs`` (blobs :meth:`write_blobs` wrote for
-        ``tokens``) after ``stored``, one compare-and-swap each, and update ``stored``.
-
-        When meta moved since ``stored`` was read (another instance saved a turn of the session,
-        or damaged entries were dropped), it is read again: what it holds that agrees with
-        ``tokens`` is kept, and what ``specs`` add beyond it is appended (where the stored
-        history ends inside one of our entries, the stored tail is replaced by ours, which
-        covers it). Returns "saved"; "stored" when meta already held all of it; "diverged"
-        when meta holds another history (another turn of the session won): then nothing is
-        appended. Blobs not appended are deleted. SwapError if meta failed."""
-        pending = list(specs)
-        in_flight: EntrySpec | None = None
-        try:
-            for _ in range(COMMIT_ATTEMPTS):
-                try:
-                    self._prepare_meta(session_id, stored)
-                    while pending:
-                        assert stored.version is not None  # _prepare_meta made the session
-                        in_flight = pending[0]
-                        session, _ = self.meta.append(session_id, stored.version, in_flight)
-                        in_flight = None
-                        spec = pending.pop(0)
-                        stored.version, stored.meta_total = session.version, session.total_tokens
-                        stored.entries.append((spec.token_end, spec.prefix_hash))
-                    return "saved"
-                except (VersionConflictError, AlreadyExistsError):
-                    in_flight = None  # a conflict appended nothing
-                    outcome, pending = self._rebase(session_id, stored, tokens, pending)
-                    if outcome is not None:
-                        return outcome
-            raise VersionConflictError(f"session {session_id!r} kept changing under {COMMIT_ATTEMPTS} commits")
-        except KVSwapError as exc:
-            # A failure other than a conflict may have landed unseen: gc keeps that blob.
-            pending = [spec for spec in pending if spec is not in_flight]
-            raise SwapError(f"could not record session {session_id!r} in meta: {exc}") from exc
-        finally:
-            self._delete_keys(self.stores[0], [spec.key for spec in pending])
-
-    def _rebase(self, session_id: str, stored: StoredState, tokens: Sequence[int],
-                pending: list[EntrySpec]) -> tuple[CommitOutcome | None, list[EntrySpec]]:
-        """After a conflict: read meta again and set ``stored`` to what of it agrees with
-        ``tokens``, up to where ``pending`` can follow. Returns (an outcome, when there is
-        nothing left to append; None to try again) and the specs still to append."""
-        if not pending:
-            return "stored", pending
-        try:
-            record, entries = self.meta.read(session_id)
-        except NotFoundError:
-            record, entries = None, []  # deleted meanwhile: ours may start it anew
-        fresh = self.state_of(record)
-        previous = root_hash(self.fingerprint)
-        if fresh.fingerprint_ok:
-            for entry in entries:
-                if not _well_formed(entry, fresh.tokens) or entry.token_end > len(tokens):
-                    break
-                following = chain_hash(previous, tokens[entry.token_offset:entry.token_end])
-                if following != entry.prefix_hash:
-                    return "diverged", pending
-                fresh.entries.append((entry.token_end, following))
-                previous = following
-        end = pending[-1].token_end
-        if record is not None and fresh.fingerprint_ok and record.total_tokens >= end:
-            return "stored", pending  # nothing of ours is new (or the rest is another turn's, longer)
-        starts = {spec.token_offset: index for index, spec in enumerate(pending)}
-        while fresh.entries and fresh.tokens not in starts:
-            fresh.entries.pop()  # the stored tail ends inside one of our entries: ours replace it
-        if fresh.tokens not in starts:
-            return "diverged", pending  # no stored boundary ours can follow
-        first = starts[fresh.tokens]
-        self._delete_keys(self.stores[0], [spec.key for spec in pending[:first]])
-        stored.version, stored.meta_total, stored.fingerprint_ok = fresh.version, fresh.meta_total, fresh.fingerprint_ok
-        stored.entries = fresh.entries
-        return None, pending[first:]
-
-    def _prepare_meta(self, session_id: str, stored: StoredState) -> None:
-        """Make the meta record ready for an append at ``stored.tokens``: create it, adopt it,
-        or truncate entries beyond the history we kept."""
-        if stored.version is None:  # AlreadyExistsError: another instance made it meanwhile (commit rebases)
-            session = self.meta.create(session_id, self.fingerprint, ttl=self.session_ttl)
-            stored.version, stored.meta_total, stored.entries = session.version, 0, []
-        if not stored.fingerprint_ok:
-            session = self.meta.update(session_id, stored.version, fingerprint=self.fingerprint)
-            session, removed = self.meta.truncate(session_id, session.version, 0)
-            self.delete_blobs(removed)
-            stored.version, stored.meta_total, stored.entries, stored.fingerprint_ok = session.version, 0, [], True
-        if stored.meta_total > stored.tokens:
-            session, removed = self.meta.truncate(session_id, stored.version, stored.tokens)
-            self.delete_blobs(removed)
-            stored.version, stored.meta_total = session.version, session.total_tokens
-            stored.keep_up_to(session.total_tokens)
+        ``tokens``) after ``stored``, one compare-and-swap each, and update ``stored``; when meta
+        moved since ``stored`` was read, rebase on it (:func:`~kvswap.session_cache.commit.commit`).
+        Returns "saved", "stored" (meta already held all of it) or "diverged" (another history
+        won: nothing appended). Blobs not appended are deleted. SwapError if meta failed."""
+        return commit(self, session_id, stored, tokens, specs)
 
     # ---- deleting -----------------------------------------------------------------------------
 
@@ -583,7 +481,7 @@ def entry_tokens_within(entry_bytes: int, layout: KVLayout, minimum: int = 1) ->
     return max(minimum, (entry_bytes - 1) // (layout.token_bytes + 4))
 
 
-def _well_formed(entry: Entry, position: int) -> bool:
+def well_formed(entry: Entry, position: int) -> bool:
     """An entry meta handed back is usable: typed fields, contiguous with what precedes it."""
     return (type(entry.token_offset) is int and type(entry.token_length) is int and type(entry.size) is int
             and entry.token_offset == position and entry.token_length > 0 and entry.size > 0

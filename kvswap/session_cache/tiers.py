@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from kvswap.blob import DTYPE_NAMES, BlobHeader, read_blob, read_header, write_blob
+from kvswap.blob import DTYPE_NAMES, BlobHeader, read_blob, write_blob
 from kvswap.errors import ConfigError, IntegrityError
 from kvswap.session_cache.base import KVLayout, token_bytes
 from kvswap.uri import URI
@@ -186,19 +186,6 @@ class StoreTier:
         self.read_seconds += time.perf_counter() - began
         self.read_bytes += blob.header.total_size
         return blob.tensors["kv"], blob.tensors["tokens"].tolist()
-
-    def read_tokens(self, entry: Entry) -> list[int]:
-        """The token ids an entry's blob holds (header checked against the entry; the bytes
-        are NOT verified: a guess for planning, which :meth:`read` confirms)."""
-        import numpy as np
-
-        header = read_header(self.connector, entry.key)
-        self._check_header(entry, header)
-        spec = header.tensors["tokens"]
-        data = self.connector.get(entry.key, offset=header.data_offset + spec.start, length=spec.end - spec.start)
-        if len(data) != spec.end - spec.start:
-            raise IntegrityError(f"{entry.key!r} is truncated inside its token ids")
-        return np.frombuffer(data, dtype="<i4").tolist()
 
     def _check_header(self, entry: Entry, header: BlobHeader) -> None:
         meta = header.metadata

@@ -41,6 +41,7 @@ from kvswap.integrations.vllm.jobs import (
     SaveJob,
 )
 from kvswap.integrations.vllm.kv_cache import PagedKV, layer_writer
+from kvswap.integrations.vllm.pacing import WARM_PINNED_BYTES, ForwardClock, StoreHealth, warm_pinned
 from kvswap.session_cache.base import SwapError
 from kvswap.session_cache.store import SessionStore, entry_tokens_within
 from kvswap.session_cache.tiers import Span, StoredState
@@ -53,11 +54,6 @@ HOLD_SECONDS = 300.0
 #: the background when a fetch from it is skipped as slower than recomputing (a slow first read
 #: must not keep it skipped for good); the probe reads at most PROBE_BYTES.
 PROBE_AFTER, PROBE_BYTES = 30.0, 256 << 20
-#: Steps of at least this many tokens are timed: the engine's prefill speed, what a fetch is weighed against.
-TIMED_TOKENS = 512
-#: Pinned host memory taken and given back at start, in entry-sized blocks that reads and
-#: saves reuse (pinning is slow: the first fetch must not pay for it).
-WARM_PINNED_BYTES = 2 << 30
 #: How long a step with no forward waits for a load's copies to finish (seconds).
 IDLE_WAIT = 0.002
 
@@ -74,32 +70,6 @@ class _Job:
     locations: tuple[str, ...] = ()  # the stores it waits on
     event: Any = None  # a GPU load: done when this CUDA event is
     keep: Any = None  # what must live until then (the host spans a GPU load copies from)
-
-
-class StoreHealth:
-    """Stores that failed recently are not asked again until ``pause`` seconds have passed
-    (then one job tries; it fails again or they are back)."""
-
-    def __init__(self, pause: float) -> None:
-        self.pause = pause
-        self._down: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def down(self, location: str) -> None:
-        with self._lock:
-            if location not in self._down:
-                log.warning("kvswap: store %s is not answering; served as misses for %.0f s", location, self.pause)
-            self._down[location] = time.monotonic() + self.pause
-
-    def up(self, location: str) -> None:
-        with self._lock:
-            if self._down.pop(location, None) is not None:
-                log.info("kvswap: store %s answers again", location)
-
-    def is_down(self, location: str) -> bool:
-        with self._lock:
-            until = self._down.get(location)
-            return until is not None and time.monotonic() < until
 
 
 class WorkerSide:
@@ -146,7 +116,7 @@ class WorkerSide:
             from kvswap.integrations.vllm.gpu import GPUMover
 
             self.gpu = GPUMover(self.kv)
-            self._threads.submit(_warm_pinned, self.config.entry_bytes, WARM_PINNED_BYTES)
+            self._threads.submit(warm_pinned, self.config.entry_bytes, WARM_PINNED_BYTES)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
@@ -489,51 +459,4 @@ class WorkerSide:
         return event
 
 
-class ForwardClock:
-    """The engine's prefill speed: the time of steps that compute at least TIMED_TOKENS
-    tokens (on a GPU by CUDA events around the step's forward; on the CPU, whose forward runs
-    between ``start_load_kv`` and ``get_finished``, by the wall clock), per token."""
-
-    def __init__(self) -> None:
-        self.seconds_per_token: float | None = None
-        self._pending: list[tuple[Any, Any, int]] = []  # CUDA events of timed steps not yet done
-        self._began: tuple[Any, int] | None = None
-
-    def start(self, tokens: int, cuda: bool) -> None:
-        self._began = None
-        if tokens < TIMED_TOKENS:
-            return
-        if cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._began = (event, tokens)
-        else:
-            self._began = (time.perf_counter(), tokens)
-
-    def stop(self) -> None:
-        if self._began is not None:
-            began, tokens = self._began
-            self._began = None
-            if isinstance(began, float):
-                self._add((time.perf_counter() - began) / tokens)
-            else:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-                self._pending.append((began, end, tokens))
-        while self._pending and self._pending[0][1].query():
-            began, end, tokens = self._pending.pop(0)
-            self._add(began.elapsed_time(end) / 1e3 / tokens)
-
-    def _add(self, per_token: float) -> None:
-        old = self.seconds_per_token
-        self.seconds_per_token = per_token if old is None else 0.5 * old + 0.5 * per_token
-
-
-def _warm_pinned(block_bytes: int, total: int) -> None:
-    """Take pinned host memory in blocks of ``block_bytes`` up to ``total``, and give it back
-    to PyTorch's pinned-memory cache, where reads and saves of entries find it."""
-    blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(total // block_bytes)]
-    del blocks
-
-
-__all__ = ["StoreHealth", "WorkerSide"]
+__all__ = ["WorkerSide"]
