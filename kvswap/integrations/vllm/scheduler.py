@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from kvswap.connectors import open_connector
-from kvswap.errors import KVSwapError
+from kvswap.errors import KVSwapError, NotFoundError
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
 from kvswap.integrations.vllm.jobs import (
     Fetched,
@@ -49,6 +49,7 @@ from kvswap.integrations.vllm.stats import Counters
 from kvswap.meta import open_meta_store
 from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import Plan, StoredState
+from kvswap.uri import URI
 
 log = logging.getLogger("vllm.kvswap")
 
@@ -96,6 +97,9 @@ class SchedulerSide:
         self.config = config
         self.block_size = block_size
         self.counters = Counters()
+        self.layout = kv_layout(vllm_config, config)  # the weights' digest is hashed here, at start, if need be
+        for uri in (config.meta, *config.stores):
+            URI.parse(uri)  # a malformed URI fails the engine's start, not its first request
         self._store: SessionStore | None = None
         self._store_lock = threading.Lock()
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvswap-meta")
@@ -104,19 +108,28 @@ class SchedulerSide:
         self._saves_lock = threading.Lock()
         self._meta_down_until = 0.0
         self._next = KVSwapConnectorMetadata()
+        self._threads.submit(self._open_quietly)  # meta and stores open off the scheduler's thread
 
     @property
     def store(self) -> SessionStore:
-        """The session-store core over meta (and the stores, for their locations), opened on first use."""
+        """The session-store core over meta (and the stores, for their locations). Opened on
+        its own thread at start; called only from kvswap's threads, which wait for it (or open
+        it again when the first try failed: meta down at start)."""
         with self._store_lock:
             if self._store is None:
-                layout = kv_layout(self._vllm_config, self.config)
                 self._store = SessionStore(open_meta_store(self.config.meta),
-                                           [open_connector(uri) for uri in self.config.stores], layout,
+                                           [open_connector(uri) for uri in self.config.stores], self.layout,
                                            session_ttl=self.config.session_ttl)
-                log.info("kvswap connector: %s, meta %s, stores %s", layout.fingerprint,
+                log.info("kvswap connector: %s, meta %s, stores %s", self.layout.fingerprint,
                          self._store.meta.uri.render(), self._store.locations)
             return self._store
+
+    def _open_quietly(self) -> None:
+        try:
+            self.store.meta.get("kvswap-startup-probe")
+        except KVSwapError as exc:
+            if not isinstance(exc, NotFoundError):
+                log.warning("kvswap: meta store not ready at start (requests are misses until it is): %s", exc)
 
     # ---- lookups --------------------------------------------------------------------------------
 
@@ -269,7 +282,7 @@ class SchedulerSide:
         base, base_hash = kept[-1] if kept else (0, "")
         if computed <= base:
             return False, report
-        nbytes = (computed - base) * self.store.layout.token_bytes
+        nbytes = (computed - base) * self.layout.token_bytes
         seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
         stored = StoredState(plan.stored.version, plan.stored.meta_total, kept, plan.stored.fingerprint_ok)
         with self._saves_lock:
