@@ -208,10 +208,7 @@ class Instance:
             if stored:
                 log.info("stored %d sessions at shutdown", stored)
         finally:
-            self.cache.close()
-            self.cache.meta.close()
-            for store in self.cache.stores:
-                store.connector.close()
+            self.cache.close(backends=True)
 
 
 class AdminInstance:
@@ -262,7 +259,4 @@ class AdminInstance:
         return self.store.gc()
 
     def close(self) -> None:
-        self.store.close()
-        self.store.meta.close()
-        for tier in self.store.stores:
-            tier.connector.close()
+        self.store.close(backends=True)

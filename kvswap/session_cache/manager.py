@@ -105,9 +105,10 @@ class SessionCache:
     def session_ttl(self) -> float | None:
         return self.store.session_ttl
 
-    def close(self) -> None:
+    def close(self, *, backends: bool = False) -> None:
+        """Stop lease renewals and the I/O threads; with ``backends``, close meta and the connectors too."""
         self._renewer.close()
-        self.store.close()
+        self.store.close(backends=backends)
 
     # ---- requests ---------------------------------------------------------------------
 

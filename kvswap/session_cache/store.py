@@ -135,9 +135,15 @@ class SessionStore:
         for store in self.stores:
             store.connector.exists(f"{store.prefix}/kvswap-startup-probe")
 
-    def close(self) -> None:
-        """Wait for I/O in flight and stop the I/O threads (meta and connectors stay open)."""
+    def close(self, *, backends: bool = False) -> None:
+        """Wait for I/O in flight and stop the I/O threads; with ``backends``, close the meta
+        store and the connectors too (whoever opened them for this store), else they stay open."""
         self._io.shutdown(wait=True)
+        if backends:
+            if self._meta is not None:
+                self._meta.close()
+            for tier in self.stores:
+                tier.connector.close()
 
     # ---- leases -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from kvswap.errors import ConfigError
 from kvswap.integrations.vllm.identity import checkpoint_digest, source_identity
 from kvswap.paths import stack_uris
 from kvswap.session_cache.base import KVLayout
-from kvswap.uri import URI, parse_size
+from kvswap.uri import URI, parse_bool, parse_size
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
 
@@ -117,11 +117,7 @@ class ConnectorConfig:
 
 
 def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    raise ValueError(f"{value!r} is not true or false")
+    return value if isinstance(value, bool) else parse_bool(str(value))
 
 
 def _size(value: Any) -> int:

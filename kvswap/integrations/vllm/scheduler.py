@@ -359,10 +359,7 @@ class SchedulerSide:
     def shutdown(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=False)
         if self._store is not None:
-            self._store.close()
-            self._store.meta.close()
-            for tier in self._store.stores:
-                tier.connector.close()
+            self._store.close(backends=True)
 
 
 def record_op(op: str, session: str, tokens: int, nbytes: int, seconds: float, **more: Any) -> None:

@@ -198,9 +198,7 @@ class WorkerSide:
     def shutdown(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
-            self.store.close()
-            for tier in self.store.stores:
-                tier.connector.close()
+            self.store.close(backends=True)
 
     # ---- fetches --------------------------------------------------------------------------------
 
