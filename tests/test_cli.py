@@ -55,6 +55,16 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture, args: list[str]
     assert "secret" not in err
 
 
+@pytest.mark.parametrize("args", [["demo", "--model", "nope"], ["weights", "load", "nope"],
+                                  ["weights", "save", "nope", "file:///dev/null/x"]])
+def test_a_mistyped_source_leaves_no_directory_behind(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, *args)
+    assert code != 0 and one_clear_line(err), err
+    assert list(tmp_path.iterdir()) == []
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(uri=st.text(max_size=60), command=st.sampled_from(["weights load", "weights gc", "check"]))
 def test_any_location_is_an_answer_not_a_traceback(capsys: pytest.CaptureFixture, tmp_path: Path, uri: str,

@@ -296,3 +296,58 @@ def test_a_serve_boot_opens_its_source_once(source: str, checkpoint: tuple[Path,
     assert loaded.files["config.json"] == (directory / "config.json").read_text()
     state = loaded.model.state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in original.items())
+
+
+STREAM_DEVICE = "cuda" if os.environ.get("KVSWAP_TEST_DEVICE") == "cuda" else "cpu"
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "file", "valkey"])
+@pytest.mark.parametrize("batch_bytes", [1, 300 << 10, 1 << 40])
+def test_a_stream_gives_every_tensor_once_in_batches(kind: str, batch_bytes: int, checkpoint: tuple[Path, dict],
+                                                     tmp_path: Path) -> None:
+    from kvswap.weights.load import TensorStream
+    from kvswap.weights.sources import split_plan
+
+    directory, expected = checkpoint
+    uri = f"file://{directory}" if kind == "checkpoint" else store_uri(kind, tmp_path)
+    if kind != "checkpoint":
+        save(directory, uri, chunk_bytes=48 << 10, progress=False)
+    stream = TensorStream(uri, device=STREAM_DEVICE, read_bytes=40 << 10, batch_bytes=batch_bytes, progress=False)
+    batches = split_plan(stream.plan, batch_bytes)
+    assert [r for b in batches for r in b.reads] == list(stream.plan.reads)
+    if batch_bytes == 1:
+        assert len(batches) == len(stream.plan.reads) > 10
+        assert sum(len(b.tensors) for b in batches) > len(expected)  # tensors that span reads, and batches
+    got = dict(stream)
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert tensor.device.type == STREAM_DEVICE
+        assert torch.equal(tensor.cpu(), expected[name]), name
+    assert stream.stats.read_bytes >= stream.stats.bytes == sum(t.nbytes for t in expected.values())
+    assert stream.stats.seconds > 0
+
+
+def test_a_stream_stops_early_and_raises_damage_where_it_is_met(checkpoint: tuple[Path, dict],
+                                                                 tmp_path: Path) -> None:
+    from kvswap.weights.load import TensorStream
+
+    directory, _ = checkpoint
+    uri = f"file://{tmp_path}/saved"
+    manifest = save(directory, uri, chunk_bytes=48 << 10, progress=False)
+    stream = TensorStream(uri, device=STREAM_DEVICE, batch_bytes=100 << 10, progress=False)
+    taken = []
+    for name, _tensor in stream:  # the consumer stops after three tensors: the loading thread ends
+        taken.append(name)
+        if len(taken) == 3:
+            break
+    assert len(taken) == 3
+    chunk = manifest.ranks[0].chunks[-1]
+    path = tmp_path / "saved" / chunk.key
+    data = bytearray(path.read_bytes())
+    data[5] ^= 1
+    path.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        for name, _tensor in TensorStream(uri, device=STREAM_DEVICE, batch_bytes=100 << 10, progress=False):
+            seen.append(name)
+    assert seen  # the batches before the damaged chunk were handed over

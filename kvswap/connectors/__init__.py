@@ -36,17 +36,20 @@ def open_connector(uri: str | URI, **options: Any) -> Connector:
     return cls(parsed, **options)
 
 
-def as_connector(where: str | os.PathLike[str] | URI | Connector) -> Connector:
+def as_connector(where: str | os.PathLike[str] | URI | Connector, *, reading: bool = False) -> Connector:
     """A connector for ``where``: a connector (returned as is), a URI (kept as an object, so
     its password is never rendered into a string and parsed again), or a plain path (taken
-    as ``file://``)."""
+    as ``file://``). ``reading``: the caller only reads, so a missing directory is an error
+    (a mistyped path), not a new empty directory left behind."""
     if isinstance(where, Connector):
         return where
     if not isinstance(where, URI):
         where = os.fspath(where)
         if "://" not in where:
             where = "file://" + os.path.abspath(where)
-    return open_connector(where)
+    parsed, cls = CONNECTORS.resolve(where)
+    options = {"create": False} if reading and "create" in cls.OPTIONS else {}
+    return cls(parsed, **options)
 
 
 __all__ = ["CONNECTORS", "Connector", "PutMode", "as_connector", "open_connector", "validate_key", "validate_prefix"]

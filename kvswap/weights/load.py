@@ -22,7 +22,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from kvswap.blob import checksum
@@ -30,7 +30,7 @@ from kvswap.device import resolve_device
 from kvswap.errors import IntegrityError, NotFoundError
 from kvswap.uri import URI
 from kvswap.weights.manifest import Manifest
-from kvswap.weights.sources import Opened, RankPlan, Read, open_location, rank_plan, seed_uri
+from kvswap.weights.sources import Opened, RankPlan, Read, open_location, rank_plan, seed_uri, split_plan
 from kvswap.weights.targets import (
     LoadResult,
     LoadStats,
@@ -81,12 +81,106 @@ def load(target: Target, uri: str | URI | Opened, *, rank: int = 0, tp: int = 0,
                                hint=_layout_hint(source, plan))
         stats = LoadStats(where, rank, len(plan.tensors), plan.nbytes, threads=threads,
                           plan_seconds=time.perf_counter() - began)
-        _execute(connector, plan, tensors, device, threads, stats, progress, on_progress, digest)
+        shared = _Shared(stats, _read_total(plan, tensors), progress, on_progress)
+        try:
+            shared.finish(_execute(connector, plan, tensors, device, threads, shared, digest))
+        finally:
+            shared.bar.close()
     finally:
         if opened is not uri:  # the caller's Opened stays open
             opened.close()
     stats.seconds = time.perf_counter() - began
     return LoadResult(tensors, stats)
+
+
+class TensorStream:
+    """One rank's weights as ``(name, tensor)`` pairs on ``device``, in batches of about
+    ``batch_bytes``: the next batch is fetched, verified and copied (on a thread of its own)
+    while the caller consumes this one, so a model's own ``load_weights`` can take tensors
+    straight from the GPU while the device holds at most ~3 batches beside the model.
+
+    Iterate it once; ``stats`` is complete when the iteration ends. Closing the iterator
+    early (or an error in the consumer) stops the loading thread after its current batch.
+    A stream opened from a URI closes its connector at the end; an ``Opened`` stays open.
+    """
+
+    def __init__(self, uri: str | URI | Opened, *, rank: int = 0, device: str | torch.device | None = None,
+                 threads: int = 8, read_bytes: int = DEFAULT_READ_BYTES, batch_bytes: int = 1 << 30,
+                 progress: bool | None = None) -> None:
+        self._began = time.perf_counter()
+        self._owned = not isinstance(uri, Opened)
+        self.opened = open_location(uri) if not isinstance(uri, Opened) else uri
+        try:
+            where = self.opened.connector.uri.render()
+            self.plan = rank_plan(self.opened.source, rank, read_bytes=read_bytes, where=where)
+            self.device = resolve_device(device)
+        except BaseException:
+            self.close()
+            raise
+        self.threads, self.batch_bytes, self.progress = threads, batch_bytes, progress
+        self.stats = LoadStats(where, rank, len(self.plan.tensors), self.plan.nbytes, threads=threads,
+                               plan_seconds=time.perf_counter() - self._began)
+
+    def close(self) -> None:
+        """Close the source if this stream opened it (iterating to the end does it too)."""
+        if self._owned:
+            self.opened.close()
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        import queue
+        import threading
+
+        import torch
+
+        ready: queue.Queue[dict[str, torch.Tensor] | BaseException | None] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        shared = _Shared(self.stats, _read_total(self.plan, self.plan.tensors), self.progress, None)
+
+        def offer(item: dict[str, torch.Tensor] | BaseException | None) -> None:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    ready.put(item, timeout=0.1)
+                    return
+
+        def produce() -> None:
+            try:
+                left = {name: info.nbytes for name, info in self.plan.tensors.items()}
+                started: dict[str, torch.Tensor] = {}  # tensors begun in an earlier batch
+                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                    for batch in split_plan(self.plan, self.batch_bytes):
+                        if stop.is_set():
+                            return
+                        new = bind_targets(None, {n: i for n, i in batch.tensors.items() if n not in started},
+                                           self.device)
+                        tensors = {name: started[name] if name in started else new[name] for name in batch.tensors}
+                        _execute(self.opened.connector, batch, tensors, self.device, self.threads, shared, False)
+                        for read in batch.reads:
+                            for piece in read.pieces:
+                                left[piece.name] -= piece.nbytes
+                        started = {n: t for n, t in tensors.items() if left[n] > 0}
+                        offer({n: t for n, t in tensors.items() if left[n] <= 0})
+                offer(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                offer(exc)
+
+        worker = threading.Thread(target=produce, name="kvswap-load-stream", daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                while item:
+                    yield item.popitem()  # the batch lets go of each tensor as it is handed over
+        finally:
+            stop.set()
+            worker.join()
+            shared.bar.close()
+            self.close()
+            self.stats.seconds = time.perf_counter() - self._began
+
+
+def _read_total(plan: RankPlan, tensors: MutableMapping[str, Any]) -> int:
+    return sum(r.length for r in plan.reads if any(p.name in tensors for p in r.pieces))
 
 
 def _layout_hint(source: Manifest | Any, plan: RankPlan) -> str:
@@ -145,9 +239,36 @@ class _Slot:
             self.event = None
 
 
+class _Shared:
+    """What the ``_execute`` calls of one load share: its stats, progress bar and digest."""
+
+    def __init__(self, stats: LoadStats, total: int, progress: bool | None,
+                 on_progress: Callable[[int, int], None] | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.stats, self.total, self.done, self.on_progress = stats, total, 0, on_progress
+        self.digest = hashlib.sha256()
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"load rank {stats.rank}",
+                        disable=None if progress is None else not progress)
+
+    def landed(self, read: Read, read_checksum: str | None) -> None:
+        self.digest.update(f"{read.key}@{read.offset}:{read.length}={read_checksum};".encode())
+        self.stats.read_bytes += read.length
+        self.done += read.length
+        self.bar.update(read.length)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
+    def finish(self, digested: bool) -> None:
+        if digested:
+            self.stats.digest = f"sha256:{self.digest.hexdigest()}"
+        self.bar.close()
+
+
 def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.Tensor], device: torch.device,
-             threads: int, stats: LoadStats, progress: bool | None,
-             on_progress: Callable[[int, int], None] | None, want_digest: bool = True) -> None:
+             threads: int, shared: _Shared, want_digest: bool = True) -> bool:
+    """Fetch ``plan``'s reads into ``tensors``; True when every read was digested. On a GPU
+    the tensors are complete (their copies synchronized) when this returns."""
     import torch
 
     cuda = device.type == "cuda"
@@ -157,10 +278,9 @@ def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.
     slot_bytes = max(regular, default=0)
     slots = collections.deque(_Slot(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=cuda))
                               for _ in range(min(len(reads), threads + 4) if regular else 0))
-    lander = _Lander(tensors, flat, torch.cuda.Stream(device) if cuda else None, stats,
-                     sum(r.length for r in reads), progress, on_progress)
+    lander = _Lander(tensors, flat, torch.cuda.Stream(device) if cuda else None, shared)
     in_flight: collections.deque[tuple[Read, _Slot, concurrent.futures.Future, bool]] = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvswap-load") as pool, lander.bar:
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvswap-load") as pool:
         try:
             for read in reads:
                 own = read.narrow is not None or read.length > slot_bytes
@@ -177,38 +297,31 @@ def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.
                 in_flight.append((read, slot, pool.submit(_fetch, connector, read, slot.buffer, want_digest), own))
             while in_flight:
                 lander.land(*in_flight.popleft()[:3])
-            lander.finish(want_digest or all(r.checksum is not None for r in reads))
+            lander.finish()
         except BaseException:
             for _, _, future, _ in in_flight:
                 future.cancel()
             concurrent.futures.wait([f for _, _, f, _ in in_flight])
             lander.synchronize()
             raise
+    return want_digest or all(r.checksum is not None for r in reads)
 
 
 class _Lander:
-    """Copies fetched reads into their tensors (on a side stream on a GPU) and keeps the
-    counts: stats, the progress bar and the digest of what was read."""
+    """Copies fetched reads into their tensors (on a side stream on a GPU)."""
 
     def __init__(self, tensors: MutableMapping[str, torch.Tensor], flat: dict[str, torch.Tensor], stream: Any,
-                 stats: LoadStats, total: int, progress: bool | None,
-                 on_progress: Callable[[int, int], None] | None) -> None:
-        from tqdm.auto import tqdm
-
-        self.tensors, self.flat, self.stream, self.stats = tensors, flat, stream, stats
-        self.total, self.done, self.on_progress = total, 0, on_progress
-        self.digest = hashlib.sha256()
+                 shared: _Shared) -> None:
+        self.tensors, self.flat, self.stream, self.shared = tensors, flat, stream, shared
         self.timings: list[tuple[Any, Any]] = []
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"load rank {stats.rank}",
-                        disable=None if progress is None else not progress)
 
     def land(self, read: Read, slot: _Slot, future: concurrent.futures.Future) -> None:
         import torch
 
         fetch_s, verify_s, read_checksum = future.result()
-        self.digest.update(f"{read.key}@{read.offset}:{read.length}={read_checksum};".encode())
-        self.stats.fetch_seconds += fetch_s
-        self.stats.verify_seconds += verify_s
+        stats = self.shared.stats
+        stats.fetch_seconds += fetch_s
+        stats.verify_seconds += verify_s
         began = time.perf_counter()
         cuda = self.stream is not None
         with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
@@ -221,12 +334,8 @@ class _Lander:
                 slot.event.record(self.stream)
                 self.timings.append((start, slot.event))
         if not cuda:
-            self.stats.copy_seconds += time.perf_counter() - began
-        self.stats.read_bytes += read.length
-        self.done += read.length
-        self.bar.update(read.length)
-        if self.on_progress is not None:
-            self.on_progress(self.done, self.total)
+            stats.copy_seconds += time.perf_counter() - began
+        self.shared.landed(read, read_checksum)
 
     def _copy(self, read: Read, buffer: torch.Tensor, non_blocking: bool) -> None:
         import torch
@@ -241,12 +350,10 @@ class _Lander:
                 self.flat[piece.name][piece.dst_offset:piece.dst_offset + piece.nbytes].copy_(
                     buffer[piece.src_offset:piece.src_offset + piece.nbytes], non_blocking=non_blocking)
 
-    def finish(self, digested: bool) -> None:
-        if digested:
-            self.stats.digest = f"sha256:{self.digest.hexdigest()}"
+    def finish(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
-            self.stats.copy_seconds = sum(a.elapsed_time(b) for a, b in self.timings) / 1e3
+            self.shared.stats.copy_seconds += sum(a.elapsed_time(b) for a, b in self.timings) / 1e3
 
     def synchronize(self) -> None:
         if self.stream is not None:

@@ -71,7 +71,7 @@ def save(src: str | URI | Connector, dest: str | URI | Connector, *, tp: int = 1
 
     if tp < 1 or pp < 1 or chunk_bytes < 1:
         raise ValueError("tp, pp and chunk_bytes must be positive")
-    source, target = as_connector(src), as_connector(dest)
+    source, target = as_connector(src, reading=True), as_connector(dest)
     checkpoint = Checkpoint(source)
     layout = checkpoint.layout(tp, pp, tp_plan)
     target.delete(MANIFEST_KEY)  # from here on, loaders see no save until the new one is whole

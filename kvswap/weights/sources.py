@@ -105,6 +105,28 @@ class RankPlan:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def split_plan(plan: RankPlan, batch_bytes: int) -> list[RankPlan]:
+    """``plan`` cut into plans of consecutive reads of about ``batch_bytes`` each; a batch's
+    ``tensors`` are those its reads touch, so a tensor that spans a cut is in both."""
+    batches: list[RankPlan] = []
+    reads: list[Read] = []
+    size = 0
+    for read in plan.reads:
+        reads.append(read)
+        size += read.length
+        if size >= batch_bytes:
+            batches.append(_batch(plan, reads))
+            reads, size = [], 0
+    if reads:
+        batches.append(_batch(plan, reads))
+    return batches
+
+
+def _batch(plan: RankPlan, reads: list[Read]) -> RankPlan:
+    names = {p.name: plan.tensors[p.name] for r in reads for p in r.pieces if p.name in plan.tensors}
+    return dataclasses.replace(plan, tensors=names, reads=tuple(reads))
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceTensor:
     key: str  # the safetensors file
@@ -214,7 +236,10 @@ def open_location(where: str | URI | Connector) -> Opened:
     seed = seed_uri(where)
     if seed is not None:
         raise ConfigError(f"{seed}: a seed instance is read by kvswap.weights.load, not opened as a location")
-    connector = as_connector(where)
+    try:
+        connector = as_connector(where, reading=True)
+    except NotFoundError as exc:  # a file:// root that does not exist
+        raise NotFoundError(f"nothing to load: {exc}") from None
     try:
         return Opened(connector, open_source(connector))
     except BaseException:

@@ -13,7 +13,7 @@ from typing import Any
 from kvswap.errors import ConfigError
 
 #: ``--model-loader-extra-config`` keys of ``--load-format kvswap``.
-SETTINGS = ("source", "threads", "token")
+SETTINGS = ("source", "threads", "token", "batch_bytes")
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
 
@@ -40,7 +40,7 @@ def source_identity(extra: Any) -> str:
     source = loader_settings(extra)["source"]
     parsed = URI.parse(source if "://" in source else f"file://{os.path.abspath(source)}")
     if parsed.scheme != "instance":
-        with as_connector(parsed) as connector:
+        with as_connector(parsed, reading=True) as connector:
             opened = open_source(connector)
             if isinstance(opened, Manifest):
                 sums = [c.checksum for rank in opened.ranks for c in rank.chunks]

@@ -10,10 +10,12 @@
 Face checkpoint on ``file://`` or ``s3://``, or a seed (``instance://host:port``, with
 ``token``). ``--model`` still names a directory with the model's config and tokenizer
 (``kvswap weights load SOURCE --files-to DIR`` writes them out of a save). The same loading
-code as ``kvswap weights load`` runs (parallel verified fetches, a progress bar), then vLLM's
-own ``load_weights`` maps the checkpoint's tensors onto its fused layers. vLLM shards full
-tensors itself, so the source must hold one rank (a save made with ``--tp 1``, or a
-checkpoint); extra settings: ``threads`` (8), ``token`` (or ``KVSWAP_SEED_TOKEN``).
+code as ``kvswap weights load`` runs (parallel verified fetches into pinned buffers), straight
+into the model's device in batches (:class:`kvswap.weights.load.TensorStream`): vLLM's own
+``load_weights`` maps one batch onto its fused layers while the next is read, so the
+checkpoint never passes through host memory whole. vLLM shards full tensors itself, so the
+source must hold one rank (a save made with ``--tp 1``, or a checkpoint); extra settings:
+``threads`` (8), ``batch_bytes`` (1GiB), ``token`` (or ``KVSWAP_SEED_TOKEN``) for a seed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from kvswap.errors import ConfigError
 from kvswap.integrations.vllm.identity import loader_settings
+from kvswap.uri import parse_size
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
 
@@ -42,29 +45,48 @@ class KVSwapModelLoader(BaseModelLoader):
     def load_weights(self, model: Any, model_config: Any) -> None:
         import torch
 
-        from kvswap.weights import LoadResult, load
-        from kvswap.weights.sources import open_location, seed_uri
+        from kvswap.weights import load
+        from kvswap.weights.load import TensorStream
+        from kvswap.weights.sources import seed_uri
 
         source = self.settings["source"]
-        options: dict[str, Any] = dict(rank=0, device="cpu", threads=int(self.settings.get("threads", 8)),
-                                       progress=None)
-        result: LoadResult | None = None
+        threads = int(self.settings.get("threads", 8))
+        device = _device_of(model)
+        tensors: Any
         if seed_uri(source) is not None:
             result = load(None, source, token=self.settings.get("token") or os.environ.get("KVSWAP_SEED_TOKEN"),
-                          **options)
-            world = 1 if result.stats.rank == 0 else 2  # a seed of rank r > 0 holds a slice
+                          rank=0, device="cpu", threads=threads, progress=None)
+            if result.stats.rank != 0:  # a seed of rank r > 0 holds a slice
+                raise _split_error(source)
+            tensors, stats = iter(result.tensors.items()), result.stats
         else:
-            with open_location(source) as opened:  # opened once: the layout check and the load read one manifest
-                world = opened.world_size
-                if world == 1:
-                    result = load(None, opened, **options)
-        if result is None or world > 1:
-            raise ConfigError(f"{source} is split for tensor parallelism; vLLM shards full tensors itself: save "
-                              "the model with --tp 1 for --load-format kvswap")
-        log.info("kvswap: %s from %s", result.stats.summary(), result.stats.source)
+            # Batches straight into the model's device, the next one loading while vLLM's
+            # load_weights maps this one onto its fused layers.
+            stream = TensorStream(source, device=device, threads=threads,
+                                  batch_bytes=parse_size(str(self.settings.get("batch_bytes", "1GiB"))))
+            if stream.opened.world_size > 1:
+                stream.close()
+                raise _split_error(source)
+            tensors, stats = stream, stream.stats
         with torch.no_grad():
-            loaded = model.load_weights(iter(result.tensors.items()))
+            loaded = model.load_weights(tensors)
+        log.info("kvswap: %s from %s", stats.summary(), stats.source)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the batches' memory goes back before vLLM measures what is free
         expected = {name for name, _ in model.named_parameters()}
         if loaded is not None and expected - set(loaded):
             missing = sorted(expected - set(loaded))
             raise ConfigError(f"{source} left {len(missing)} parameters of the model unset: {missing[:5]}")
+
+
+def _device_of(model: Any) -> Any:
+    import torch
+
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _split_error(source: str) -> ConfigError:
+    return ConfigError(f"{source} is split for tensor parallelism; vLLM shards full tensors itself: save "
+                       "the model with --tp 1 for --load-format kvswap")
