@@ -55,4 +55,11 @@ if [[ -n "$vllm" ]]; then
   fi
   "${vpip[@]}" -e ".[redis,valkey,s3,postgresql,mysql,etcd]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv-vllm/bin/python -c "import vllm, kvswap.integrations.vllm; print('setup: vllm', vllm.__version__, 'with kvswap')"
+  # The wheels of the vLLM versions that cannot run here (the GPU machines' 0.25.1, the 0.34 that
+  # `pip install vllm` gives): tests/test_vllm_api.py reads their connector API from the source.
+  for version in 0.25.1 0.34.0; do
+    ls .cache/vllm-wheels/vllm-"$version"-*.whl >/dev/null 2>&1 || .venv/bin/python -m pip download -q \
+      --no-deps --only-binary=:all: --disable-pip-version-check -d .cache/vllm-wheels "vllm==$version" 2>&1 \
+      | grep -v "^WARNING: Location" || true
+  done
 fi

@@ -92,6 +92,16 @@ class KVSwapConnector(KVConnectorBase_V1):
         scheduler.loads_finished(set(connector_output.finished_recving or ()),
                                  set(connector_output.invalid_block_ids or ()))
 
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[Any, int]:
+        """vLLM >= 0.34: the tier that supplied a request's loaded tokens, for its metrics."""
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource  # only the versions that call this have it
+
+        if num_external_tokens <= 0:
+            return {}
+        tier = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}.get(
+            self._scheduler().hit_tier(request.request_id), CacheHitSource.EXTERNAL_UNSPECIFIED)
+        return {tier: num_external_tokens}
+
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler().finished(request, list(block_ids))
 
@@ -116,6 +126,18 @@ class KVSwapConnector(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a save that does not happen is a later miss, not lost data
+
+    def may_load_async(self, request: Any) -> bool:
+        """vLLM >= 0.33: requests with a session may load asynchronously (admitted under
+        ``--max-num-inflight-kv-loads``); called as requests enter the queue, so it is cheap."""
+        return session_of(request, quiet=True) is not None
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """vLLM >= 0.33: no. The worker's GPU moves hold the addresses of vLLM's KV memory, which
+        sleep mode remaps; vLLM refuses sleep mode with this connector instead of kvswap writing
+        through stale addresses."""
+        return False
 
     # ---- worker side --------------------------------------------------------------------------
 
@@ -152,9 +174,10 @@ class KVSwapConnector(KVConnectorBase_V1):
                 half.shutdown()
 
 
-def session_of(request: Any) -> str | None:
+def session_of(request: Any, *, quiet: bool = False) -> str | None:
     """A request's session: vLLM's ``session_id`` (request field or X-Session-ID header), or
-    ``kv_transfer_params["session_id"]``; None when it has none (or an invalid one)."""
+    ``kv_transfer_params["session_id"]``; None when it has none (or an invalid one, logged
+    unless ``quiet``)."""
     from kvswap.meta import validate_session_id
 
     session = getattr(request, "session_id", None)
@@ -166,6 +189,7 @@ def session_of(request: Any) -> str | None:
     try:
         return validate_session_id(session)
     except KVSwapError as exc:
-        log.warning("kvswap: request %s has an unusable session id (served without kvswap): %s",
-                    getattr(request, "request_id", "?"), exc)
+        if not quiet:
+            log.warning("kvswap: request %s has an unusable session id (served without kvswap): %s",
+                        getattr(request, "request_id", "?"), exc)
         return None
