@@ -268,8 +268,25 @@ def report(results: dict[str, Any], histories: list[int]) -> None:
             print(f"  {engine:<7} recompute {row['recompute_ms']:7.1f} | hit {row['hit_ms']:6.1f} | follow-up "
                   f"{row['follow_ms']:7.1f} ({row['recompute_ms'] / row['follow_ms']:.1f}x recompute; hit + copy "
                   f"{row['hit_ms'] + copy:.1f}) same token {row['same_token']}")
+            timeline = load_timeline(results.get("ops", []), f"{engine}-{h}-")
+            if timeline:
+                row["load_timeline_ms"] = timeline
+                print("          where the follow-up's load went (ms from its arrival, median): "
+                      + ", ".join(f"{phase} {ms:.1f}" for phase, ms in timeline.items()))
     if "valkey_get" in results:
         print(f"valkey connector parallel get: {results['valkey_get']['gbps']:.2f} GB/s")
+
+
+def load_timeline(ops: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """Median time from a follow-up's arrival at the connector to each phase of its load
+    (looked up, fetched, promised to vLLM, blocks allocated, loaded), over the sessions
+    named ``prefix*``: the scheduler's own marks."""
+    marks: dict[str, list[float]] = {}
+    for op in ops:
+        if op.get("op") == "load" and op.get("session", "").startswith(prefix):
+            for phase, ms in op.get("timeline_ms", {}).items():
+                marks.setdefault(phase, []).append(ms)
+    return {phase: statistics.median(values) for phase, values in marks.items()}
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ class _Request:
     loaded: int = 0
     source: str = ""
     rejected: int = 0
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)  # phase -> monotonic time reached
+
+    def mark(self, phase: str) -> None:
+        self.marks.setdefault(phase, time.monotonic())
 
 
 @dataclasses.dataclass
@@ -141,6 +145,7 @@ class SchedulerSide:
             if self._saving(session, now):
                 return None, False  # the previous turn's KV is on its way to the store (within its deadline)
             state = _Request(session, list(request.all_token_ids), now + self.config.timeout)
+            state.mark("arrived")
             self._requests[request.request_id] = state
             if now < self._meta_down_until:
                 state.phase = "done"
@@ -158,6 +163,7 @@ class SchedulerSide:
                     return None, False
                 self._meta_failed(f"a lookup took over {self.config.timeout:.1f} s")
                 return self._miss(state, "timed out")
+            state.mark("looked up")
             try:
                 plan = state.plan = state.lookup.result()
             except KVSwapError as exc:
@@ -192,6 +198,7 @@ class SchedulerSide:
             if state.ready_end <= num_computed:
                 self._next.releases.append(request_id)
                 return self._miss(state, "held locally")
+            state.mark("promised")
             return state.ready_end - num_computed, True
         return 0, False
 
@@ -211,6 +218,7 @@ class SchedulerSide:
             self._next.releases.append(request_id)  # nobody waits for it any more
             return
         state.fetched = fetched
+        state.mark("fetched")
         state.source, state.rejected = fetched.source, fetched.rejected
         if fetched.rejected:
             self.counters.add("tokens rejected", "damaged or foreign", fetched.rejected)
@@ -243,6 +251,18 @@ class SchedulerSide:
         self._next.loads.append(LoadJob(request.request_id, start, state.ready_end, block_ids))
         first, last = start // self.block_size, -(-state.ready_end // self.block_size)
         state.phase, state.loaded, state.load_blocks = "loading", num_external, frozenset(block_ids[first:last])
+        state.mark("allocated")
+
+    def hit_tier(self, request_id: str) -> str:
+        """Where a request's loaded tokens came from, in vLLM's words: ``host`` (the worker's
+        host tier alone), ``disk`` (file stores, local or shared), else ``remote``."""
+        state = self._requests.get(request_id)
+        if state is None or state.plan is None:
+            return "remote"
+        if state.source == "host":
+            return "host"
+        locations = {tier.location for _, tier in state.plan.entries}
+        return "disk" if locations and all(loc.startswith("file:") for loc in locations) else "remote"
 
     def loads_finished(self, request_ids: set[str], invalid_blocks: set[int]) -> None:
         for request_id in request_ids:
@@ -255,6 +275,10 @@ class SchedulerSide:
                 state.loaded = 0
             else:
                 self.counters.add("tokens loaded", state.source or "store", state.loaded)
+            state.mark("loaded")
+            began = state.marks["arrived"]
+            record_op("load", state.session, state.loaded, 0, state.marks["loaded"] - began, source=state.source,
+                      timeline_ms={phase: round((at - began) * 1e3, 2) for phase, at in state.marks.items()})
 
     # ---- saves ----------------------------------------------------------------------------------
 
