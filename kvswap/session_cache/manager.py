@@ -36,7 +36,7 @@ from kvswap.session_cache.base import (
 )
 from kvswap.session_cache.handle import CacheStats, Claims, LocalState, Resident, SessionHandle
 from kvswap.session_cache.leases import LeaseRenewer
-from kvswap.session_cache.store import SessionStore, entry_tokens_within
+from kvswap.session_cache.store import DEFAULT_ENTRY_BYTES, SessionStore, entry_tokens_within
 from kvswap.session_cache.tiers import HostCopy, HostTier, StoredState
 from kvswap.session_cache.transfer import KVMover
 
@@ -68,7 +68,7 @@ class SessionCache:
     def __init__(self, pool: KVPool, meta: MetaStore, stores: Sequence[Connector] = (), *,
                  host_bytes: int = 0, policy: Policy = "write-back", instance_id: str | None = None,
                  lease_ttl: float | None = 30.0, session_ttl: float | None = None, key_prefix: str = "kv",
-                 io_threads: int = 8, entry_bytes: int = 256 << 20, gc_grace: float = 600.0,
+                 io_threads: int = 8, entry_bytes: int = DEFAULT_ENTRY_BYTES, gc_grace: float = 600.0,
                  recompute_when_faster: bool = True) -> None:
         if policy not in ("write-back", "write-through"):
             raise ValueError(f"policy must be 'write-back' or 'write-through', not {policy!r}")

@@ -95,7 +95,8 @@ class SessionStore:
         self._layout = layout
         self.fingerprint = layout.fingerprint if layout is not None else ""
         self.stores = [StoreTier(c, layout, key_prefix) for c in stores]
-        self.entry_tokens = entry_tokens or (max(1, (256 << 20) // layout.token_bytes) if layout is not None else 1)
+        self.entry_tokens = entry_tokens or (entry_tokens_within(DEFAULT_ENTRY_BYTES, layout)
+                                             if layout is not None else 1)
         self.session_ttl = session_ttl
         self.gc_grace = gc_grace
         self.dropped_entries = 0
@@ -478,6 +479,10 @@ class SessionStore:
             store.connector.delete_many(orphans)
             removed_blobs += len(orphans) + store.connector.collect_garbage(self.gc_grace)
         return {"sessions": removed_sessions, "blobs": removed_blobs}
+
+
+#: An entry's size when the caller names none (``kvswap serve``; the vLLM connector's is smaller).
+DEFAULT_ENTRY_BYTES = 256 << 20
 
 
 def entry_tokens_within(entry_bytes: int, layout: KVLayout, minimum: int = 1) -> int:

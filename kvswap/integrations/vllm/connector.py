@@ -144,11 +144,15 @@ class KVSwapConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker().register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None and isinstance(connector_metadata, KVSwapConnectorMetadata):
+            self.worker.begin(connector_metadata)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVSwapConnectorMetadata)
-        # A step with no forward (vLLM's kv_connector_no_forward) has no attention metadata.
-        self._worker().start(meta, forward=getattr(forward_context, "attn_metadata", None) is not None)
+        self._worker().start(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads finish before their request is scheduled (asynchronous loads)

@@ -61,19 +61,13 @@ def _move(layers, stage, where, table, count, WIDTH: tl.constexpr, BLOCK: tl.con
 
 class GPUMover:
     """Saves and loads of one worker's :class:`PagedKV` on a CUDA device. Launches come from
-    the worker's own thread (vLLM's ``start_load_kv``); completion is told by events.
-
-    Host-device copies run on a copy stream, the kernels on a kernel stream, through a ring of
-    two device staging buffers of :data:`GROUP_BYTES`: group ``i + 1`` crosses PCIe while group
-    ``i`` is scattered (or gathered), and the staging memory kvswap takes beside vLLM's KV
-    stays bounded. Events order every reuse of a buffer."""
+    the worker's own thread (vLLM's ``start_load_kv``); completion is told by events."""
 
     def __init__(self, kv: PagedKV) -> None:
         self.kv = kv
         self.device = kv.device
         low_priority = torch.cuda.Stream.priority_range()[0]  # type: ignore[call-arg]  # copies yield to the model
         self.stream = torch.cuda.Stream(self.device, priority=low_priority)
-        self.copies = torch.cuda.Stream(self.device, priority=low_priority)
         item = kv.storages[0].element_size()
         self.layers = torch.tensor([s.data_ptr() + base * item for s, base in zip(kv.storages, kv.bases)],
                                    dtype=torch.int64, device=self.device)
@@ -81,26 +75,6 @@ class GPUMover:
         self.width = kv.heads * kv.head_dim
         self.dtype = kv.storages[0].dtype
         self.token_elems = kv.num_layers * 2 * self.width
-        self.group_tokens = max(1, GROUP_BYTES // (self.token_elems * item))
-        self._ring: list[torch.Tensor] = []
-        self._free = [torch.cuda.Event(), torch.cuda.Event()]  # recorded after each buffer's last use
-        self._turn = 0
-
-    def _buffer(self, tokens: int) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """The next staging buffer of the ring and the event after its last use; a group of one
-        entry larger than the ring's buffers (another instance's ``entry_bytes``) gets a buffer
-        of its own, kept by the allocator for both streams."""
-        if not self._ring:
-            self._ring = [torch.empty(self.group_tokens * self.token_elems, dtype=self.dtype, device=self.device)
-                          for _ in range(2)]
-        self._turn ^= 1
-        free = self._free[self._turn]
-        if tokens <= self.group_tokens:
-            return self._ring[self._turn], free
-        own = torch.empty(tokens * self.token_elems, dtype=self.dtype, device=self.device)
-        own.record_stream(self.stream)
-        own.record_stream(self.copies)
-        return own, free
 
     def save(self, block_ids: Sequence[int], chunks: Sequence[tuple[int, int]],
              after: torch.cuda.Event) -> tuple[list[torch.Tensor], torch.cuda.Event]:
@@ -111,26 +85,21 @@ class GPUMover:
         views = [torch.empty((self.kv.num_layers, 2, stop - start, self.kv.heads, self.kv.head_dim),
                              dtype=self.dtype, pin_memory=True) for start, stop in chunks]
         placed = [(start, stop - start, start, stop) for start, stop in chunks]
-        index = 0
-        self.stream.wait_event(after)
-        for group in self._groups(placed):
-            stage, free = self._buffer(sum(n for _, n, _, _ in group))
-            self.stream.wait_event(free)  # its last copy to the host is done
-            with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(after)
+            index = 0
+            for group in self._groups(placed):
+                elems = sum(n for _, n, _, _ in group) * self.token_elems
+                stage = torch.empty(elems, dtype=self.dtype, device=self.device)
                 self._launch(stage, block_ids, group, to_pages=False)
-            gathered = torch.cuda.Event()
-            gathered.record(self.stream)
-            self.copies.wait_event(gathered)
-            with torch.cuda.stream(self.copies):
                 at = 0
                 for _, length, _, _ in group:
                     size = length * self.token_elems
                     views[index].view(-1).copy_(stage[at:at + size], non_blocking=True)
                     at += size
                     index += 1
-            free.record(self.copies)
-        done = torch.cuda.Event()
-        done.record(self.copies)
+            done = torch.cuda.Event()
+            done.record(self.stream)
         return views, done
 
     def load(self, pieces: Sequence[tuple[torch.Tensor, int, int, int]], block_ids: Sequence[int],
@@ -140,37 +109,34 @@ class GPUMover:
         after ``after``. The host spans must live until the returned event has completed."""
         placed = [(offset, kv.shape[2], low, high) for kv, offset, low, high in pieces]
         spans = {offset: kv for kv, offset, _, _ in pieces}
-        self.stream.wait_event(after)  # only the scatter touches the blocks: the copies need not wait
-        for group in self._groups(placed):
-            stage, free = self._buffer(sum(n for _, n, _, _ in group))
-            self.copies.wait_event(free)  # its last scatter (or gather) is done
-            with torch.cuda.stream(self.copies):
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(after)
+            for group in self._groups(placed):
+                elems = sum(n for _, n, _, _ in group) * self.token_elems
+                stage = torch.empty(elems, dtype=self.dtype, device=self.device)
                 at = 0
                 for offset, length, _, _ in group:
                     size = length * self.token_elems
                     stage[at:at + size].copy_(spans[offset].reshape(-1), non_blocking=True)
                     at += size
-            copied = torch.cuda.Event()
-            copied.record(self.copies)
-            self.stream.wait_event(copied)
-            with torch.cuda.stream(self.stream):
                 self._launch(stage, block_ids, group, to_pages=True)
-            free.record(self.stream)
-        done = torch.cuda.Event()
-        done.record(self.stream)
+            done = torch.cuda.Event()
+            done.record(self.stream)
         return done
 
     def _groups(self, placed: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
-        """Entries (offset, length, low, high) in groups that fit one staging buffer."""
+        """Entries (offset, length, low, high) in groups of about GROUP_BYTES of staging."""
+        limit = max(1, GROUP_BYTES // (self.token_elems * self.kv.storages[0].element_size()))
         groups: list[list[tuple[int, int, int, int]]] = [[]]
         used = 0
         for entry in placed:
-            if groups[-1] and used + entry[1] > self.group_tokens:
+            if groups[-1] and used + entry[1] > limit:
                 groups.append([])
                 used = 0
             groups[-1].append(entry)
             used += entry[1]
         return groups
+
     def _launch(self, stage: torch.Tensor, block_ids: Sequence[int], group: Sequence[tuple[int, int, int, int]],
                 *, to_pages: bool) -> None:
         """One kernel moving positions ``low..high-1`` of each entry of ``group`` between the

@@ -67,9 +67,14 @@ class KVSwapModelLoader(BaseModelLoader):
             if stream.opened.world_size > 1:
                 stream.close()
                 raise _split_error(source)
-            tensors, stats = stream, stream.stats
-        with torch.no_grad():
-            loaded = model.load_weights(tensors)
+            tensors, stats = iter(stream), stream.stats
+        try:
+            with torch.no_grad():
+                loaded = model.load_weights(tensors)
+        finally:
+            close = getattr(tensors, "close", None)
+            if close is not None:
+                close()  # a model that stops early must not leave the loading thread waiting
         log.info("kvswap: %s from %s", stats.summary(), stats.source)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the batches' memory goes back before vLLM measures what is free

@@ -123,11 +123,16 @@ class WorkerSide:
 
     # ---- each step ------------------------------------------------------------------------------
 
-    def start(self, meta: KVSwapConnectorMetadata, forward: bool = True) -> None:
-        """Start this step's jobs (vLLM's ``start_load_kv``, before the step's forward;
-        ``forward``: whether the step runs one)."""
-        self._idle = not forward
-        self.clock.start(meta.step_tokens if forward else 0, self.gpu is not None)
+    def begin(self, meta: KVSwapConnectorMetadata) -> None:
+        """A step begins (vLLM binds its connector metadata, before the forward in every
+        version): time it when it computes enough tokens; a step of no tokens has no forward."""
+        self._idle = meta.step_tokens == 0
+        self.clock.start(meta.step_tokens, self.gpu is not None)
+
+    def start(self, meta: KVSwapConnectorMetadata) -> None:
+        """Start this step's jobs (vLLM's ``start_load_kv``: before the step's forward, or after
+        it for asynchronous loads on vLLM >= 0.34; either order is safe, as the copies wait for
+        an event recorded on the compute stream now)."""
         after = self._compute_done() if (meta.loads or meta.saves) else None
         with self._lock:
             for request_id in meta.releases:
