@@ -122,8 +122,9 @@ class TensorStream:
                                plan_seconds=time.perf_counter() - self._began)
 
     def close(self) -> None:
-        """Close the source if this stream opened it (iterating to the end does it too)."""
+        """Close the source if this stream opened it (iterating to the end does it too); once."""
         if self._owned:
+            self._owned = False
             self.opened.close()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:

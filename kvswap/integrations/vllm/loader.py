@@ -53,6 +53,7 @@ class KVSwapModelLoader(BaseModelLoader):
         threads = int(self.settings.get("threads", 8))
         device = _device_of(model)
         tensors: Any
+        stream: TensorStream | None = None
         if seed_uri(source) is not None:
             result = load(None, source, token=self.settings.get("token") or os.environ.get("KVSWAP_SEED_TOKEN"),
                           rank=0, device="cpu", threads=threads, progress=None)
@@ -75,6 +76,8 @@ class KVSwapModelLoader(BaseModelLoader):
             close = getattr(tensors, "close", None)
             if close is not None:
                 close()  # a model that stops early must not leave the loading thread waiting
+            if stream is not None:
+                stream.close()  # also when load_weights failed before reading a tensor
         log.info("kvswap: %s from %s", stats.summary(), stats.source)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the batches' memory goes back before vLLM measures what is free
