@@ -263,7 +263,6 @@ class _Shared:
     def finish(self, digested: bool) -> None:
         if digested:
             self.stats.digest = f"sha256:{self.digest.hexdigest()}"
-        self.bar.close()
 
 
 def _execute(connector: Any, plan: RankPlan, tensors: MutableMapping[str, torch.Tensor], device: torch.device,

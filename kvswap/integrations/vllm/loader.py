@@ -48,10 +48,11 @@ class KVSwapModelLoader(BaseModelLoader):
         from kvswap.weights import load
         from kvswap.weights.load import TensorStream
         from kvswap.weights.sources import seed_uri
+        from kvswap.weights.targets import device_of
 
         source = self.settings["source"]
         threads = int(self.settings.get("threads", 8))
-        device = _device_of(model)
+        device = device_of(model)
         tensors: Any
         stream: TensorStream | None = None
         if seed_uri(source) is not None:
@@ -73,11 +74,9 @@ class KVSwapModelLoader(BaseModelLoader):
             with torch.no_grad():
                 loaded = model.load_weights(tensors)
         finally:
-            close = getattr(tensors, "close", None)
-            if close is not None:
-                close()  # a model that stops early must not leave the loading thread waiting
             if stream is not None:
-                stream.close()  # also when load_weights failed before reading a tensor
+                tensors.close()  # a model that stops early must not leave the loading thread waiting
+                stream.close()  # nor the source open when load_weights failed before reading a tensor
         log.info("kvswap: %s from %s", stats.summary(), stats.source)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the batches' memory goes back before vLLM measures what is free
@@ -85,14 +84,6 @@ class KVSwapModelLoader(BaseModelLoader):
         if loaded is not None and expected - set(loaded):
             missing = sorted(expected - set(loaded))
             raise ConfigError(f"{source} left {len(missing)} parameters of the model unset: {missing[:5]}")
-
-
-def _device_of(model: Any) -> Any:
-    import torch
-
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 def _split_error(source: str) -> ConfigError:
