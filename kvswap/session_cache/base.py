@@ -94,9 +94,20 @@ class KVLayout:
     @property
     def fingerprint(self) -> str:
         """``model|dtype|L<layers>xH<kv heads>xD<head dim>|tp<rank>/<size>[|kv_format]``, readable
-        and exact."""
+        and exact: what one rank's blobs hold. The rank has as many digits as the largest one,
+        so every rank's blob of a span has the same size."""
+        return self._fingerprint(f"{self.tp_rank:0{len(str(self.tp_size - 1))}d}")
+
+    @property
+    def session_fingerprint(self) -> str:
+        """What a session stored by this engine is recorded with (and its prefix hashes chained
+        from): the fingerprint, with ``*`` for the rank when there are several (a session holds
+        every rank's KV)."""
+        return self.fingerprint if self.tp_size == 1 else self._fingerprint("*")
+
+    def _fingerprint(self, rank: str) -> str:
         return (f"{self.model}|{self.dtype}|L{self.num_layers}xH{self.num_kv_heads}xD{self.head_dim}"
-                f"|tp{self.tp_rank}/{self.tp_size}" + (f"|{self.kv_format}" if self.kv_format else ""))
+                f"|tp{rank}/{self.tp_size}" + (f"|{self.kv_format}" if self.kv_format else ""))
 
     def span_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)

@@ -19,7 +19,7 @@ from kvswap.session_cache.base import SwapError, chain_hash, root_hash
 from kvswap.session_cache.tiers import StoredState
 
 if TYPE_CHECKING:
-    from kvswap.meta import EntrySpec
+    from kvswap.meta import Entry, EntrySpec
     from kvswap.session_cache.store import SessionStore
 
 #: How often a commit reads meta again after losing a compare-and-swap before it gives up.
@@ -88,8 +88,6 @@ def _rebase(store: SessionStore, session_id: str, stored: StoredState, tokens: S
     """After a conflict: read meta again and set ``stored`` to what of it agrees with
     ``tokens``, up to where ``pending`` can follow. Returns (an outcome, when there is nothing
     left to append; None to try again) and the specs still to append."""
-    from kvswap.session_cache.store import well_formed
-
     if not pending:
         return "stored", pending
     try:
@@ -119,3 +117,11 @@ def _rebase(store: SessionStore, session_id: str, stored: StoredState, tokens: S
     stored.version, stored.meta_total, stored.fingerprint_ok = fresh.version, fresh.meta_total, fresh.fingerprint_ok
     stored.entries = fresh.entries
     return None, pending[first:]
+
+
+def well_formed(entry: Entry, position: int) -> bool:
+    """An entry meta handed back is usable: typed fields, contiguous with what precedes it."""
+    return (type(entry.token_offset) is int and type(entry.token_length) is int and type(entry.size) is int
+            and entry.token_offset == position and entry.token_length > 0 and entry.size > 0
+            and isinstance(entry.key, str) and isinstance(entry.connector, str)
+            and isinstance(entry.checksum, str) and isinstance(entry.prefix_hash, str))

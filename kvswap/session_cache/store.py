@@ -56,7 +56,8 @@ from kvswap.session_cache.base import (
     common_prefix,
     root_hash,
 )
-from kvswap.session_cache.commit import CommitOutcome, commit
+from kvswap.session_cache.commit import CommitOutcome, commit, well_formed
+from kvswap.session_cache.ranks import blob_keys, entry_key
 from kvswap.session_cache.tiers import Plan, Span, SpanCache, StoredState, StoreTier
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class SessionStore:
                  session_ttl: float | None = None, gc_grace: float = 600.0, span_cache_bytes: int = 0) -> None:
         self._meta = meta
         self._layout = layout
-        self.fingerprint = layout.fingerprint if layout is not None else ""
+        self.fingerprint = layout.session_fingerprint if layout is not None else ""
         self.stores = [StoreTier(c, layout, key_prefix) for c in stores]
         self.entry_tokens = entry_tokens or (entry_tokens_within(DEFAULT_ENTRY_BYTES, layout)
                                              if layout is not None else 1)
@@ -278,7 +279,7 @@ class SessionStore:
             raise ValueError("reading from a start position needs the request's tokens")
         held = [entry for entry, _ in plan.entries if entry.token_end <= start]
         wanted = [(e, s) for e, s in plan.entries[len(held):] if limit is None or e.token_offset < limit]
-        reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int], bool]]] = []
+        reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int], str, bool]]] = []
 
         def read_ahead(waiting: int) -> None:  # start reads from entry ``waiting`` on, within the budget
             ahead = sum(entry.size for entry, _ in wanted[waiting:len(reads)])
@@ -294,7 +295,7 @@ class SessionStore:
             for position, (entry, _) in enumerate(wanted):
                 read_ahead(position)
                 try:
-                    kv, span, cached = reads[position].result()
+                    kv, span, checksum, cached = reads[position].result()
                     read_ahead(position + 1)
                     if chain_hash(previous, span) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
@@ -320,7 +321,7 @@ class SessionStore:
                 take = common_prefix(span, own)
                 if limit is not None:
                     take = min(take, limit - entry.token_offset)
-                yield Span(entry, kv, span, take, cached)
+                yield Span(entry, kv, span, take, cached, checksum)
                 if take < len(span):
                     return
                 plan.stored.entries.append((entry.token_end, entry.prefix_hash))
@@ -330,13 +331,13 @@ class SessionStore:
                 future.cancel()
             concurrent.futures.wait(reads)
 
-    def _read_entry(self, entry: Entry, store: StoreTier, pin: bool) -> tuple[torch.Tensor, list[int], bool]:
+    def _read_entry(self, entry: Entry, store: StoreTier, pin: bool) -> tuple[torch.Tensor, list[int], str, bool]:
         cached = self.spans.get(entry.key)
         if cached is not None:
             return (*cached, True)
-        kv, tokens = store.read(entry, pin)
-        self.spans.put(entry.key, kv, tokens)
-        return kv, tokens, False
+        kv, tokens, checksum = store.read(entry, pin)
+        self.spans.put(entry.key, kv, tokens, checksum)
+        return kv, tokens, checksum, False
 
     def drop_from(self, session_id: str, stored: StoredState, token_offset: int) -> None:
         """Remove every entry ending after ``token_offset`` from meta (their data is bad or
@@ -379,11 +380,13 @@ class SessionStore:
         return sum(spec.size for spec in specs)
 
     def write_blobs(self, session_id: str, stored: StoredState, tokens: Sequence[int],
-                    fetch: Callable[[int, int], torch.Tensor]) -> list[EntrySpec]:
+                    fetch: Callable[[int, int], torch.Tensor],
+                    keys: Callable[[int, int], str] | None = None) -> list[EntrySpec]:
         """The data half of a write: store ``tokens[stored.tokens:]`` (``fetch(a, b)`` gives the
         KV of tokens a..b-1 as a host tensor) as blobs of at most ``entry_tokens`` tokens,
-        written in parallel (create-only). Returns the entries to :meth:`commit`, in token
-        order. SwapError on any failure, after deleting what was written."""
+        written in parallel (create-only; ``keys(a, b)`` names them, default: new keys). Returns
+        the entries to :meth:`commit`, in token order. SwapError on any failure, after deleting
+        what was written."""
         store = self.stores[0]
         writes: list[concurrent.futures.Future[EntrySpec]] = []
         spans: list[tuple[torch.Tensor, list[int]]] = []
@@ -394,7 +397,8 @@ class SessionStore:
                 previous = chain_hash(previous, tokens[start:stop])
                 kv = fetch(start, stop)
                 spans.append((kv, list(tokens[start:stop])))
-                writes.append(self._io.submit(store.write, session_id, kv, tokens[start:stop], start, previous))
+                writes.append(self._io.submit(store.write, session_id, kv, tokens[start:stop], start, previous,
+                                              keys(start, stop) if keys is not None else None))
             concurrent.futures.wait(writes)
             specs = [write.result() for write in writes]
         except KVSwapError as exc:
@@ -402,7 +406,7 @@ class SessionStore:
             self._delete_keys(store, [w.result().key for w in writes if w.exception() is None])
             raise SwapError(f"could not store session {session_id!r}: {exc}") from exc
         for spec, (kv, span) in zip(specs, spans):
-            self.spans.put(spec.key, kv, span)
+            self.spans.put(spec.key, kv, span, spec.checksum)
         return specs
 
     def commit(self, session_id: str, stored: StoredState, tokens: Sequence[int],
@@ -429,7 +433,8 @@ class SessionStore:
     def delete_blobs(self, entries: Sequence[EntrySpec]) -> None:
         """Best effort, one batch per store (meta no longer points at them; gc retries what fails)."""
         for store in self.stores:
-            keys = [entry.key for entry in entries if entry.connector == store.location and isinstance(entry.key, str)]
+            keys = [key for entry in entries if entry.connector == store.location and isinstance(entry.key, str)
+                    for key in blob_keys(entry)]
             if keys:
                 self._delete_keys(store, keys)
 
@@ -474,7 +479,7 @@ class SessionStore:
         horizon = time.time() - self.gc_grace
         for store in self.stores:
             orphans = [key for key in store.connector.list(store.prefix + "/")
-                       if (store.location, key) not in referenced
+                       if (store.location, entry_key(key)) not in referenced
                        and (store.key_time(key) or horizon) < horizon]
             store.connector.delete_many(orphans)
             removed_blobs += len(orphans) + store.connector.collect_garbage(self.gc_grace)
@@ -491,10 +496,3 @@ def entry_tokens_within(entry_bytes: int, layout: KVLayout, minimum: int = 1) ->
     a 256 MiB budget holds 2047 tokens of 128 KiB, where 2048 would take a 512 MiB buffer."""
     return max(minimum, (entry_bytes - 1) // (layout.token_bytes + 4))
 
-
-def well_formed(entry: Entry, position: int) -> bool:
-    """An entry meta handed back is usable: typed fields, contiguous with what precedes it."""
-    return (type(entry.token_offset) is int and type(entry.token_length) is int and type(entry.size) is int
-            and entry.token_offset == position and entry.token_length > 0 and entry.size > 0
-            and isinstance(entry.key, str) and isinstance(entry.connector, str)
-            and isinstance(entry.checksum, str) and isinstance(entry.prefix_hash, str))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from kvswap.blob import DTYPE_NAMES, BlobHeader, read_blob, write_blob
 from kvswap.errors import ConfigError, IntegrityError
 from kvswap.session_cache.base import KVLayout, token_bytes
+from kvswap.session_cache.ranks import RANKS_CHECKSUM
 from kvswap.uri import URI
 
 if TYPE_CHECKING:
@@ -107,6 +108,11 @@ class HostTier:
         return iter(list(self._copies))
 
 
+def new_stamp() -> str:
+    """What ends a new blob key: the time it was named (ms, for gc's grace) and 32 random bits."""
+    return f"{int(time.time() * 1000):013d}-{os.urandom(4).hex()}"
+
+
 def store_location(uri: URI) -> str:
     """A store's identity as meta records it: scheme, host, port and path; no credentials,
     no tuning options (two instances with other timeouts still share entries)."""
@@ -143,9 +149,10 @@ class StoreTier:
     def session_prefix(self, session_id: str) -> str:
         return f"{self.prefix}/{hashlib.sha256(session_id.encode()).hexdigest()[:32]}/"
 
-    def new_key(self, session_id: str, start: int, end: int) -> str:
-        stamp = int(time.time() * 1000)
-        return f"{self.session_prefix(session_id)}{start:010d}-{end:010d}-{stamp:013d}-{os.urandom(4).hex()}"
+    def new_key(self, session_id: str, start: int, end: int, stamp: str | None = None) -> str:
+        """A blob key for tokens ``start..end-1`` of the session; ``stamp`` (:func:`new_stamp`)
+        names a save's blobs alike on every rank that writes them."""
+        return f"{self.session_prefix(session_id)}{start:010d}-{end:010d}-{stamp or new_stamp()}"
 
     @staticmethod
     def key_time(key: str) -> float | None:
@@ -156,14 +163,15 @@ class StoreTier:
         return int(parts[2]) / 1000
 
     def write(self, session_id: str, kv: torch.Tensor, tokens: Sequence[int], start: int,
-              prefix_hash: str) -> EntrySpec:
-        """Store ``kv`` (token-major host tensor) for ``tokens`` at ``start``; the entry to append."""
+              prefix_hash: str, key: str | None = None) -> EntrySpec:
+        """Store ``kv`` (token-major host tensor) for ``tokens`` at ``start`` under ``key``
+        (default: a new one); the entry to append."""
         import torch
 
         from kvswap.meta import EntrySpec
 
         end = start + len(tokens)
-        key = self.new_key(session_id, start, end)
+        key = key or self.new_key(session_id, start, end)
         token_tensor = torch.frombuffer(bytearray(token_bytes(tokens)), dtype=torch.int32)
         began = time.perf_counter()
         # Tokens first (stable order among equal element sizes): a small ranged read finds them.
@@ -175,8 +183,8 @@ class StoreTier:
         return EntrySpec(token_offset=start, token_length=len(tokens), connector=self.location, key=key,
                          size=header.total_size, checksum=header.checksum or "", prefix_hash=prefix_hash)
 
-    def read(self, entry: Entry, pin: bool = False) -> tuple[torch.Tensor, list[int]]:
-        """The entry's KV (token-major host tensor) and token ids, verified against the entry:
+    def read(self, entry: Entry, pin: bool = False) -> tuple[torch.Tensor, list[int], str]:
+        """The entry's KV (token-major host tensor), token ids and checksum, verified against the entry:
         size, checksum, fingerprint, offsets and shapes (all before any buffer is allocated or
         any data read), then the bytes. IntegrityError if anything disagrees; NotFoundError if
         the blob is gone; InvalidKeyError if the entry's key is not a key."""
@@ -185,11 +193,11 @@ class StoreTier:
                          check=lambda header: self._check_header(entry, header))
         self.read_seconds += time.perf_counter() - began
         self.read_bytes += blob.header.total_size
-        return blob.tensors["kv"], blob.tensors["tokens"].tolist()
+        return blob.tensors["kv"], blob.tensors["tokens"].tolist(), blob.header.checksum or ""
 
     def _check_header(self, entry: Entry, header: BlobHeader) -> None:
         meta = header.metadata
-        if header.checksum != entry.checksum:
+        if header.checksum != entry.checksum and entry.checksum != RANKS_CHECKSUM:
             raise IntegrityError(f"{entry.key!r} holds checksum {header.checksum}, meta recorded {entry.checksum}")
         if meta.get("fingerprint") != self.layout.fingerprint:
             raise IntegrityError(f"{entry.key!r} was computed by {meta.get('fingerprint')!r}, "
@@ -220,14 +228,15 @@ class SpanCache:
         self.capacity = capacity
         self.used = 0
         self.hits = 0
-        self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int]]] = collections.OrderedDict()
+        self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int], str]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
             return key in self._spans
 
-    def get(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+    def get(self, key: str) -> tuple[torch.Tensor, list[int], str] | None:
+        """The span's KV, token ids and blob checksum, if held."""
         if not self.capacity:
             return None
         with self._lock:
@@ -237,7 +246,7 @@ class SpanCache:
                 self.hits += 1
             return found
 
-    def put(self, key: str, kv: torch.Tensor, tokens: list[int]) -> None:
+    def put(self, key: str, kv: torch.Tensor, tokens: list[int], checksum: str) -> None:
         nbytes = kv.numel() * kv.element_size()
         if not self.capacity or nbytes > self.capacity:
             return
@@ -245,9 +254,9 @@ class SpanCache:
             if key in self._spans:
                 return
             while self._spans and self.used + nbytes > self.capacity:
-                _, (old, _) = self._spans.popitem(last=False)
+                _, (old, _, _) = self._spans.popitem(last=False)
                 self.used -= old.numel() * old.element_size()
-            self._spans[key] = (kv, tokens)
+            self._spans[key] = (kv, tokens, checksum)
             self.used += nbytes
 
 
@@ -292,3 +301,4 @@ class Span:
     tokens: list[int]
     take: int
     cached: bool = False  # served by the span cache (host memory), not read from its store
+    checksum: str = ""  # its blob's checksum

@@ -8,7 +8,8 @@ The argument is a JSON object: ``model`` (a directory), and optionally ``connect
 (``kv_connector_extra_config``; absent: no connector), ``load`` (``{"source": ...}``: load
 with ``--load-format kvswap``; ``"dummy"``: random weights), ``block_size``, ``dtype``
 (float32), ``prefix_caching`` (false: every reuse is the connector's), ``max_model_len``,
-``eager`` (true; false keeps vLLM's CUDA graphs), ``gpu_memory_utilization``.
+``eager`` (true; false keeps vLLM's CUDA graphs), ``gpu_memory_utilization``,
+``tensor_parallel_size``.
 It prints ``{"ready": true}`` and then answers one JSON object per line read:
 
 * ``{"op": "chat", "messages": [...], "session": s, "max_tokens": n}`` or
@@ -43,6 +44,8 @@ def build(spec: dict[str, Any]) -> Any:
         kwargs["gpu_memory_utilization"] = float(spec["gpu_memory_utilization"])
     if "block_size" in spec:
         kwargs["block_size"] = int(spec["block_size"])
+    if "tensor_parallel_size" in spec:
+        kwargs["tensor_parallel_size"] = int(spec["tensor_parallel_size"])
     if spec.get("skip_tokenizer"):
         kwargs["skip_tokenizer_init"] = True
     load = spec.get("load")

@@ -177,3 +177,15 @@ def weights_identity(vllm_config: Any, config: ConnectorConfig) -> str:
     return f"hf:{model.model}@{model.revision or 'main'}"
 
 
+def check_kv_cache(kv_cache_config: Any) -> None:
+    """Refuse, at start, KV that kvswap does not store yet: anything but one group of full
+    attention. A hybrid model with vLLM's hybrid allocator off (as it is with a connector that
+    is not ``SupportsHMA``) has its sliding-window layers promoted to full attention: one group,
+    stored whole. A model of sliding-window layers only, MLA or state-space layers is refused
+    (vLLM frees blocks outside the window; their KV is not what kvswap would store)."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or ())
+    kinds = sorted({type(group.kv_cache_spec).__name__ for group in groups})
+    if len(groups) > 1 or set(kinds) - {"FullAttentionSpec"}:
+        raise ConfigError(f"kvswap's vLLM connector stores one group of full-attention KV; this model's KV cache has "
+                          f"{len(groups)} groups of {kinds} (sliding-window-only, MLA and hybrid state-space "
+                          "models are not supported yet)")

@@ -32,8 +32,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvswap.errors import ConfigError, KVSwapError
-from kvswap.integrations.vllm.config import ConnectorConfig
+from kvswap.errors import KVSwapError
+from kvswap.integrations.vllm.config import ConnectorConfig, check_kv_cache
 from kvswap.integrations.vllm.jobs import KVSwapConnectorMetadata, KVSwapWorkerMetadata
 from kvswap.integrations.vllm.scheduler import SchedulerSide
 from kvswap.integrations.vllm.stats import KVSwapPromMetrics, KVSwapStats
@@ -49,9 +49,9 @@ class KVSwapConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = self._kv_transfer_config
         config = ConnectorConfig.from_extra(transfer.kv_connector_extra_config)
+        if kv_cache_config is not None:
+            check_kv_cache(kv_cache_config)
         block_size = int(vllm_config.cache_config.block_size)
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise ConfigError("kvswap's vLLM connector supports one tensor-parallel rank for now")
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

@@ -23,7 +23,8 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-from kvswap.meta import Entry, EntrySpec
+from kvswap.integrations.vllm.outcomes import Fetched, Saved
+from kvswap.meta import Entry
 
 
 @dataclasses.dataclass
@@ -53,8 +54,8 @@ class LoadJob:
 @dataclasses.dataclass
 class SaveJob:
     """Write tokens ``base..len(tokens)-1`` of a finished request (held in ``block_ids``) as
-    blobs after the stored entry ending at ``base`` with prefix hash ``base_hash``; give up
-    after ``seconds``."""
+    blobs after the stored entry ending at ``base`` with prefix hash ``base_hash``, their keys
+    ending in ``stamp`` (every rank names its blobs of the save alike); give up after ``seconds``."""
 
     request_id: str
     session: str
@@ -63,6 +64,7 @@ class SaveJob:
     base_hash: str
     block_ids: list[int]
     seconds: float
+    stamp: str
 
 
 @dataclasses.dataclass
@@ -75,42 +77,20 @@ class KVSwapConnectorMetadata(KVConnectorMetadata):
 
 
 @dataclasses.dataclass
-class Fetched:
-    """A fetch's outcome: tokens ``start..end-1`` are verified and held (``end == start``: none).
-    ``source`` is where they came from ("host", "store", "host+store"); ``rejected`` counts
-    tokens of entries found damaged, missing or foreign, from ``damaged_at`` on (meta should
-    drop them); ``reason`` says why the fetch stopped short ("" when it got all it asked)."""
-
-    end: int
-    source: str = ""
-    rejected: int = 0
-    damaged_at: int | None = None
-    reason: str = ""
-    nbytes: int = 0
-    seconds: float = 0.0
-
-
-@dataclasses.dataclass
-class Saved:
-    """A save's data half: ``specs`` are the blobs written, in token order (None: nothing was
-    written, ``reason`` says why)."""
-
-    specs: list[EntrySpec] | None
-    reason: str = ""
-    nbytes: int = 0
-    seconds: float = 0.0
-
-
-@dataclasses.dataclass
 class KVSwapWorkerMetadata(KVConnectorWorkerMetadata):
-    fetched: dict[str, Fetched] = dataclasses.field(default_factory=dict)
-    saved: dict[str, Saved] = dataclasses.field(default_factory=dict)
+    """A worker's outcomes of this step, by request and rank (vLLM aggregates the ranks' into one)."""
+
+    fetched: dict[str, dict[int, Fetched]] = dataclasses.field(default_factory=dict)
+    saved: dict[str, dict[int, Saved]] = dataclasses.field(default_factory=dict)
 
     def aggregate(self, other: Any) -> KVSwapWorkerMetadata:
         if isinstance(other, KVSwapWorkerMetadata):
-            self.fetched.update(other.fetched)
-            self.saved.update(other.saved)
+            for request_id, fetched in other.fetched.items():
+                self.fetched.setdefault(request_id, {}).update(fetched)
+            for request_id, saved in other.saved.items():
+                self.saved.setdefault(request_id, {}).update(saved)
         return self
 
     def is_empty(self) -> bool:
         return not self.fetched and not self.saved
+

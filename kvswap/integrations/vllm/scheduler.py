@@ -37,18 +37,17 @@ from kvswap.connectors import open_connector
 from kvswap.errors import KVSwapError, NotFoundError
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
 from kvswap.integrations.vllm.jobs import (
-    Fetched,
     FetchJob,
     KVSwapConnectorMetadata,
     KVSwapWorkerMetadata,
     LoadJob,
-    Saved,
     SaveJob,
 )
+from kvswap.integrations.vllm.outcomes import Fetched, Saved, merge_fetched, merge_saved
 from kvswap.integrations.vllm.stats import Counters
 from kvswap.meta import open_meta_store
 from kvswap.session_cache.store import SessionStore
-from kvswap.session_cache.tiers import Plan, StoredState
+from kvswap.session_cache.tiers import Plan, StoredState, new_stamp
 from kvswap.uri import URI
 
 log = logging.getLogger("vllm.kvswap")
@@ -72,6 +71,7 @@ class _Request:
     plan: Plan | None = None
     phase: str = "lookup"  # lookup -> fetch -> ready -> loading -> done
     fetch_start: int = 0
+    fetch_end: int = 0
     fetched: Fetched | None = None
     ready_end: int = 0
     load_blocks: frozenset[int] = frozenset()
@@ -102,6 +102,8 @@ class SchedulerSide:
         self.block_size = block_size
         self.counters = Counters()
         self.layout = kv_layout(vllm_config, config)  # the weights' digest is hashed here, at start, if need be
+        self.ranks = self.layout.tp_size  # each job is done once per tensor-parallel rank
+        self._reports: dict[str, dict[str, dict[int, Any]]] = {"fetched": {}, "saved": {}}  # until every rank's
         for uri in (config.meta, *config.stores):
             URI.parse(uri)  # a malformed URI fails the engine's start, not its first request
         self._store: SessionStore | None = None
@@ -175,7 +177,7 @@ class SchedulerSide:
                                          last))
             if reusable <= num_computed:
                 return self._miss(state, "miss" if not plan.entries else "held locally")
-            state.phase, state.fetch_start = "fetch", num_computed
+            state.phase, state.fetch_start, state.fetch_end = "fetch", num_computed, reusable
             nbytes = sum(entry.size for entry, _ in plan.entries if entry.token_end > num_computed)
             seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
             state.deadline = now + seconds + REPORT_SLACK
@@ -212,17 +214,20 @@ class SchedulerSide:
         self.counters.add("lookups", why)
         return 0, False
 
-    def fetched(self, request_id: str, fetched: Fetched) -> None:
+    def fetched(self, request_id: str, reports: list[Fetched]) -> None:
+        """Every rank's fetch of a request came back (rank order)."""
         state = self._requests.get(request_id)
-        if state is None or state.phase != "fetch":
+        if state is None or state.phase != "fetch" or state.plan is None:
             self._next.releases.append(request_id)  # nobody waits for it any more
             return
+        fetched = merge_fetched(reports, [entry for entry, _ in state.plan.entries], state.fetch_start,
+                                state.fetch_end)
         state.fetched = fetched
         state.mark("fetched")
         state.source, state.rejected = fetched.source, fetched.rejected
         if fetched.rejected:
             self.counters.add("tokens rejected", "damaged or foreign", fetched.rejected)
-        if fetched.damaged_at is not None and state.plan is not None:
+        if fetched.damaged_at is not None:
             self._threads.submit(self._drop, state.session, state.plan, fetched.damaged_at)
         if fetched.nbytes:
             self.counters.add("bytes fetched", "store", fetched.nbytes)
@@ -285,6 +290,7 @@ class SchedulerSide:
     def finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """vLLM's ``request_finished``: save the turn's new tokens; report what was reused."""
         state = self._requests.pop(request.request_id, None)
+        self._reports["fetched"].pop(request.request_id, None)
         if state is None:
             return False, None
         if state.phase in ("fetch", "ready"):
@@ -313,10 +319,14 @@ class SchedulerSide:
             self._saves[request.request_id] = _Save(state.session, tokens[:computed], stored,
                                                     time.monotonic() + seconds + REPORT_SLACK)
         self._next.saves.append(SaveJob(request.request_id, state.session, tokens[:computed], base, base_hash,
-                                        list(block_ids), seconds))
+                                        list(block_ids), seconds, new_stamp()))
         return True, report  # the blocks stay until the worker has copied them out
 
-    def saved(self, request_id: str, saved: Saved) -> None:
+    def saved(self, request_id: str, reports: list[Saved]) -> None:
+        """Every rank's save of a request came back (rank order)."""
+        saved, orphans = merge_saved(reports)
+        if orphans:  # some ranks wrote theirs: nothing will point at them
+            self._threads.submit(self.store.delete_blobs, orphans)
         with self._saves_lock:
             save = self._saves.get(request_id)
             if save is None:
@@ -352,6 +362,7 @@ class SchedulerSide:
             late = [r for r, s in self._saves.items() if not s.committing and now >= s.deadline]
             for request_id in late:
                 del self._saves[request_id]
+                self._reports["saved"].pop(request_id, None)
             saving = any(s.session == session and now < s.deadline for s in self._saves.values())
         for _ in late:
             self.counters.add("saves", "timed out")
@@ -375,10 +386,23 @@ class SchedulerSide:
     def worker_output(self, worker_meta: Any) -> None:
         if not isinstance(worker_meta, KVSwapWorkerMetadata):
             return
-        for request_id, fetched in worker_meta.fetched.items():
-            self.fetched(request_id, fetched)
-        for request_id, saved in worker_meta.saved.items():
-            self.saved(request_id, saved)
+        for request_id, by_rank in worker_meta.fetched.items():
+            if (fetched := self._every_rank("fetched", request_id, by_rank)) is not None:
+                self.fetched(request_id, fetched)
+        for request_id, saved_by_rank in worker_meta.saved.items():
+            if (saved := self._every_rank("saved", request_id, saved_by_rank)) is not None:
+                self.saved(request_id, saved)
+
+    def _every_rank(self, kind: str, request_id: str, by_rank: dict[int, Any]) -> list[Any] | None:
+        """Every rank's report of a request's job, in rank order, once all of them came (they
+        may come in different steps); None until then."""
+        pending = self._reports[kind]
+        have = pending.setdefault(request_id, {})
+        have.update(by_rank)
+        if len(have) < self.ranks:
+            return None
+        del pending[request_id]
+        return [have[rank] for rank in sorted(have)]
 
     def shutdown(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=False)

@@ -32,17 +32,17 @@ from kvswap.connectors import open_connector
 from kvswap.errors import KVSwapError
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
 from kvswap.integrations.vllm.jobs import (
-    Fetched,
     FetchJob,
     KVSwapConnectorMetadata,
     KVSwapWorkerMetadata,
     LoadJob,
-    Saved,
     SaveJob,
 )
 from kvswap.integrations.vllm.kv_cache import PagedKV, layer_writer
+from kvswap.integrations.vllm.outcomes import Fetched, Saved
 from kvswap.integrations.vllm.pacing import WARM_PINNED_BYTES, ForwardClock, StoreHealth, warm_pinned
 from kvswap.session_cache.base import SwapError
+from kvswap.session_cache.ranks import rank_key, rank_view
 from kvswap.session_cache.store import SessionStore, entry_tokens_within
 from kvswap.session_cache.tiers import Span, StoredState
 
@@ -99,11 +99,13 @@ class WorkerSide:
         self._probing: set[str] = set()
         self.clock = ForwardClock()
         self._idle = False  # this step runs no forward
+        self.rank, self.ranks = 0, 1  # this worker's tensor-parallel rank, of how many
 
     # ---- registration ---------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = kv_layout(self._vllm_config, self.config)
+        self.rank, self.ranks = layout.tp_rank, layout.tp_size
         self.kv = PagedKV.register(kv_caches, lambda name: layer_writer(self._vllm_config, name),
                                    num_layers=layout.num_layers, heads=layout.num_kv_heads, head_dim=layout.head_dim,
                                    dtype=layout.torch_dtype, block_size=self.block_size)
@@ -196,7 +198,8 @@ class WorkerSide:
         with self._lock:
             if not self._fetched and not self._saved:
                 return None
-            meta = KVSwapWorkerMetadata(self._fetched, self._saved)
+            meta = KVSwapWorkerMetadata({r: {self.rank: f} for r, f in self._fetched.items()},
+                                        {r: {self.rank: s} for r, s in self._saved.items()})
             self._fetched, self._saved = {}, {}
         return meta
 
@@ -208,6 +211,7 @@ class WorkerSide:
     # ---- fetches --------------------------------------------------------------------------------
 
     def _start_fetch(self, fetch: FetchJob) -> None:
+        fetch = dataclasses.replace(fetch, entries=[rank_view(e, self.rank, self.ranks) for e in fetch.entries])
         job = _Job(fetch.request_id, time.monotonic() + fetch.seconds)
         with self._lock:
             self._fetches[fetch.request_id] = job
@@ -264,7 +268,7 @@ class WorkerSide:
         return spans, Fetched(end, source=source if spans else "", damaged_at=damaged,
                               rejected=max(0, fetch.end - damaged) if damaged is not None else 0,
                               reason=str(plan.failure or ""), nbytes=sum(s.entry.size for s in spans if not s.cached),
-                              seconds=seconds)
+                              seconds=seconds, checksums=[span.checksum for span in spans] if self.ranks > 1 else [])
 
     def _slower(self, fetch: FetchJob, planned: list[Any]) -> bool:
         """Whether reading the planned entries not in the host tier is predicted to take longer
@@ -417,7 +421,9 @@ class WorkerSide:
         stored = StoredState(entries=[(save.base, save.base_hash)] if save.base else [])
         began = time.perf_counter()
         try:
-            specs = store.write_blobs(save.session, stored, save.tokens, lambda a, b: spans[(a, b)])
+            specs = store.write_blobs(save.session, stored, save.tokens, lambda a, b: spans[(a, b)],
+                                      lambda a, b: rank_key(store.stores[0].new_key(save.session, a, b, save.stamp),
+                                                            self.rank))
         except SwapError as exc:
             self.health.down(store.stores[0].location)
             self._report_save(save, job, Saved(None, str(exc)))

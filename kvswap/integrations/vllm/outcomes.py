@@ -1,0 +1,79 @@
+"""What the connector's worker half reports of its jobs (one report per tensor-parallel rank),
+and how the ranks' reports of one job combine into what the scheduler half acts on. Plain
+data, free of vLLM imports."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvswap.meta import Entry, EntrySpec
+from kvswap.session_cache.ranks import combined_checksum, joined
+
+
+@dataclasses.dataclass
+class Fetched:
+    """A fetch's outcome: tokens ``start..end-1`` are verified and held (``end == start``: none).
+    ``source`` is where they came from ("host", "store", "host+store"); ``rejected`` counts
+    tokens of entries found damaged, missing or foreign, from ``damaged_at`` on (meta should
+    drop them); ``reason`` says why the fetch stopped short ("" when it got all it asked).
+    ``checksums``: the checksum of each entry's blob read on this rank, from the first entry
+    read (the ranks' checksums together are checked against the entry where they meet)."""
+
+    end: int
+    source: str = ""
+    rejected: int = 0
+    damaged_at: int | None = None
+    reason: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+    checksums: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Saved:
+    """A save's data half: ``specs`` are the blobs written, in token order (None: nothing was
+    written, ``reason`` says why)."""
+
+    specs: list[EntrySpec] | None
+    reason: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+def merge_fetched(reports: list[Fetched], entries: list[Entry], start: int, end: int) -> Fetched:
+    """The fetch of a request as every rank did it (``reports`` in rank order) for the tokens
+    ``start..end-1`` of ``entries``: what all ranks hold, verified together. With several
+    ranks, each entry's rank checksums must combine to the entry's checksum; the first entry
+    where they do not is damaged (its tokens and all after it are not used)."""
+    if len(reports) == 1:
+        return reports[0]
+    held = min(report.end for report in reports)
+    damaged = [report.damaged_at for report in reports if report.damaged_at is not None]
+    reason = next((r.reason for r in reports if r.end == held and r.reason), "")
+    read = [entry for entry in entries if entry.token_end > start]
+    for position in range(min(len(report.checksums) for report in reports)):
+        entry = read[position] if position < len(read) else None
+        if entry is None or combined_checksum([r.checksums[position] for r in reports]) != entry.checksum:
+            offset = entry.token_offset if entry is not None else held
+            damaged.append(offset)
+            held, reason = min(held, offset), reason or "the ranks' blobs do not match their entry"
+            break
+    damaged_at = min(damaged) if damaged else None
+    sources = {report.source for report in reports if report.source}
+    return Fetched(held, source=sources.pop() if len(sources) == 1 else "host+store" if sources else "",
+                   rejected=max(0, end - damaged_at) if damaged_at is not None else 0, damaged_at=damaged_at,
+                   reason=reason, nbytes=sum(r.nbytes for r in reports), seconds=max(r.seconds for r in reports))
+
+
+def merge_saved(reports: list[Saved]) -> tuple[Saved, list[EntrySpec]]:
+    """A save as every rank did it (``reports`` in rank order): what to commit (one entry per
+    span), and the blobs to delete when it cannot be (the ranks that wrote theirs)."""
+    written = [spec for report in reports for spec in report.specs or ()]
+    failed = next((report for report in reports if report.specs is None), None)
+    if failed is not None:
+        return Saved(None, failed.reason), written
+    try:
+        specs = joined([report.specs or [] for report in reports])
+    except ValueError as exc:
+        return Saved(None, str(exc)), written
+    return Saved(specs, nbytes=sum(r.nbytes for r in reports), seconds=max(r.seconds for r in reports)), []
