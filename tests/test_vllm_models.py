@@ -80,3 +80,59 @@ def test_sliding_window_only_is_refused_at_start(models: Path, tmp_path: Path) -
     with pytest.raises(RuntimeError) as failed:
         engine(models / "mistral", tmp_path / "mistral.log", tmp_path / "store")
     assert "sliding-window-only" in str(failed.value) or "sliding-window-only" in (tmp_path / "mistral.log").read_text()
+
+
+QUESTIONS = ["What is the capital of France?", "And of Italy?", "Name a river that flows through it."]
+FIRST_WORDS = "(message['content'].split(' ')[:3] | join(' ') if message['role'] == 'assistant' else message['content'])"
+
+
+@pytest.fixture(scope="module")
+def short_memory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 whose chat template sends earlier answers back cut to their first three words
+    (as a reasoning model's drops their thinking)."""
+    from kvswap.engine.pretrained import prepare
+
+    model = prepare("smollm2", progress=False)
+    directory = tmp_path_factory.mktemp("smollm2-short-memory")
+    for item in model.iterdir():
+        (directory / item.name).symlink_to(item)
+    template = (model / "chat_template.jinja").read_text()
+    assert "message['content']" in template
+    (directory / "chat_template.jinja").unlink()
+    (directory / "chat_template.jinja").write_text(template.replace("message['content']", FIRST_WORDS))
+    return directory
+
+
+def converse(driver: Driver, session: str | None) -> list[dict[str, Any]]:
+    messages: list[dict[str, str]] = []
+    replies = []
+    for question in QUESTIONS:
+        messages.append({"role": "user", "content": question})
+        replies.append(driver.ask(op="chat", messages=messages, session=session, max_tokens=24))
+        messages.append({"role": "assistant", "content": replies[-1]["text"]})
+    return replies
+
+
+def test_answer_kv_the_next_turn_does_not_send_is_not_stored(short_memory: Path, tmp_path: Path) -> None:
+    from kvswap.meta import open_meta_store
+
+    outcome = {}
+    for trim in (True, False):
+        store = tmp_path / f"trim-{trim}"
+        driver = Driver({"model": str(short_memory), "connector": {
+            "store": f"file://{store}/kv", "meta": f"sqlite:///{store}/meta.db", "trim_answers": trim}},
+            tmp_path / f"trim-{trim}.log", timeout=600)
+        try:
+            reference, replies = converse(driver, None), converse(driver, "short")
+        finally:
+            driver.close()
+        assert [r["tokens"] for r in replies] == [r["tokens"] for r in reference], trim
+        with open_meta_store(f"sqlite:///{store}/meta.db") as meta:
+            outcome[trim] = (meta.get("short").total_tokens, [r["cached"] for r in replies],
+                             [r["kvswap"].get("unstored_tokens", 0) for r in replies])
+    (stored, cached, unstored), (stored_all, cached_all, unstored_all) = outcome[True], outcome[False]
+    # The same reuse either way (kvswap reuses up to the first token the template changed), but
+    # trimmed, the answers' tails are not stored: every turn reports what it left out.
+    assert cached == cached_all and all(c > 0 for c in cached[1:])
+    assert all(u > 0 for u in unstored) and not any(unstored_all)
+    assert stored == stored_all - unstored[-1]  # meta holds the last turn's prompt and what of its answer is sent again

@@ -54,7 +54,10 @@ class ConnectorConfig:
     * ``whole_blocks`` (false): store and reuse whole blocks only, as vLLM's own prefix cache
       does (up to ``block_size - 1`` tokens more are computed each turn), so that a turn
       computes exactly what it would after a prefix-cache hit: the same tokens as vLLM with
-      its prefix cache, bit for bit.
+      its prefix cache, bit for bit;
+    * ``trim_answers`` (true): when the model's chat template rewrites earlier answers (reasoning
+      models drop their thinking), store each answer only as far as the next turn sends it
+      again (:mod:`.answers`); the rest is counted as not stored.
     """
 
     meta: str
@@ -68,9 +71,10 @@ class ConnectorConfig:
     probe_partial: bool = True
     recompute_when_faster: bool = True
     whole_blocks: bool = False
+    trim_answers: bool = True
 
     KEYS = ("meta", "store", "directory", "host_bytes", "model_id", "entry_bytes", "io_threads", "session_ttl",
-            "timeout", "probe_partial", "recompute_when_faster", "whole_blocks")
+            "timeout", "probe_partial", "recompute_when_faster", "whole_blocks", "trim_answers")
 
     def __repr__(self) -> str:  # URIs without their passwords
         def shown(uri: str) -> str:
@@ -108,7 +112,8 @@ class ConnectorConfig:
                          timeout=float(extra.get("timeout", 5.0)),
                          probe_partial=_flag(extra.get("probe_partial", True)),
                          recompute_when_faster=_flag(extra.get("recompute_when_faster", True)),
-                         whole_blocks=_flag(extra.get("whole_blocks", False)))
+                         whole_blocks=_flag(extra.get("whole_blocks", False)),
+                         trim_answers=_flag(extra.get("trim_answers", True)))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"a kvswap connector setting is malformed: {exc}") from None
         if not config.timeout > 0 or config.io_threads < 1:

@@ -35,6 +35,7 @@ from typing import Any
 
 from kvswap.connectors import open_connector
 from kvswap.errors import KVSwapError, NotFoundError
+from kvswap.integrations.vllm.answers import NextTurn
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
 from kvswap.integrations.vllm.jobs import (
     FetchJob,
@@ -115,6 +116,12 @@ class SchedulerSide:
         self._meta_down_until = 0.0
         self._next = KVSwapConnectorMetadata()
         self._threads.submit(self._open_quietly)  # meta and stores open off the scheduler's thread
+        self.next_turn: NextTurn | None = None  # set when the chat template rewrites answers sent back
+        if config.trim_answers:
+            self._threads.submit(self._ask_template, vllm_config)
+
+    def _ask_template(self, vllm_config: Any) -> None:
+        self.next_turn = NextTurn.of(vllm_config)
 
     @property
     def store(self) -> SessionStore:
@@ -304,6 +311,7 @@ class SchedulerSide:
             return False, report  # nothing is known to build on, or meta cannot take it
         tokens = list(request.all_token_ids)
         computed = self._aligned(min(int(request.num_computed_tokens), len(tokens) - 1))  # the last token's: never
+        computed = self._sent_again(request, tokens, computed, report["kvswap"])
         # What this turn builds on: the entries it loaded (its own KV beyond them is what it
         # computed), or, when it loaded nothing, those meta holds for its tokens, minus any found damaged.
         damaged = state.fetched.damaged_at if state.fetched is not None else None
@@ -321,6 +329,19 @@ class SchedulerSide:
         self._next.saves.append(SaveJob(request.request_id, state.session, tokens[:computed], base, base_hash,
                                         list(block_ids), seconds, new_stamp()))
         return True, report  # the blocks stay until the worker has copied them out
+
+    def _sent_again(self, request: Any, tokens: list[int], computed: int, report: dict[str, Any]) -> int:
+        """``computed`` cut where the next turn stops sending this turn's answer again (a
+        reasoning model's template drops its thinking): KV past that point is never reused."""
+        prompt = int(getattr(request, "num_prompt_tokens", 0) or 0)
+        if self.next_turn is None or computed <= prompt:
+            return computed
+        kept = self._aligned(min(computed, prompt + self.next_turn.kept(tokens[prompt:])))
+        if kept < computed:
+            dropped = report["unstored_tokens"] = computed - kept
+            self.counters.add("tokens not stored", "not sent again", dropped)
+            self.counters.add("bytes not stored", "not sent again", dropped * self.layout.token_bytes * self.ranks)
+        return kept
 
     def saved(self, request_id: str, reports: list[Saved]) -> None:
         """Every rank's save of a request came back (rank order)."""

@@ -22,6 +22,9 @@ FAMILIES = {
     "saves": ("vllm:kvswap_saves_total", "Finished turns' saves, by outcome", "outcome"),
     "bytes fetched": ("vllm:kvswap_fetched_bytes_total", "Bytes read from stores", "source"),
     "bytes saved": ("vllm:kvswap_saved_bytes_total", "Bytes written to stores", "source"),
+    "tokens not stored": ("vllm:kvswap_unstored_tokens_total",
+                          "Answer tokens not stored: the next turn does not send them again", "reason"),
+    "bytes not stored": ("vllm:kvswap_unstored_bytes_total", "Bytes of answer KV not stored", "reason"),
 }
 
 
