@@ -158,6 +158,35 @@ for dtype, dim in ((torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 12
     kv.gather([1, 2, 5], start, stop, back)
     assert torch.equal(back, written * 2), (dtype, dim, isa)
     print("ok", dtype, dim, isa, kv.pages is not None)
+# An fp8 cache (bytes to vLLM): the writer quantizes float32 values; kvswap moves the bytes as they are.
+from kvswap.integrations.vllm.kv_cache import as_held
+for name, fp8, spacing in (("fp8", torch.float8_e4m3fn, 2 ** -3), ("fp8_e5m2", torch.float8_e5m2, 2 ** -2)):
+    blocks, heads, block, dim = 6, 2, 128, 64
+    isa = _get_attn_isa(torch.float32, block, dim, name)
+
+    def write(cache, key, value, slots):
+        key_cache, value_cache = cache.view(cache.shape[0], heads, block * 2, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype=name)
+
+    tensors = {f"model.layers.{i}.attn": torch.zeros(blocks, heads, block, 2 * dim, dtype=torch.uint8)
+               for i in range(2)}
+    kv = PagedKV.register(tensors, lambda name: write, num_layers=2, heads=heads, head_dim=dim, dtype=fp8,
+                          block_size=block, values=torch.float32)
+    start, stop, ids = 5, 2 * block + 9, [3, 0, 4]
+    positions = torch.arange(start, stop)
+    slots = torch.tensor(ids)[positions // block] * block + positions % block
+    written = torch.randn(2, 2, stop - start, heads, dim)
+    for index, layer in enumerate(tensors.values()):
+        write(layer, written[index, 0].contiguous(), written[index, 1].contiguous(), slots)
+    out = torch.empty(written.shape, dtype=fp8)
+    kv.gather(ids, start, stop, as_held(out))
+    assert torch.allclose(out.float(), written, rtol=spacing * 1.01, atol=0.02), name  # what the writer quantized
+    kv.scatter(as_held(out), [1, 2, 5], start)
+    back = torch.empty(written.shape, dtype=fp8)
+    kv.gather([1, 2, 5], start, stop, as_held(back))
+    assert torch.equal(as_held(back), as_held(out)), name  # byte for byte
+    print("ok", name)
 """
 
 
@@ -165,7 +194,7 @@ for dtype, dim in ((torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 12
 def test_vllm_cpu_cache_writer_round_trips() -> None:
     done = subprocess.run([str(vllm_python()), "-c", REAL_WRITER], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("ok") == 3, done.stdout
+    assert done.stdout.count("ok") == 5, done.stdout
 
 
 def emulate_move(kv: PagedKV, stage: torch.Tensor, rows, to_pages: bool) -> None:

@@ -24,15 +24,18 @@ pytestmark = pytest.mark.skipif(vllm_python() is None and not os.environ.get("KV
 WINDOW = 32
 MAKE = """
 import sys, torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM)
 torch.manual_seed(0)
 shape = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, sliding_window=%d)
+             max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, sliding_window=WINDOW)
 Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=4, head_dim=64, pad_token_id=0, layer_types=[
     "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"], **shape)
     ).save_pretrained(sys.argv[1] + "/gemma3")
 MistralForCausalLM(MistralConfig(num_hidden_layers=2, **shape)).save_pretrained(sys.argv[1] + "/mistral")
-""" % WINDOW
+shape.pop("sliding_window")
+LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **shape)).save_pretrained(sys.argv[1] + "/llama")
+""".replace("WINDOW", str(WINDOW))
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def engine(model: Path, log: Path, store: Path) -> Driver:
+def engine(model: Path, log: Path, store: Path, **spec: Any) -> Driver:
     return Driver({"model": str(model), "skip_tokenizer": True, "max_model_len": 2048,
-                   "connector": {"store": f"file://{store}/kv", "meta": f"sqlite:///{store}/meta.db"}}, log,
+                   "connector": {"store": f"file://{store}/kv", "meta": f"sqlite:///{store}/meta.db"}, **spec}, log,
                   timeout=600)
 
 
@@ -82,8 +85,38 @@ def test_sliding_window_only_is_refused_at_start(models: Path, tmp_path: Path) -
     assert "sliding-window-only" in str(failed.value) or "sliding-window-only" in (tmp_path / "mistral.log").read_text()
 
 
+
+def test_fp8_kv_is_stored_as_written_and_another_fp8_is_a_miss(models: Path, tmp_path: Path) -> None:
+    """``kv_cache_dtype="fp8"``: kvswap moves and stores the cache's bytes (one per value, not
+    dequantized); the chat is exact against the same fp8 engine without a session. An engine
+    whose cache is fp8 e5m2 finds nothing of it."""
+    from kvswap.meta import open_meta_store
+    from kvswap.session_cache.base import KVLayout
+
+    store = tmp_path / "store"
+    driver = engine(models / "llama", tmp_path / "fp8.log", store, kv_cache_dtype="fp8")
+    try:
+        reference, replies = chat(driver, None), chat(driver, "fp8")
+    finally:
+        driver.close()
+    assert [r["tokens"] for r in replies] == [r["tokens"] for r in reference]
+    assert all(r["kvswap"]["loaded_tokens"] == r["cached"] > 0 for r in replies[1:])
+    with open_meta_store(f"sqlite:///{store}/meta.db") as meta:
+        session, entries = meta.read("fp8")
+    assert "|float8_e4m3fn|" in session.fingerprint
+    token_bytes = KVLayout("m", 2, 2, 64, "float8_e4m3fn").token_bytes  # one byte a value
+    assert all(e.size < e.token_length * (token_bytes + 4) + 4096 for e in entries)
+    driver = engine(models / "llama", tmp_path / "e5m2.log", store, kv_cache_dtype="fp8_e5m2")
+    try:
+        other = driver.ask(op="generate", tokens=replies[-1]["prompt"] + replies[-1]["tokens"] + [5, 6, 7],
+                           session="fp8", max_tokens=4, ignore_eos=True)
+    finally:
+        driver.close()
+    assert other["kvswap"]["loaded_tokens"] == other["cached"] == 0
+
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Name a river that flows through it."]
-FIRST_WORDS = "(message['content'].split(' ')[:3] | join(' ') if message['role'] == 'assistant' else message['content'])"
+FIRST_WORDS = ("(message['content'].split(' ')[:3] | join(' ') if message['role'] == 'assistant' "
+               "else message['content'])")
 
 
 @pytest.fixture(scope="module")

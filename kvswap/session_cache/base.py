@@ -70,6 +70,9 @@ class KVLayout:
     # another format is a miss. Empty for kvswap's own engine and vLLM (both move token-major
     # KV through what their own kernels write, so they share sessions).
     kv_format: str = ""
+    # What KV values also depend on, known only where the model runs: the digest of an fp8
+    # cache's per-layer scales. In the blobs' fingerprint, not the session's.
+    kv_scales: str = ""
 
     @property
     def token_bytes(self) -> int:
@@ -95,15 +98,17 @@ class KVLayout:
     def fingerprint(self) -> str:
         """``model|dtype|L<layers>xH<kv heads>xD<head dim>|tp<rank>/<size>[|kv_format]``, readable
         and exact: what one rank's blobs hold. The rank has as many digits as the largest one,
-        so every rank's blob of a span has the same size."""
-        return self._fingerprint(f"{self.tp_rank:0{len(str(self.tp_size - 1))}d}")
+        so every rank's blob of a span has the same size. ``|scales:<digest>`` ends it for an
+        fp8 cache."""
+        return (self._fingerprint(f"{self.tp_rank:0{len(str(self.tp_size - 1))}d}")
+                + (f"|scales:{self.kv_scales}" if self.kv_scales else ""))
 
     @property
     def session_fingerprint(self) -> str:
         """What a session stored by this engine is recorded with (and its prefix hashes chained
         from): the fingerprint, with ``*`` for the rank when there are several (a session holds
-        every rank's KV)."""
-        return self.fingerprint if self.tp_size == 1 else self._fingerprint("*")
+        every rank's KV), without the scales (the blobs' fingerprint checks them)."""
+        return self._fingerprint(str(self.tp_rank) if self.tp_size == 1 else "*")
 
     def _fingerprint(self, rank: str) -> str:
         return (f"{self.model}|{self.dtype}|L{self.num_layers}xH{self.num_kv_heads}xD{self.head_dim}"

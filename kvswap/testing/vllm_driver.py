@@ -9,7 +9,7 @@ The argument is a JSON object: ``model`` (a directory), and optionally ``connect
 with ``--load-format kvswap``; ``"dummy"``: random weights), ``block_size``, ``dtype``
 (float32), ``prefix_caching`` (false: every reuse is the connector's), ``max_model_len``,
 ``eager`` (true; false keeps vLLM's CUDA graphs), ``gpu_memory_utilization``,
-``tensor_parallel_size``.
+``tensor_parallel_size``, ``kv_cache_dtype``.
 It prints ``{"ready": true}`` and then answers one JSON object per line read:
 
 * ``{"op": "chat", "messages": [...], "session": s, "max_tokens": n}`` or
@@ -44,6 +44,8 @@ def build(spec: dict[str, Any]) -> Any:
         kwargs["gpu_memory_utilization"] = float(spec["gpu_memory_utilization"])
     if "block_size" in spec:
         kwargs["block_size"] = int(spec["block_size"])
+    if "kv_cache_dtype" in spec:
+        kwargs["kv_cache_dtype"] = spec["kv_cache_dtype"]
     if "tensor_parallel_size" in spec:
         kwargs["tensor_parallel_size"] = int(spec["tensor_parallel_size"])
     if spec.get("skip_tokenizer"):

@@ -24,6 +24,8 @@ from kvswap.uri import URI, parse_bool, parse_size
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
 
 DEFAULT_DIRECTORY = "/tmp/kvswap-vllm"
+#: vLLM's fp8 cache dtypes -> the values' dtype (vLLM keeps them as bytes; "fp8" is e4m3).
+FP8_CACHES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +144,37 @@ def kv_layout(vllm_config: Any, config: ConnectorConfig) -> KVLayout:
     model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     if parallel.pipeline_parallel_size != 1:
         raise ConfigError("kvswap's vLLM connector does not support pipeline parallelism yet")
-    if cache.cache_dtype not in ("auto", None):
-        raise ConfigError(f"kvswap stores KV as the model's dtype; kv_cache_dtype={cache.cache_dtype!r} is not "
-                          "supported")
-    dtype = model.dtype if isinstance(model.dtype, torch.dtype) else getattr(torch, str(model.dtype))
+    if cache.cache_dtype in ("auto", None):
+        dtype = model.dtype if isinstance(model.dtype, torch.dtype) else getattr(torch, str(model.dtype))
+    elif cache.cache_dtype in FP8_CACHES:
+        if getattr(cache, "calculate_kv_scales", False):
+            raise ConfigError("kvswap stores fp8 KV with the scales it was written with; scales calculated at run "
+                              "time (calculate_kv_scales) differ between engines: not supported")
+        dtype = getattr(torch, FP8_CACHES[cache.cache_dtype])
+    else:
+        raise ConfigError(f"kvswap stores KV in the model's dtype or fp8; kv_cache_dtype={cache.cache_dtype!r} is "
+                          "not supported")
     return KVLayout(model=weights_identity(vllm_config, config),
                     num_layers=model.get_num_layers(parallel), num_kv_heads=model.get_num_kv_heads(parallel),
                     head_dim=model.get_head_size(), dtype=str(dtype).removeprefix("torch."),
                     tp_rank=_tp_rank(parallel), tp_size=parallel.tensor_parallel_size)
+
+
+def value_dtype(vllm_config: Any) -> Any:
+    """The dtype of the K and V values the model computes (before an fp8 cache stores them)."""
+    import torch
+
+    dtype = vllm_config.model_config.dtype
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+
+
+def kv_scales(vllm_config: Any, kv_caches: Any) -> str:
+    """A digest of the per-layer K and V scales an fp8 cache was written with (in the blobs'
+    fingerprint: KV written with other scales is rejected, never dequantized wrongly)."""
+    context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    scales = [[name, float(getattr(context.get(name), "_k_scale_float", 1.0)),
+               float(getattr(context.get(name), "_v_scale_float", 1.0))] for name in sorted(kv_caches)]
+    return hashlib.sha256(json.dumps(scales).encode()).hexdigest()[:16]
 
 
 def _tp_rank(parallel: Any) -> int:

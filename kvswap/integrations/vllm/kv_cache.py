@@ -12,7 +12,8 @@ writer (``impl.do_kv_cache_update``, which calls ``reshape_and_cache_flash`` on 
 ``cpu_attn_reshape_and_cache`` on the CPU) into the real layer tensor, over two blocks:
 
 1. NaN into every (slot, K|V, head, dim) of two blocks: the elements that turn NaN are the
-   ones the writer owns for those blocks (the cache holds zeros when vLLM registers it);
+   ones the writer owns for those blocks (the cache holds zeros when vLLM registers it; an
+   fp8 writer saturates NaN to its largest value: there, the elements that turn non-zero);
 2. each value's number, digit by digit in a base the dtype holds exactly: where each value
    went;
 3. zeros back where they were.
@@ -23,7 +24,8 @@ same map serves all. A writer whose blocks do not repeat at a fixed distance, or
 give each value an element of its own, is refused when the engine starts. Gathers and
 scatters move exactly the elements the kernel owns, on the CPU through strided views of
 whole pages (a permutation of axes) or an element gather, on a GPU through one kernel for
-all layers (:mod:`.gpu`).
+all layers (:mod:`.gpu`). An fp8 cache (bytes to vLLM) is moved as bytes, as the writer
+quantized it: stored KV is what the model attends to, never dequantized and quantized again.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 #: Integers each dtype holds exactly: the probe writes its numbers in digits of this base.
-_EXACT = {"float32": 1 << 24, "float16": 1 << 11, "bfloat16": 1 << 8}
+_EXACT = {"float32": 1 << 24, "float16": 1 << 11, "bfloat16": 1 << 8, "float8_e4m3fn": 16, "float8_e5m2": 8}
 #: Elements of a cache scanned at once when looking for the probe's NaNs (bounds the scan's memory).
 _SCAN = 1 << 26
 
@@ -59,10 +61,21 @@ def layer_writer(vllm_config: Any, layer_name: str) -> Writer:
         raise ConfigError(f"vLLM layer {layer_name!r} has no cache writer (impl.do_kv_cache_update) for kvswap to "
                           "learn its KV layout from")
 
+    k_scale, v_scale = float(getattr(layer, "_k_scale_float", 1.0)), float(getattr(layer, "_v_scale_float", 1.0))
+
     def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        if cache.element_size() == 1:  # an fp8 cache stores value / scale: the probe's numbers must arrive whole
+            key, value = key * k_scale, value * v_scale
         update(layer, key, value, cache, slots)
 
     return write
+
+
+def as_held(kv: torch.Tensor) -> torch.Tensor:
+    """``kv`` as :class:`PagedKV` moves it: an fp8 tensor as its bytes (a view)."""
+    import torch
+
+    return kv.view(torch.uint8) if kv.element_size() == 1 else kv
 
 
 def layer_index(name: str) -> int:
@@ -98,20 +111,27 @@ class PagedKV:
 
     @classmethod
     def register(cls, kv_caches: Mapping[str, torch.Tensor], writer: Callable[[str], Writer], *, num_layers: int,
-                 heads: int, head_dim: int, dtype: torch.dtype, block_size: int) -> PagedKV:
+                 heads: int, head_dim: int, dtype: torch.dtype, block_size: int,
+                 values: torch.dtype | None = None) -> PagedKV:
         """Check vLLM's per-layer tensors against the fingerprint and learn their layout from
-        the first layer's own cache writer (``writer(layer name)``)."""
+        the first layer's own cache writer (``writer(layer name)``, which takes K and V as
+        ``values``, the model's dtype, and stores them as ``dtype``). An fp8 cache (vLLM keeps
+        it as bytes) is moved as bytes: its storages are uint8, and so must be what
+        :meth:`gather` and :meth:`scatter` are given (a ``.view(torch.uint8)``)."""
+        import torch
+
         ordered = ordered_layers(kv_caches)
         if len(ordered) != num_layers:
             raise ConfigError(f"vLLM registered {len(ordered)} KV layers; the model has {num_layers}")
         first = ordered[0][1]
-        if any(t.dtype != dtype or t.shape != first.shape or t.stride() != first.stride() or t.device != first.device
-               for _, t in ordered):
+        held = torch.uint8 if dtype.itemsize == 1 else dtype
+        if any(t.dtype not in (dtype, held) or t.shape != first.shape or t.stride() != first.stride()
+               or t.device != first.device for _, t in ordered):
             raise ConfigError(f"vLLM's KV layers are not alike {dtype} tensors: "
-                              f"{sorted({(tuple(t.shape), t.stride()) for _, t in ordered})}")
-        where, stride, low = _probe(writer(ordered[0][0]), first, heads, head_dim, block_size, dtype)
+                              f"{sorted({(str(t.dtype), tuple(t.shape), t.stride()) for _, t in ordered})}")
+        where, stride, low = _probe(writer(ordered[0][0]), first, heads, head_dim, block_size, dtype, values or dtype)
         page = int(where.max()) + 1
-        storages = [_storage_of(t) for _, t in ordered]
+        storages = [_storage_of(t).view(held) for _, t in ordered]
         return cls(storages, [int(t.storage_offset()) + low for _, t in ordered], where, stride, page, heads, head_dim,
                    block_size)
 
@@ -326,35 +346,39 @@ def _storage_of(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _nan_positions(flat: torch.Tensor) -> torch.Tensor:
-    """Positions of NaN elements of a flat tensor, on the CPU (scanned in pieces)."""
+    """Positions of NaN elements of a flat tensor (of an fp8 one: non-zero), on the CPU
+    (scanned in pieces)."""
     import torch
 
-    found = [torch.nonzero(flat[low:low + _SCAN].isnan()).flatten().cpu() + low
-             for low in range(0, flat.numel(), _SCAN)]
+    def nan(piece: torch.Tensor) -> torch.Tensor:  # fp8 writers saturate NaN to the largest value: not zero
+        return piece.view(torch.uint8) != 0 if piece.element_size() == 1 else piece.isnan()
+
+    found = [torch.nonzero(nan(flat[low:low + _SCAN])).flatten().cpu() + low for low in range(0, flat.numel(), _SCAN)]
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
 
 
 def _probe(write: Writer, cache: torch.Tensor, heads: int, head_dim: int, block_size: int,
-           dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+           dtype: torch.dtype, values: torch.dtype) -> tuple[torch.Tensor, int, int]:
     """Where ``write`` puts each value of blocks 0 and 1 of ``cache`` (see the module
-    docstring). Returns ``where`` (relative to the lowest element of block 0), the distance
-    between consecutive blocks, and that lowest element relative to ``cache``'s own offset."""
+    docstring; it takes ``values`` and stores ``dtype``). Returns ``where`` (relative to the
+    lowest element of block 0), the distance between consecutive blocks, and that lowest
+    element relative to ``cache``'s own offset."""
     import torch
 
     base = _EXACT.get(str(dtype).removeprefix("torch."))
     if base is None:
         raise ConfigError(f"kvswap cannot probe a {dtype} KV cache")
-    flat, device = _storage_of(cache), cache.device
+    flat, device = _storage_of(cache).view(dtype), cache.device
     slots = torch.arange(2 * block_size, dtype=torch.int64, device=device)
     count = 2 * block_size * 2 * heads * head_dim
     already = _nan_positions(flat)
-    nan = torch.full((2 * block_size, heads, head_dim), float("nan"), dtype=dtype, device=device)
+    nan = torch.full((2 * block_size, heads, head_dim), float("nan"), dtype=values, device=device)
     write(cache, nan, nan, slots)
     owned = _nan_positions(flat)
     if already.numel():
         owned = owned[~torch.isin(owned, already)]
     if owned.numel() != count:
-        flat[owned.to(device)] = 0
+        flat.view(torch.uint8 if dtype.itemsize == 1 else dtype)[owned.to(device)] = 0
         raise ConfigError(f"vLLM's cache writer wrote {owned.numel()} elements for {count} values: "
                           "an unknown KV layout")
     positions = owned.to(device)
@@ -363,12 +387,12 @@ def _probe(write: Writer, cache: torch.Tensor, heads: int, head_dim: int, block_
     scale = 1
     try:
         while scale < count:
-            digits = ((numbers // scale) % base).to(dtype).to(device)
+            digits = ((numbers // scale) % base).to(values).to(device)
             write(cache, digits[:, 0].contiguous(), digits[:, 1].contiguous(), slots)
-            found += flat[positions].cpu().to(torch.int64) * scale
+            found += flat[positions].cpu().float().to(torch.int64) * scale
             scale *= base
     finally:
-        flat[positions] = 0  # what vLLM allocated
+        flat.view(torch.uint8 if dtype.itemsize == 1 else dtype)[positions] = 0  # what vLLM allocated
     if not torch.equal(torch.sort(found).values, torch.arange(count)):
         raise ConfigError("vLLM's cache writer does not give each token's K and V values elements of their own: "
                           "an unknown KV layout")

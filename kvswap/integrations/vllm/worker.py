@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from kvswap.connectors import open_connector
-from kvswap.errors import KVSwapError
-from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
+from kvswap.errors import ConfigError, KVSwapError
+from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_scales, value_dtype
 from kvswap.integrations.vllm.jobs import (
     FetchJob,
     KVSwapConnectorMetadata,
@@ -38,7 +38,7 @@ from kvswap.integrations.vllm.jobs import (
     LoadJob,
     SaveJob,
 )
-from kvswap.integrations.vllm.kv_cache import PagedKV, layer_writer
+from kvswap.integrations.vllm.kv_cache import PagedKV, as_held, layer_writer
 from kvswap.integrations.vllm.outcomes import Fetched, Saved
 from kvswap.integrations.vllm.pacing import WARM_PINNED_BYTES, ForwardClock, StoreHealth, warm_pinned
 from kvswap.session_cache.base import SwapError
@@ -106,9 +106,15 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = kv_layout(self._vllm_config, self.config)
         self.rank, self.ranks = layout.tp_rank, layout.tp_size
+        if layout.itemsize == 1 and any(t.device.type != "cpu" for t in kv_caches.values()):
+            raise ConfigError("kvswap's fp8 KV has run on vLLM's CPU backend only; on a GPU it is not supported yet "
+                              "(use kv_cache_dtype auto)")
         self.kv = PagedKV.register(kv_caches, lambda name: layer_writer(self._vllm_config, name),
                                    num_layers=layout.num_layers, heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                                   dtype=layout.torch_dtype, block_size=self.block_size)
+                                   dtype=layout.torch_dtype, block_size=self.block_size,
+                                   values=value_dtype(self._vllm_config))
+        if layout.itemsize == 1:
+            layout = dataclasses.replace(layout, kv_scales=kv_scales(self._vllm_config, kv_caches))
         self.store = SessionStore(None, [open_connector(uri) for uri in self.config.stores], layout,
                                   io_threads=self.config.io_threads,
                                   entry_tokens=max(self.block_size,
@@ -369,7 +375,7 @@ class WorkerSide:
         assert self.kv is not None
         try:
             for kv, offset, low, high in pieces:
-                self.kv.scatter(kv[:, :, low - offset:high - offset], load.block_ids, low)
+                self.kv.scatter(as_held(kv[:, :, low - offset:high - offset]), load.block_ids, low)
         except Exception:
             log.exception("kvswap: loading request %s into its blocks failed", load.request_id)
             self._fail_load(load, job)
@@ -437,7 +443,7 @@ class WorkerSide:
         assert self.kv is not None
         layout = self._store().layout
         out = torch.empty(layout.span_shape(stop - start), dtype=layout.torch_dtype)
-        self.kv.gather(block_ids, start, stop, out)
+        self.kv.gather(block_ids, start, stop, as_held(out))
         return out
 
     def _report_save(self, save: SaveJob, job: _Job, saved: Saved) -> bool:
