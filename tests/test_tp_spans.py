@@ -69,8 +69,8 @@ def test_merged_fetch_holds_what_every_rank_holds_and_checks_the_checksums() -> 
     entries = [Entry.of(dataclasses.replace(spec(0, start, 16, "x"), checksum=combined_checksum([f"a{start}",
                                                                                                    f"b{start}"])),
                         "s", seq, 0.0) for seq, start in enumerate((0, 16, 32))]
-    good = [Fetched(48, "store", nbytes=10, seconds=1.0, checksums=["a0", "a16", "a32"]),
-            Fetched(40, "host", nbytes=5, seconds=2.0, checksums=["b0", "b16", "b32"])]
+    good = [Fetched(48, "store", nbytes=10, seconds=1.0, checksums=["a0", "a16", "a32"], share=0),
+            Fetched(40, "host", nbytes=5, seconds=2.0, checksums=["b0", "b16", "b32"], share=1)]
     merged = merge_fetched(good, entries, 0, 48)
     assert (merged.end, merged.source, merged.nbytes, merged.seconds, merged.damaged_at) == (40, "host+store", 15, 2.0,
                                                                                             None)
@@ -78,8 +78,14 @@ def test_merged_fetch_holds_what_every_rank_holds_and_checks_the_checksums() -> 
     merged = merge_fetched(bad, entries, 0, 48)
     assert (merged.end, merged.damaged_at, merged.rejected) == (16, 16, 32) and merged.reason
     # From a start inside the history, the reports' checksums begin at the first entry read.
-    assert merge_fetched([Fetched(48, checksums=["a16", "a32"]), Fetched(48, checksums=["b16", "b32"])],
+    assert merge_fetched([Fetched(48, checksums=["a16", "a32"]), Fetched(48, checksums=["b16", "b32"], share=1)],
                          entries, 20, 48).end == 48
+    # Four ranks holding two KV heads (two shares, each read by two ranks): the shares combine,
+    # and two ranks of one share must have read the same blob.
+    replicated = [dataclasses.replace(good[share], end=48, share=share) for share in (0, 0, 1, 1)]
+    assert merge_fetched(replicated, entries, 0, 48).end == 48
+    replicated[3] = dataclasses.replace(replicated[3], checksums=["b0", "b16", "x"])
+    assert merge_fetched(replicated, entries, 0, 48).damaged_at == 32
     one = Fetched(48, "store")
     assert merge_fetched([one], entries, 0, 48) is one
 
@@ -91,3 +97,6 @@ def test_merged_save_commits_all_or_deletes_what_was_written() -> None:
     assert (saved.nbytes, saved.seconds) == (200, 1.5)
     saved, orphans = merge_saved([ranks[0], Saved(None, "store full")])
     assert saved.specs is None and saved.reason == "store full" and orphans == ranks[0].specs
+    # A rank whose KV heads another rank wrote adds nothing: rank 0's blobs are the span's.
+    saved, orphans = merge_saved([ranks[0], Saved([], replica=True)])
+    assert saved.specs == ranks[0].specs and not orphans

@@ -25,18 +25,21 @@ pytestmark = pytest.mark.skipif(vllm_python() is None and not os.environ.get("KV
 TURNS, USER_TOKENS, ANSWER_TOKENS = 3, 40, 12
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llama(directory: Path, kv_heads: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = tmp_path_factory.mktemp("llama-tp")
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return llama(tmp_path_factory.mktemp("llama-tp"), kv_heads=2)
 
 
 def engine(model_dir: Path, log: Path, store: Path, tp: int) -> Driver:
@@ -115,3 +118,21 @@ def test_two_ranks_save_load_continue_and_reject(model_dir: Path, tmp_path: Path
     finally:
         driver.close()
     assert alone["kvswap"]["loaded_tokens"] == alone["cached"] == 0
+
+
+def test_a_kv_head_held_by_both_ranks_is_stored_once(tmp_path: Path) -> None:
+    """One KV head and two ranks: both hold it alike; rank 0 writes it, both read that blob."""
+    model = llama(tmp_path / "llama-1kv", kv_heads=1)
+    store = tmp_path / "store"
+    driver = engine(model, tmp_path / "tp2.log", store, tp=2)
+    try:
+        reference = chat(driver, None, range(TURNS))
+        replies = chat(driver, "one-head", range(TURNS))
+    finally:
+        driver.close()
+    assert [r["tokens"] for r in replies] == [r["tokens"] for r in reference]
+    assert all(r["kvswap"]["loaded_tokens"] == r["cached"] > 0 for r in replies[1:])
+    stored = entries(store, "one-head")
+    kv = open_connector(f"file://{store}/kv")
+    assert stored and all(rank_count(e) == 1 and kv.exists(e.key) and not kv.exists(rank_key(e.key, 1))
+                          for e in stored)

@@ -157,7 +157,20 @@ def kv_layout(vllm_config: Any, config: ConnectorConfig) -> KVLayout:
     return KVLayout(model=weights_identity(vllm_config, config),
                     num_layers=model.get_num_layers(parallel), num_kv_heads=model.get_num_kv_heads(parallel),
                     head_dim=model.get_head_size(), dtype=str(dtype).removeprefix("torch."),
-                    tp_rank=_tp_rank(parallel), tp_size=parallel.tensor_parallel_size)
+                    tp_rank=kv_share(vllm_config)[0], tp_size=parallel.tensor_parallel_size)
+
+
+def kv_share(vllm_config: Any) -> tuple[int, int, bool]:
+    """This process's share of the KV heads, how many shares there are, and whether it writes
+    its share. Each tensor-parallel rank holds its own KV heads; with fewer KV heads than ranks,
+    each head is held by several ranks alike: the share is the head, written once, by the
+    first rank holding it, and read by all of them."""
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    ranks = max(int(parallel.tensor_parallel_size), 1)
+    shares = min(ranks, int(model.get_total_num_kv_heads()))
+    rank = _tp_rank(parallel)
+    share = rank * shares // ranks
+    return share, shares, rank == -(-share * ranks // shares)
 
 
 def value_dtype(vllm_config: Any) -> Any:

@@ -27,33 +27,40 @@ class Fetched:
     nbytes: int = 0
     seconds: float = 0.0
     checksums: list[str] = dataclasses.field(default_factory=list)
+    share: int = 0  # the share of the KV heads this rank read (config.kv_share)
 
 
 @dataclasses.dataclass
 class Saved:
     """A save's data half: ``specs`` are the blobs written, in token order (None: nothing was
-    written, ``reason`` says why)."""
+    written, ``reason`` says why; ``replica``: this rank's KV heads are another rank's, which
+    wrote them)."""
 
     specs: list[EntrySpec] | None
     reason: str = ""
     nbytes: int = 0
     seconds: float = 0.0
+    replica: bool = False
 
 
 def merge_fetched(reports: list[Fetched], entries: list[Entry], start: int, end: int) -> Fetched:
     """The fetch of a request as every rank did it (``reports`` in rank order) for the tokens
     ``start..end-1`` of ``entries``: what all ranks hold, verified together. With several
-    ranks, each entry's rank checksums must combine to the entry's checksum; the first entry
-    where they do not is damaged (its tokens and all after it are not used)."""
+    shares of the KV heads, each entry's checksums of the shares' blobs must combine to the
+    entry's checksum (and ranks reading the same share must have read the same blob); the
+    first entry where they do not is damaged (its tokens and all after it are not used)."""
     if len(reports) == 1:
         return reports[0]
     held = min(report.end for report in reports)
     damaged = [report.damaged_at for report in reports if report.damaged_at is not None]
     reason = next((r.reason for r in reports if r.end == held and r.reason), "")
     read = [entry for entry in entries if entry.token_end > start]
+    first = {report.share: report for report in reversed(reports)}  # a share's first rank reads for it
+    shares = [first[share] for share in sorted(first)]
     for position in range(min(len(report.checksums) for report in reports)):
         entry = read[position] if position < len(read) else None
-        if entry is None or combined_checksum([r.checksums[position] for r in reports]) != entry.checksum:
+        alike = all(r.checksums[position] == first[r.share].checksums[position] for r in reports)
+        if entry is None or not alike or combined_checksum([r.checksums[position] for r in shares]) != entry.checksum:
             offset = entry.token_offset if entry is not None else held
             damaged.append(offset)
             held, reason = min(held, offset), reason or "the ranks' blobs do not match their entry"
@@ -67,7 +74,9 @@ def merge_fetched(reports: list[Fetched], entries: list[Entry], start: int, end:
 
 def merge_saved(reports: list[Saved]) -> tuple[Saved, list[EntrySpec]]:
     """A save as every rank did it (``reports`` in rank order): what to commit (one entry per
-    span), and the blobs to delete when it cannot be (the ranks that wrote theirs)."""
+    span), and the blobs to delete when it cannot be (the ranks that wrote theirs). Replicas
+    (ranks whose KV heads another rank wrote) add nothing."""
+    reports = [report for report in reports if not report.replica]
     written = [spec for report in reports for spec in report.specs or ()]
     failed = next((report for report in reports if report.specs is None), None)
     if failed is not None:

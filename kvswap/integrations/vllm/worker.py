@@ -30,7 +30,7 @@ import torch
 
 from kvswap.connectors import open_connector
 from kvswap.errors import ConfigError, KVSwapError
-from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_scales, value_dtype
+from kvswap.integrations.vllm.config import ConnectorConfig, _tp_rank, kv_layout, kv_scales, kv_share, value_dtype
 from kvswap.integrations.vllm.jobs import (
     FetchJob,
     KVSwapConnectorMetadata,
@@ -99,13 +99,15 @@ class WorkerSide:
         self._probing: set[str] = set()
         self.clock = ForwardClock()
         self._idle = False  # this step runs no forward
-        self.rank, self.ranks = 0, 1  # this worker's tensor-parallel rank, of how many
+        self.rank = 0  # this worker's tensor-parallel rank (its reports are by rank)
+        self.share, self.shares, self.writes = 0, 1, True  # its share of the KV heads (see config.kv_share)
 
     # ---- registration ---------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = kv_layout(self._vllm_config, self.config)
-        self.rank, self.ranks = layout.tp_rank, layout.tp_size
+        self.rank = _tp_rank(self._vllm_config.parallel_config)
+        self.share, self.shares, self.writes = kv_share(self._vllm_config)
         if layout.itemsize == 1 and any(t.device.type != "cpu" for t in kv_caches.values()):
             raise ConfigError("kvswap's fp8 KV has run on vLLM's CPU backend only; on a GPU it is not supported yet "
                               "(use kv_cache_dtype auto)")
@@ -217,7 +219,7 @@ class WorkerSide:
     # ---- fetches --------------------------------------------------------------------------------
 
     def _start_fetch(self, fetch: FetchJob) -> None:
-        fetch = dataclasses.replace(fetch, entries=[rank_view(e, self.rank, self.ranks) for e in fetch.entries])
+        fetch = dataclasses.replace(fetch, entries=[rank_view(e, self.share, self.shares) for e in fetch.entries])
         job = _Job(fetch.request_id, time.monotonic() + fetch.seconds)
         with self._lock:
             self._fetches[fetch.request_id] = job
@@ -274,7 +276,8 @@ class WorkerSide:
         return spans, Fetched(end, source=source if spans else "", damaged_at=damaged,
                               rejected=max(0, fetch.end - damaged) if damaged is not None else 0,
                               reason=str(plan.failure or ""), nbytes=sum(s.entry.size for s in spans if not s.cached),
-                              seconds=seconds, checksums=[span.checksum for span in spans] if self.ranks > 1 else [])
+                              seconds=seconds, share=self.share,
+                              checksums=[span.checksum for span in spans] if self.shares > 1 else [])
 
     def _slower(self, fetch: FetchJob, planned: list[Any]) -> bool:
         """Whether reading the planned entries not in the host tier is predicted to take longer
@@ -395,6 +398,10 @@ class WorkerSide:
         job = _Job(save.request_id, time.monotonic() + save.seconds, locations=(store.stores[0].location,))
         with self._lock:
             self._saves[save.request_id] = job
+        if not self.writes:  # another rank holds the same KV heads and writes them
+            self._report_save(save, job, Saved([], replica=True))
+            job.ready.set()
+            return
         if self.health.is_down(store.stores[0].location):
             self._report_save(save, job, Saved(None, "store not answering"))
             job.ready.set()
@@ -429,7 +436,7 @@ class WorkerSide:
         try:
             specs = store.write_blobs(save.session, stored, save.tokens, lambda a, b: spans[(a, b)],
                                       lambda a, b: rank_key(store.stores[0].new_key(save.session, a, b, save.stamp),
-                                                            self.rank))
+                                                            self.share))
         except SwapError as exc:
             self.health.down(store.stores[0].location)
             self._report_save(save, job, Saved(None, str(exc)))
