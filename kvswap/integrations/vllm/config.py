@@ -168,7 +168,7 @@ def kv_share(vllm_config: Any) -> tuple[int, int, bool]:
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     ranks = max(int(parallel.tensor_parallel_size), 1)
     shares = min(ranks, int(model.get_total_num_kv_heads()))
-    rank = _tp_rank(parallel)
+    rank = tp_rank(parallel)
     share = rank * shares // ranks
     return share, shares, rank == -(-share * ranks // shares)
 
@@ -190,7 +190,8 @@ def kv_scales(vllm_config: Any, kv_caches: Any) -> str:
     return hashlib.sha256(json.dumps(scales).encode()).hexdigest()[:16]
 
 
-def _tp_rank(parallel: Any) -> int:
+def tp_rank(parallel: Any) -> int:
+    """This process's tensor-parallel rank (the scheduler process, which has none: 0)."""
     try:
         from vllm.distributed import get_tensor_model_parallel_rank
 

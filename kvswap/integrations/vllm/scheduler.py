@@ -36,7 +36,7 @@ from typing import Any
 from kvswap.connectors import open_connector
 from kvswap.errors import KVSwapError, NotFoundError
 from kvswap.integrations.vllm.answers import NextTurn
-from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout
+from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_share
 from kvswap.integrations.vllm.jobs import (
     FetchJob,
     KVSwapConnectorMetadata,
@@ -104,6 +104,7 @@ class SchedulerSide:
         self.counters = Counters()
         self.layout = kv_layout(vllm_config, config)  # the weights' digest is hashed here, at start, if need be
         self.ranks = self.layout.tp_size  # each job is done once per tensor-parallel rank
+        self.shares = kv_share(vllm_config)[1]  # blobs a span has (one per share of the KV heads)
         self._reports: dict[str, dict[str, dict[int, Any]]] = {"fetched": {}, "saved": {}}  # until every rank's
         for uri in (config.meta, *config.stores):
             URI.parse(uri)  # a malformed URI fails the engine's start, not its first request
@@ -340,7 +341,7 @@ class SchedulerSide:
         if kept < computed:
             dropped = report["unstored_tokens"] = computed - kept
             self.counters.add("tokens not stored", "not sent again", dropped)
-            self.counters.add("bytes not stored", "not sent again", dropped * self.layout.token_bytes * self.ranks)
+            self.counters.add("bytes not stored", "not sent again", dropped * self.layout.token_bytes * self.shares)
         return kept
 
     def saved(self, request_id: str, reports: list[Saved]) -> None:
@@ -417,6 +418,15 @@ class SchedulerSide:
     def _every_rank(self, kind: str, request_id: str, by_rank: dict[int, Any]) -> list[Any] | None:
         """Every rank's report of a request's job, in rank order, once all of them came (they
         may come in different steps); None until then."""
+        waiting = self._requests if kind == "fetched" else self._saves
+        if request_id not in waiting:  # gone (finished, or its save timed out): nobody waits for the rest
+            if kind == "fetched":
+                self._next.releases.append(request_id)
+            else:  # blobs nothing will point at
+                self._threads.submit(self.store.delete_blobs, [spec for saved in by_rank.values()
+                                                               for spec in saved.specs or ()])
+            self._reports[kind].pop(request_id, None)
+            return None
         pending = self._reports[kind]
         have = pending.setdefault(request_id, {})
         have.update(by_rank)

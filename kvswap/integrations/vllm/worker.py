@@ -30,7 +30,7 @@ import torch
 
 from kvswap.connectors import open_connector
 from kvswap.errors import ConfigError, KVSwapError
-from kvswap.integrations.vllm.config import ConnectorConfig, _tp_rank, kv_layout, kv_scales, kv_share, value_dtype
+from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_scales, kv_share, tp_rank, value_dtype
 from kvswap.integrations.vllm.jobs import (
     FetchJob,
     KVSwapConnectorMetadata,
@@ -106,7 +106,7 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = kv_layout(self._vllm_config, self.config)
-        self.rank = _tp_rank(self._vllm_config.parallel_config)
+        self.rank = tp_rank(self._vllm_config.parallel_config)
         self.share, self.shares, self.writes = kv_share(self._vllm_config)
         if layout.itemsize == 1 and any(t.device.type != "cpu" for t in kv_caches.values()):
             raise ConfigError("kvswap's fp8 KV has run on vLLM's CPU backend only; on a GPU it is not supported yet "
