@@ -99,6 +99,7 @@ class WorkerSide:
         self._probing: set[str] = set()
         self.clock = ForwardClock()
         self._idle = False  # this step runs no forward
+        self._capturing = False  # this step is vLLM capturing a CUDA graph
         self.rank = 0  # this worker's tensor-parallel rank (its reports are by rank)
         self.share, self.shares, self.writes = 0, 1, True  # its share of the KV heads (see config.kv_share)
 
@@ -126,7 +127,9 @@ class WorkerSide:
             from kvswap.integrations.vllm.gpu import GPUMover
 
             self.gpu = GPUMover(self.kv)
-            self._threads.submit(warm_pinned, self.config.entry_bytes, WARM_PINNED_BYTES)
+            # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
+            # on another thread meanwhile would invalidate the capture.
+            warm_pinned(self.config.entry_bytes, WARM_PINNED_BYTES)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
@@ -136,6 +139,9 @@ class WorkerSide:
     def begin(self, meta: KVSwapConnectorMetadata) -> None:
         """A step begins (vLLM binds its connector metadata, before the forward in every
         version): time it when it computes enough tokens; a step of no tokens has no forward."""
+        self._capturing = self.gpu is not None and torch.cuda.is_current_stream_capturing()
+        if self._capturing:  # vLLM captures a CUDA graph: no event may be queried or waited on now
+            return
         self._idle = meta.step_tokens == 0
         self.clock.start(meta.step_tokens, self.gpu is not None)
 
@@ -160,6 +166,8 @@ class WorkerSide:
     def finished(self) -> tuple[set[str] | None, set[str] | None]:
         """(saves whose blocks may be freed, loads done) since the last call; jobs past their
         deadline are reported failed here."""
+        if self._capturing:  # a step of vLLM's CUDA graph capture: nothing of kvswap's runs in it
+            return None, None
         self.clock.stop()
         if self._idle and self.gpu is not None:
             self._wait_for_loads(IDLE_WAIT)
