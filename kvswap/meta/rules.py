@@ -20,6 +20,7 @@ from kvswap.uri import URI
 MAX_ID_CHARS = 255
 MAX_ID_BYTES = 1024
 MAX_PAGE = 1000
+MAX_HASH_CHARS = 255  # an entry's checksum and prefix hash
 
 
 # ---- validation and the shared rules every backend applies --------------------------------
@@ -65,8 +66,10 @@ def validate_spec(spec: EntrySpec) -> None:
             raise InvalidEntryError(f"{name} must be a non-negative integer, got {value!r}")
     if spec.token_length == 0:
         raise InvalidEntryError("an entry must cover at least one token")
-    for name in ("connector", "key", "checksum", "prefix_hash"):
+    for name in ("connector", "key"):
         text_field(name, getattr(spec, name))
+    for name in ("checksum", "prefix_hash"):  # what every backend holds (SQL columns of 255)
+        text_field(name, getattr(spec, name), MAX_HASH_CHARS)
     _check_connector(spec.connector)
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from kvswap.errors import AlreadyExistsError, ConfigError, InvalidKeyError, NotFoundError, VersionConflictError
 from kvswap.meta import Entry, EntrySpec, InvalidEntryError, LeaseError, MetaStore, Session, open_meta_store
+from kvswap.meta.rules import MAX_HASH_CHARS
 
 ODD_IDS = ["it's \"quoted\"", "a/b/../c", "/leading/slash/", "日本語のセッション", "emoji 🎉 ok",
            "Robert'); DROP TABLE "
@@ -210,13 +211,21 @@ class MetaSuite:
     @pytest.mark.parametrize("bad", [
         {"token_length": 0}, {"token_offset": -1}, {"size": -5}, {"key": ""}, {"checksum": ""},
         {"connector": "not a uri"}, {"connector": "redis://:hunter2@127.0.0.1/0"}, {"key": "nul\x00"},
-        {"token_length": 1.5}, {"prefix_hash": "x" * 5000}])
+        {"token_length": 1.5}, {"prefix_hash": "x" * 5000}, {"checksum": "x" * 256}, {"prefix_hash": "x" * 256}])
     def test_malformed_entry_is_refused(self, meta: MetaStore, bad: dict[str, Any]) -> None:
         meta.create("s1", FP)
         with pytest.raises(InvalidEntryError) as info:
             meta.append("s1", 1, dataclasses.replace(spec(0), **bad))
         assert "hunter2" not in str(info.value)
         assert meta.get("s1").version == 1 and meta.entries("s1") == []
+
+    def test_hashes_at_their_limit_round_trip(self, meta: MetaStore) -> None:
+        """A checksum and prefix hash of MAX_HASH_CHARS are held as given by every backend
+        (a longer one is refused above, before any backend sees it)."""
+        meta.create("s1", FP)
+        long = dataclasses.replace(spec(0), checksum="c" * MAX_HASH_CHARS, prefix_hash="h" * MAX_HASH_CHARS)
+        meta.append("s1", 1, long)
+        assert meta.entries("s1")[0].spec_values() == long.spec_values()
 
     def test_truncate_removes_whole_entries_after_offset(self, meta: MetaStore) -> None:
         session = fill(meta, "s1", [16, 16, 16])  # [0,16) [16,32) [32,48)
