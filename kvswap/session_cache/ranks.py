@@ -76,7 +76,8 @@ def joined(per_rank: Sequence[Sequence[EntrySpec]]) -> list[EntrySpec]:
                     or (blob.token_offset, blob.token_length, blob.prefix_hash)
                     != (spec.token_offset, spec.token_length, spec.prefix_hash)):
                 raise ValueError(f"rank {rank} did not write the span of {spec.key!r} as rank 0 did")
-        specs.append(dataclasses.replace(spec, checksum=combined_checksum([b.checksum for b in blobs if b])))
+        specs.append(dataclasses.replace(spec, checksum=combined_checksum([rank[position].checksum
+                                                                           for rank in per_rank])))
     if any(len(rank) != len(first) for rank in per_rank):
         raise ValueError("the ranks wrote different numbers of spans")
     return specs

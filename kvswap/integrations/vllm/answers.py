@@ -15,6 +15,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from kvswap.session_cache.base import common_prefix
+
 log = logging.getLogger("vllm.kvswap")
 
 #: An answer whose thinking a reasoning model's template drops (any template that changes it
@@ -62,8 +64,7 @@ class NextTurn:
         rendered = self._render(text)
         if rendered[:len(self._prefix)] != self._prefix:
             return len(answer)  # the template renders the question differently after an answer: cannot tell
-        again = rendered[len(self._prefix):]
-        return next((i for i, (a, b) in enumerate(zip(answer, again)) if a != b), min(len(answer), len(again)))
+        return common_prefix(answer, rendered[len(self._prefix):])
 
     def _render(self, answer: str | None) -> list[int]:
         messages = [{"role": "user", "content": QUESTION}]
