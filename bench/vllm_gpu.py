@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -246,11 +247,12 @@ def main() -> int:
             if kind == "valkey" and "error" not in results["engines"][kind]:
                 nbytes, seconds = valkey_get_bound(store, work / "meta-valkey.db", f"valkey-{max(histories)}-0")
                 results["valkey_get"] = {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9}
+        if stats.exists():
+            results["ops"] = [json.loads(line) for line in stats.read_text().splitlines()]
     finally:
         if valkey is not None:
             stop_pid(valkey.pid)
-    if stats.exists():
-        results["ops"] = [json.loads(line) for line in stats.read_text().splitlines()]
+        shutil.rmtree(work, ignore_errors=True)  # GiBs of stored KV a run: the next run's disk
     report(results, histories)
     write_record(args.out, "vllm-gpu", results)
     return 0

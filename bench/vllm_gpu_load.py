@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -151,10 +152,13 @@ def main() -> int:
     base = [sys.executable, __file__, "--work", str(work), "--repeat", str(args.repeat), "--gpu-mem", str(args.gpu_mem),
             "--sessions-gpu-mem", str(args.sessions_gpu_mem)] + (["--tiny"] if args.tiny else [])
     scenarios = args.scenarios.split(",")
-    if "decode" in scenarios:
-        results["decode"] = run_child([*base, "--child", "decode", "host"], dict(os.environ))
-    for kind in args.engines.split(",") if "sessions" in scenarios else ():
-        results["sessions"][kind] = run_child([*base, "--child", "sessions", kind], dict(os.environ))
+    try:
+        if "decode" in scenarios:
+            results["decode"] = run_child([*base, "--child", "decode", "host"], dict(os.environ))
+        for kind in args.engines.split(",") if "sessions" in scenarios else ():
+            results["sessions"][kind] = run_child([*base, "--child", "sessions", kind], dict(os.environ))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # GiBs of stored KV a run: the next run's disk
     report(results)
     write_record(args.out, "vllm-gpu-load", results)
     return 0

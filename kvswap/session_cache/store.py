@@ -280,14 +280,22 @@ class SessionStore:
         held = [entry for entry, _ in plan.entries if entry.token_end <= start]
         wanted = [(e, s) for e, s in plan.entries[len(held):] if limit is None or e.token_offset < limit]
         reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int], str, bool]]] = []
+        charged: list[int] = []  # each read's bytes against the read-ahead budget (0: from the host tier)
+        reading = [0]  # bytes of the store reads started and not yet waited for
 
         def read_ahead(waiting: int) -> None:  # start reads from entry ``waiting`` on, within the budget
-            ahead = sum(entry.size for entry, _ in wanted[waiting:len(reads)])
-            while len(reads) < len(wanted) and (len(reads) <= waiting
-                                                or ahead + wanted[len(reads)][0].size <= READ_AHEAD_BYTES):
+            while len(reads) < len(wanted):
                 entry, store = wanted[len(reads)]
+                if (held_span := self.spans.get(entry.key)) is not None:  # in the host tier: no I/O, no thread
+                    reads.append(concurrent.futures.Future())
+                    reads[-1].set_result((*held_span, True))
+                    charged.append(0)
+                    continue
+                if len(reads) > waiting and reading[0] + entry.size > READ_AHEAD_BYTES:
+                    return
                 reads.append(self._io.submit(self._read_entry, entry, store, pin))
-                ahead += entry.size
+                charged.append(entry.size)
+                reading[0] += entry.size
 
         previous = held[-1].prefix_hash if held else root_hash(self.fingerprint)
         plan.stored.entries.extend((entry.token_end, entry.prefix_hash) for entry in held)
@@ -296,6 +304,7 @@ class SessionStore:
                 read_ahead(position)
                 try:
                     kv, span, checksum, cached = reads[position].result()
+                    reading[0] -= charged[position]
                     read_ahead(position + 1)
                     if chain_hash(previous, span) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
