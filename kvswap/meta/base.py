@@ -48,8 +48,12 @@ from typing import Any, ClassVar
 from kvswap.errors import ConfigError
 from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, Session, SessionPage
 from kvswap.meta.rules import (
+    SessionFilter,
     check_append,
+    check_expected_version,
+    check_limit,
     check_version,
+    decode_cursor,
     encode_attrs,
     text_field,
     validate_owner,
@@ -87,82 +91,146 @@ class MetaStore(abc.ABC):
         return self._clock()
 
     # ---- sessions -------------------------------------------------------------------------
+    # Public methods check their arguments (the rules of :mod:`kvswap.meta.rules`, once, for
+    # every backend) and call the backend's ``_`` hook, which may take them as valid.
 
-    @abc.abstractmethod
     def get(self, session_id: str) -> Session:
         """The session as stored now. NotFoundError if there is none."""
+        return self._get(validate_session_id(session_id))
 
-    @abc.abstractmethod
     def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
                attrs: Mapping[str, Any] | None = None) -> Session:
         """Create a session at version 1 with no entries. AlreadyExistsError if the id is taken
         (whatever its fingerprint); of racing creators exactly one succeeds."""
+        return self._create(self._new_session(session_id, fingerprint, ttl, attrs))
 
-    @abc.abstractmethod
     def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
                ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
         """Compare-and-swap: change the given fields (``ttl=None`` clears the TTL), set
         ``last_access`` to now and bump the version. With no field given it only touches the
         session. VersionConflictError (with ``current``) if the version moved on."""
+        validate_session_id(session_id)
+        check_expected_version(expected_version)
+        return self._update(session_id, expected_version, fingerprint, ttl, attrs)
 
-    @abc.abstractmethod
     def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         """Compare-and-swap: add one entry at ``total_tokens`` and bump the version, atomically.
 
         Returns the new session and the stored entry (with its ``seq``). Raises
         VersionConflictError if the version moved on, InvalidEntryError if the entry does not
         start at ``total_tokens`` or is malformed; in both cases nothing changes."""
+        validate_session_id(session_id)
+        check_expected_version(expected_version)
+        validate_spec(spec)
+        return self._append(session_id, expected_version, spec)
 
-    @abc.abstractmethod
     def entries(self, session_id: str) -> list[Entry]:
         """The session's entries in token order. NotFoundError if the session does not exist."""
+        return self._entries(validate_session_id(session_id))
 
     def read(self, session_id: str) -> tuple[Session, list[Entry]]:
         """The session and its entries as one consistent snapshot, in one round trip where the
         backend allows (the lookup of every request reads this). NotFoundError if there is none."""
-        return self.get(session_id), self.entries(session_id)
+        return self._read(validate_session_id(session_id))
 
-    @abc.abstractmethod
     def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         """Compare-and-swap: remove every entry that ends after ``token_offset`` (an entry is
         kept whole or removed whole), bump the version, and return the new session and the
         removed entries (whose blobs the caller may now delete). ``total_tokens`` becomes the
         end of the last kept entry, which may be below ``token_offset``."""
+        validate_session_id(session_id)
+        check_expected_version(expected_version)
+        if isinstance(token_offset, bool) or not isinstance(token_offset, int) or token_offset < 0:
+            raise InvalidEntryError(f"token_offset must be a non-negative integer, got {token_offset!r}")
+        return self._truncate(session_id, expected_version, token_offset)
 
-    @abc.abstractmethod
     def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
         """Delete the session, its entries and its lease; return the entries. With
         ``expected_version``, a compare-and-swap. NotFoundError if there is none."""
+        validate_session_id(session_id)
+        if expected_version is not None:
+            check_expected_version(expected_version)
+        return self._delete(session_id, expected_version)
 
-    @abc.abstractmethod
     def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
                       fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
         """Sessions in UTF-8 byte order of their ids, at most ``limit`` (1..1000) per page,
         filtered by lease owner, ``last_access <= idle_since`` and fingerprint. Pass the
         returned cursor to get the next page; sessions created or deleted meanwhile may or
         may not appear, but no session present throughout is skipped or repeated."""
+        check_limit(limit)
+        return self._list_sessions(decode_cursor(cursor), SessionFilter(owner, idle_since, fingerprint), limit)
 
-    @abc.abstractmethod
     def expired(self, limit: int = 1000) -> list[Session]:
         """Up to ``limit`` sessions whose TTL has passed (for garbage collection)."""
+        return self._expired(limit)
 
     # ---- leases ---------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         """Take the session's lease for ``ttl`` seconds if nobody holds it, it expired, or
         ``owner`` already holds it (then it is renewed). LeaseError if another owner holds
         it; of racing owners exactly one wins. Does not bump the version."""
+        ttl = self._lease_ttl(owner, ttl)
+        return self._acquire_lease(validate_session_id(session_id), owner, ttl)
 
-    @abc.abstractmethod
     def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         """Extend ``owner``'s lease to ``ttl`` seconds from now. LeaseError if ``owner`` does
         not hold an unexpired lease (it expired, or another owner took it)."""
+        ttl = self._lease_ttl(owner, ttl)
+        return self._renew_lease(validate_session_id(session_id), owner, ttl)
 
-    @abc.abstractmethod
     def release_lease(self, session_id: str, owner: str) -> bool:
         """Give the lease up if ``owner`` holds it; True if it did. Another owner's lease is
         never touched."""
+        return self._release_lease(validate_session_id(session_id), owner)
+
+    # ---- what a backend implements (arguments already checked) ----------------------------
+
+    @abc.abstractmethod
+    def _get(self, session_id: str) -> Session: ...
+
+    @abc.abstractmethod
+    def _create(self, session: Session) -> Session:
+        """Store ``session`` (built and checked by :meth:`create`) unless its id is taken."""
+
+    @abc.abstractmethod
+    def _update(self, session_id: str, expected_version: int, fingerprint: str, ttl: float | None,
+                attrs: Mapping[str, Any]) -> Session:
+        """The stored session through :meth:`_updated` (fields may be UNSET), written if its
+        version is still ``expected_version``."""
+
+    @abc.abstractmethod
+    def _append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]: ...
+
+    @abc.abstractmethod
+    def _entries(self, session_id: str) -> list[Entry]: ...
+
+    def _read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        """Two round trips unless the backend reads both at once."""
+        return self._get(session_id), self._entries(session_id)
+
+    @abc.abstractmethod
+    def _truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]: ...
+
+    @abc.abstractmethod
+    def _delete(self, session_id: str, expected_version: int | None) -> list[Entry]: ...
+
+    @abc.abstractmethod
+    def _list_sessions(self, after: str | None, wanted: SessionFilter, limit: int) -> SessionPage:
+        """A page of sessions with ids after ``after`` (None: from the first) matching ``wanted``."""
+
+    @abc.abstractmethod
+    def _expired(self, limit: int) -> list[Session]: ...
+
+    @abc.abstractmethod
+    def _acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session: ...
+
+    @abc.abstractmethod
+    def _renew_lease(self, session_id: str, owner: str, ttl: float) -> Session: ...
+
+    @abc.abstractmethod
+    def _release_lease(self, session_id: str, owner: str) -> bool: ...
 
     def close(self) -> None:  # noqa: B027 - optional for in-memory stores
         """Release connections. The store must not be used afterwards."""
@@ -191,7 +259,6 @@ class MetaStore(abc.ABC):
         return session._replace(**changes)
 
     def _appended(self, session: Session, expected_version: int, spec: EntrySpec, seq: int) -> tuple[Session, Entry]:
-        validate_spec(spec)
         check_append(session, expected_version, spec)
         now = self.now()
         entry = Entry.of(spec, session.id, seq, now)
@@ -203,8 +270,6 @@ class MetaStore(abc.ABC):
                    entries: Sequence[Entry]) -> tuple[Session, list[Entry], list[Entry]]:
         """(new session, kept entries, removed entries) for :meth:`truncate`."""
         check_version(session, expected_version)
-        if isinstance(token_offset, bool) or not isinstance(token_offset, int) or token_offset < 0:
-            raise InvalidEntryError(f"token_offset must be a non-negative integer, got {token_offset!r}")
         kept: list[Entry] = []
         for entry in entries:  # the leading run of sound, contiguous entries ending by token_offset
             offset, length = entry.token_offset, entry.token_length

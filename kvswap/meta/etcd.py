@@ -39,7 +39,7 @@ from kvswap.meta import rules
 from kvswap.meta.base import MetaStore
 from kvswap.meta.codec import entries_from_values, entry_value, json_loads
 from kvswap.meta.etcd_layout import Holder, Keys, grpc_target, prefix_end
-from kvswap.meta.records import UNSET, Entry, EntrySpec, Session, SessionPage
+from kvswap.meta.records import Entry, EntrySpec, Session, SessionPage
 from kvswap.uri import URI, Option, parse_seconds
 
 _CACHE_LIMIT = 10_000
@@ -169,9 +169,8 @@ class EtcdMetaStore(MetaStore):
             return session._replace(owner=holder.owner, lease_expires=holder.expires)
         return session._replace(owner=None, lease_expires=None)
 
-    def _read(self, session_id: str, with_entries: bool = False) -> tuple[_Read, list[Entry]]:
+    def _snapshot(self, session_id: str, with_entries: bool = False) -> tuple[_Read, list[Entry]]:
         """Session (and entries) in one consistent transaction; NotFoundError if missing."""
-        rules.validate_session_id(session_id)
         ops = [self._range(self._keys.session(session_id)), self._range(self._keys.lease(session_id))]
         if with_entries:
             prefix = self._keys.entries(session_id)
@@ -204,7 +203,6 @@ class EtcdMetaStore(MetaStore):
 
         ``after`` is the session's new state (None when deleted) with its entry count. Returns
         ``(session after, with its current lease; extra)``."""
-        rules.validate_session_id(session_id)
         lease_key = self._keys.lease(session_id)
         while True:
             with self._cache_lock:
@@ -212,7 +210,7 @@ class EtcdMetaStore(MetaStore):
             if cached is not None and cached.session.version == expected_version:
                 read, entries = cached, list[Entry]()
             else:
-                read, entries = self._read(session_id, with_entries)
+                read, entries = self._snapshot(session_id, with_entries)
             if expected_version is not None:
                 rules.check_version(read.session, expected_version)
             ops, after, extra = plan(read, entries)
@@ -239,12 +237,11 @@ class EtcdMetaStore(MetaStore):
 
     # ---- the contract -----------------------------------------------------------------------
 
-    def get(self, session_id: str) -> Session:
-        return self._read(session_id)[0].session
+    def _get(self, session_id: str) -> Session:
+        return self._snapshot(session_id)[0].session
 
-    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
-               attrs: Mapping[str, Any] | None = None) -> Session:
-        session = self._new_session(session_id, fingerprint, ttl, attrs)
+    def _create(self, session: Session) -> Session:
+        session_id = session.id
         self._index_state(backfill=False)
         key = self._keys.session(session_id)
         prefix = self._keys.entries(session_id)
@@ -256,8 +253,8 @@ class EtcdMetaStore(MetaStore):
         self._remember(_Read(session, reply.header.revision, 0))
         return session
 
-    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
-               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
+    def _update(self, session_id: str, expected_version: int, fingerprint: str, ttl: float | None,
+                attrs: Mapping[str, Any]) -> Session:
         def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, None]:
             new = self._updated(read.session, expected_version, fingerprint, ttl, attrs)
             ops = [self._put(self._keys.session(session_id), self._session_value(new, read.entry_count))]
@@ -265,7 +262,7 @@ class EtcdMetaStore(MetaStore):
 
         return self._guarded(session_id, expected_version, plan, use_cache=True)[0]
 
-    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
+    def _append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         def plan(read: _Read, _: list[Entry]) -> tuple[list[Any], _Read, Entry]:
             new, entry = self._appended(read.session, expected_version, spec, read.entry_count)
             ops = [self._put(self._keys.entry(session_id, entry.seq), entry_value(entry)),
@@ -274,14 +271,14 @@ class EtcdMetaStore(MetaStore):
 
         return self._guarded(session_id, expected_version, plan, use_cache=True)
 
-    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
-        read, entries = self._read(session_id, with_entries=True)
+    def _read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        read, entries = self._snapshot(session_id, with_entries=True)
         return read.session, entries
 
-    def entries(self, session_id: str) -> list[Entry]:
-        return self._read(session_id, with_entries=True)[1]
+    def _entries(self, session_id: str) -> list[Entry]:
+        return self._snapshot(session_id, with_entries=True)[1]
 
-    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
+    def _truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         def plan(read: _Read, entries: list[Entry]) -> tuple[list[Any], _Read, list[Entry]]:
             new, kept, removed = self._truncated(read.session, expected_version, token_offset, entries)
             ops = [self._put(self._keys.session(session_id), self._session_value(new, len(kept)))]
@@ -292,7 +289,7 @@ class EtcdMetaStore(MetaStore):
 
         return self._guarded(session_id, expected_version, plan, with_entries=True)
 
-    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
+    def _delete(self, session_id: str, expected_version: int | None) -> list[Entry]:
         def plan(read: _Read, entries: list[Entry]) -> tuple[list[Any], None, list[Entry]]:
             prefix = self._keys.entries(session_id)
             ops = [self._delete_range(self._keys.session(session_id)), self._delete_range(prefix, prefix_end(prefix)),
@@ -301,11 +298,8 @@ class EtcdMetaStore(MetaStore):
 
         return self._guarded(session_id, expected_version, plan, with_entries=True)[1]
 
-    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
-                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        rules.check_limit(limit)
-        wanted = rules.SessionFilter(owner, idle_since, fingerprint)
-        return rules.collect_page(self._session_batches(rules.decode_cursor(cursor), max(limit, 100)), wanted, limit)
+    def _list_sessions(self, after: str | None, wanted: rules.SessionFilter, limit: int) -> SessionPage:
+        return rules.collect_page(self._session_batches(after, max(limit, 100)), wanted, limit)
 
     def _session_batches(self, after: str | None, size: int) -> Iterator[tuple[list[Session], bool]]:
         """Sessions after ``after`` in byte order, ``size`` at a time, with their leases: one
@@ -328,7 +322,7 @@ class EtcdMetaStore(MetaStore):
                 return
             start = records[-1][0] + b"\x00"
 
-    def expired(self, limit: int = 1000) -> list[Session]:
+    def _expired(self, limit: int) -> list[Session]:
         """Due sessions from the expiry index, earliest deadline first, each read again and
         checked (an index key that no longer matches its session is removed, not returned)."""
         self._index_state(backfill=True)
@@ -405,7 +399,6 @@ class EtcdMetaStore(MetaStore):
 
     def _holder(self, session_id: str) -> Holder:
         """The session's lease key as stored; NotFoundError if the session does not exist."""
-        rules.validate_session_id(session_id)
         reply = self._txn(f"reading the lease of {session_id!r}", [],
                           [self._range(self._keys.session(session_id)), self._range(self._keys.lease(session_id))])
         session_kvs, lease_kvs = (r.response_range.kvs for r in reply.responses)
@@ -439,21 +432,19 @@ class EtcdMetaStore(MetaStore):
             self._revoke(held.lease)
         return self.get(session_id)
 
-    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        ttl = self._lease_ttl(owner, ttl)
+    def _acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         held = self._holder(session_id)
         if held.owner != owner and held.active(self.now()):  # an expired one may linger: etcd lags
             raise held.error(f"session {session_id!r} is leased to {held.owner!r}")
         return self._take(session_id, owner, ttl, held)
 
-    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        ttl = self._lease_ttl(owner, ttl)
+    def _renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         held = self._holder(session_id)
         if held.owner != owner or not held.active(self.now()):
             raise held.error(f"{owner!r} does not hold the lease of session {session_id!r}")
         return self._take(session_id, owner, ttl, held)
 
-    def release_lease(self, session_id: str, owner: str) -> bool:
+    def _release_lease(self, session_id: str, owner: str) -> bool:
         held = self._holder(session_id)
         if held.owner != owner:
             return False

@@ -15,7 +15,7 @@ from typing import Any
 from kvswap.errors import AlreadyExistsError
 from kvswap.meta import rules
 from kvswap.meta.base import MetaStore
-from kvswap.meta.records import UNSET, Entry, EntrySpec, LeaseError, Session, SessionPage
+from kvswap.meta.records import Entry, EntrySpec, LeaseError, Session, SessionPage
 from kvswap.uri import URI
 
 
@@ -56,7 +56,6 @@ class MemKVMetaStore(MetaStore):
 
     def _session(self, session_id: str) -> Session:
         """The stored session with its lease cleared if expired (caller holds the lock)."""
-        rules.validate_session_id(session_id)
         session = self._space.sessions.get(session_id)
         if session is None:
             raise rules.not_found(session_id)
@@ -66,13 +65,12 @@ class MemKVMetaStore(MetaStore):
             self._space.leased.discard(session_id)
         return session
 
-    def get(self, session_id: str) -> Session:
+    def _get(self, session_id: str) -> Session:
         with self._space.lock:
             return self._session(session_id)
 
-    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
-               attrs: Mapping[str, Any] | None = None) -> Session:
-        session = self._new_session(session_id, fingerprint, ttl, attrs)
+    def _create(self, session: Session) -> Session:
+        session_id = session.id
         with self._space.lock:
             if session_id in self._space.sessions:
                 raise AlreadyExistsError(f"session {session_id!r} already exists")
@@ -81,14 +79,14 @@ class MemKVMetaStore(MetaStore):
             self._space.insert(session_id)
         return session
 
-    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
-               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
+    def _update(self, session_id: str, expected_version: int, fingerprint: str, ttl: float | None,
+                attrs: Mapping[str, Any]) -> Session:
         with self._space.lock:
             new = self._updated(self._session(session_id), expected_version, fingerprint, ttl, attrs)
             self._space.sessions[session_id] = new
             return new
 
-    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
+    def _append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         with self._space.lock:
             entries = self._space.entries.get(session_id, [])
             new, entry = self._appended(self._session(session_id), expected_version, spec, len(entries))
@@ -96,20 +94,18 @@ class MemKVMetaStore(MetaStore):
             self._space.sessions[session_id] = new
             return new, entry
 
-    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
-        rules.validate_session_id(session_id)
+    def _read(self, session_id: str) -> tuple[Session, list[Entry]]:
         with self._space.lock:
             return self._session(session_id), list(self._space.entries.get(session_id, []))
 
-    def entries(self, session_id: str) -> list[Entry]:
-        rules.validate_session_id(session_id)
+    def _entries(self, session_id: str) -> list[Entry]:
         with self._space.lock:
             entries = self._space.entries.get(session_id)
             if entries is None:
                 raise rules.not_found(session_id)
             return list(entries)
 
-    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
+    def _truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         with self._space.lock:
             session = self._session(session_id)
             new, kept, removed = self._truncated(session, expected_version, token_offset,
@@ -118,7 +114,7 @@ class MemKVMetaStore(MetaStore):
             self._space.sessions[session_id] = new
             return new, removed
 
-    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
+    def _delete(self, session_id: str, expected_version: int | None) -> list[Entry]:
         with self._space.lock:
             session = self._session(session_id)
             if expected_version is not None:
@@ -127,11 +123,7 @@ class MemKVMetaStore(MetaStore):
             self._space.remove(session_id)
             return self._space.entries.pop(session_id)
 
-    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
-                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        rules.check_limit(limit)
-        after = rules.decode_cursor(cursor)
-        wanted = rules.SessionFilter(owner, idle_since, fingerprint)
+    def _list_sessions(self, after: str | None, wanted: rules.SessionFilter, limit: int) -> SessionPage:
         space = self._space
         with space.lock:
             start = 0 if after is None else bisect.bisect_right(space.order, after.encode("utf-8"))
@@ -153,13 +145,12 @@ class MemKVMetaStore(MetaStore):
                     return SessionPage(page, rules.encode_cursor(session.id) if more else None)
         return SessionPage(page, None)
 
-    def expired(self, limit: int = 1000) -> list[Session]:
+    def _expired(self, limit: int) -> list[Session]:
         now = self.now()
         with self._space.lock:
             return [s for s in self._space.sessions.values() if s.is_expired(now)][:limit]
 
-    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        ttl = self._lease_ttl(owner, ttl)
+    def _acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         with self._space.lock:
             session = self._session(session_id)
             if session.owner not in (None, owner):
@@ -167,8 +158,7 @@ class MemKVMetaStore(MetaStore):
                                  session.owner, session.lease_expires)
             return self._set_lease(session, owner, self.now() + ttl)
 
-    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        ttl = self._lease_ttl(owner, ttl)
+    def _renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
         with self._space.lock:
             session = self._session(session_id)
             if session.owner != owner:
@@ -176,7 +166,7 @@ class MemKVMetaStore(MetaStore):
                                  session.owner, session.lease_expires)
             return self._set_lease(session, owner, self.now() + ttl)
 
-    def release_lease(self, session_id: str, owner: str) -> bool:
+    def _release_lease(self, session_id: str, owner: str) -> bool:
         with self._space.lock:
             session = self._session(session_id)
             if session.owner != owner:

@@ -203,7 +203,6 @@ class RedisMetaStore(MetaStore):
                 f"{p}{t}ttl"]
 
     def _run(self, name: str, what: str, session_id: str, *args: Any) -> list[Any]:
-        rules.validate_session_id(session_id)
         try:
             reply = self._scripts[name](keys=self._keys(session_id), args=[session_id, *args])
         except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
@@ -235,7 +234,7 @@ class RedisMetaStore(MetaStore):
             raise rules.not_found(session_id)
         return session
 
-    def _read(self, session_ids: list[str]) -> list[Session | None]:
+    def _read_many(self, session_ids: list[str]) -> list[Session | None]:
         """Sessions by id (None for ids that do not exist): one script call per bucket, all
         pipelined (a call that meets a node without the script runs again, loading it)."""
         by_tag: dict[str, list[str]] = {}
@@ -262,8 +261,7 @@ class RedisMetaStore(MetaStore):
             found.update((i, self._state(i, state)) for i, state in zip(ids, states))
         return [found[i] for i in session_ids]
 
-    def _entries_and_session(self, session_id: str) -> tuple[Session, list[Entry]]:
-        rules.validate_session_id(session_id)
+    def _read(self, session_id: str) -> tuple[Session, list[Entry]]:
         try:  # one script: a consistent snapshot
             reply = self._scripts["read_with_entries"](keys=self._keys(session_id)[:3])
         except Exception as exc:  # noqa: BLE001 - _reraise maps driver errors, re-raises the rest
@@ -272,16 +270,14 @@ class RedisMetaStore(MetaStore):
 
     # ---- the contract -----------------------------------------------------------------------
 
-    def get(self, session_id: str) -> Session:
-        rules.validate_session_id(session_id)
-        session = self._read([session_id])[0]
+    def _get(self, session_id: str) -> Session:
+        session = self._read_many([session_id])[0]
         if session is None:
             raise rules.not_found(session_id)
         return session
 
-    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
-               attrs: Mapping[str, Any] | None = None) -> Session:
-        session = self._new_session(session_id, fingerprint, ttl, attrs)
+    def _create(self, session: Session) -> Session:
+        session_id = session.id
         fields = _fields(session)
         fields.update(version=1, total_tokens=0, created=repr(session.created))
         reply = self._run("create", "creating", session_id, repr(session.last_access), *_flat(fields))
@@ -289,10 +285,9 @@ class RedisMetaStore(MetaStore):
             raise AlreadyExistsError(f"session {session_id!r} already exists")
         return session
 
-    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
-               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
+    def _update(self, session_id: str, expected_version: int, fingerprint: str, ttl: float | None,
+                attrs: Mapping[str, Any]) -> Session:
         # Validate every field the way every backend does, on the caller's view of the session.
-        rules.validate_session_id(session_id)
         probe = Session(session_id, "-", expected_version, 0, 0.0, 0.0)
         changed = self._updated(probe, expected_version, fingerprint, ttl, attrs)
         fields = {name: value for name, value in _fields(changed).items()
@@ -301,10 +296,9 @@ class RedisMetaStore(MetaStore):
                           *_flat(fields))
         return self._existing(session_id, reply[1])
 
-    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
-        rules.validate_session_id(session_id)
+    def _append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         probe = Session(session_id, "-", expected_version, spec.token_offset, 0.0, 0.0)
-        _, entry = self._appended(probe, expected_version, spec, 0)  # validates the entry
+        _, entry = self._appended(probe, expected_version, spec, 0)  # the entry as stored
         reply = self._run("append", "appending to", session_id, str(expected_version), repr(entry.created),
                           str(spec.token_offset), str(entry.token_end), entry_value(entry))
         if _text(reply[0]) == "gap":
@@ -314,11 +308,7 @@ class RedisMetaStore(MetaStore):
                 f"not {spec.token_offset} (no gaps, no overlaps)")
         return self._existing(session_id, reply[1]), dataclasses.replace(entry, seq=int(reply[2]))
 
-    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
-        return self._entries_and_session(session_id)
-
-    def entries(self, session_id: str) -> list[Entry]:
-        rules.validate_session_id(session_id)
+    def _entries(self, session_id: str) -> list[Entry]:
         try:
             keys = self._keys(session_id)
             raw = self._client.lrange(keys[1], 0, -1)
@@ -328,17 +318,17 @@ class RedisMetaStore(MetaStore):
             self._reraise(exc, f"listing entries of {session_id!r}")
         return entries_from_values(session_id, raw)
 
-    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
-        session, entries = self._entries_and_session(session_id)
+    def _truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
+        session, entries = self._read(session_id)
         new, kept, removed = self._truncated(session, expected_version, token_offset, entries)
         # The script re-checks the version: the entries read above are still the stored ones.
         reply = self._run("truncate", "truncating", session_id, str(expected_version), repr(new.last_access),
                           str(len(kept)), str(new.total_tokens))
         return self._existing(session_id, reply[1]), removed
 
-    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
+    def _delete(self, session_id: str, expected_version: int | None) -> list[Entry]:
         while True:
-            session, entries = self._entries_and_session(session_id)
+            session, entries = self._read(session_id)
             if expected_version is not None:
                 rules.check_version(session, expected_version)
             try:
@@ -348,12 +338,9 @@ class RedisMetaStore(MetaStore):
                 if expected_version is not None:
                     raise  # else the session changed between our read and delete: read again
 
-    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
-                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        rules.check_limit(limit)
-        wanted = rules.SessionFilter(owner, idle_since, fingerprint)
-        batches = (([s for s in self._read(ids) if s is not None], more)
-                   for ids, more in self._id_batches(rules.decode_cursor(cursor), max(limit, 100)))
+    def _list_sessions(self, after: str | None, wanted: rules.SessionFilter, limit: int) -> SessionPage:
+        batches = (([s for s in self._read_many(ids) if s is not None], more)
+                   for ids, more in self._id_batches(after, max(limit, 100)))
         return rules.collect_page(batches, wanted, limit)
 
     def _asked(self, wanted: int) -> int:
@@ -391,7 +378,7 @@ class RedisMetaStore(MetaStore):
                 return
             start = b"(" + ids[-1].encode("utf-8")
 
-    def expired(self, limit: int = 1000) -> list[Session]:
+    def _expired(self, limit: int) -> list[Session]:
         asked = self._asked(limit)
         with self._errors("finding expired sessions"):
             pipe = self._client.pipeline(transaction=False)
@@ -399,7 +386,7 @@ class RedisMetaStore(MetaStore):
                 pipe.zrangebyscore(f"{self._prefix}{tag}ttl", "-inf", repr(self.now()), start=0, num=asked,
                                    withscores=True)
             due, _ = self._merge_buckets(pipe.execute(), asked, lambda pair: pair[1])
-        return [s for s in self._read([_text(i) for i, _ in due[:limit]]) if s is not None]
+        return [s for s in self._read_many([_text(i) for i, _ in due[:limit]]) if s is not None]
 
     # ---- leases -------------------------------------------------------------------------------
 
@@ -412,15 +399,15 @@ class RedisMetaStore(MetaStore):
                              holder, expires)
         return reply
 
-    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        reply = self._lease(session_id, owner, self._lease_ttl(owner, ttl), "acquire")
+    def _acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        reply = self._lease(session_id, owner, ttl, "acquire")
         return self._existing(session_id, reply[1])
 
-    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        reply = self._lease(session_id, owner, self._lease_ttl(owner, ttl), "renew")
+    def _renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        reply = self._lease(session_id, owner, ttl, "renew")
         return self._existing(session_id, reply[1])
 
-    def release_lease(self, session_id: str, owner: str) -> bool:
+    def _release_lease(self, session_id: str, owner: str) -> bool:
         return bool(int(self._lease(session_id, owner, 1.0, "release")[1]))
 
     def close(self) -> None:

@@ -18,8 +18,7 @@ the guard failed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 
@@ -28,17 +27,8 @@ from kvswap.meta.codec import json_loads
 from kvswap.meta.sql.schema import SESSION_COLUMNS, SPEC_COLUMNS
 from kvswap.uri import URI
 
-_T = TypeVar("_T")
-
 #: Parameters of the guarded append's update: token_length, now, now, id, version, token_offset.
 Guard = tuple[Any, ...]
-
-
-class Runner(Protocol):
-    """What a dialect needs of the store to run its append: a call on a reader (autocommit)
-    or a writer (one transaction) connection."""
-
-    def _run(self, what: str, subject: str | None, work: Callable[[Any], _T], *, write: bool) -> _T: ...
 
 
 class Dialect:
@@ -51,6 +41,7 @@ class Dialect:
     row_lock: ClassVar[str] = " FOR UPDATE"  # what locks a session's row until the transaction ends
     reads_on_writer: ClassVar[bool] = False  # reads share the writer engine (no autocommit engine)
     thread_connections: ClassVar[bool] = False  # each thread keeps one connection, out of the pool
+    append_in_transaction: ClassVar[bool] = False  # guarded_append's cursor is in a transaction (else autocommit)
     append: str  # the guarded append's SQL (see guarded_append)
 
     def __init__(self, prefix: str, options: dict[str, Any]) -> None:
@@ -138,9 +129,9 @@ class Dialect:
         with contextlib.suppress(Exception):
             proxy.rollback()
 
-    def guarded_append(self, runner: Runner, session_id: str, sid: bytes, guard: Guard,
-                       values: tuple[Any, ...], now: float) -> Any:
-        """The session's row after the append plus the entry's seq, or None if the guard failed."""
+    def guarded_append(self, cursor: Any, sid: bytes, guard: Guard, values: tuple[Any, ...], now: float) -> Any:
+        """On ``cursor`` (in a transaction if :attr:`append_in_transaction`, else autocommit):
+        the session's row after the append plus the entry's seq, or None if the guard failed."""
         raise NotImplementedError
 
 
@@ -150,7 +141,7 @@ class SQLite(Dialect):
     a read never has to upgrade. WAL mode: several processes may share the file."""
 
     name, driver, mark, row_lock = "sqlite", "sqlite+pysqlite", "?", ""  # BEGIN IMMEDIATE locks
-    reads_on_writer = thread_connections = True
+    reads_on_writer = thread_connections = append_in_transaction = True
 
     def __init__(self, prefix: str, options: dict[str, Any]) -> None:
         super().__init__(prefix, options)
@@ -191,17 +182,14 @@ class SQLite(Dialect):
             if proxy.dbapi_connection.in_transaction:
                 cursor.execute("ROLLBACK")
 
-    def guarded_append(self, runner: Runner, session_id: str, sid: bytes, guard: Guard,
-                       values: tuple[Any, ...], now: float) -> Any:
-        def work(cursor: Any) -> Any:  # the update, the row, the insert (RETURNING costs more than a SELECT)
-            cursor.execute(self.append, guard)
-            if cursor.rowcount != 1:
-                return None
-            row = _one(cursor, self.appended, (now, now, sid))
-            cursor.execute(self.insert_entry, (sid, row[-1], *values))
-            return row
-
-        return runner._run("appending to session", session_id, work, write=True)
+    def guarded_append(self, cursor: Any, sid: bytes, guard: Guard, values: tuple[Any, ...], now: float) -> Any:
+        # The update, the row, the insert (RETURNING costs more than a SELECT), in one transaction.
+        cursor.execute(self.append, guard)
+        if cursor.rowcount != 1:
+            return None
+        row = _one(cursor, self.appended, (now, now, sid))
+        cursor.execute(self.insert_entry, (sid, row[-1], *values))
+        return row
 
 
 class PostgreSQL(Dialect):
@@ -225,10 +213,8 @@ class PostgreSQL(Dialect):
                 "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
                 "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
-    def guarded_append(self, runner: Runner, session_id: str, sid: bytes, guard: Guard,
-                       values: tuple[Any, ...], now: float) -> Any:
-        return runner._run("appending to session", session_id,
-                           lambda cursor: _one(cursor, self.append, (*guard, *values, now, now)), write=False)
+    def guarded_append(self, cursor: Any, sid: bytes, guard: Guard, values: tuple[Any, ...], now: float) -> Any:
+        return _one(cursor, self.append, (*guard, *values, now, now))
 
 
 class MySQL(Dialect):
@@ -261,11 +247,8 @@ class MySQL(Dialect):
                 "write_timeout": timeout, "charset": "utf8mb4",
                 "client_flag": CLIENT.MULTI_STATEMENTS | CLIENT.FOUND_ROWS}
 
-    def guarded_append(self, runner: Runner, session_id: str, sid: bytes, guard: Guard,
-                       values: tuple[Any, ...], now: float) -> Any:
-        return runner._run("appending to session", session_id,
-                           lambda cursor: _batch(cursor, self.append, (*guard, *values, sid, now, now, sid)),
-                           write=False)
+    def guarded_append(self, cursor: Any, sid: bytes, guard: Guard, values: tuple[Any, ...], now: float) -> Any:
+        return _batch(cursor, self.append, (*guard, *values, sid, now, now, sid))
 
 
 DIALECTS: dict[str, type[Dialect]] = {d.name: d for d in (SQLite, PostgreSQL, MySQL)}

@@ -17,6 +17,7 @@ survives a killed process (``synchronous=normal``) or also power loss (``?synchr
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 import time
@@ -36,7 +37,7 @@ from kvswap.errors import (
 )
 from kvswap.meta import rules
 from kvswap.meta.base import MetaStore
-from kvswap.meta.records import UNSET, Entry, EntrySpec, LeaseError, Session, SessionPage
+from kvswap.meta.records import Entry, EntrySpec, LeaseError, Session, SessionPage
 from kvswap.meta.sql.dialects import DIALECTS
 from kvswap.meta.sql.schema import SCHEMA_VERSION, tables
 from kvswap.uri import URI, Option, parse_positive_int, parse_seconds
@@ -71,7 +72,7 @@ class SQLMetaStore(MetaStore):
         if not _PREFIX_RE.match(opts["table_prefix"]):
             raise ConfigError("table_prefix must be 1-31 of [a-z0-9_], starting with a letter or _")
         self._sql = DIALECTS[uri.scheme](opts["table_prefix"], opts)
-        self._md, self._sessions, self._entries, self._schema = tables(opts["table_prefix"])
+        self._md, self._session_table, self._entry_table, self._schema = tables(opts["table_prefix"])
         self._engine = self._sql.engine(uri)
         # Reads run on autocommit connections: no BEGIN/ROLLBACK round trips around a SELECT.
         self._reader = self._engine if self._sql.reads_on_writer else self._sql.engine(uri, autocommit=True)
@@ -94,7 +95,7 @@ class SQLMetaStore(MetaStore):
 
         The schema table and its record come first, so a concurrent first open (MySQL's DDL is
         not transactional) sees either nothing, or kvswap's record, never bare tables."""
-        ours = [self._sessions, self._entries]
+        ours = [self._session_table, self._entry_table]
         for attempt in range(20):
             with self._errors("opening the schema"):
                 try:
@@ -244,21 +245,20 @@ class SQLMetaStore(MetaStore):
 
     # ---- the contract -----------------------------------------------------------------------
 
-    def get(self, session_id: str) -> Session:
-        sid, now = rules.validate_session_id(session_id).encode(), self.now()
+    def _get(self, session_id: str) -> Session:
+        sid, now = session_id.encode(), self.now()
         row = self._driver_read("reading session", session_id,
                                 lambda cursor: _one(cursor, self._sql.get, (now, now, sid)))
         if row is None:
             raise rules.not_found(session_id)
         return Session._make(row)
 
-    def create(self, session_id: str, fingerprint: str, *, ttl: float | None = None,
-               attrs: Mapping[str, Any] | None = None) -> Session:
-        session = self._new_session(session_id, fingerprint, ttl, attrs)
+    def _create(self, session: Session) -> Session:
+        session_id = session.id
 
         def work(cursor: Any) -> None:
             try:
-                cursor.execute(self._sql.insert_session, (session_id.encode(), fingerprint, session.created,
+                cursor.execute(self._sql.insert_session, (session_id.encode(), session.fingerprint, session.created,
                                                           session.last_access, session.ttl, _expiry(session),
                                                           session.attrs_json))
             except self._dbapi.IntegrityError:
@@ -267,10 +267,8 @@ class SQLMetaStore(MetaStore):
         self._driver_write("creating session", session_id, work)
         return session
 
-    def update(self, session_id: str, expected_version: int, *, fingerprint: str = UNSET,
-               ttl: float | None = UNSET, attrs: Mapping[str, Any] = UNSET) -> Session:
-        rules.validate_session_id(session_id)
-
+    def _update(self, session_id: str, expected_version: int, fingerprint: str, ttl: float | None,
+                attrs: Mapping[str, Any]) -> Session:
         def work(cursor: Any) -> Session:
             session, count = self._locked(cursor, session_id)
             new = self._updated(session, expected_version, fingerprint, ttl, attrs)
@@ -279,24 +277,24 @@ class SQLMetaStore(MetaStore):
 
         return self._driver_write("updating session", session_id, work)
 
-    def append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
+    def _append(self, session_id: str, expected_version: int, spec: EntrySpec) -> tuple[Session, Entry]:
         """A guarded write: it changes the session only if its version and token count are
         as expected, then adds the entry (PostgreSQL: one statement; MySQL: one round trip;
         SQLite: one transaction). Nothing changed: a fresh read says why."""
-        sid = rules.validate_session_id(session_id).encode()
-        rules.check_expected_version(expected_version)
-        rules.validate_spec(spec)
+        sid = session_id.encode()
         for _ in range(3):
             now = self.now()
             guard = (spec.token_length, now, now, sid, expected_version, spec.token_offset)
-            row = self._sql.guarded_append(self, session_id, sid, guard, (*spec.spec_values(), now), now)
+            values = (*spec.spec_values(), now)
+            work = functools.partial(self._sql.guarded_append, sid=sid, guard=guard, values=values, now=now)
+            row = self._run("appending to session", session_id, work, write=self._sql.append_in_transaction)
             if row is not None:
                 return Session._make(row[:-1]), Entry.of(spec, session_id, row[-1], now)
             rules.check_append(self.get(session_id), expected_version, spec)  # raises, unless it changed back
         raise VersionConflictError(f"session {session_id!r} kept changing under an append")
 
-    def read(self, session_id: str) -> tuple[Session, list[Entry]]:
-        sid, now = rules.validate_session_id(session_id).encode(), self.now()
+    def _read(self, session_id: str) -> tuple[Session, list[Entry]]:
+        sid, now = session_id.encode(), self.now()
 
         def work(cursor: Any) -> tuple[Session, list[Entry]]:  # one connection, two statements
             row = _one(cursor, self._sql.get, (now, now, sid))
@@ -306,8 +304,8 @@ class SQLMetaStore(MetaStore):
 
         return self._driver_read("reading session", session_id, work)
 
-    def entries(self, session_id: str) -> list[Entry]:
-        sid = rules.validate_session_id(session_id).encode()
+    def _entries(self, session_id: str) -> list[Entry]:
+        sid = session_id.encode()
 
         def work(cursor: Any) -> list[Entry]:
             entries = self._entries_of(cursor, session_id)
@@ -317,9 +315,7 @@ class SQLMetaStore(MetaStore):
 
         return self._driver_read("listing entries of", session_id, work)
 
-    def truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
-        rules.validate_session_id(session_id)
-
+    def _truncate(self, session_id: str, expected_version: int, token_offset: int) -> tuple[Session, list[Entry]]:
         def work(cursor: Any) -> tuple[Session, list[Entry]]:
             session, _ = self._locked(cursor, session_id)
             new, kept, removed = self._truncated(session, expected_version, token_offset,
@@ -331,9 +327,7 @@ class SQLMetaStore(MetaStore):
 
         return self._driver_write("truncating session", session_id, work)
 
-    def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
-        rules.validate_session_id(session_id)
-
+    def _delete(self, session_id: str, expected_version: int | None) -> list[Entry]:
         def work(cursor: Any) -> list[Entry]:
             session, _ = self._locked(cursor, session_id)
             if expected_version is not None:
@@ -345,16 +339,13 @@ class SQLMetaStore(MetaStore):
 
         return self._driver_write("deleting session", session_id, work)
 
-    def list_sessions(self, *, owner: str | None = None, idle_since: float | None = None,
-                      fingerprint: str | None = None, limit: int = 100, cursor: str | None = None) -> SessionPage:
-        rules.check_limit(limit)
-        after = rules.decode_cursor(cursor)
-        now = self.now()
+    def _list_sessions(self, after: str | None, wanted: rules.SessionFilter, limit: int) -> SessionPage:
+        owner, now = wanted.owner, self.now()
         conditions: list[str] = []
         params: list[Any] = [now, now]
         for condition, value in (("id > ?", None if after is None else after.encode()),
                                  ("owner = ? AND lease_expires > ?", owner and (owner, now)),
-                                 ("last_access <= ?", idle_since), ("fingerprint = ?", fingerprint)):
+                                 ("last_access <= ?", wanted.idle_since), ("fingerprint = ?", wanted.fingerprint)):
             if value is not None:
                 conditions.append(condition)
                 params.extend(value if isinstance(value, tuple) else (value,))
@@ -369,7 +360,7 @@ class SQLMetaStore(MetaStore):
         sessions = list(map(Session._make, rows[:limit]))
         return SessionPage(sessions, rules.encode_cursor(sessions[-1].id) if len(rows) > limit else None)
 
-    def expired(self, limit: int = 1000) -> list[Session]:
+    def _expired(self, limit: int) -> list[Session]:
         now = self.now()
 
         def work(cursor: Any) -> list[tuple]:
@@ -383,7 +374,7 @@ class SQLMetaStore(MetaStore):
     def _lease_update(self, what: str, session_id: str, owner: str, sql: str, params: tuple) -> Session | LeaseError:
         """One conditional UPDATE of the lease columns (``sql``, ``params``): the session after
         it, or the LeaseError for the caller to raise or not when the condition failed
-        (NotFoundError if there is no session). The caller has validated ``session_id``."""
+        (NotFoundError if there is no session)."""
 
         def work(cursor: Any) -> tuple[bool, Session]:
             cursor.execute(sql, params)
@@ -399,20 +390,18 @@ class SQLMetaStore(MetaStore):
             f"{owner!r} cannot {what.split()[0]} the lease of session {session_id!r}: held by {session.owner!r}",
             session.owner, session.lease_expires)
 
-    def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        ttl = self._lease_ttl(owner, ttl)
-        sid, now = rules.validate_session_id(session_id).encode(), self.now()
+    def _acquire_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        sid, now = session_id.encode(), self.now()
         return _raise_lease(self._lease_update("acquiring", session_id, owner, self._sql.acquire,
                                                (owner, now + ttl, sid, owner, now)))
 
-    def renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
-        ttl = self._lease_ttl(owner, ttl)
-        sid, now = rules.validate_session_id(session_id).encode(), self.now()
+    def _renew_lease(self, session_id: str, owner: str, ttl: float) -> Session:
+        sid, now = session_id.encode(), self.now()
         return _raise_lease(self._lease_update("renewing", session_id, owner, self._sql.renew,
                                                (now + ttl, sid, owner, now)))
 
-    def release_lease(self, session_id: str, owner: str) -> bool:
-        sid = rules.validate_session_id(session_id).encode()
+    def _release_lease(self, session_id: str, owner: str) -> bool:
+        sid = session_id.encode()
         result = self._lease_update("releasing", session_id, owner, self._sql.release, (sid, owner, self.now()))
         return isinstance(result, Session)
 
