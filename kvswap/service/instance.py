@@ -162,8 +162,7 @@ class Instance:
         validate_session_id(session_id)
         local = self.cache.local_state(session_id)
         try:
-            session = self.cache.meta.get(session_id)
-            entries = self.cache.meta.entries(session_id)
+            session, entries = self.cache.meta.read(session_id)  # one snapshot, one round trip
         except NotFoundError:
             if not (local.hbm_tokens or local.host_tokens):
                 raise NotFoundError(f"no session {session_id!r}") from None
@@ -242,7 +241,7 @@ class AdminInstance:
 
     def view(self, session_id: str) -> SessionView:
         validate_session_id(session_id)
-        return SessionView(self.store.meta.get(session_id), self.store.meta.entries(session_id), LocalState())
+        return SessionView(*self.store.meta.read(session_id), LocalState())
 
     def prefetch(self, session_id: str) -> int:
         raise RequestError("this instance serves no model (--model none): it holds no KV to prefetch into")
