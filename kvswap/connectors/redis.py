@@ -19,11 +19,8 @@ cap; several pipelined connections move them, read replies landing straight in t
 caller's buffer.
 
 **Cluster** (``?cluster=true``, the URI naming any node; ``nodes=host:port,...`` more seeds):
-the same layout through the library's cluster client. Chunk keys carry no hash tag, so a
-large value's chunks spread over the primaries, and reads fetch each primary's chunks on
-their own connections in parallel (the point: aggregate bandwidth); a manifest lives on
-its own key's slot and is still published last. MOVED/ASK and failover are the client's
-(a direct chunk read that meets one re-learns the slot map and reads again).
+the same layout through the library's cluster client, by :class:`~kvswap.connectors.redis_cluster.RedisClusterConnector`
+(what ``open_connector`` returns for such a URI); this module is one server's.
 
 Client construction (library by scheme, Python command packing) is shared with the meta
 store: :mod:`kvswap.redis_client`.
@@ -33,18 +30,17 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from kvswap.connectors.base import Buffer, Connector, Data, PutMode, as_parts, check_range, validate_key
+from kvswap.connectors.redis_lanes import PipelinedLanes
 from kvswap.connectors.redis_wire import (
     Redirected,
     decode_manifest,
     encode_header,
     glob_escape,
     new_write_id,
-    read_bulk,
     set_nx_command,
     split,
     write_time,
@@ -68,7 +64,10 @@ return head"""
 _READ_ATTEMPTS = 10
 _CLUSTER_READ_ATTEMPTS = 3
 
-class RedisConnector(Connector):
+class RedisConnector(PipelinedLanes, Connector):
+    """One Redis/Valkey server (module docstring); with ``cluster=true`` the URI opens a
+    :class:`~kvswap.connectors.redis_cluster.RedisClusterConnector` instead."""
+
     OPTIONS: ClassVar[Mapping[str, Option]] = {
         **CLIENT_OPTIONS,
         "retries": Option(int, 1, "retries of a command after a connection error or timeout"),
@@ -83,6 +82,13 @@ class RedisConnector(Connector):
         "nodes": Option(str, None, "more cluster nodes to start from: host:port,host:port"),
     }
 
+    def __new__(cls, uri: URI, **options: Any) -> RedisConnector:
+        if cls is RedisConnector and uri.options(cls.OPTIONS, options)["cluster"]:
+            from kvswap.connectors.redis_cluster import RedisClusterConnector
+
+            cls = RedisClusterConnector
+        return super().__new__(cls)
+
     def __init__(self, uri: URI, **options: Any) -> None:
         super().__init__(uri, **options)
         opts = self.options
@@ -95,8 +101,6 @@ class RedisConnector(Connector):
         self._redis = RedisClient(uri, opts, opts["retries"], cluster=opts["cluster"], nodes=opts["nodes"])
         self._errors_table = self._redis.errors
         self._client = self._redis.client
-        self._threads: ThreadPoolExecutor | None = None
-        self._batch_threads: ThreadPoolExecutor | None = None  # put_many's and get_many's lanes
         self._prefix = opts["prefix"]
         self._take_head = self._client.register_script(_TAKE_HEAD)
 
@@ -147,7 +151,7 @@ class RedisConnector(Connector):
         if len(small) < 2 or (mode != "create" and self.options["parallel"] < 2):
             super().put_many(pairs, mode=mode)
             return
-        if mode == "create" and not self._redis.cluster:
+        if mode == "create" and self._sends_batches:
             existing = set(self._create_all(small))
         else:
             shares = self._across_lanes(lambda share: self._put_each([(k, p) for k, p, _ in share], mode), small,
@@ -189,7 +193,7 @@ class RedisConnector(Connector):
         def one_by_one() -> builtins.list[Buffer]:
             return self._in_order(lambda share: [self.get(key) for key in share], keys, self._batch_executor())
 
-        if self._redis.cluster or len(keys) < 2:
+        if not self._sends_batches or len(keys) < 2:
             return one_by_one()
         names = [self._manifest_key(key) for key in keys]
         try:
@@ -226,12 +230,7 @@ class RedisConnector(Connector):
             return
         if self._set_new(name, manifest):
             return  # a new key, the common case: one plain SET
-        # An overwrite: swap, learning what it replaces (one server: its head only, in a MULTI).
-        if self._redis.cluster:
-            old = self._client.set(name, b"".join(manifest), get=True)
-        else:
-            old = self._client.pipeline(transaction=True).getrange(name, 0, _HEADER_PROBE - 1).set(
-                name, b"".join(manifest)).execute()[0]
+        old = self._swap(name, manifest)  # an overwrite, learning what it replaces
         if old:
             old_header, _ = decode_manifest(old, key, partial=True)
             if old_header["chunks"]:  # retire, don't delete: readers of the old manifest finish
@@ -239,12 +238,22 @@ class RedisConnector(Connector):
                 old_chunks = self._chunk_keys(old_header["id"], old_header["chunks"])
                 self._pipelined([("pexpire", k, grace_ms) for k in old_chunks])
 
+    #: Whether many values go out on one connection before the first reply is read (one server).
+    _sends_batches: ClassVar[bool] = True
+
+    def _moved(self) -> tuple[type[BaseException], ...]:
+        """Errors of a chunk read that mean "the slot map moved: learn it and read again"."""
+        return (Redirected,)
+
+    def _swap(self, name: str, manifest: list[Any]) -> Any:
+        """Replace the manifest ``name``; the head of the one it replaced (one MULTI)."""
+        return self._client.pipeline(transaction=True).getrange(name, 0, _HEADER_PROBE - 1).set(
+            name, b"".join(manifest)).execute()[0]
+
     def _set_new(self, name: str, parts: list[Any]) -> bool:
-        """``SET name <parts, back to back> NX``: True if set, False if ``name`` exists. On one
-        server the parts go out as they are on a pooled connection (redis-py would need them
-        joined: a copy, ~15% of a 1 MiB put); a cluster client routes, so there they are joined."""
-        if self._redis.cluster:
-            return bool(self._client.set(name, b"".join(parts), nx=True))
+        """``SET name <parts, back to back> NX``: True if set, False if ``name`` exists. The
+        parts go out as they are on a pooled connection (redis-py would need them joined: a
+        copy, ~15% of a 1 MiB put)."""
         command = set_nx_command(name, parts)
         with self._redis.connection(self._redis.node_pool(name)) as conn:
             def send() -> bool:
@@ -260,48 +269,6 @@ class RedisConnector(Connector):
                 self._client.unlink(*keys[start:start + 512])
         except tuple(self._errors_table):  # cleanup must not mask the error that led here
             return
-
-    def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Run commands over up to ``parallel`` pipelined connections; results in order."""
-        return self._in_order(self._run_pipeline, commands) if commands else []
-
-    def _in_order(self, run: Callable[[list[Any]], list[Any]], items: list[Any],
-                  executor: ThreadPoolExecutor | None = None) -> list[Any]:
-        """:meth:`_across_lanes` of a ``run`` that gives one result per item: the results in the items' order."""
-        shares = self._across_lanes(run, items, executor)
-        ordered: list[Any] = [None] * len(items)
-        for lane, share in enumerate(shares):
-            ordered[lane::len(shares)] = share
-        return ordered
-
-    def _across_lanes(self, run: Callable[[list[Any]], Any], items: list[Any],
-                      executor: ThreadPoolExecutor | None = None) -> list[Any]:
-        """``run`` of each lane ``items[i::lanes]`` (``lanes`` = min(``parallel``, items)), the
-        lanes at once on ``executor`` (the chunk threads by default; batches have their own, as
-        a batch's values use the chunk threads); results by lane, once every lane has finished
-        (the first error is raised then)."""
-        lanes = min(self.options["parallel"], len(items))
-        if lanes <= 1:
-            return [run(items)]
-        futures = [(executor or self._executor()).submit(run, items[i::lanes]) for i in range(lanes)]
-        wait(futures)
-        return [future.result() for future in futures]
-
-    def _batch_executor(self) -> ThreadPoolExecutor:
-        if self._batch_threads is None:
-            self._batch_threads = ThreadPoolExecutor(self.options["parallel"], thread_name_prefix="kvswap-redis-batch")
-        return self._batch_threads
-
-    def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for op, name, *args in commands:
-            if op == "set":
-                pipe.set(name, args[0], px=args[1])
-            elif op == "persist":
-                pipe.persist(name)
-            elif op == "pexpire":
-                pipe.pexpire(name, args[0])
-        return pipe.execute()
 
     # ---- get ----------------------------------------------------------------------
 
@@ -369,13 +336,11 @@ class RedisConnector(Connector):
             target = out[index * chunk + start - offset:index * chunk + end - offset]
             whole = start == 0 and end == min(chunk, header["size"] - index * chunk)
             reads.append((("GET", names[index]) if whole else ("GETRANGE", names[index], start, end - 1), target))
-        moved: tuple[type[BaseException], ...] = (Redirected, *self._errors_table) if self._redis.cluster \
-            else (Redirected,)
         with self._errors("reading", key):
             for attempt in range(_CLUSTER_READ_ATTEMPTS):
                 try:
                     return all(reply is not None for lane in self._read_by_node(reads) for reply in lane)
-                except moved as exc:  # a slot moved, or its primary died: learn the map, read again
+                except self._moved() as exc:  # a slot moved, or its primary died: learn the map, read again
                     if attempt == _CLUSTER_READ_ATTEMPTS - 1:
                         if isinstance(exc, Redirected):
                             raise BackendUnavailableError(
@@ -384,40 +349,6 @@ class RedisConnector(Connector):
                     time.sleep(0.25 * attempt)
                     self._redis.refresh()
         return False  # not reached
-
-    def _read_by_node(self, reads: list[tuple[tuple[Any, ...], memoryview]]) -> list[list[Any]]:
-        """Each server's reads on up to ``parallel`` pipelined connections of its own, all at once; replies by lane."""
-        by_pool: dict[int, tuple[Any, list[tuple[tuple[Any, ...], memoryview]]]] = {}
-        for read in reads:
-            pool = self._redis.node_pool(read[0][1])
-            by_pool.setdefault(id(pool), (pool, []))[1].append(read)
-        lanes = [(pool, group[i::width]) for pool, group in by_pool.values()
-                 for width in [min(self.options["parallel"], len(group))] for i in range(width)]
-        if len(lanes) == 1:
-            return [self._read_lane(*lanes[0])]
-        futures = [self._executor().submit(self._read_lane, pool, lane) for pool, lane in lanes]
-        wait(futures)  # all of them: none may still write into the buffer when this returns or raises
-        return [future.result() for future in futures]
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._threads is None:
-            workers = self.options["parallel"] * self._redis.primaries()
-            self._threads = ThreadPoolExecutor(workers, thread_name_prefix="kvswap-redis")
-        return self._threads
-
-    def _read_lane(self, pool: Any, reads: Sequence[tuple[tuple[Any, ...], memoryview | None]]) -> list[Any]:
-        """Pipeline the reads on one connection; bulk replies land straight in their targets (new
-        buffers for None): each reply's bytes, None for a missing key.
-
-        redis-py's parsers build a bytes object per reply that we would copy again; here the
-        socket fills the caller's buffer directly (about 2x the throughput). The connection
-        comes from the pool, so auth, TLS and db selection are the library's; if anything is
-        unexpected the connection is dropped, never reused half-read.
-        """
-        with self._redis.connection(pool) as conn:
-            conn.send_packed_command(conn.pack_commands([command for command, _ in reads]))
-            with conn._sock.makefile("rb") as reader:  # buffered: a reply's header is one read, not one per byte
-                return [read_bulk(reader, target) for _, target in reads]  # every one read, even after a miss
 
     def _size(self, key: str) -> int:
         header, _ = self._manifest(key, upto=0)
@@ -494,7 +425,5 @@ class RedisConnector(Connector):
         if self._closed:
             return
         self._closed = True
-        for threads in (self._threads, self._batch_threads):
-            if threads is not None:
-                threads.shutdown()
+        self._close_lanes()
         self._redis.close()
