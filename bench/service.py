@@ -101,8 +101,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return cuts[49], cuts[98]
 
 
-def main() -> int:
-    stop_servers_on_sigterm()
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -118,6 +117,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.run = f"{time.time_ns():x}"[-8:]
+    return args
+
+
+def main() -> int:
+    stop_servers_on_sigterm()
+    args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="kvswap-bench-service-"))
     meta = args.meta or f"sqlite:///{workdir}/meta.db"
     store = args.store or f"file://{workdir}/kv"
@@ -150,7 +155,11 @@ def main() -> int:
         for instance in instances:
             instance.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    return report(args, loaded, idle, elapsed)
 
+
+def report(args: argparse.Namespace, loaded: Recorder, idle: Recorder, elapsed: float) -> int:
+    """Each call's latency under load against the same call idle; JSON; 1 if any call failed."""
     rows = []
     print(f"\n{args.clients} clients for {elapsed:.0f} s; latency in ms")
     print(f"{'call':<10}{'calls':>8}{'per s':>8}{'p50':>10}{'p99':>10}{'idle p50':>10}{'p50/idle':>10}")

@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import xxhash
@@ -69,8 +70,7 @@ def copy_limits(nbytes: int, device: torch.device, repeat: int, sync: Callable[[
     return {"h2d_gbps": nbytes / h2d / 1e9, "d2h_gbps": nbytes / d2h / 1e9, "xxh3_gbps": nbytes / digest / 1e9}
 
 
-def main() -> int:
-    stop_servers_on_sigterm()
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1GiB,4GiB")
     parser.add_argument("--tiers", default="host,file,valkey")
@@ -79,7 +79,12 @@ def main() -> int:
     parser.add_argument("--entry-bytes", default="256MiB", help="the session cache's entry size (default 256MiB)")
     parser.add_argument("--dir", default=None, help="where the file tier writes (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    stop_servers_on_sigterm()
+    args = parse_args()
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -91,49 +96,20 @@ def main() -> int:
     random.Random(0).shuffle(pool._free)  # scattered blocks, as in a busy engine
     for layer in range(layout.num_layers):
         pool.kv[layer].normal_()
-    mover = KVMover(pool)
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="kvswap-bench-"))
     state = Path(tempfile.mkdtemp(prefix="kvswap-bench-servers-"))
     stores: dict[str, str] = {}
     if "file" in tiers:
         stores["file"] = f"file://{workdir}/kv"
-    if "valkey" in tiers:
-        stores["valkey"] = f"{servers.up(state, ('valkey',))['KVSWAP_TEST_VALKEY_URI']}?timeout=60"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"bench/swap.py on {device_name}; KV {layout.token_bytes // 1024} KiB/token; pool "
           f"{pool.nbytes / 2**30:.1f} GiB in {pool.num_blocks} scattered blocks of {block}")
     rows = []
     try:
+        if "valkey" in tiers:
+            stores["valkey"] = f"{servers.up(state, ('valkey',))['KVSWAP_TEST_VALKEY_URI']}?timeout=60"
         for size in sizes:
-            tokens = size // layout.token_bytes
-            nbytes = tokens * layout.token_bytes
-            limits = copy_limits(nbytes, device, args.repeat, sync)
-            print(f"\n{nbytes / 2**30:.2f} GiB ({tokens} tokens): limits H2D {limits['h2d_gbps']:.1f} GB/s, "
-                  f"D2H {limits['d2h_gbps']:.1f} GB/s, xxh3 {limits['xxh3_gbps']:.1f} GB/s")
-            row: dict = {"bytes": nbytes, "tokens": tokens, "limits": limits}
-            if "host" in tiers:
-                blocks = pool.allocate(pool.blocks_for(tokens))
-                out = mover.host_tensor(tokens)
-                t_out = timed(functools.partial(mover.gather, blocks, 0, tokens, out), args.repeat, sync)
-                t_in = timed(functools.partial(mover.scatter, out, blocks, 0), args.repeat, sync)
-                check = mover.host_tensor(tokens)
-                mover.gather(blocks, 0, tokens, check)
-                assert torch.equal(check, out), "host round trip changed the KV"
-                pool.free(blocks)
-                del out, check
-                row["host"] = {"out_gbps": nbytes / t_out / 1e9, "in_gbps": nbytes / t_in / 1e9,
-                               "out_ratio": nbytes / t_out / 1e9 / limits["d2h_gbps"],
-                               "in_ratio": nbytes / t_in / 1e9 / limits["h2d_gbps"]}
-                print(f"  host    out {row['host']['out_gbps']:6.1f} GB/s ({row['host']['out_ratio']:.2f} of D2H)"
-                      f"   in {row['host']['in_gbps']:6.1f} GB/s ({row['host']['in_ratio']:.2f} of H2D)")
-            for name, uri in stores.items():
-                row[name] = bench_store(name, uri, pool, tokens, nbytes, args.repeat, sync,
-                                        parse_size(args.entry_bytes))
-                r = row[name]
-                print(f"  {name:<7} out {r['out_gbps']:6.2f} GB/s ({r['out_ratio']:.2f} of put {r['put_gbps']:.2f})"
-                      f"   in {r['in_gbps']:6.2f} GB/s ({r['in_ratio']:.2f} of get {r['get_gbps']:.2f}; "
-                      f"{r['streamed_hash_gain']:.2f}x of hashing after each read, {r['in_hash_after_read_gbps']:.2f})")
-            rows.append(row)
+            rows.append(one_size(args, size, pool, "host" in tiers, stores, sync))
     finally:
         servers.down(state)
         shutil.rmtree(state, ignore_errors=True)
@@ -142,6 +118,40 @@ def main() -> int:
     write_record(args.out, "swap", {"device": device_name, "entry_bytes": parse_size(args.entry_bytes),
                                     "torch": torch.__version__, "layout": LAYOUT_8B, "rows": rows})
     return 0
+
+
+def one_size(args: argparse.Namespace, size: int, pool: PagedKVPool, host: bool, stores: dict[str, str],
+             sync: Callable[[], None]) -> dict[str, Any]:
+    """A session of ``size`` bytes: the copy limits, then each tier out and in against them."""
+    layout = pool.layout
+    tokens = size // layout.token_bytes
+    nbytes = tokens * layout.token_bytes
+    limits = copy_limits(nbytes, pool.device, args.repeat, sync)
+    print(f"\n{nbytes / 2**30:.2f} GiB ({tokens} tokens): limits H2D {limits['h2d_gbps']:.1f} GB/s, "
+          f"D2H {limits['d2h_gbps']:.1f} GB/s, xxh3 {limits['xxh3_gbps']:.1f} GB/s")
+    row: dict[str, Any] = {"bytes": nbytes, "tokens": tokens, "limits": limits}
+    if host:
+        mover = KVMover(pool)
+        blocks = pool.allocate(pool.blocks_for(tokens))
+        out = mover.host_tensor(tokens)
+        t_out = timed(functools.partial(mover.gather, blocks, 0, tokens, out), args.repeat, sync)
+        t_in = timed(functools.partial(mover.scatter, out, blocks, 0), args.repeat, sync)
+        check = mover.host_tensor(tokens)
+        mover.gather(blocks, 0, tokens, check)
+        assert torch.equal(check, out), "host round trip changed the KV"
+        pool.free(blocks)
+        del out, check
+        row["host"] = {"out_gbps": nbytes / t_out / 1e9, "in_gbps": nbytes / t_in / 1e9,
+                       "out_ratio": nbytes / t_out / 1e9 / limits["d2h_gbps"],
+                       "in_ratio": nbytes / t_in / 1e9 / limits["h2d_gbps"]}
+        print(f"  host    out {row['host']['out_gbps']:6.1f} GB/s ({row['host']['out_ratio']:.2f} of D2H)"
+              f"   in {row['host']['in_gbps']:6.1f} GB/s ({row['host']['in_ratio']:.2f} of H2D)")
+    for name, uri in stores.items():
+        row[name] = r = bench_store(name, uri, pool, tokens, nbytes, args.repeat, sync, parse_size(args.entry_bytes))
+        print(f"  {name:<7} out {r['out_gbps']:6.2f} GB/s ({r['out_ratio']:.2f} of put {r['put_gbps']:.2f})"
+              f"   in {r['in_gbps']:6.2f} GB/s ({r['in_ratio']:.2f} of get {r['get_gbps']:.2f}; "
+              f"{r['streamed_hash_gain']:.2f}x of hashing after each read, {r['in_hash_after_read_gbps']:.2f})")
+    return row
 
 
 def bench_store(name: str, uri: str, pool: PagedKVPool, tokens: int, nbytes: int, repeat: int,

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -109,30 +110,45 @@ def store_ceiling(uri: str, nbytes: int, repeat: int) -> dict[str, float]:
     return {"put_gbps": statistics.median(puts), "get_gbps": statistics.median(gets)}
 
 
-def main() -> int:
-    stop_servers_on_sigterm()
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--histories", default="1024,4096,8192")
     parser.add_argument("--follow", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stores", default="file,valkey", help="file and/or valkey (KVSWAP_TEST_VALKEY_URI)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    stop_servers_on_sigterm()
+    args = parse_args()
     if vllm_python() is None:
         print("no .venv-vllm: run scripts/setup.sh --vllm", file=sys.stderr)
         return 2
     histories = [int(h) for h in args.histories.split(",")]
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-vllm-"))
-    model = work / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(CONFIG))
-    spec = {"model": str(model), "load": "dummy", "dtype": "bfloat16", "skip_tokenizer": True,
-            "max_model_len": max(histories) + args.follow + 64}
-    rng = random.Random(0)
     results: dict[str, Any] = {"histories": histories, "follow": args.follow, "repeat": args.repeat,
                                "model": CONFIG, "rows": {}}
-    rows = results["rows"]
+    try:
+        model = work / "model"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps(CONFIG))
+        spec = {"model": str(model), "load": "dummy", "dtype": "bfloat16", "skip_tokenizer": True,
+                "max_model_len": max(histories) + args.follow + 64}
+        rng = random.Random(0)
+        without_kvswap(args, spec, work, histories, rng, results["rows"])
+        for kind in args.stores.split(","):
+            with_kvswap(args, kind, spec, work, histories, rng, results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_record(args.out, "vllm", results)
+    return 0
 
+
+def without_kvswap(args: argparse.Namespace, spec: dict[str, Any], work: Path, histories: list[int],
+                   rng: random.Random, rows: dict[str, Any]) -> None:
+    """vLLM alone, its prefix cache on: each history's recompute and local hit."""
     print("vLLM alone (prefix cache on): recompute and local hit")
     plain = Driver({**spec, "prefix_caching": True}, work / "plain.log")
     try:
@@ -150,67 +166,82 @@ def main() -> int:
     finally:
         plain.close()
 
-    for kind in args.stores.split(","):
-        store = f"file://{work}/kv" if kind == "file" else \
-            f"{os.environ['KVSWAP_TEST_VALKEY_URI']}?prefix=bench{uuid.uuid4().hex[:6]}:&timeout=30"
-        stats = work / f"stats-{kind}.jsonl"
-        os.environ["KVSWAP_VLLM_STATS"] = str(stats)
-        print(f"vLLM + kvswap on {kind}")
-        meta = work / f"meta-{kind}.db"
-        driver = Driver({**spec, "connector": {"meta": f"sqlite:///{meta}", "store": store}}, work / f"{kind}.log")
-        try:
-            ttft(driver, tokens(64, rng), None)
-            for h in histories:
-                tiers = {kind: []} if kind != "file" else {"file": [], "file cold": []}
-                for tier in tiers:
-                    for _ in range(args.repeat):
-                        session, history = f"{tier}-{uuid.uuid4().hex[:8]}", tokens(h, rng)
-                        driver.ask(op="generate", tokens=history, session=session, max_tokens=1)
-                        saved(meta, session, h)  # as when a user types the next turn: the save has landed
-                        if tier == "file cold":
-                            rows[str(h)]["file_cold_method"] = drop_from_page_cache(work / "kv")
-                        follow = history + tokens(args.follow, rng)
-                        tiers[tier].append(ttft(driver, follow, session))
-                    rows[str(h)][f"{tier.replace(' ', '_')}_s"] = statistics.median(tiers[tier])
-                    row = rows[str(h)]
-                    took = row[f"{tier.replace(' ', '_')}_s"]
-                    print(f"  {h:>6} tokens from {tier:<9}: {took * 1e3:8.1f} ms = {took / row['local_hit_s']:.2f}x "
-                          f"the local hit, {row['recompute_s'] / took:.1f}x faster than recompute")
-            # Decode beside a save: a long generation next to a request that stores max(H) tokens.
-            h = max(histories)
-            alone, saving = [], []
-            for with_session in (False, True) * args.repeat:
-                long = tokens(64, rng)
-                began = time.perf_counter()
-                driver.ask(op="generate_many", requests=[
-                    {"tokens": long, "max_tokens": 256, "ignore_eos": True},
-                    {"tokens": tokens(h, rng), "max_tokens": 8, "ignore_eos": True,
-                     "session": f"save-{uuid.uuid4().hex[:8]}" if with_session else None}])
-                (saving if with_session else alone).append(time.perf_counter() - began)
-            rows[f"decode_{kind}"] = {"alone_s": statistics.median(alone), "beside_save_s": statistics.median(saving)}
-            beside, without = statistics.median(saving), statistics.median(alone)
-            print(f"  256 decode steps beside a {h}-token save: {beside:.3f} s vs {without:.3f} s without "
-                  f"({beside / without:.3f}x)")
-        finally:
-            driver.close()
-        records = [json.loads(line) for line in stats.read_text().splitlines()] if stats.exists() else []
-        for op, name in (("fetch", "load"), ("save", "save")):  # a fetch reads and verifies what a load copies
-            done = [r for r in records if r["op"] == op and r["tokens"] >= min(histories) and r["seconds"] > 0]
-            if done:
-                big = max(done, key=lambda r: r["bytes"])
-                rate = [r["bytes"] / r["seconds"] / 1e9 for r in done if r["bytes"] == big["bytes"]]
-                results.setdefault("bandwidth", {}).setdefault(kind, {})[f"{name}_gbps"] = statistics.median(rate)
-                results["bandwidth"][kind]["bytes"] = big["bytes"]
-        if kind in results.get("bandwidth", {}):
-            ceiling = store_ceiling(store, results["bandwidth"][kind]["bytes"], args.repeat)
-            bw = results["bandwidth"][kind]
-            bw.update({f"ceiling_{k}": v for k, v in ceiling.items()})
-            print(f"  bandwidth ({bw['bytes'] / 2**20:.0f} MiB): load {bw.get('load_gbps', 0):.2f} GB/s of the "
-                  f"store's get {ceiling['get_gbps']:.2f} ({bw.get('load_gbps', 0) / ceiling['get_gbps']:.2f}), save "
-                  f"{bw.get('save_gbps', 0):.2f} GB/s of its put {ceiling['put_gbps']:.2f} "
-                  f"({bw.get('save_gbps', 0) / ceiling['put_gbps']:.2f})")
-    write_record(args.out, "vllm", results)
-    return 0
+
+def with_kvswap(args: argparse.Namespace, kind: str, spec: dict[str, Any], work: Path, histories: list[int],
+                rng: random.Random, results: dict[str, Any]) -> None:
+    """vLLM with kvswap's connector on store ``kind``: follow-ups, decode beside a save, bandwidths."""
+    store = f"file://{work}/kv" if kind == "file" else \
+        f"{os.environ['KVSWAP_TEST_VALKEY_URI']}?prefix=bench{uuid.uuid4().hex[:6]}:&timeout=30"
+    stats = work / f"stats-{kind}.jsonl"
+    os.environ["KVSWAP_VLLM_STATS"] = str(stats)
+    print(f"vLLM + kvswap on {kind}")
+    meta = work / f"meta-{kind}.db"
+    driver = Driver({**spec, "connector": {"meta": f"sqlite:///{meta}", "store": store}}, work / f"{kind}.log")
+    try:
+        ttft(driver, tokens(64, rng), None)
+        for h in histories:
+            follow_ups(args, kind, driver, meta, work, h, rng, results["rows"][str(h)])
+        results["rows"][f"decode_{kind}"] = decode_beside_save(args, driver, max(histories), rng)
+    finally:
+        driver.close()
+    records = [json.loads(line) for line in stats.read_text().splitlines()] if stats.exists() else []
+    bandwidths(args, kind, store, records, min(histories), results)
+
+
+def follow_ups(args: argparse.Namespace, kind: str, driver: Driver, meta: Path, work: Path, h: int,
+               rng: random.Random, row: dict[str, Any]) -> None:
+    """A session's ``h``-token turn stored, then its follow-up's TTFT (the file store also cold)."""
+    tiers: dict[str, list[float]] = {kind: []} if kind != "file" else {"file": [], "file cold": []}
+    for tier in tiers:
+        for _ in range(args.repeat):
+            session, history = f"{tier}-{uuid.uuid4().hex[:8]}", tokens(h, rng)
+            driver.ask(op="generate", tokens=history, session=session, max_tokens=1)
+            saved(meta, session, h)  # as when a user types the next turn: the save has landed
+            if tier == "file cold":
+                row["file_cold_method"] = drop_from_page_cache(work / "kv")
+            follow = history + tokens(args.follow, rng)
+            tiers[tier].append(ttft(driver, follow, session))
+        took = row[f"{tier.replace(' ', '_')}_s"] = statistics.median(tiers[tier])
+        print(f"  {h:>6} tokens from {tier:<9}: {took * 1e3:8.1f} ms = {took / row['local_hit_s']:.2f}x "
+              f"the local hit, {row['recompute_s'] / took:.1f}x faster than recompute")
+
+
+def decode_beside_save(args: argparse.Namespace, driver: Driver, h: int, rng: random.Random) -> dict[str, float]:
+    """A long generation next to a request that stores ``h`` tokens, against the same without the save."""
+    alone, saving = [], []
+    for with_session in (False, True) * args.repeat:
+        long = tokens(64, rng)
+        began = time.perf_counter()
+        driver.ask(op="generate_many", requests=[
+            {"tokens": long, "max_tokens": 256, "ignore_eos": True},
+            {"tokens": tokens(h, rng), "max_tokens": 8, "ignore_eos": True,
+             "session": f"save-{uuid.uuid4().hex[:8]}" if with_session else None}])
+        (saving if with_session else alone).append(time.perf_counter() - began)
+    beside, without = statistics.median(saving), statistics.median(alone)
+    print(f"  256 decode steps beside a {h}-token save: {beside:.3f} s vs {without:.3f} s without "
+          f"({beside / without:.3f}x)")
+    return {"alone_s": without, "beside_save_s": beside}
+
+
+def bandwidths(args: argparse.Namespace, kind: str, store: str, records: list[dict[str, Any]], smallest: int,
+               results: dict[str, Any]) -> None:
+    """The connector's loads and saves (its stats records) against the store's own get and put."""
+    for op, name in (("fetch", "load"), ("save", "save")):  # a fetch reads and verifies what a load copies
+        done = [r for r in records if r["op"] == op and r["tokens"] >= smallest and r["seconds"] > 0]
+        if done:
+            big = max(done, key=lambda r: r["bytes"])
+            rate = [r["bytes"] / r["seconds"] / 1e9 for r in done if r["bytes"] == big["bytes"]]
+            results.setdefault("bandwidth", {}).setdefault(kind, {})[f"{name}_gbps"] = statistics.median(rate)
+            results["bandwidth"][kind]["bytes"] = big["bytes"]
+    if kind not in results.get("bandwidth", {}):
+        return
+    bw = results["bandwidth"][kind]
+    ceiling = store_ceiling(store, bw["bytes"], args.repeat)
+    bw.update({f"ceiling_{k}": v for k, v in ceiling.items()})
+    print(f"  bandwidth ({bw['bytes'] / 2**20:.0f} MiB): load {bw.get('load_gbps', 0):.2f} GB/s of the "
+          f"store's get {ceiling['get_gbps']:.2f} ({bw.get('load_gbps', 0) / ceiling['get_gbps']:.2f}), save "
+          f"{bw.get('save_gbps', 0):.2f} GB/s of its put {ceiling['put_gbps']:.2f} "
+          f"({bw.get('save_gbps', 0) / ceiling['put_gbps']:.2f})")
 
 
 if __name__ == "__main__":
