@@ -40,8 +40,7 @@ from _record import RESULTS, stop_servers_on_sigterm, write_record
 
 from kvswap import blob
 from kvswap.connectors import open_connector
-from kvswap.meta import open_meta_store
-from kvswap.session_cache import KVLayout, KVMover, PagedKVPool, SessionCache
+from kvswap.session_cache import KVLayout, KVMover, PagedKVPool, SessionCache, StackSettings
 from kvswap.testing import servers
 from kvswap.uri import parse_size
 
@@ -163,8 +162,9 @@ def bench_store(name: str, uri: str, pool: PagedKVPool, tokens: int, nbytes: int
     put = timed(lambda: connector.put("bench/raw", raw), repeat, sync)
     get = timed(lambda: connector.get_into("bench/raw", raw), repeat, sync)
     connector.delete("bench/raw")
-    cache = SessionCache(pool, open_meta_store("memkv://"), [connector], lease_ttl=None, recompute_when_faster=False,
-                         entry_bytes=entry_bytes)
+    store = StackSettings("memkv://", (uri,), entry_bytes=entry_bytes).open(pool.layout,
+                                                                            minimum_entry_tokens=pool.block_size)
+    cache = SessionCache(pool, store=store, lease_ttl=None, recompute_when_faster=False)
     ids = list(range(tokens))
     t_out, t_in = swap_rounds(name, cache, tokens, ids, repeat, sync)
     blob.PARALLEL_CHUNKS = False  # the baseline: each entry read whole, then hashed

@@ -33,10 +33,8 @@ from pathlib import Path
 import torch
 from _record import RESULTS, stop_servers_on_sigterm, write_record
 
-from kvswap.connectors import open_connector
 from kvswap.engine import Engine, build_model
-from kvswap.meta import open_meta_store
-from kvswap.session_cache import PagedKVPool, SessionCache
+from kvswap.session_cache import PagedKVPool, SessionCache, StackSettings
 
 
 def drop_page_cache() -> bool:
@@ -203,9 +201,9 @@ def main() -> int:
     longest = max(histories) + args.follow + 16
     pool = PagedKVPool(layout, num_blocks=2 * (-(-longest // 16)) + 8, block_size=16, device=device)
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="kvswap-ttft-"))
-    stores = [open_connector(f"file://{workdir}/kv")] if {"file", "file-warm"} & set(tiers) else []
-    cache = SessionCache(pool, open_meta_store("memkv://"), stores, host_bytes=longest * layout.token_bytes + 1,
-                         lease_ttl=None, recompute_when_faster=False)
+    stores = (f"file://{workdir}/kv",) if {"file", "file-warm"} & set(tiers) else ()
+    cache = SessionCache(pool, store=StackSettings("memkv://", stores).open(layout, minimum_entry_tokens=16),
+                         host_bytes=longest * layout.token_bytes + 1, lease_ttl=None, recompute_when_faster=False)
     engine = Engine(model, cache)
     rng = random.Random(0)
     vocab = model.config.vocab_size

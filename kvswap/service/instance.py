@@ -20,14 +20,12 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
-from kvswap.connectors import open_connector
 from kvswap.engine import Engine
 from kvswap.engine.engine import Generation
 from kvswap.errors import ConfigError, NotFoundError
-from kvswap.meta import Entry, Session, open_meta_store, validate_session_id
-from kvswap.paths import stack_uris
+from kvswap.meta import Entry, Session, validate_session_id
 from kvswap.service.model import LoadedModel, load_model
-from kvswap.session_cache import LocalState, PagedKVPool, SessionCache
+from kvswap.session_cache import LocalState, PagedKVPool, SessionCache, StackSettings
 from kvswap.session_cache.manager import Policy
 
 log = logging.getLogger("kvswap.service")
@@ -67,12 +65,17 @@ class ServeConfig:
         return f"ServeConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
+    def stack(self) -> StackSettings:
+        """Where sessions live (flags, else $KVSWAP_META / $KVSWAP_STORE, else under ``directory``)."""
+        return StackSettings.resolve(self.meta, self.stores or None, self.directory, session_ttl=self.session_ttl)
+
+    @property
     def meta_uri(self) -> str:
-        return stack_uris(self.meta, self.stores, self.directory)[0]
+        return self.stack.meta
 
     @property
     def store_uris(self) -> list[str]:
-        return stack_uris(self.meta, self.stores, self.directory)[1]
+        return list(self.stack.stores)
 
 
 @dataclasses.dataclass
@@ -90,8 +93,7 @@ class Instance:
     def __init__(self, config: ServeConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.started = time.time()
-        if any(config.directory in uri for uri in (config.meta_uri, *config.store_uris)):  # the defaults
-            os.makedirs(config.directory, exist_ok=True)
+        stack = config.stack
         began = time.perf_counter()
         self.loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype,
                                            model_id=config.model_id, seed_token=config.seed_token)
@@ -100,16 +102,18 @@ class Instance:
         self.tokenizer = self.loaded.tokenizer
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.pool = PagedKVPool(self.layout, config.hbm_blocks, config.block_size, config.device)
-        self.meta = meta = open_meta_store(config.meta_uri)  # the admin routes list sessions from it
-        stores = [open_connector(uri) for uri in config.store_uris]
         if config.policy not in ("write-back", "write-through"):
             raise ConfigError(f"policy must be write-back or write-through, not {config.policy!r}")
-        self.cache = SessionCache(self.pool, meta, stores, host_bytes=config.host_bytes,
-                                  policy=cast(Policy, config.policy),
-                                  instance_id=self.instance_id, lease_ttl=config.lease_ttl,
-                                  session_ttl=config.session_ttl,
-                                  recompute_when_faster=config.recompute_when_faster)
-        self.cache.store.check()  # a server that is down fails the start, in one line
+        store = stack.open(self.layout, minimum_entry_tokens=config.block_size)
+        try:
+            self.cache = SessionCache(self.pool, store=store, host_bytes=config.host_bytes,
+                                      policy=cast(Policy, config.policy), instance_id=self.instance_id,
+                                      lease_ttl=config.lease_ttl, recompute_when_faster=config.recompute_when_faster)
+            store.check()  # a server that is down fails the start, in one line
+        except BaseException:
+            store.close()
+            raise
+        self.meta = store.meta  # the admin routes list sessions from it
         self.engine = Engine(self.loaded.model, self.cache)
         self._engine_lock = threading.Lock()
         self.max_tokens = min(self.pool.num_blocks * self.pool.block_size, self.loaded.max_positions)
@@ -207,7 +211,7 @@ class Instance:
             if stored:
                 log.info("stored %d sessions at shutdown", stored)
         finally:
-            self.cache.close(backends=True)
+            self.cache.close()
 
 
 class AdminInstance:
@@ -220,17 +224,17 @@ class AdminInstance:
     """
 
     def __init__(self, config: ServeConfig) -> None:
-        from kvswap.session_cache import SessionStore
 
         self.config = config
         self.started = time.time()
-        if any(config.directory in uri for uri in (config.meta_uri, *config.store_uris)):  # the defaults
-            os.makedirs(config.directory, exist_ok=True)
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-admin"
-        self.meta = open_meta_store(config.meta_uri)
-        self.store = SessionStore(self.meta, [open_connector(u) for u in config.store_uris], None,
-                                  session_ttl=config.session_ttl)
-        self.store.check()
+        self.store = config.stack.open(None)
+        try:
+            self.store.check()
+        except BaseException:
+            self.store.close()
+            raise
+        self.meta = self.store.meta
         log.info("kvswap admin instance %s: meta %s, stores %s", self.instance_id, self.store.meta.uri.render(),
                  self.store.locations)
 
@@ -241,7 +245,8 @@ class AdminInstance:
 
     def view(self, session_id: str) -> SessionView:
         validate_session_id(session_id)
-        return SessionView(*self.store.meta.read(session_id), LocalState())
+        session, entries = self.store.meta.read(session_id)  # one snapshot, one round trip
+        return SessionView(session, entries, LocalState())
 
     def prefetch(self, session_id: str) -> int:
         raise RequestError("this instance serves no model (--model none): it holds no KV to prefetch into")
@@ -258,4 +263,4 @@ class AdminInstance:
         return self.store.gc()
 
     def close(self) -> None:
-        self.store.close(backends=True)
+        self.store.close()

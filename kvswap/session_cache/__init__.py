@@ -21,10 +21,11 @@ from kvswap.session_cache.base import (
 from kvswap.session_cache.handle import CacheStats, LocalState, SessionHandle
 from kvswap.session_cache.manager import SessionCache
 from kvswap.session_cache.pool import PagedKVPool
+from kvswap.session_cache.stack import StackSettings
 from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import HostTier, Plan, Span, StoreTier, store_location
 from kvswap.session_cache.transfer import KVMover
 
 __all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "LocalState", "OutOfBlocksError", "PagedKVPool",
-           "Plan", "SessionBusyError", "SessionCache", "SessionHandle", "SessionStore", "Span", "StoreTier",
-           "SwapError", "chain_hash", "prefix_hashes", "root_hash", "store_location"]
+           "Plan", "SessionBusyError", "SessionCache", "SessionHandle", "SessionStore", "Span", "StackSettings",
+           "StoreTier", "SwapError", "chain_hash", "prefix_hashes", "root_hash", "store_location"]

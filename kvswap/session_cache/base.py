@@ -210,3 +210,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         return 0
     diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
     return int(diff[0]) if diff.size else n
+
+
+#: An entry's size when the caller names none (``kvswap serve``; the vLLM connector's is smaller:
+#: :class:`~kvswap.session_cache.stack.StackSettings` carries each process's).
+DEFAULT_ENTRY_BYTES = 256 << 20
+
+
+def entry_tokens_within(entry_bytes: int, layout: KVLayout, minimum: int = 1) -> int:
+    """The most tokens (at least ``minimum``) whose entry data, KV plus int32 token ids, and the
+    reader's one spare byte fit in ``entry_bytes``. Pinned host buffers come in powers of two:
+    a 256 MiB budget holds 2047 tokens of 128 KiB, where 2048 would take a 512 MiB buffer."""
+    return max(minimum, (entry_bytes - 1) // (layout.token_bytes + 4))
+

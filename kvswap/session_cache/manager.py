@@ -2,12 +2,10 @@
 
 A request opens its session with :meth:`SessionCache.open`, which claims it, brings back the
 longest verified prefix of its history (from HBM, the host tier or a store) and returns a
-:class:`SessionHandle`. The engine reserves blocks for what it will compute, runs the
-model on the handle's blocks, commits the tokens whose KV it wrote, and closes the
-handle. Unclaimed sessions stay resident in LRU order until blocks run short; then the
-least recently used are swapped out.
-
-What is stored and verified is the session-store core's
+:class:`SessionHandle`. The engine reserves blocks for what it will compute, runs the model on
+the handle's blocks, commits the tokens whose KV it wrote, and closes the handle. Unclaimed
+sessions stay resident in LRU order until blocks run short; then the least recently used are
+swapped out. What is stored and verified is the session-store core's
 (:class:`~kvswap.session_cache.store.SessionStore`, shared with the vLLM connector); this
 module adds the pool, the host tier and the LRU order.
 
@@ -27,23 +25,24 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from kvswap.connectors.base import Connector
 from kvswap.meta import MetaStore, Session, validate_session_id
 from kvswap.session_cache.base import (
+    DEFAULT_ENTRY_BYTES,
     KVPool,
     OutOfBlocksError,
     SwapError,
     common_prefix,
+    entry_tokens_within,
 )
 from kvswap.session_cache.handle import CacheStats, Claims, LocalState, Resident, SessionHandle
 from kvswap.session_cache.leases import LeaseRenewer
-from kvswap.session_cache.store import DEFAULT_ENTRY_BYTES, SessionStore, entry_tokens_within
+from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import HostCopy, HostTier, StoredState
 from kvswap.session_cache.transfer import KVMover
 
 if TYPE_CHECKING:
     import torch
-
-    from kvswap.connectors.base import Connector
 
 log = logging.getLogger("kvswap.session_cache")
 
@@ -56,33 +55,33 @@ _REQUEST = "open on this instance"  # what a request's claim says
 class SessionCache:
     """Sessions' KV in one :class:`KVPool`, spilled to a host tier and stores.
 
-    ``stores`` are connector-backed tiers; new spans are written to the first, entries
-    naming any of them are read. ``meta`` records where spans are (shared between
-    instances when it is a server). ``host_bytes`` bounds the host tier (0: none).
-    A span longer than ``entry_bytes`` is stored as several entries, written (and later read)
-    in parallel by ``io_threads`` threads, overlapping with device copies.
+    ``stores`` are connector-backed tiers; new spans are written to the first, entries naming
+    any of them are read. ``meta`` records where spans are (shared between instances when it is
+    a server); ``store``, a session store opened by :meth:`StackSettings.open`, replaces both.
+    ``host_bytes`` bounds the host tier (0: none). A span longer than ``entry_bytes`` is stored
+    as several entries, written and read in parallel by ``io_threads`` threads.
     ``recompute_when_faster``: skip loading from a store when its observed read bandwidth
     predicts a longer load than the engine's observed prefill rate would take to recompute.
     """
 
-    def __init__(self, pool: KVPool, meta: MetaStore, stores: Sequence[Connector] = (), *,
-                 host_bytes: int = 0, policy: Policy = "write-back", instance_id: str | None = None,
-                 lease_ttl: float | None = 30.0, session_ttl: float | None = None, key_prefix: str = "kv",
-                 io_threads: int = 8, entry_bytes: int = DEFAULT_ENTRY_BYTES, gc_grace: float = 600.0,
-                 recompute_when_faster: bool = True) -> None:
+    def __init__(self, pool: KVPool, meta: MetaStore | None = None, stores: Sequence[Connector] = (), *,
+                 store: SessionStore | None = None, host_bytes: int = 0, policy: Policy = "write-back",
+                 instance_id: str | None = None, lease_ttl: float | None = 30.0, session_ttl: float | None = None,
+                 key_prefix: str = "kv", io_threads: int = 8, entry_bytes: int = DEFAULT_ENTRY_BYTES,
+                 gc_grace: float = 600.0, recompute_when_faster: bool = True) -> None:
         if policy not in ("write-back", "write-through"):
             raise ValueError(f"policy must be 'write-back' or 'write-through', not {policy!r}")
-        if policy == "write-through" and not stores:
-            raise ValueError("write-through needs a store")
         if lease_ttl is not None and lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive (or None: no leases)")
         self.pool = pool
         self.layout = pool.layout
         self.fingerprint = pool.layout.fingerprint
-        self.store = SessionStore(meta, stores, pool.layout, key_prefix=key_prefix, io_threads=io_threads,
-                                  entry_tokens=entry_tokens_within(entry_bytes, pool.layout, pool.block_size),
-                                  session_ttl=session_ttl, gc_grace=gc_grace)
-        self.meta = meta
+        self.store = store or SessionStore(meta, stores, pool.layout, key_prefix=key_prefix, io_threads=io_threads,
+                                           entry_tokens=entry_tokens_within(entry_bytes, pool.layout, pool.block_size),
+                                           session_ttl=session_ttl, gc_grace=gc_grace)
+        if policy == "write-through" and not self.store.stores:
+            raise ValueError("write-through needs a store")
+        self.meta = self.store.meta
         self.stores = self.store.stores
         self.host = HostTier(host_bytes)
         self.policy = policy
@@ -105,8 +104,9 @@ class SessionCache:
     def session_ttl(self) -> float | None:
         return self.store.session_ttl
 
-    def close(self, *, backends: bool = False) -> None:
-        """Stop lease renewals and the I/O threads; with ``backends``, close meta and the connectors too."""
+    def close(self, *, backends: bool | None = None) -> None:
+        """Stop lease renewals and the I/O threads; close meta and the connectors too if the
+        session store owns them (``backends`` overrides)."""
         self._renewer.close()
         self.store.close(backends=backends)
 

@@ -49,11 +49,13 @@ from kvswap.errors import (
 )
 from kvswap.meta import Entry, LeaseError, MetaStore, Session
 from kvswap.session_cache.base import (
+    DEFAULT_ENTRY_BYTES,
     KVLayout,
     SessionBusyError,
     SwapError,
     chain_hash,
     common_prefix,
+    entry_tokens_within,
     root_hash,
 )
 from kvswap.session_cache.commit import CommitOutcome, commit, well_formed
@@ -87,11 +89,15 @@ class SessionStore:
     still be on its way). With ``layout`` None the store is for administration (listing,
     deleting, gc) of sessions that engines wrote: it moves no KV; with ``meta`` None it moves
     data only (reads and writes blobs; a damaged entry is reported in the plan, not dropped).
+    ``owns_backends``: :meth:`close` closes ``meta`` and the connectors too (a store opened by
+    :meth:`StackSettings.open <kvswap.session_cache.stack.StackSettings.open>`, which opened them).
     """
 
     def __init__(self, meta: MetaStore | None, stores: Sequence[Connector], layout: KVLayout | None, *,
                  key_prefix: str = "kv", io_threads: int = 8, entry_tokens: int | None = None,
-                 session_ttl: float | None = None, gc_grace: float = 600.0, span_cache_bytes: int = 0) -> None:
+                 session_ttl: float | None = None, gc_grace: float = 600.0, span_cache_bytes: int = 0,
+                 owns_backends: bool = False) -> None:
+        self.owns_backends = owns_backends
         self._meta = meta
         self._layout = layout
         self.fingerprint = layout.session_fingerprint if layout is not None else ""
@@ -137,11 +143,11 @@ class SessionStore:
         for store in self.stores:
             store.connector.exists(f"{store.prefix}/kvswap-startup-probe")
 
-    def close(self, *, backends: bool = False) -> None:
-        """Wait for I/O in flight and stop the I/O threads; with ``backends``, close the meta
-        store and the connectors too (whoever opened them for this store), else they stay open."""
+    def close(self, *, backends: bool | None = None) -> None:
+        """Wait for I/O in flight and stop the I/O threads; close the meta store and the
+        connectors too if this store owns them (``backends`` overrides), else they stay open."""
         self._io.shutdown(wait=True)
-        if backends:
+        if self.owns_backends if backends is None else backends:
             if self._meta is not None:
                 self._meta.close()
             for tier in self.stores:
@@ -493,15 +499,3 @@ class SessionStore:
             store.connector.delete_many(orphans)
             removed_blobs += len(orphans) + store.connector.collect_garbage(self.gc_grace)
         return {"sessions": removed_sessions, "blobs": removed_blobs}
-
-
-#: An entry's size when the caller names none (``kvswap serve``; the vLLM connector's is smaller).
-DEFAULT_ENTRY_BYTES = 256 << 20
-
-
-def entry_tokens_within(entry_bytes: int, layout: KVLayout, minimum: int = 1) -> int:
-    """The most tokens (at least ``minimum``) whose entry data, KV plus int32 token ids, and the
-    reader's one spare byte fit in ``entry_bytes``. Pinned host buffers come in powers of two:
-    a 256 MiB budget holds 2047 tokens of 128 KiB, where 2048 would take a 512 MiB buffer."""
-    return max(minimum, (entry_bytes - 1) // (layout.token_bytes + 4))
-

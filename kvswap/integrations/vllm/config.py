@@ -11,14 +11,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from kvswap.errors import ConfigError
 from kvswap.integrations.vllm.identity import checkpoint_digest, source_identity
-from kvswap.paths import stack_uris
 from kvswap.session_cache.base import KVLayout
+from kvswap.session_cache.stack import StackSettings
 from kvswap.uri import URI, parse_bool, parse_size
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
@@ -88,6 +87,13 @@ class ConnectorConfig:
         return (f"ConnectorConfig(meta={shown(self.meta)!r}, stores={[shown(s) for s in self.stores]!r}, "
                 f"host_bytes={self.host_bytes}, model_id={self.model_id!r}, timeout={self.timeout})")
 
+    @property
+    def stack(self) -> StackSettings:
+        """The storage stack both halves open (the scheduler with meta; the worker data only,
+        with ``host_bytes`` as its span cache)."""
+        return StackSettings(self.meta, self.stores, entry_bytes=self.entry_bytes, io_threads=self.io_threads,
+                             session_ttl=self.session_ttl, span_cache_bytes=self.host_bytes)
+
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
         extra = dict(extra or {})
@@ -99,14 +105,10 @@ class ConnectorConfig:
         if store is not None and not (isinstance(store, str) or
                                       (isinstance(store, list) and all(isinstance(s, str) for s in store))):
             raise ConfigError("store must be a URI or a list of URIs")
-        meta, stores = stack_uris(extra.get("meta"), store, directory)
-        if not stores or not all(stores):
-            raise ConfigError("store must be a URI or a non-empty list of URIs")
-        if any(directory in uri for uri in (meta, *stores)):
-            os.makedirs(directory, exist_ok=True)
+        where = StackSettings.resolve(extra.get("meta"), store, directory)
         try:
             ttl = extra.get("session_ttl")
-            config = cls(meta=str(meta), stores=tuple(stores), host_bytes=_size(extra.get("host_bytes", 0)),
+            config = cls(meta=where.meta, stores=where.stores, host_bytes=_size(extra.get("host_bytes", 0)),
                          model_id=extra.get("model_id") or None,
                          entry_bytes=_size(extra.get("entry_bytes", 16 << 20)),
                          io_threads=int(extra.get("io_threads", 8)),

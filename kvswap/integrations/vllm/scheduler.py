@@ -33,7 +33,6 @@ import threading
 import time
 from typing import Any
 
-from kvswap.connectors import open_connector
 from kvswap.errors import KVSwapError, NotFoundError
 from kvswap.integrations.vllm.answers import NextTurn
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_share
@@ -46,10 +45,8 @@ from kvswap.integrations.vllm.jobs import (
 )
 from kvswap.integrations.vllm.outcomes import Fetched, Saved, merge_fetched, merge_saved
 from kvswap.integrations.vllm.stats import Counters
-from kvswap.meta import open_meta_store
 from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import Plan, StoredState, new_stamp
-from kvswap.uri import URI
 
 log = logging.getLogger("vllm.kvswap")
 
@@ -106,8 +103,6 @@ class SchedulerSide:
         self.ranks = self.layout.tp_size  # each job is done once per tensor-parallel rank
         self.shares = kv_share(vllm_config)[1]  # blobs a span has (one per share of the KV heads)
         self._reports: dict[str, dict[str, dict[int, Any]]] = {"fetched": {}, "saved": {}}  # until every rank's
-        for uri in (config.meta, *config.stores):
-            URI.parse(uri)  # a malformed URI fails the engine's start, not its first request
         self._store: SessionStore | None = None
         self._store_lock = threading.Lock()
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvswap-meta")
@@ -131,9 +126,7 @@ class SchedulerSide:
         it again when the first try failed: meta down at start)."""
         with self._store_lock:
             if self._store is None:
-                self._store = SessionStore(open_meta_store(self.config.meta),
-                                           [open_connector(uri) for uri in self.config.stores], self.layout,
-                                           session_ttl=self.config.session_ttl)
+                self._store = self.config.stack.open(self.layout)
                 log.info("kvswap connector: %s, meta %s, stores %s", self.layout.fingerprint,
                          self._store.meta.uri.render(), self._store.locations)
             return self._store
@@ -438,7 +431,7 @@ class SchedulerSide:
     def shutdown(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=False)
         if self._store is not None:
-            self._store.close(backends=True)
+            self._store.close()
 
 
 def record_op(op: str, session: str, tokens: int, nbytes: int, seconds: float, **more: Any) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from kvswap.connectors import open_connector
 from kvswap.errors import ConfigError, KVSwapError
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_scales, kv_share, tp_rank, value_dtype
 from kvswap.integrations.vllm.jobs import (
@@ -43,7 +42,7 @@ from kvswap.integrations.vllm.outcomes import Fetched, Saved
 from kvswap.integrations.vllm.pacing import WARM_PINNED_BYTES, ForwardClock, StoreHealth, warm_pinned
 from kvswap.session_cache.base import SwapError
 from kvswap.session_cache.ranks import rank_key, rank_view
-from kvswap.session_cache.store import SessionStore, entry_tokens_within
+from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import Span, StoredState
 
 log = logging.getLogger("vllm.kvswap")
@@ -118,11 +117,7 @@ class WorkerSide:
                                    values=value_dtype(self._vllm_config))
         if layout.itemsize == 1:
             layout = dataclasses.replace(layout, kv_scales=kv_scales(self._vllm_config, kv_caches))
-        self.store = SessionStore(None, [open_connector(uri) for uri in self.config.stores], layout,
-                                  io_threads=self.config.io_threads,
-                                  entry_tokens=max(self.block_size,
-                                                   entry_tokens_within(self.config.entry_bytes, layout)),
-                                  span_cache_bytes=self.config.host_bytes)
+        self.store = self.config.stack.open(layout, with_meta=False, minimum_entry_tokens=self.block_size)
         if self.kv.device.type == "cuda":
             from kvswap.integrations.vllm.gpu import GPUMover
 
@@ -222,7 +217,7 @@ class WorkerSide:
     def shutdown(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
-            self.store.close(backends=True)
+            self.store.close()
 
     # ---- fetches --------------------------------------------------------------------------------
 
