@@ -106,10 +106,10 @@ class Instance:
             raise ConfigError(f"policy must be write-back or write-through, not {config.policy!r}")
         store = stack.open(self.layout, minimum_entry_tokens=config.block_size)
         try:
+            store.check()  # a server that is down fails the start, in one line
             self.cache = SessionCache(self.pool, store=store, host_bytes=config.host_bytes,
                                       policy=cast(Policy, config.policy), instance_id=self.instance_id,
                                       lease_ttl=config.lease_ttl, recompute_when_faster=config.recompute_when_faster)
-            store.check()  # a server that is down fails the start, in one line
         except BaseException:
             store.close()
             raise
