@@ -89,8 +89,7 @@ class SessionStore:
     still be on its way). With ``layout`` None the store is for administration (listing,
     deleting, gc) of sessions that engines wrote: it moves no KV; with ``meta`` None it moves
     data only (reads and writes blobs; a damaged entry is reported in the plan, not dropped).
-    ``owns_backends``: :meth:`close` closes ``meta`` and the connectors too (a store opened by
-    :meth:`StackSettings.open <kvswap.session_cache.stack.StackSettings.open>`, which opened them).
+    ``owns_backends``: :meth:`close` closes ``meta`` and the connectors too (``StackSettings.open``'s).
     """
 
     def __init__(self, meta: MetaStore | None, stores: Sequence[Connector], layout: KVLayout | None, *,
