@@ -75,7 +75,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> int:
     echo(f"  HBM pool {blocks} blocks x {block} tokens = {instance.pool.nbytes / 2**20:.1f} MiB on "
          f"{instance.pool.device} (~{config.hbm_sessions:g} sessions), host tier "
          f"{cache.host.capacity / 2**20:.1f} MiB, policy {config.policy}")
-    echo(f"  meta {instance.config.meta_uri}, store {instance.config.store_uris[0]}")
+    echo(f"  meta {cache.meta.uri.render()}, store {cache.stores[0].location}")  # no password shown
     exact = reused_turns = 0
     mismatches: list[str] = []
     cached_ttft = recompute_ttft = 0.0

@@ -69,14 +69,6 @@ class ServeConfig:
         """Where sessions live (flags, else $KVSWAP_META / $KVSWAP_STORE, else under ``directory``)."""
         return StackSettings.resolve(self.meta, self.stores or None, self.directory, session_ttl=self.session_ttl)
 
-    @property
-    def meta_uri(self) -> str:
-        return self.stack.meta
-
-    @property
-    def store_uris(self) -> list[str]:
-        return list(self.stack.stores)
-
 
 @dataclasses.dataclass
 class SessionView:
@@ -104,15 +96,10 @@ class Instance:
         self.pool = PagedKVPool(self.layout, config.hbm_blocks, config.block_size, config.device)
         if config.policy not in ("write-back", "write-through"):
             raise ConfigError(f"policy must be write-back or write-through, not {config.policy!r}")
-        store = stack.open(self.layout, minimum_entry_tokens=config.block_size)
-        try:
-            store.check()  # a server that is down fails the start, in one line
-            self.cache = SessionCache(self.pool, store=store, host_bytes=config.host_bytes,
-                                      policy=cast(Policy, config.policy), instance_id=self.instance_id,
-                                      lease_ttl=config.lease_ttl, recompute_when_faster=config.recompute_when_faster)
-        except BaseException:
-            store.close()
-            raise
+        store = stack.open(self.layout, minimum_entry_tokens=config.block_size, check=True)
+        self.cache = SessionCache(self.pool, store=store, host_bytes=config.host_bytes,
+                                  policy=cast(Policy, config.policy), instance_id=self.instance_id,
+                                  lease_ttl=config.lease_ttl, recompute_when_faster=config.recompute_when_faster)
         self.meta = store.meta  # the admin routes list sessions from it
         self.engine = Engine(self.loaded.model, self.cache)
         self._engine_lock = threading.Lock()
@@ -228,12 +215,7 @@ class AdminInstance:
         self.config = config
         self.started = time.time()
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-admin"
-        self.store = config.stack.open(None)
-        try:
-            self.store.check()
-        except BaseException:
-            self.store.close()
-            raise
+        self.store = config.stack.open(None, check=True)
         self.meta = self.store.meta
         log.info("kvswap admin instance %s: meta %s, stores %s", self.instance_id, self.store.meta.uri.render(),
                  self.store.locations)

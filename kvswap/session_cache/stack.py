@@ -67,10 +67,11 @@ class StackSettings:
         return entry_tokens_within(self.entry_bytes, layout, minimum)
 
     def open(self, layout: KVLayout | None, *, with_meta: bool = True, minimum_entry_tokens: int = 1,
-             **store_options: object) -> SessionStore:
+             check: bool = False) -> SessionStore:
         """Open the meta store (unless ``with_meta`` is False: a store that moves data only)
-        and the connectors; the returned store owns them. If one fails to open, those opened
-        before it are closed and the error raised."""
+        and the connectors; the returned store owns them. With ``check``, one round trip to
+        each (:meth:`SessionStore.check`): a server that is down fails here, in one line. On
+        any failure what was opened is closed and the error raised."""
         opened: list[MetaStore | Connector] = []
         try:
             meta = open_meta_store(self.meta) if with_meta else None
@@ -84,9 +85,15 @@ class StackSettings:
             raise
         connectors = [backend for backend in opened if isinstance(backend, Connector)]
         entry_tokens = self.entry_tokens(layout, minimum_entry_tokens) if layout is not None else None
-        return SessionStore(meta, connectors, layout, io_threads=self.io_threads, entry_tokens=entry_tokens,
-                            session_ttl=self.session_ttl, span_cache_bytes=self.span_cache_bytes,
-                            owns_backends=True, **store_options)  # type: ignore[arg-type]
+        store = SessionStore(meta, connectors, layout, io_threads=self.io_threads, entry_tokens=entry_tokens,
+                             session_ttl=self.session_ttl, span_cache_bytes=self.span_cache_bytes, owns_backends=True)
+        if check:
+            try:
+                store.check()
+            except BaseException:
+                store.close()
+                raise
+        return store
 
 
 def _shown(uri: str) -> str:

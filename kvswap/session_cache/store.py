@@ -272,23 +272,23 @@ class SessionStore:
 
     def read(self, session_id: str, plan: Plan, tokens: Sequence[int] | None, *, limit: int | None = None,
              start: int = 0, pin: bool = False) -> Iterator[Span]:
-        """Read the plan's entries (in parallel, within ``READ_AHEAD_BYTES`` beyond the one
-        waited for; yielded in order), each verified against its
-        entry, the prefix-hash chain and ``tokens`` (None: taken as stored), up to ``limit``
-        tokens. Entries that end by ``start`` are not read (the caller holds those tokens; with
-        ``tokens`` given, :meth:`plan` verified them by hash). Stops at the first entry that is
-        damaged (dropped from meta with all after it: ``plan.stored`` follows), unavailable
-        (kept), or diverges from ``tokens``. Closing the iterator early cancels the reads not
-        yet started."""
+        """Read the plan's entries (in parallel, within ``READ_AHEAD_BYTES`` beyond the one waited
+        for; those in the host tier at once; yielded in order), each verified against its entry,
+        the prefix-hash chain and ``tokens`` (None: taken as stored), up to ``limit`` tokens.
+        Entries that end by ``start`` are not read (the caller holds those tokens; with ``tokens``
+        given, :meth:`plan` verified them by hash). Stops at the first entry that is damaged
+        (dropped from meta with all after it: ``plan.stored`` follows), unavailable (kept), or
+        diverges from ``tokens``. Closing the iterator early cancels the reads not yet started."""
         if start and tokens is None:
             raise ValueError("reading from a start position needs the request's tokens")
         held = [entry for entry, _ in plan.entries if entry.token_end <= start]
         wanted = [(e, s) for e, s in plan.entries[len(held):] if limit is None or e.token_offset < limit]
         reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int], str, bool]]] = []
         charged: list[int] = []  # each read's bytes against the read-ahead budget (0: from the host tier)
-        reading = [0]  # bytes of the store reads started and not yet waited for
+        reading = 0  # bytes of the store reads started and not yet waited for
 
         def read_ahead(waiting: int) -> None:  # start reads from entry ``waiting`` on, within the budget
+            nonlocal reading
             while len(reads) < len(wanted):
                 entry, store = wanted[len(reads)]
                 if (held_span := self.spans.get(entry.key)) is not None:  # in the host tier: no I/O, no thread
@@ -296,11 +296,11 @@ class SessionStore:
                     reads[-1].set_result((*held_span, True))
                     charged.append(0)
                     continue
-                if len(reads) > waiting and reading[0] + entry.size > READ_AHEAD_BYTES:
+                if len(reads) > waiting and reading + entry.size > READ_AHEAD_BYTES:
                     return
                 reads.append(self._io.submit(self._read_entry, entry, store, pin))
                 charged.append(entry.size)
-                reading[0] += entry.size
+                reading += entry.size
 
         previous = held[-1].prefix_hash if held else root_hash(self.fingerprint)
         plan.stored.entries.extend((entry.token_end, entry.prefix_hash) for entry in held)
@@ -309,7 +309,7 @@ class SessionStore:
                 read_ahead(position)
                 try:
                     kv, span, checksum, cached = reads[position].result()
-                    reading[0] -= charged[position]
+                    reading -= charged[position]
                     read_ahead(position + 1)
                     if chain_hash(previous, span) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
