@@ -155,8 +155,10 @@ def main() -> int:
     try:
         if "decode" in scenarios:
             results["decode"] = run_child([*base, "--child", "decode", "host"], dict(os.environ))
+            print("decode:", json.dumps(results["decode"]), flush=True)  # kept if a later engine is cut off
         for kind in args.engines.split(",") if "sessions" in scenarios else ():
             results["sessions"][kind] = run_child([*base, "--child", "sessions", kind], dict(os.environ))
+            print(f"sessions {kind}:", json.dumps(results["sessions"][kind]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # GiBs of stored KV a run: the next run's disk
     report(results)

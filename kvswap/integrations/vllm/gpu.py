@@ -75,17 +75,18 @@ class GPUMover:
         self.width = kv.heads * kv.head_dim
         self.dtype = kv.storages[0].dtype
         self.token_elems = kv.num_layers * 2 * self.width
+        self._warm()
 
     def save(self, block_ids: Sequence[int], chunks: Sequence[tuple[int, int]],
              after: torch.cuda.Event) -> tuple[list[torch.Tensor], torch.cuda.Event]:
         """Gather positions of ``chunks`` ((start, stop) each) into pinned host tensors
         ``[layers, 2, stop - start, heads, head_dim]`` (one per chunk: entry-sized pinned
         blocks, which the fetches' reads reuse), after ``after``; returns them and the event
-        that tells when they hold the KV."""
+        that tells when they hold the KV. Any thread may call it (the worker's copy thread does)."""
         views = [torch.empty((self.kv.num_layers, 2, stop - start, self.kv.heads, self.kv.head_dim),
                              dtype=self.dtype, pin_memory=True) for start, stop in chunks]
         placed = [(start, stop - start, start, stop) for start, stop in chunks]
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self.stream.wait_event(after)
             index = 0
             for group in self._groups(placed):
@@ -124,6 +125,24 @@ class GPUMover:
             done.record(self.stream)
         return done
 
+    def _warm(self) -> None:
+        """Compile and load every variant of the move kernel now (at registration, before vLLM
+        captures its CUDA graphs), not on a user's first save or load: Triton specialises
+        ``count`` on divisibility by 16, so both kinds, both directions, on a scratch block
+        (vLLM's blocks are not touched). The first load of a process was 130-180 ms slower
+        without this (bench/vllm_gpu.py, H100)."""
+        scratch = torch.zeros(int(self.where.max().item()) + 1, dtype=self.dtype, device=self.device)
+        layers = torch.full((self.kv.num_layers,), scratch.data_ptr(), dtype=torch.int64, device=self.device)
+        with torch.cuda.stream(self.stream):
+            for count in (16, 17):
+                table = torch.zeros((5, count), dtype=torch.int64, device=self.device)
+                table[3] = count
+                table[4] = torch.arange(count, device=self.device)
+                stage = torch.zeros(count * self.token_elems, dtype=self.dtype, device=self.device)
+                for to_pages in (False, True):
+                    self._kernel(layers, stage, table, count, to_pages)
+        self.stream.synchronize()
+
     def _groups(self, placed: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
         """Entries (offset, length, low, high) in groups of about GROUP_BYTES of staging."""
         limit = max(1, GROUP_BYTES // (self.token_elems * self.kv.storages[0].element_size()))
@@ -146,7 +165,10 @@ class GPUMover:
         if not count:
             return
         table = torch.from_numpy(rows).pin_memory().to(self.device, non_blocking=True)
-        kv = self.kv
+        self._kernel(self.layers, stage, table, count, to_pages)
+
+    def _kernel(self, layers: torch.Tensor, stage: torch.Tensor, table: torch.Tensor, count: int,
+                to_pages: bool) -> None:
         block = triton.next_power_of_2(self.width)
-        _move[(count, 2 * kv.num_layers)](self.layers, stage, self.where, table, count, WIDTH=self.width,
-                                          BLOCK=block, TO_PAGES=to_pages, num_warps=4 if block >= 512 else 2)
+        _move[(count, 2 * self.kv.num_layers)](layers, stage, self.where, table, count, WIDTH=self.width,
+                                               BLOCK=block, TO_PAGES=to_pages, num_warps=4 if block >= 512 else 2)

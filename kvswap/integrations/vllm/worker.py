@@ -83,6 +83,7 @@ class WorkerSide:
         self.store: SessionStore | None = None
         self.gpu: Any = None
         self._threads = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvswap-job")
+        self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvswap-copy")  # GPU saves
         self._lock = threading.Lock()
         self._fetches: dict[str, _Job] = {}
         self._held: dict[str, tuple[list[Span], float]] = {}  # fetched, waiting for their load
@@ -124,7 +125,7 @@ class WorkerSide:
             self.gpu = GPUMover(self.kv)
             # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
             # on another thread meanwhile would invalidate the capture.
-            warm_pinned(self.config.entry_bytes, WARM_PINNED_BYTES)
+            warm_pinned(self.config.entry_bytes, WARM_PINNED_BYTES + self.config.host_bytes)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
@@ -216,6 +217,7 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._copier.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
             self.store.close()
 
@@ -411,16 +413,17 @@ class WorkerSide:
             return
         chunks = [(start, min(start + store.entry_tokens, len(save.tokens)))
                   for start in range(save.base, len(save.tokens), store.entry_tokens)]
-        gathered: Any = None
-        if self.gpu is not None:
-            gathered = self.gpu.save(save.block_ids, chunks, after)
-        job.future = self._threads.submit(self._save, save, job, chunks, gathered)
+        job.future = (self._copier if self.gpu is not None else self._threads).submit(self._save, save, job, chunks,
+                                                                                       after)
 
-    def _save(self, save: SaveJob, job: _Job, chunks: list[tuple[int, int]], gathered: Any) -> None:
-        store = self._store()
+    def _save(self, save: SaveJob, job: _Job, chunks: list[tuple[int, int]], after: Any) -> None:
+        """Copy the request's KV out of its blocks, then write it. On a GPU this runs on the copy
+        thread, which only pins host memory, launches the gather and waits for it (none of it on
+        the engine's thread: pinning a GiB takes a fraction of a second), and hands the write to
+        the job threads."""
         try:
-            if gathered is not None:
-                views, event = gathered
+            if self.gpu is not None:
+                views, event = self.gpu.save(save.block_ids, chunks, after)
                 event.synchronize()
             else:
                 views = [self._gather(save.block_ids, start, stop) for start, stop in chunks]
@@ -430,6 +433,13 @@ class WorkerSide:
             return
         finally:
             job.ready.set()  # the blocks are no longer read
+        if self.gpu is not None:
+            job.future = self._threads.submit(self._write, save, job, chunks, views)
+        else:
+            self._write(save, job, chunks, views)
+
+    def _write(self, save: SaveJob, job: _Job, chunks: list[tuple[int, int]], views: list[torch.Tensor]) -> None:
+        store = self._store()
         with self._lock:
             if not job.abandoned:
                 self._writing[save.request_id] = (save, job)
