@@ -183,10 +183,11 @@ def root_hash(fingerprint: str) -> str:
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
 
 
-def chain_hash(previous: str, tokens: Sequence[int]) -> str:
-    """The prefix hash after ``tokens``, given the hash of everything before them."""
+def chain_hash(previous: str, tokens: Sequence[int] | bytes | memoryview) -> str:
+    """The prefix hash after ``tokens`` (ids, or already as :func:`token_bytes`), given the
+    hash of everything before them."""
     digest = xxhash.xxh3_128(previous.encode())
-    digest.update(token_bytes(tokens))
+    digest.update(tokens if isinstance(tokens, (bytes, memoryview)) else token_bytes(tokens))
     return digest.hexdigest()
 
 
@@ -194,21 +195,22 @@ def prefix_hashes(fingerprint: str, tokens: Sequence[int], boundaries: Sequence[
     """The prefix hash of ``tokens[:b]`` for each boundary ``b`` (ascending, each <= len)."""
     hashes = []
     previous, start = root_hash(fingerprint), 0
+    data = memoryview(token_bytes(tokens))  # converted once: a long history has hundreds of entries
     for end in boundaries:
-        previous = chain_hash(previous, tokens[start:end])
+        previous = chain_hash(previous, data[start * 4:end * 4])
         hashes.append(previous)
         start = end
     return hashes
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
+def common_prefix(a: Sequence[int] | bytes | memoryview, b: Sequence[int] | bytes | memoryview) -> int:
+    """Length of the longest common prefix of two token sequences (ids, or as :func:`token_bytes`)."""
     import numpy as np
 
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    x, y = (np.frombuffer(t, dtype="<i4") if isinstance(t, (bytes, memoryview)) else np.asarray(t, dtype=np.int64)
+            for t in (a, b))
+    n = min(len(x), len(y))
+    diff = np.flatnonzero(x[:n] != y[:n])
     return int(diff[0]) if diff.size else n
 
 

@@ -37,8 +37,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from kvswap.errors import (
-    AlreadyExistsError,
-    BackendUnavailableError,
     ConfigError,
     IntegrityError,
     InvalidKeyError,
@@ -47,18 +45,19 @@ from kvswap.errors import (
     UnsupportedFormatError,
     VersionConflictError,
 )
-from kvswap.meta import Entry, LeaseError, MetaStore, Session
+from kvswap.meta import Entry, MetaStore, Session
 from kvswap.session_cache.base import (
     DEFAULT_ENTRY_BYTES,
     KVLayout,
-    SessionBusyError,
     SwapError,
     chain_hash,
     common_prefix,
     entry_tokens_within,
     root_hash,
+    token_bytes,
 )
 from kvswap.session_cache.commit import CommitOutcome, commit, well_formed
+from kvswap.session_cache.leases import SessionLeases
 from kvswap.session_cache.ranks import blob_keys, entry_key
 from kvswap.session_cache.tiers import Plan, Span, SpanCache, StoredState, StoreTier
 
@@ -67,6 +66,8 @@ if TYPE_CHECKING:
 
     from kvswap.connectors.base import Connector
     from kvswap.meta import EntrySpec
+
+    HeldSpan = tuple[torch.Tensor, list[int], str, bool]  # KV, token ids, checksum, from the host tier
 
 log = logging.getLogger("kvswap.session_cache")
 
@@ -79,7 +80,7 @@ DAMAGE = (IntegrityError, NotFoundError, InvalidKeyError)
 READ_AHEAD_BYTES = 512 << 20
 
 
-class SessionStore:
+class SessionStore(SessionLeases):
     """Sessions' spans in ``stores`` (new spans go to the first; entries naming any are read),
     recorded in ``meta``, for KV of ``layout``.
 
@@ -152,43 +153,6 @@ class SessionStore:
             for tier in self.stores:
                 tier.connector.close()
 
-    # ---- leases -------------------------------------------------------------------------------
-
-    def lease(self, session_id: str, owner: str, ttl: float | None) -> Session | None:
-        """The session's record, leased to ``owner`` for ``ttl`` seconds (None: no lease, just
-        read it); a session is created at its first leased request. None when meta has no
-        such session and leases are off. SessionBusyError if another owner holds the lease."""
-        try:
-            if ttl is None:
-                return self.meta.get(session_id)
-            try:
-                return self.meta.acquire_lease(session_id, owner, ttl)
-            except NotFoundError:
-                try:
-                    self.meta.create(session_id, self.fingerprint, ttl=self.session_ttl)
-                except AlreadyExistsError:
-                    pass
-                return self.meta.acquire_lease(session_id, owner, ttl)
-        except LeaseError as exc:
-            raise SessionBusyError(f"session {session_id!r} is leased by {exc.owner!r}") from exc
-        except NotFoundError:
-            return None
-
-    def renew(self, session_id: str, owner: str, ttl: float) -> bool:
-        """Extend ``owner``'s lease; False (logged) if it was lost or meta is unreachable."""
-        try:
-            self.meta.renew_lease(session_id, owner, ttl)
-            return True
-        except (LeaseError, NotFoundError, BackendUnavailableError) as exc:
-            log.warning("could not renew the lease of session %r: %s", session_id, exc)
-            return False
-
-    def release(self, session_id: str, owner: str) -> None:
-        try:
-            self.meta.release_lease(session_id, owner)
-        except (NotFoundError, BackendUnavailableError) as exc:
-            log.warning("could not release the lease of session %r: %s", session_id, exc)
-
     # ---- reading: plan, then read -----------------------------------------------------------
 
     def state_of(self, record: Session | None) -> StoredState:
@@ -230,6 +194,7 @@ class SessionStore:
                 self.drop_from(session_id, stored, 0)
                 return plan
         previous, position = root_hash(self.fingerprint), 0
+        data = memoryview(token_bytes(tokens)) if tokens is not None else None  # converted once, not per entry
         for entry in entries:
             if not well_formed(entry, position):
                 log.warning("session %r: a malformed entry at token %d; dropping it and what follows",
@@ -239,14 +204,14 @@ class SessionStore:
             store = next((s for s in self.stores if s.location == entry.connector), None)
             if store is None:
                 break  # a store this instance does not have: a miss from here, not damage
-            if tokens is None:
+            if tokens is None or data is None:
                 plan.entries.append((entry, store))
                 position = entry.token_end
                 continue
             if entry.token_offset >= len(tokens):
                 break
             if entry.token_end <= len(tokens):
-                following = chain_hash(previous, tokens[entry.token_offset:entry.token_end])
+                following = chain_hash(previous, data[entry.token_offset * 4:entry.token_end * 4])
                 if following == entry.prefix_hash:
                     plan.entries.append((entry, store))
                     plan.matched = entry.token_end
@@ -283,17 +248,17 @@ class SessionStore:
             raise ValueError("reading from a start position needs the request's tokens")
         held = [entry for entry, _ in plan.entries if entry.token_end <= start]
         wanted = [(e, s) for e, s in plan.entries[len(held):] if limit is None or e.token_offset < limit]
-        reads: list[concurrent.futures.Future[tuple[torch.Tensor, list[int], str, bool]]] = []
+        reads: list[concurrent.futures.Future[HeldSpan] | HeldSpan] = []  # a future, or a span of the host tier
         charged: list[int] = []  # each read's bytes against the read-ahead budget (0: from the host tier)
         reading = 0  # bytes of the store reads started and not yet waited for
+        own = memoryview(token_bytes(tokens)) if tokens is not None else None  # converted once, not per entry
 
         def read_ahead(waiting: int) -> None:  # start reads from entry ``waiting`` on, within the budget
             nonlocal reading
             while len(reads) < len(wanted):
                 entry, store = wanted[len(reads)]
                 if (held_span := self.spans.get(entry.key)) is not None:  # in the host tier: no I/O, no thread
-                    reads.append(concurrent.futures.Future())
-                    reads[-1].set_result((*held_span, True))
+                    reads.append((*held_span, True))
                     charged.append(0)
                     continue
                 if len(reads) > waiting and reading + entry.size > READ_AHEAD_BYTES:
@@ -308,10 +273,12 @@ class SessionStore:
             for position, (entry, _) in enumerate(wanted):
                 read_ahead(position)
                 try:
-                    kv, span, checksum, cached = reads[position].result()
+                    read = reads[position]
+                    kv, span, checksum, cached = read if isinstance(read, tuple) else read.result()
                     reading -= charged[position]
                     read_ahead(position + 1)
-                    if chain_hash(previous, span) != entry.prefix_hash:
+                    stored_ids = token_bytes(span)
+                    if chain_hash(previous, stored_ids) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
                 except UnsupportedFormatError as exc:  # a newer kvswap's data: a miss here, kept for it
                     log.warning("session %r: KV from %d kept, unreadable: %s", session_id, entry.token_offset, exc)
@@ -331,8 +298,7 @@ class SessionStore:
                     log.warning("store unavailable for session %r: %s", session_id, exc)
                     plan.failure = exc
                     return
-                own = span if tokens is None else tokens[entry.token_offset:entry.token_end]
-                take = common_prefix(span, own)
+                take = len(span) if own is None else common_prefix(stored_ids, own[entry.token_offset * 4:])
                 if limit is not None:
                     take = min(take, limit - entry.token_offset)
                 yield Span(entry, kv, span, take, cached, checksum)
@@ -341,11 +307,12 @@ class SessionStore:
                 plan.stored.entries.append((entry.token_end, entry.prefix_hash))
                 previous = entry.prefix_hash
         finally:
-            for future in reads:
+            futures = [read for read in reads if not isinstance(read, tuple)]
+            for future in futures:
                 future.cancel()
-            concurrent.futures.wait(reads)
+            concurrent.futures.wait(futures)
 
-    def _read_entry(self, entry: Entry, store: StoreTier, pin: bool) -> tuple[torch.Tensor, list[int], str, bool]:
+    def _read_entry(self, entry: Entry, store: StoreTier, pin: bool) -> HeldSpan:
         cached = self.spans.get(entry.key)
         if cached is not None:
             return (*cached, True)

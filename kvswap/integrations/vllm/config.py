@@ -18,11 +18,13 @@ from kvswap.errors import ConfigError
 from kvswap.integrations.vllm.identity import checkpoint_digest, source_identity
 from kvswap.session_cache.base import KVLayout
 from kvswap.session_cache.stack import StackSettings
-from kvswap.uri import URI, parse_bool, parse_size
+from kvswap.uri import parse_bool, parse_size
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
 
 DEFAULT_DIRECTORY = "/tmp/kvswap-vllm"
+#: vLLM's entries are small: read in parallel, each scattered into the blocks as it arrives.
+ENTRY_BYTES = 16 << 20
 #: vLLM's fp8 cache dtypes -> the values' dtype (vLLM keeps them as bytes; "fp8" is e4m3).
 FP8_CACHES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -61,13 +63,8 @@ class ConnectorConfig:
       again (:mod:`.answers`); the rest is counted as not stored.
     """
 
-    meta: str
-    stores: tuple[str, ...]
-    host_bytes: int = 0
+    stack: StackSettings  # meta, store, host_bytes (its span cache), entry_bytes, io_threads, session_ttl
     model_id: str | None = None
-    entry_bytes: int = 16 << 20  # small entries: read in parallel, each scattered as it arrives
-    io_threads: int = 8
-    session_ttl: float | None = None
     timeout: float = 5.0
     probe_partial: bool = True
     recompute_when_faster: bool = True
@@ -78,21 +75,7 @@ class ConnectorConfig:
             "timeout", "probe_partial", "recompute_when_faster", "whole_blocks", "trim_answers")
 
     def __repr__(self) -> str:  # URIs without their passwords
-        def shown(uri: str) -> str:
-            try:
-                return URI.parse(uri).render()
-            except ConfigError:
-                return "<unparsable URI>"
-
-        return (f"ConnectorConfig(meta={shown(self.meta)!r}, stores={[shown(s) for s in self.stores]!r}, "
-                f"host_bytes={self.host_bytes}, model_id={self.model_id!r}, timeout={self.timeout})")
-
-    @property
-    def stack(self) -> StackSettings:
-        """The storage stack both halves open (the scheduler with meta; the worker data only,
-        with ``host_bytes`` as its span cache)."""
-        return StackSettings(self.meta, self.stores, entry_bytes=self.entry_bytes, io_threads=self.io_threads,
-                             session_ttl=self.session_ttl, span_cache_bytes=self.host_bytes)
+        return f"ConnectorConfig({self.stack!r}, model_id={self.model_id!r}, timeout={self.timeout})"
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -105,22 +88,21 @@ class ConnectorConfig:
         if store is not None and not (isinstance(store, str) or
                                       (isinstance(store, list) and all(isinstance(s, str) for s in store))):
             raise ConfigError("store must be a URI or a list of URIs")
-        where = StackSettings.resolve(extra.get("meta"), store, directory)
         try:
             ttl = extra.get("session_ttl")
-            config = cls(meta=where.meta, stores=where.stores, host_bytes=_size(extra.get("host_bytes", 0)),
-                         model_id=extra.get("model_id") or None,
-                         entry_bytes=_size(extra.get("entry_bytes", 16 << 20)),
-                         io_threads=int(extra.get("io_threads", 8)),
-                         session_ttl=float(ttl) if ttl is not None else None,
-                         timeout=float(extra.get("timeout", 5.0)),
+            stack = StackSettings.resolve(extra.get("meta"), store, directory,
+                                          span_cache_bytes=_size(extra.get("host_bytes", 0)),
+                                          entry_bytes=_size(extra.get("entry_bytes", ENTRY_BYTES)),
+                                          io_threads=int(extra.get("io_threads", 8)),
+                                          session_ttl=float(ttl) if ttl is not None else None)
+            config = cls(stack, model_id=extra.get("model_id") or None, timeout=float(extra.get("timeout", 5.0)),
                          probe_partial=_flag(extra.get("probe_partial", True)),
                          recompute_when_faster=_flag(extra.get("recompute_when_faster", True)),
                          whole_blocks=_flag(extra.get("whole_blocks", False)),
                          trim_answers=_flag(extra.get("trim_answers", True)))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"a kvswap connector setting is malformed: {exc}") from None
-        if not config.timeout > 0 or config.io_threads < 1:
+        if not config.timeout > 0 or config.stack.io_threads < 1:
             raise ConfigError("timeout must be positive and io_threads at least 1")
         return config
 

@@ -125,7 +125,7 @@ class WorkerSide:
             self.gpu = GPUMover(self.kv)
             # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
             # on another thread meanwhile would invalidate the capture.
-            warm_pinned(self.config.entry_bytes, WARM_PINNED_BYTES + self.config.host_bytes)
+            warm_pinned(self.config.stack.entry_bytes, WARM_PINNED_BYTES + self.config.stack.span_cache_bytes)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
