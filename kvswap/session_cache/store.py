@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from kvswap.connectors.base import Connector
     from kvswap.meta import EntrySpec
 
-    HeldSpan = tuple[torch.Tensor, list[int], str, bool]  # KV, token ids, checksum, from the host tier
+    HeldSpan = tuple[torch.Tensor, list[int], str, bytes, bool]  # KV, token ids, checksum, ids' bytes, held?
 
 log = logging.getLogger("kvswap.session_cache")
 
@@ -274,10 +274,9 @@ class SessionStore(SessionLeases):
                 read_ahead(position)
                 try:
                     read = reads[position]
-                    kv, span, checksum, cached = read if isinstance(read, tuple) else read.result()
+                    kv, span, checksum, stored_ids, cached = read if isinstance(read, tuple) else read.result()
                     reading -= charged[position]
                     read_ahead(position + 1)
-                    stored_ids = token_bytes(span)
                     if chain_hash(previous, stored_ids) != entry.prefix_hash:
                         raise IntegrityError(f"{entry.key!r}: its tokens do not hash to the entry's prefix hash")
                 except UnsupportedFormatError as exc:  # a newer kvswap's data: a miss here, kept for it
@@ -317,8 +316,9 @@ class SessionStore(SessionLeases):
         if cached is not None:
             return (*cached, True)
         kv, tokens, checksum = store.read(entry, pin)
-        self.spans.put(entry.key, kv, tokens, checksum)
-        return kv, tokens, checksum, False
+        ids = token_bytes(tokens)  # here, on an I/O thread, not in the reader's loop
+        self.spans.put(entry.key, kv, tokens, checksum, ids)
+        return kv, tokens, checksum, ids, False
 
     def drop_from(self, session_id: str, stored: StoredState, token_offset: int) -> None:
         """Remove every entry ending after ``token_offset`` from meta (their data is bad or

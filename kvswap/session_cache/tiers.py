@@ -228,15 +228,17 @@ class SpanCache:
         self.capacity = capacity
         self.used = 0
         self.hits = 0
-        self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int], str]] = collections.OrderedDict()
+        self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int], str, bytes]] = \
+            collections.OrderedDict()
         self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
             return key in self._spans
 
-    def get(self, key: str) -> tuple[torch.Tensor, list[int], str] | None:
-        """The span's KV, token ids and blob checksum, if held."""
+    def get(self, key: str) -> tuple[torch.Tensor, list[int], str, bytes] | None:
+        """The span's KV, token ids, blob checksum and token ids as :func:`token_bytes` (what
+        a read hashes and compares), if held."""
         if not self.capacity:
             return None
         with self._lock:
@@ -246,17 +248,18 @@ class SpanCache:
                 self.hits += 1
             return found
 
-    def put(self, key: str, kv: torch.Tensor, tokens: list[int], checksum: str) -> None:
+    def put(self, key: str, kv: torch.Tensor, tokens: list[int], checksum: str, ids: bytes | None = None) -> None:
         nbytes = kv.numel() * kv.element_size()
         if not self.capacity or nbytes > self.capacity:
             return
+        ids = ids if ids is not None else token_bytes(tokens)
         with self._lock:
             if key in self._spans:
                 return
             while self._spans and self.used + nbytes > self.capacity:
-                _, (old, _, _) = self._spans.popitem(last=False)
+                _, (old, _, _, _) = self._spans.popitem(last=False)
                 self.used -= old.numel() * old.element_size()
-            self._spans[key] = (kv, tokens, checksum)
+            self._spans[key] = (kv, tokens, checksum, ids)
             self.used += nbytes
 
 
