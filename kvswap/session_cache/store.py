@@ -399,6 +399,36 @@ class SessionStore(SessionLeases):
         won: nothing appended). Blobs not appended are deleted. SwapError if meta failed."""
         return commit(self, session_id, stored, tokens, specs)
 
+    def probe(self, nbytes: int) -> dict[str, float]:
+        """Each store's read bandwidth in bytes/s, measured now as a fetch reads: about
+        ``nbytes`` of whole entries written to it, read back in parallel and deleted (past
+        the span cache: the store's own speed). A store that fails is left out (logged)."""
+        import torch
+
+        layout = self.layout
+        kv = torch.zeros(layout.span_shape(self.entry_tokens), dtype=layout.torch_dtype)
+        count = max(1, nbytes // (self.entry_tokens * layout.token_bytes))
+        session, tokens = f"kvswap-probe-{time.time_ns()}", [0] * self.entry_tokens
+        rates: dict[str, float] = {}
+        for store in self.stores:
+            writes = [self._io.submit(store.write, session, kv, tokens, i * self.entry_tokens, "probe")
+                      for i in range(count)]
+            concurrent.futures.wait(writes)
+            written = [write.result() for write in writes if write.exception() is None]
+            try:
+                if len(written) < count:
+                    raise next(exc for write in writes if (exc := write.exception()) is not None)
+                began = time.perf_counter()
+                reads = [self._io.submit(store.read, Entry.of(spec, session, i, 0.0)) for i, spec in enumerate(written)]
+                for read in reads:
+                    read.result()
+                rates[store.location] = sum(spec.size for spec in written) / (time.perf_counter() - began)
+            except Exception as exc:  # noqa: BLE001 - a store that cannot be measured is not measured
+                log.warning("could not measure how fast %s reads: %s", store.location, exc)
+            finally:
+                self._delete_keys(store, [key for spec in written for key in blob_keys(spec)])
+        return rates
+
     # ---- deleting -----------------------------------------------------------------------------
 
     def delete(self, session_id: str, expected_version: int | None = None) -> bool:

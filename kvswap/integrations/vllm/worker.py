@@ -39,7 +39,7 @@ from kvswap.integrations.vllm.jobs import (
 )
 from kvswap.integrations.vllm.kv_cache import PagedKV, as_held, layer_writer
 from kvswap.integrations.vllm.outcomes import Fetched, Saved
-from kvswap.integrations.vllm.pacing import WARM_PINNED_BYTES, ForwardClock, StoreHealth, warm_pinned
+from kvswap.integrations.vllm.pacing import WARM_PINNED_BYTES, ForwardClock, StoreHealth, measure_stores, warm_pinned
 from kvswap.session_cache.base import SwapError
 from kvswap.session_cache.ranks import rank_key, rank_view
 from kvswap.session_cache.store import SessionStore
@@ -53,6 +53,7 @@ HOLD_SECONDS = 300.0
 #: the background when a fetch from it is skipped as slower than recomputing (a slow first read
 #: must not keep it skipped for good); the probe reads at most PROBE_BYTES.
 PROBE_AFTER, PROBE_BYTES = 30.0, 256 << 20
+START_PROBE_BYTES = 64 << 20  # what each store is measured with at start (written, read, deleted)
 #: How long a step with no forward waits for a load's copies to finish (seconds).
 IDLE_WAIT = 0.002
 
@@ -126,6 +127,8 @@ class WorkerSide:
             # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
             # on another thread meanwhile would invalidate the capture.
             warm_pinned(self.config.stack.entry_bytes, WARM_PINNED_BYTES + self.config.stack.span_cache_bytes)
+        if self.config.recompute_when_faster:  # CPU work only: safe beside vLLM's graph capture
+            self._threads.submit(measure_stores, self.store, START_PROBE_BYTES, self._measured)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
