@@ -53,7 +53,9 @@ class ConnectorConfig:
       reuse it up to the first changed token (the entry's token ids are compared when it is
       fetched) rather than only whole entries;
     * ``recompute_when_faster`` (true): a fetch predicted to take longer than recomputing its
-      tokens (from the bandwidths and prefill speed measured while serving) is not made;
+      tokens (from the prefill speed measured while serving and each store's bandwidth,
+      measured at start with 64 MiB written, read back and deleted, then while serving) is
+      not made;
     * ``whole_blocks`` (false): store and reuse whole blocks only, as vLLM's own prefix cache
       does (up to ``block_size - 1`` tokens more are computed each turn), so that a turn
       computes exactly what it would after a prefix-cache hit: the same tokens as vLLM with
