@@ -416,8 +416,8 @@ class SessionStore(SessionLeases):
             concurrent.futures.wait(writes)
             written = [write.result() for write in writes if write.exception() is None]
             try:
-                if len(written) < count:
-                    raise next(exc for write in writes if (exc := write.exception()) is not None)
+                for write in writes:
+                    write.result()  # the first write that failed fails the measurement
                 began = time.perf_counter()
                 reads = [self._io.submit(store.read, Entry.of(spec, session, i, 0.0)) for i, spec in enumerate(written)]
                 for read in reads:
