@@ -75,10 +75,11 @@ def build(args: argparse.Namespace, histories: list[int]) -> Any:
     return engine(args.engine, args.work, args.store, max(histories) + FOLLOW + 64, args.gpu_mem)
 
 
-def engine(kind: str, work: Path, store: str | None, max_model_len: int, gpu_mem: float, **more: Any) -> Any:
+def engine(kind: str, work: Path, store: str | None, max_model_len: int, gpu_mem: float, host_bytes: str = "24GiB",
+           **more: Any) -> Any:
     """A vLLM engine on the bench's model: ``plain`` (vLLM alone), ``native`` (its CPU offload,
-    40 GiB) or kvswap's connector over ``store`` (``host``: with a 24 GiB host tier; ``file``,
-    ``valkey``: none), prefix cache on."""
+    40 GiB) or kvswap's connector over ``store`` (``host``: with a ``host_bytes`` host tier;
+    ``file``, ``valkey``: none), prefix cache on."""
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(model=str(work / "model"), skip_tokenizer_init=True, load_format="dummy",
@@ -88,8 +89,8 @@ def engine(kind: str, work: Path, store: str | None, max_model_len: int, gpu_mem
         kwargs.update(kv_offloading_size=40, kv_offloading_backend="native")
     elif kind in ("host", "file", "valkey"):
         extra: dict[str, Any] = {"meta": f"sqlite:///{work}/meta-{kind}.db", "store": store}
-        if kind == "host":
-            extra["host_bytes"] = "24GiB"
+        if kind == "host" and host_bytes != "0":
+            extra["host_bytes"] = host_bytes
         kwargs["kv_transfer_config"] = {"kv_connector": "KVSwapConnector",
                                         "kv_connector_module_path": "kvswap.integrations.vllm",
                                         "kv_role": "kv_both", "kv_connector_extra_config": extra}

@@ -23,6 +23,7 @@ Writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -45,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engines", default="plain,native,host", help="engines of the sessions scenario")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--gpu-mem", type=float, default=0.6, help="the decode scenario's engine")
+    parser.add_argument("--decode-store", default="file",
+                        help="the decode scenario's store: file, mem or a URI ({work}: the run's folder)")
+    parser.add_argument("--decode-host-bytes", default="24GiB", help="the decode scenario's host tier (0: none)")
     parser.add_argument("--sessions-gpu-mem", type=float, default=0.33, help="KV for about a third of the chats")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and small sizes: a smoke run")
     parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "ENGINE"), help=argparse.SUPPRESS)
@@ -77,7 +81,9 @@ def requests(llm: Any, prompts: list[list[int]], max_tokens: int | list[int], se
 
 
 def decode_beside_saves(args: argparse.Namespace, config: dict[str, Any], size: dict[str, int]) -> dict[str, Any]:
-    llm = engine("host", args.work, f"file://{args.work}/kv", size["saver_tokens"] + 64, args.gpu_mem)
+    store = {"file": f"file://{args.work}/kv", "mem": "mem://decode?capacity=64GiB"}.get(
+        args.decode_store, args.decode_store.replace("{work}", str(args.work)))
+    llm = engine("host", args.work, store, size["saver_tokens"] + 64, args.gpu_mem, host_bytes=args.decode_host_bytes)
     rng = random.Random(0)
     requests(llm, [ids(64, rng, config["vocab_size"])], 8, [None])  # warm up
     times: dict[str, list[float]] = {"alone": [], "beside_saves": []}
@@ -115,10 +121,19 @@ def chats(args: argparse.Namespace, config: dict[str, Any], size: dict[str, int]
         turns.append({"seconds": seconds, "turns_per_s": len(prompts) / seconds,
                       "mean_ttft_s": statistics.mean(ttfts) if ttfts else None,
                       "mean_cached": statistics.mean(o.num_cached_tokens or 0 for o in outputs),
-                      "mean_prompt": statistics.mean(len(p) for p in prompts)})
+                      "mean_prompt": statistics.mean(len(p) for p in prompts),
+                      "kvswap": dict(collections.Counter(outcome(o) for o in outputs))})
         prompts = [p + list(o.outputs[0].token_ids) + ids(size["new"], rng, config["vocab_size"])
                    for p, o in zip(prompts, outputs)]
     return {"turns": turns, "kv_gib_at_the_end": size["chats"] * len(prompts[0]) * token_bytes(config) / 2**30}
+
+
+def outcome(output: Any) -> str:
+    """What kvswap did for a request: where its KV came from, or why it loaded none."""
+    report = (output.kv_transfer_params or {}).get("kvswap")
+    if report is None:
+        return "none"
+    return f"loaded from {report['source']}" if report["loaded_tokens"] else f"missed: {report.get('missed') or '?'}"
 
 
 def token_bytes(config: dict[str, Any]) -> int:
@@ -142,6 +157,7 @@ def main() -> int:
     config = TINY if args.tiny else LLAMA_8B
     work = workdir(config)
     results: dict[str, Any] = {"model": "tiny" if args.tiny else "Llama-3-8B shapes, bf16, dummy weights",
+                               "decode_store": args.decode_store, "decode_host_bytes": args.decode_host_bytes,
                                "sizes": sizes(args.tiny), "repeat": args.repeat, "decode": None, "sessions": {}}
     try:
         import torch
@@ -150,6 +166,7 @@ def main() -> int:
     except ImportError:
         results["gpu"] = "unknown"
     base = [sys.executable, __file__, "--work", str(work), "--repeat", str(args.repeat), "--gpu-mem", str(args.gpu_mem),
+            "--decode-store", args.decode_store, "--decode-host-bytes", args.decode_host_bytes,
             "--sessions-gpu-mem", str(args.sessions_gpu_mem)] + (["--tiny"] if args.tiny else [])
     scenarios = args.scenarios.split(",")
     try:

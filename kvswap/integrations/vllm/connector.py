@@ -17,7 +17,7 @@ jobs that move it). What crosses between them is plain data (:mod:`.jobs`). Ever
 decides what is stored and whether stored KV may be used is kvswap's session-store core
 (:class:`~kvswap.session_cache.store.SessionStore`), the same code the reference engine runs.
 Each request's outcome comes back in its ``kv_transfer_params`` (``{"kvswap":
-{"loaded_tokens", "source", "rejected_tokens"}}``) and in vLLM's metrics (:mod:`.stats`).
+{"loaded_tokens", "source", "rejected_tokens", "missed"}}``) and in vLLM's metrics (:mod:`.stats`).
 """
 
 from __future__ import annotations

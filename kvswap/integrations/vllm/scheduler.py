@@ -76,6 +76,7 @@ class _Request:
     loaded: int = 0
     source: str = ""
     rejected: int = 0
+    missed: str = ""  # why nothing was loaded (a lookup's or fetch's outcome), "" when it loaded or waits
     marks: dict[str, float] = dataclasses.field(default_factory=dict)  # phase -> monotonic time reached
 
     def mark(self, phase: str) -> None:
@@ -211,7 +212,7 @@ class SchedulerSide:
         return tokens // self.block_size * self.block_size if self.config.whole_blocks else tokens
 
     def _miss(self, state: _Request, why: str) -> tuple[int, bool]:
-        state.phase = "done"
+        state.phase, state.missed = "done", why
         self.counters.add("lookups", why)
         return 0, False
 
@@ -297,7 +298,7 @@ class SchedulerSide:
         if state.phase in ("fetch", "ready"):
             self._next.releases.append(request.request_id)
         report = {"kvswap": {"session": state.session, "loaded_tokens": state.loaded, "source": state.source,
-                             "rejected_tokens": state.rejected}}
+                             "rejected_tokens": state.rejected, "missed": state.missed}}
         log.debug("kvswap: request %s of session %r: %d tokens loaded from %s, %d rejected", request.request_id,
                   state.session, state.loaded, state.source or "nowhere", state.rejected)
         plan = state.plan
