@@ -268,13 +268,14 @@ def test_a_frozen_store_costs_one_deadline_once_and_reuse_resumes(smollm2: Path,
     driver = Driver({"model": str(smollm2), "connector": connector}, tmp_path / "engine.log")
     try:
         replies = converse(driver, "frozen", turns=2)
+        assert [r["kvswap"]["missed"] for r in replies] == ["miss", ""]  # each reply says why nothing was loaded
         stored_tokens(tmp_path, "frozen", len(replies[1]["prompt"]) + len(replies[1]["tokens"]) - 1)
         normal = max(r["seconds"] for r in replies)
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             third = driver.ask(op="chat", messages=history(reference, 3), session="frozen", max_tokens=MAX_TOKENS)
             assert third["tokens"] == reference[2]["tokens"] and third["cached"] == 0
-            assert third["kvswap"]["loaded_tokens"] == 0
+            assert third["kvswap"]["loaded_tokens"] == 0 and "timed out" in third["kvswap"]["missed"], third
             meanwhile = [driver.ask(op="chat", messages=history(reference, 3), session="frozen",
                                     max_tokens=MAX_TOKENS),
                          driver.ask(op="chat", messages=history(reference, 1), session="other", max_tokens=MAX_TOKENS),
