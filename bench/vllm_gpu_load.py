@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpu-mem", type=float, default=0.6, help="the decode scenario's engine")
     parser.add_argument("--decode-store", default="file",
                         help="the decode scenario's store: file, mem or a URI ({work}: the run's folder)")
+    parser.add_argument("--decode-phases", default="alone,beside_saves",
+                        help="the decode scenario's phases (one alone: to profile it)")
     parser.add_argument("--decode-host-bytes", default="24GiB", help="the decode scenario's host tier (0: none)")
     parser.add_argument("--sessions-gpu-mem", type=float, default=0.33, help="KV for about a third of the chats")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and small sizes: a smoke run")
@@ -86,7 +88,7 @@ def decode_beside_saves(args: argparse.Namespace, config: dict[str, Any], size: 
     llm = engine("host", args.work, store, size["saver_tokens"] + 64, args.gpu_mem, host_bytes=args.decode_host_bytes)
     rng = random.Random(0)
     requests(llm, [ids(64, rng, config["vocab_size"])], 8, [None])  # warm up
-    times: dict[str, list[float]] = {"alone": [], "beside_saves": []}
+    times: dict[str, list[float]] = {phase: [] for phase in args.decode_phases.split(",")}
     for rep in range(args.repeat):
         for label in times:
             decoding = [ids(size["decode_prompt"], rng, config["vocab_size"]) for _ in range(size["decoding"])]
@@ -166,7 +168,8 @@ def main() -> int:
     except ImportError:
         results["gpu"] = "unknown"
     base = [sys.executable, __file__, "--work", str(work), "--repeat", str(args.repeat), "--gpu-mem", str(args.gpu_mem),
-            "--decode-store", args.decode_store, "--decode-host-bytes", args.decode_host_bytes,
+            "--decode-store", args.decode_store, "--decode-phases", args.decode_phases,
+            "--decode-host-bytes", args.decode_host_bytes,
             "--sessions-gpu-mem", str(args.sessions_gpu_mem)] + (["--tiny"] if args.tiny else [])
     scenarios = args.scenarios.split(",")
     try:
@@ -185,7 +188,7 @@ def main() -> int:
 
 def report(results: dict[str, Any]) -> None:
     decode = results.get("decode")
-    if decode and "error" not in decode:
+    if decode and "alone" in decode and "beside_saves" in decode:
         alone, beside = decode["alone"]["decode_tokens_per_s"], decode["beside_saves"]["decode_tokens_per_s"]
         print(f"decode beside saves: {beside:.0f} tok/s vs {alone:.0f} alone ({beside / alone:.3f})")
     for kind, row in results["sessions"].items():
