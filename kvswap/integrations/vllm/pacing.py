@@ -5,10 +5,11 @@ weighed against), and pinned host memory taken once at start.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -92,22 +93,112 @@ class ForwardClock:
         self.seconds_per_token = per_token if old is None else 0.5 * old + 0.5 * per_token
 
 
-def measure_stores(store: SessionStore, nbytes: int, measured: Callable[[set[str], int, float], None]) -> None:
+#: A store's throughput is sampled once its reads have kept it busy this long (seconds).
+RATE_SAMPLE_SECONDS = 0.05
+
+
+@dataclasses.dataclass
+class _Busy:
+    """One store's reads in flight and what they moved since the last sample."""
+
+    reads: int = 0
+    pending: int = 0  # bytes planned by the reads in flight
+    changed: float = 0.0  # when ``reads`` last changed
+    busy: float = 0.0  # seconds with a read in flight since the last sample
+    moved: int = 0  # bytes read since the last sample
+
+
+class StoreRates:
+    """Each store's throughput: bytes its reads moved per second that any read was in flight
+    (so 32 reads sharing a store at once measure the store, not a 32nd of it), a moving average
+    of samples of at least RATE_SAMPLE_SECONDS of busy time; and how long a new read of a
+    store would take behind the reads already in flight."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._rates: dict[str, tuple[float, float]] = {}  # store -> (bytes/s, when sampled)
+        self._busy: dict[str, _Busy] = {}
+        self._lock = threading.Lock()
+
+    def started(self, locations: Iterable[str], nbytes: int) -> None:
+        """A read of ``nbytes`` from ``locations`` began."""
+        with self._lock:
+            now = self._clock()
+            for location in locations:
+                busy = self._busy.setdefault(location, _Busy(changed=now))
+                self._advance(busy, now)
+                busy.reads += 1
+                busy.pending += nbytes
+
+    def finished(self, locations: Iterable[str], planned: int, moved: int) -> None:
+        """A read that :meth:`started` with ``planned`` bytes ended, having read ``moved``."""
+        with self._lock:
+            now = self._clock()
+            for location in locations:
+                busy = self._busy.get(location)
+                if busy is None or busy.reads == 0:
+                    continue
+                self._advance(busy, now)
+                busy.reads -= 1
+                busy.pending = max(0, busy.pending - planned)
+                busy.moved += moved
+                if busy.busy >= RATE_SAMPLE_SECONDS or (busy.reads == 0 and busy.busy > 0 and busy.moved):
+                    self._sample(location, busy.moved / busy.busy, now)
+                    busy.busy, busy.moved = 0.0, 0
+
+    def measured(self, location: str, rate: float) -> None:
+        """A throughput measured apart (at start: :func:`measure_stores`)."""
+        with self._lock:
+            self._sample(location, rate, self._clock())
+
+    def seconds(self, location: str, nbytes: int) -> float | None:
+        """How long reading ``nbytes`` from ``location`` would take now, behind the reads in
+        flight; None if its throughput was never measured."""
+        with self._lock:
+            rate = self._rates.get(location)
+            if rate is None:
+                return None
+            busy = self._busy.get(location)
+            return ((busy.pending if busy is not None else 0) + nbytes) / rate[0]
+
+    def stale(self, locations: Iterable[str], after: float) -> set[str]:
+        """Those of ``locations`` not sampled in the last ``after`` seconds."""
+        now = self._clock()
+        with self._lock:
+            return {loc for loc in locations if loc in self._rates and now - self._rates[loc][1] > after}
+
+    @staticmethod
+    def _advance(busy: _Busy, now: float) -> None:
+        if busy.reads:
+            busy.busy += now - busy.changed
+        busy.changed = now
+
+    def _sample(self, location: str, rate: float, now: float) -> None:
+        if rate <= 0:
+            return
+        old = self._rates.get(location)
+        self._rates[location] = (rate if old is None else 0.5 * old[0] + 0.5 * rate, now)
+
+
+def measure_stores(store: SessionStore, nbytes: int, rates: StoreRates) -> None:
     """At start, each store's read bandwidth (:meth:`SessionStore.probe` of ``nbytes``) told to
-    ``measured``, so that the first fetch is weighed against recomputing too (a fresh process
+    ``rates``, so that the first fetch is weighed against recomputing too (a fresh process
     knew no bandwidth, and loaded its first follow-up from one Valkey slower than recomputing)."""
     for location, rate in store.probe(nbytes).items():
-        measured({location}, int(rate), 1.0)
+        rates.measured(location, rate)
         log.info("kvswap: %s reads at %.2f GB/s (measured at start)", location, rate / 1e9)
 
 
-def warm_pinned(block_bytes: int, total: int) -> None:
-    """Take pinned host memory in blocks of ``block_bytes`` up to ``total``, and give it back
-    to PyTorch's pinned-memory cache, where reads and saves of entries find it."""
+def warm_pinned(block_bytes: int, host_bytes: int) -> None:
+    """Take pinned host memory in blocks of ``block_bytes``, ``host_bytes`` (the host tier's)
+    plus WARM_PINNED_BYTES, and give it back to PyTorch's pinned-memory cache, where reads and
+    saves of entries find it."""
+    total = host_bytes + WARM_PINNED_BYTES
     began = time.perf_counter()
     blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(total // block_bytes)]
     del blocks
     log.info("kvswap: pinned %.1f GiB of host memory in %.1f s", total / 2**30, time.perf_counter() - began)
 
 
-__all__ = ["TIMED_TOKENS", "WARM_PINNED_BYTES", "ForwardClock", "StoreHealth", "measure_stores", "warm_pinned"]
+__all__ = ["TIMED_TOKENS", "WARM_PINNED_BYTES", "ForwardClock", "StoreHealth", "StoreRates", "measure_stores",
+           "warm_pinned"]

@@ -39,7 +39,7 @@ from kvswap.integrations.vllm.jobs import (
 )
 from kvswap.integrations.vllm.kv_cache import PagedKV, as_held, layer_writer
 from kvswap.integrations.vllm.outcomes import Fetched, Saved
-from kvswap.integrations.vllm.pacing import WARM_PINNED_BYTES, ForwardClock, StoreHealth, measure_stores, warm_pinned
+from kvswap.integrations.vllm.pacing import ForwardClock, StoreHealth, StoreRates, measure_stores, warm_pinned
 from kvswap.session_cache.base import SwapError
 from kvswap.session_cache.ranks import rank_key, rank_view
 from kvswap.session_cache.store import SessionStore
@@ -96,7 +96,7 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._received: set[str] = set()
         self._sent: set[str] = set()
-        self._rates: dict[str, tuple[float, float]] = {}  # store -> (bytes per second of recent fetches, when)
+        self.rates = StoreRates()  # each store's throughput, from the reads that kept it busy
         self._probing: set[str] = set()
         self.clock = ForwardClock()
         self._idle = False  # this step runs no forward
@@ -126,9 +126,9 @@ class WorkerSide:
             self.gpu = GPUMover(self.kv)
             # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
             # on another thread meanwhile would invalidate the capture.
-            warm_pinned(self.config.stack.entry_bytes, WARM_PINNED_BYTES + self.config.stack.span_cache_bytes)
+            warm_pinned(self.config.stack.entry_bytes, self.config.stack.span_cache_bytes)
         if self.config.recompute_when_faster:  # CPU work only: safe beside vLLM's graph capture
-            self._threads.submit(measure_stores, self.store, START_PROBE_BYTES, self._measured)
+            self._threads.submit(measure_stores, self.store, START_PROBE_BYTES, self.rates)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
@@ -255,8 +255,12 @@ class WorkerSide:
         job.locations = tuple(locations)
         if any(self.health.is_down(location) for location in locations):
             return [], Fetched(fetch.start, reason="store not answering")
-        if self.config.recompute_when_faster and self._slower(fetch, plan.entries):
+        waiting = [(entry, tier) for entry, tier in plan.entries
+                   if entry.token_end > fetch.start and entry.key not in store.spans]  # read from a store
+        if self.config.recompute_when_faster and self._slower(fetch, waiting):
             return [], Fetched(fetch.start, reason="slower than recompute")
+        reading, planned = {tier.location for _, tier in waiting}, sum(entry.size for entry, _ in waiting)
+        self.rates.started(reading, planned)
         spans: list[Span] = []
         began = time.perf_counter()
         end = fetch.start
@@ -271,7 +275,7 @@ class WorkerSide:
             log.warning("kvswap: fetching session %r stopped at token %d: %s", fetch.session, end, exc)
             plan.failure = plan.failure or exc
         seconds = time.perf_counter() - began
-        self._measured(locations, sum(s.entry.size for s in spans if not s.cached), seconds)
+        self.rates.finished(reading, planned, sum(s.entry.size for s in spans if not s.cached))
         if plan.failure is not None and plan.damaged_at is None:
             for location in locations:
                 self.health.down(location)
@@ -287,29 +291,28 @@ class WorkerSide:
                               seconds=seconds, share=self.share,
                               checksums=[span.checksum for span in spans] if self.shares > 1 else [])
 
-    def _slower(self, fetch: FetchJob, planned: list[Any]) -> bool:
-        """Whether reading the planned entries not in the host tier is predicted to take longer
-        than recomputing the fetch's tokens (each store's recent fetch bandwidth against the
-        engine's measured prefill speed); then a store not measured lately is probed in the
-        background, so that a slow measurement does not keep it skipped for good."""
+    def _slower(self, fetch: FetchJob, waiting: list[Any]) -> bool:
+        """Whether reading ``waiting`` (the fetch's entries not in the host tier) is predicted to
+        take longer than recomputing the fetch's tokens: each store's throughput, behind the
+        reads already in flight, against the engine's measured prefill speed. Then a store not
+        measured lately is probed in the background, so that a slow measurement does not keep
+        it skipped for good."""
         per_token = self.clock.seconds_per_token
-        if per_token is None:
+        if per_token is None or not waiting:
             return False
-        store = self._store()
-        seconds, waiting = 0.0, []
-        for entry, tier in planned:
-            if entry.token_end <= fetch.start or entry.key in store.spans:
-                continue
-            rate = self._rates.get(tier.location)
-            if rate is None:
+        by_location: dict[str, int] = {}
+        for entry, tier in waiting:
+            by_location[tier.location] = by_location.get(tier.location, 0) + entry.size
+        seconds = 0.0
+        for location, nbytes in by_location.items():
+            predicted = self.rates.seconds(location, nbytes)
+            if predicted is None:
                 return False
-            seconds += entry.size / rate[0]
-            waiting.append((entry, tier))
+            seconds += predicted
         if seconds <= (fetch.end - fetch.start) * per_token:
             return False
-        now = time.monotonic()
         with self._lock:
-            stale = {t.location for _, t in waiting if now - self._rates[t.location][1] > PROBE_AFTER} - self._probing
+            stale = self.rates.stale(by_location, PROBE_AFTER) - self._probing
             self._probing |= stale
         if stale:
             self._threads.submit(self._probe, fetch.session, [(e, t) for e, t in waiting if t.location in stale])
@@ -326,26 +329,17 @@ class WorkerSide:
             entries.append(entry)
             total += entry.size
         locations = {tier.location for _, tier in planned}
-        began = time.perf_counter()
+        self.rates.started(locations, total)
+        moved = 0
         try:
-            spans = list(store.read(session, store.plan_of(entries), None))
-            self._measured(locations, sum(span.entry.size for span in spans if not span.cached),
-                           time.perf_counter() - began)
+            moved = sum(span.entry.size for span in store.read(session, store.plan_of(entries), None)
+                        if not span.cached)
         except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
             log.info("kvswap: probing %s failed: %s", sorted(locations), exc)
         finally:
+            self.rates.finished(locations, total, moved)
             with self._lock:
                 self._probing -= locations
-
-    def _measured(self, locations: set[str], nbytes: int, seconds: float) -> None:
-        """A read of ``nbytes`` from ``locations`` took ``seconds``: their bandwidth (a moving average)."""
-        if nbytes <= 0 or seconds <= 0:
-            return
-        rate, now = nbytes / seconds, time.monotonic()
-        with self._lock:
-            for location in locations:
-                old = self._rates.get(location)
-                self._rates[location] = (rate if old is None else 0.5 * old[0] + 0.5 * rate, now)
 
     def _wait_for_loads(self, timeout: float) -> None:
         """A step with no forward: wait up to ``timeout`` for the GPU loads in flight, so the
