@@ -83,6 +83,16 @@ class _Request:
         self.marks.setdefault(phase, time.monotonic())
 
 
+def _fetch_outcome(fetched: Fetched) -> str:
+    """Why a fetch brought nothing usable, in words fit for a metric label and a reply: one of
+    a few (an error's own text, which the worker logs, would make both unbounded)."""
+    if fetched.reason in ("timed out", "store not answering", "slower than recompute"):
+        return fetched.reason
+    if fetched.damaged_at is not None:
+        return "damaged"
+    return "fetch failed" if fetched.reason else "fetch came back empty"
+
+
 @dataclasses.dataclass
 class _Save:
     session: str
@@ -196,7 +206,7 @@ class SchedulerSide:
             end = self._aligned(fetched.end)
             if end <= state.fetch_start or num_computed < state.fetch_start:
                 self._next.releases.append(request_id)
-                return self._miss(state, fetched.reason or "fetch came back empty")
+                return self._miss(state, _fetch_outcome(fetched))
             state.phase, state.ready_end = "ready", end
         if state.phase == "ready":
             if state.ready_end <= num_computed:
