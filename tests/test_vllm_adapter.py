@@ -280,17 +280,17 @@ def test_store_rates_measure_the_store_not_one_of_many_reads_sharing_it() -> Non
     assert rates.seconds("valkey://a", 1 << 20) is None
     mib64 = 64 << 20
     for _ in range(32):
-        rates.started({"valkey://a"}, mib64)
+        rates.started({"valkey://a": mib64})
     assert rates.seconds("valkey://a", 1) is None  # in flight, not yet measured
     for _ in range(32):
         now[0] += 1 / 32
-        rates.finished({"valkey://a"}, mib64, mib64)
+        rates.finished({"valkey://a": mib64}, {"valkey://a": mib64})
     assert rates.seconds("valkey://a", 2 << 30) == pytest.approx(1.0)  # 2 GiB at 2 GiB/s, nothing in flight
-    rates.started({"valkey://a"}, 1 << 30)
+    rates.started({"valkey://a": 1 << 30})
     assert rates.seconds("valkey://a", 1 << 30) == pytest.approx(1.0)  # behind the GiB in flight
     now[0] += 100.0
     assert rates.stale({"valkey://a", "file://b"}, 30.0) == {"valkey://a"}
-    rates.finished({"valkey://a"}, 1 << 30, 0)  # a read that moved nothing (failed) measures no speed
+    rates.finished({"valkey://a": 1 << 30}, {})  # a read that moved nothing (failed) measures no speed
     assert rates.seconds("valkey://a", 2 << 30) == pytest.approx(1.0)
     rates.measured("file://b", 10e9)
     assert rates.seconds("file://b", int(5e9)) == pytest.approx(0.5)

@@ -9,6 +9,12 @@ import dataclasses
 from kvswap.meta import Entry, EntrySpec
 from kvswap.session_cache.ranks import combined_checksum, joined
 
+#: Why a fetch stopped, when the worker knows it in a word; otherwise its reason is an error's
+#: own text (which the worker logs).
+FETCH_TIMED_OUT = "timed out"
+STORE_NOT_ANSWERING = "store not answering"
+SLOWER_THAN_RECOMPUTE = "slower than recompute"
+
 
 @dataclasses.dataclass
 class Fetched:
@@ -41,6 +47,16 @@ class Saved:
     nbytes: int = 0
     seconds: float = 0.0
     replica: bool = False
+
+
+def fetch_outcome(fetched: Fetched) -> str:
+    """Why a fetch brought nothing usable, in words fit for a metric label and a reply: one of
+    a few (an error's own text would make both unbounded)."""
+    if fetched.reason in (FETCH_TIMED_OUT, STORE_NOT_ANSWERING, SLOWER_THAN_RECOMPUTE):
+        return fetched.reason
+    if fetched.damaged_at is not None:
+        return "damaged"
+    return "fetch failed" if fetched.reason else "fetch came back empty"
 
 
 def merge_fetched(reports: list[Fetched], entries: list[Entry], start: int, end: int) -> Fetched:

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -120,28 +120,29 @@ class StoreRates:
         self._busy: dict[str, _Busy] = {}
         self._lock = threading.Lock()
 
-    def started(self, locations: Iterable[str], nbytes: int) -> None:
-        """A read of ``nbytes`` from ``locations`` began."""
+    def started(self, planned: Mapping[str, int]) -> None:
+        """A read of ``planned[location]`` bytes from each location began."""
         with self._lock:
             now = self._clock()
-            for location in locations:
+            for location, nbytes in planned.items():
                 busy = self._busy.setdefault(location, _Busy(changed=now))
                 self._advance(busy, now)
                 busy.reads += 1
                 busy.pending += nbytes
 
-    def finished(self, locations: Iterable[str], planned: int, moved: int) -> None:
-        """A read that :meth:`started` with ``planned`` bytes ended, having read ``moved``."""
+    def finished(self, planned: Mapping[str, int], moved: Mapping[str, int]) -> None:
+        """A read that :meth:`started` with ``planned`` ended, having read ``moved[location]``
+        bytes from each location."""
         with self._lock:
             now = self._clock()
-            for location in locations:
+            for location, nbytes in planned.items():
                 busy = self._busy.get(location)
                 if busy is None or busy.reads == 0:
                     continue
                 self._advance(busy, now)
                 busy.reads -= 1
-                busy.pending = max(0, busy.pending - planned)
-                busy.moved += moved
+                busy.pending = max(0, busy.pending - nbytes)
+                busy.moved += moved.get(location, 0)
                 if busy.busy >= RATE_SAMPLE_SECONDS or (busy.reads == 0 and busy.busy > 0 and busy.moved):
                     self._sample(location, busy.moved / busy.busy, now)
                     busy.busy, busy.moved = 0.0, 0
@@ -180,6 +181,14 @@ class StoreRates:
         self._rates[location] = (rate if old is None else 0.5 * old[0] + 0.5 * rate, now)
 
 
+def bytes_by_location(sized: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """The bytes of ``(location, nbytes)`` pairs, summed per location."""
+    total: dict[str, int] = {}
+    for location, nbytes in sized:
+        total[location] = total.get(location, 0) + nbytes
+    return total
+
+
 def measure_stores(store: SessionStore, nbytes: int, rates: StoreRates) -> None:
     """At start, each store's read bandwidth (:meth:`SessionStore.probe` of ``nbytes``) told to
     ``rates``, so that the first fetch is weighed against recomputing too (a fresh process
@@ -200,5 +209,5 @@ def warm_pinned(block_bytes: int, host_bytes: int) -> None:
     log.info("kvswap: pinned %.1f GiB of host memory in %.1f s", total / 2**30, time.perf_counter() - began)
 
 
-__all__ = ["TIMED_TOKENS", "WARM_PINNED_BYTES", "ForwardClock", "StoreHealth", "StoreRates", "measure_stores",
-           "warm_pinned"]
+__all__ = ["TIMED_TOKENS", "WARM_PINNED_BYTES", "ForwardClock", "StoreHealth", "StoreRates", "bytes_by_location",
+           "measure_stores", "warm_pinned"]

@@ -43,7 +43,7 @@ from kvswap.integrations.vllm.jobs import (
     LoadJob,
     SaveJob,
 )
-from kvswap.integrations.vllm.outcomes import Fetched, Saved, merge_fetched, merge_saved
+from kvswap.integrations.vllm.outcomes import Fetched, Saved, fetch_outcome, merge_fetched, merge_saved
 from kvswap.integrations.vllm.stats import Counters
 from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import Plan, StoredState, new_stamp
@@ -81,16 +81,6 @@ class _Request:
 
     def mark(self, phase: str) -> None:
         self.marks.setdefault(phase, time.monotonic())
-
-
-def _fetch_outcome(fetched: Fetched) -> str:
-    """Why a fetch brought nothing usable, in words fit for a metric label and a reply: one of
-    a few (an error's own text, which the worker logs, would make both unbounded)."""
-    if fetched.reason in ("timed out", "store not answering", "slower than recompute"):
-        return fetched.reason
-    if fetched.damaged_at is not None:
-        return "damaged"
-    return "fetch failed" if fetched.reason else "fetch came back empty"
 
 
 @dataclasses.dataclass
@@ -206,7 +196,7 @@ class SchedulerSide:
             end = self._aligned(fetched.end)
             if end <= state.fetch_start or num_computed < state.fetch_start:
                 self._next.releases.append(request_id)
-                return self._miss(state, _fetch_outcome(fetched))
+                return self._miss(state, fetch_outcome(fetched))
             state.phase, state.ready_end = "ready", end
         if state.phase == "ready":
             if state.ready_end <= num_computed:

@@ -29,17 +29,12 @@ from typing import Any
 import torch
 
 from kvswap.errors import ConfigError, KVSwapError
+from kvswap.integrations.vllm import outcomes, pacing
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_scales, kv_share, tp_rank, value_dtype
-from kvswap.integrations.vllm.jobs import (
-    FetchJob,
-    KVSwapConnectorMetadata,
-    KVSwapWorkerMetadata,
-    LoadJob,
-    SaveJob,
-)
+from kvswap.integrations.vllm.jobs import FetchJob, KVSwapConnectorMetadata, KVSwapWorkerMetadata, LoadJob, SaveJob
 from kvswap.integrations.vllm.kv_cache import PagedKV, as_held, layer_writer
 from kvswap.integrations.vllm.outcomes import Fetched, Saved
-from kvswap.integrations.vllm.pacing import ForwardClock, StoreHealth, StoreRates, measure_stores, warm_pinned
+from kvswap.integrations.vllm.pacing import ForwardClock, StoreHealth, StoreRates, bytes_by_location
 from kvswap.session_cache.base import SwapError
 from kvswap.session_cache.ranks import rank_key, rank_view
 from kvswap.session_cache.store import SessionStore
@@ -126,9 +121,9 @@ class WorkerSide:
             self.gpu = GPUMover(self.kv)
             # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
             # on another thread meanwhile would invalidate the capture.
-            warm_pinned(self.config.stack.entry_bytes, self.config.stack.span_cache_bytes)
+            pacing.warm_pinned(self.config.stack.entry_bytes, self.config.stack.span_cache_bytes)
         if self.config.recompute_when_faster:  # CPU work only: safe beside vLLM's graph capture
-            self._threads.submit(measure_stores, self.store, START_PROBE_BYTES, self.rates)
+            self._threads.submit(pacing.measure_stores, self.store, START_PROBE_BYTES, self.rates)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
                  self.kv.device, self.block_size, self.kv.block_stride,
                  "strided" if self.kv.pages is not None else "element-mapped")
@@ -177,7 +172,7 @@ class WorkerSide:
                     continue
                 job.abandoned = True
                 del self._fetches[request_id]
-                self._fetched[request_id] = Fetched(0, reason="timed out")
+                self._fetched[request_id] = Fetched(0, reason=outcomes.FETCH_TIMED_OUT)
                 for location in job.locations:
                     self.health.down(location)
             for request_id, job in list(self._loads.items()):
@@ -254,13 +249,13 @@ class WorkerSide:
         locations = {tier.location for _, tier in plan.entries}
         job.locations = tuple(locations)
         if any(self.health.is_down(location) for location in locations):
-            return [], Fetched(fetch.start, reason="store not answering")
+            return [], Fetched(fetch.start, reason=outcomes.STORE_NOT_ANSWERING)
         waiting = [(entry, tier) for entry, tier in plan.entries
                    if entry.token_end > fetch.start and entry.key not in store.spans]  # read from a store
-        if self.config.recompute_when_faster and self._slower(fetch, waiting):
-            return [], Fetched(fetch.start, reason="slower than recompute")
-        reading, planned = {tier.location for _, tier in waiting}, sum(entry.size for entry, _ in waiting)
-        self.rates.started(reading, planned)
+        planned = bytes_by_location((tier.location, entry.size) for entry, tier in waiting)
+        if self.config.recompute_when_faster and self._slower(fetch, planned, waiting):
+            return [], Fetched(fetch.start, reason=outcomes.SLOWER_THAN_RECOMPUTE)
+        self.rates.started(planned)
         spans: list[Span] = []
         began = time.perf_counter()
         end = fetch.start
@@ -275,7 +270,8 @@ class WorkerSide:
             log.warning("kvswap: fetching session %r stopped at token %d: %s", fetch.session, end, exc)
             plan.failure = plan.failure or exc
         seconds = time.perf_counter() - began
-        self.rates.finished(reading, planned, sum(s.entry.size for s in spans if not s.cached))
+        self.rates.finished(planned, bytes_by_location((s.entry.connector, s.entry.size) for s in spans
+                                                       if not s.cached))
         if plan.failure is not None and plan.damaged_at is None:
             for location in locations:
                 self.health.down(location)
@@ -291,20 +287,17 @@ class WorkerSide:
                               seconds=seconds, share=self.share,
                               checksums=[span.checksum for span in spans] if self.shares > 1 else [])
 
-    def _slower(self, fetch: FetchJob, waiting: list[Any]) -> bool:
-        """Whether reading ``waiting`` (the fetch's entries not in the host tier) is predicted to
-        take longer than recomputing the fetch's tokens: each store's throughput, behind the
-        reads already in flight, against the engine's measured prefill speed. Then a store not
-        measured lately is probed in the background, so that a slow measurement does not keep
-        it skipped for good."""
+    def _slower(self, fetch: FetchJob, planned: dict[str, int], waiting: list[Any]) -> bool:
+        """Whether reading ``waiting`` (the fetch's entries not in the host tier, ``planned``
+        bytes from each store) is predicted to take longer than recomputing the fetch's tokens:
+        each store's throughput, behind the reads already in flight, against the engine's
+        measured prefill speed. Then a store not measured lately is probed in the background,
+        so that a slow measurement does not keep it skipped for good."""
         per_token = self.clock.seconds_per_token
-        if per_token is None or not waiting:
+        if per_token is None or not planned:
             return False
-        by_location: dict[str, int] = {}
-        for entry, tier in waiting:
-            by_location[tier.location] = by_location.get(tier.location, 0) + entry.size
         seconds = 0.0
-        for location, nbytes in by_location.items():
+        for location, nbytes in planned.items():
             predicted = self.rates.seconds(location, nbytes)
             if predicted is None:
                 return False
@@ -312,7 +305,7 @@ class WorkerSide:
         if seconds <= (fetch.end - fetch.start) * per_token:
             return False
         with self._lock:
-            stale = self.rates.stale(by_location, PROBE_AFTER) - self._probing
+            stale = self.rates.stale(planned, PROBE_AFTER) - self._probing
             self._probing |= stale
         if stale:
             self._threads.submit(self._probe, fetch.session, [(e, t) for e, t in waiting if t.location in stale])
@@ -329,15 +322,16 @@ class WorkerSide:
             entries.append(entry)
             total += entry.size
         locations = {tier.location for _, tier in planned}
-        self.rates.started(locations, total)
-        moved = 0
+        reading = bytes_by_location((entry.connector, entry.size) for entry in entries)
+        self.rates.started(reading)
+        moved: dict[str, int] = {}
         try:
-            moved = sum(span.entry.size for span in store.read(session, store.plan_of(entries), None)
-                        if not span.cached)
+            moved = bytes_by_location((span.entry.connector, span.entry.size)
+                                      for span in store.read(session, store.plan_of(entries), None) if not span.cached)
         except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
             log.info("kvswap: probing %s failed: %s", sorted(locations), exc)
         finally:
-            self.rates.finished(locations, total, moved)
+            self.rates.finished(reading, moved)
             with self._lock:
                 self._probing -= locations
 
@@ -405,7 +399,7 @@ class WorkerSide:
             job.ready.set()
             return
         if self.health.is_down(store.stores[0].location):
-            self._report_save(save, job, Saved(None, "store not answering"))
+            self._report_save(save, job, Saved(None, outcomes.STORE_NOT_ANSWERING))
             job.ready.set()
             return
         chunks = [(start, min(start + store.entry_tokens, len(save.tokens)))
