@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import os
 import random
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from vllm_gpu import LLAMA_8B, RESULTS, engine, run_child, wait_saved, workdir, write_record  # bench/ on the path
 
+TRACE = Path(tempfile.gettempdir()) / "kvswap-pyspy-decode.json"  # --profile's (large: not kept in results)
 TINY = {**LLAMA_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 4096}
 
@@ -52,6 +55,8 @@ def parse_args() -> argparse.Namespace:
                         help="the decode scenario's phases (one alone: to profile it)")
     parser.add_argument("--decode-host-bytes", default="24GiB", help="the decode scenario's host tier (0: none)")
     parser.add_argument("--sessions-gpu-mem", type=float, default=0.33, help="KV for about a third of the chats")
+    parser.add_argument("--profile", metavar="PY_SPY",
+                        help="record the decode scenario with this py-spy and say where each thread's time went")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and small sizes: a smoke run")
     parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -174,7 +179,9 @@ def main() -> int:
     scenarios = args.scenarios.split(",")
     try:
         if "decode" in scenarios:
-            results["decode"] = run_child([*base, "--child", "decode", "host"], dict(os.environ))
+            results["decode"] = run_child(profiled(args, [*base, "--child", "decode", "host"]), dict(os.environ))
+            if args.profile:
+                results["profile"] = profile_summary(args)
             print("decode:", json.dumps(results["decode"]), flush=True)  # kept if a later engine is cut off
         for kind in args.engines.split(",") if "sessions" in scenarios else ():
             results["sessions"][kind] = run_child([*base, "--child", "sessions", kind], dict(os.environ))
@@ -184,6 +191,31 @@ def main() -> int:
     report(results)
     write_record(args.out, "vllm-gpu-load", results)
     return 0
+
+
+def profiled(args: argparse.Namespace, command: list[str]) -> list[str]:
+    """``command`` under py-spy (every process and thread, without pausing them) with ``--profile``."""
+    if not args.profile:
+        return command
+    return [args.profile, "record", "--subprocesses", "--nonblocking", "--idle", "--threads", "--rate", "50",
+            "--format", "chrometrace", "-o", str(TRACE), "--", *command]
+
+
+def profile_summary(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Each phase's time by thread and frame, from the py-spy trace (also printed)."""
+    from pyspy_phases import report as show
+    from pyspy_phases import summarise
+
+    if not TRACE.exists():
+        print("no py-spy trace was written", flush=True)
+        return None
+    summary = summarise(TRACE, "requests", ["warmup", *args.decode_phases.split(",") * args.repeat])
+    show(summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    packed = gzip.compress(TRACE.read_bytes())
+    if len(packed) < 15 << 20:  # what a results folder takes back from a device run
+        (args.out / f"{TRACE.name}.gz").write_bytes(packed)
+    return summary
 
 
 def report(results: dict[str, Any]) -> None:
