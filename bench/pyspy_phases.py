@@ -56,7 +56,7 @@ def windows(lines: dict[tuple[int, int], list[tuple[float, float, tuple[Frame, .
         inside = [(a, b) for a, b, stack in intervals if any(frame[0] == marker for frame in stack)]
         merged: list[list[float]] = []
         for a, b in inside:
-            if merged and a - merged[-1][1] < 0.05:
+            if merged and a <= merged[-1][1]:  # no sample outside the marker between
                 merged[-1][1] = b
             else:
                 merged.append([a, b])
