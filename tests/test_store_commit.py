@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from kvswap.connectors import open_connector
-from kvswap.meta import open_meta_store
+from kvswap.meta import Entry, EntrySpec, open_meta_store
 from kvswap.session_cache import KVLayout, SessionStore
-from kvswap.session_cache.base import SwapError
-from kvswap.session_cache.tiers import StoredState
+from kvswap.session_cache.base import UNWRITTEN, SwapError
+from kvswap.session_cache.pinned import PinnedBlocks
+from kvswap.session_cache.tiers import Plan, SpanCache, StoredState
 
 LAYOUT = KVLayout("commit-test", num_layers=2, num_kv_heads=2, head_dim=4, dtype="float32")
 
@@ -99,3 +100,104 @@ def test_a_save_over_another_history_is_refused_and_leaves_it(instances) -> None
     with pytest.raises(SwapError, match="diverged"):  # write() says so
         b.write("chat", base, mine, kv_of(mine))
     assert recorded(a, "chat") == [(0, 100), (100, 149)]
+
+
+@pytest.fixture
+def holder(tmp_path: Path):
+    """A core with a host tier (as the vLLM connector's worker has) over the same meta and store."""
+    store = SessionStore(open_meta_store(f"sqlite:///{tmp_path}/meta.db"), [open_connector(f"file://{tmp_path}/kv")],
+                         LAYOUT, entry_tokens=100, span_cache_bytes=1 << 20)
+    yield store
+    store.close()
+
+
+def local_entries(session: str, kept: list[Entry], specs: list[EntrySpec]) -> list[Entry]:
+    return kept + [Entry.of(spec, session, len(kept) + i, 0.0) for i, spec in enumerate(specs)]
+
+
+def built_on(plan: Plan) -> StoredState:
+    """What a turn's save builds on when it reused all its plan held (as the vLLM scheduler does)."""
+    return StoredState(plan.stored.version, plan.stored.meta_total,
+                       [(entry.token_end, entry.prefix_hash) for entry, _ in plan.entries], plan.stored.fingerprint_ok)
+
+
+def test_a_turn_planned_over_unwritten_entries_is_served_from_the_host_tier_then_committed_after_them(holder) -> None:
+    turn1, turn2 = list(range(1, 250)), list(range(1, 330))
+    promised: list[EntrySpec] = []
+    stored1 = holder.lookup("chat", turn1).stored
+    written1 = holder.write_blobs("chat", stored1, turn1, kv_of(turn1), held=promised.extend)
+    assert [(s.token_offset, s.token_end, s.checksum) for s in promised] == [
+        (0, 100, UNWRITTEN), (100, 200, UNWRITTEN), (200, 249, UNWRITTEN)]
+    assert [s.key for s in promised] == [s.key for s in written1]
+    assert all(holder.spans.get(s.key)[2] == s.checksum for s in written1)  # settled: the blobs' checksums
+
+    # Turn 2 is planned over turn 1's entries as the worker promised them, before meta has any.
+    plan = holder.plan_over("chat", None, StoredState(None, 0, [], True), turn2, local_entries("chat", [], promised))
+    assert plan.matched == 249
+    spans = list(holder.read("chat", plan, turn2))
+    assert [s.cached for s in spans] == [True, True, True]
+    assert torch.equal(torch.cat([s.kv for s in spans], dim=2), kv_of(turn2)(0, 249))
+    stored2 = built_on(plan)
+    written2 = holder.write_blobs("chat", stored2, turn2, kv_of(turn2))
+    assert [(s.token_offset, s.token_end) for s in written2] == [(249, 329)]
+
+    # Turn 1 commits first (the scheduler keeps a session's commits in order); turn 2's then rebases on it.
+    assert holder.commit("chat", stored1, turn1, written1) == "saved"
+    assert holder.commit("chat", stored2, turn2, written2) == "saved"
+    assert recorded(holder, "chat") == [(0, 100), (100, 200), (200, 249), (249, 329)]
+    assert holder.lookup("chat", [*turn2, 5]).matched == 329
+
+
+def test_a_turn_built_on_a_save_that_never_landed_is_not_recorded(holder) -> None:
+    turn1, turn2 = list(range(1, 150)), list(range(1, 230))
+    promised: list[EntrySpec] = []
+    written1 = holder.write_blobs("chat", StoredState(), turn1, kv_of(turn1), held=promised.extend)
+    plan = holder.plan_over("chat", None, StoredState(None, 0, [], True), turn2, local_entries("chat", [], promised))
+    stored2 = built_on(plan)
+    written2 = holder.write_blobs("chat", stored2, turn2, kv_of(turn2))
+    holder.delete_blobs(written1)  # turn 1's commit failed: its blobs are gone, meta never had them
+    assert holder.commit("chat", stored2, turn2, written2) == "diverged"
+    assert holder.lookup("chat", turn2).entries == []
+    assert blobs(holder) == set()
+
+
+def test_unwritten_spans_stay_in_the_host_tier_until_written_or_discarded() -> None:
+    cache = SpanCache(1000)
+    span, small = torch.zeros(100), torch.zeros(75)  # 400 and 300 bytes
+    assert cache.put("a", span, [1], "", unwritten=True) and cache.get("a")[2] == UNWRITTEN
+    assert cache.put("b", span, [2], "xxh:b")
+    assert cache.put("d", span, [4], "xxh:d")  # the oldest written span goes, never an unwritten one
+    assert "a" in cache and "b" not in cache and "d" in cache
+    assert cache.put("f", span, [6], "", unwritten=True) and "d" not in cache
+    assert not cache.put("g", small, [7], "xxh:g")  # no written span left to make room
+    assert cache.put("h", span, [8], "", unwritten=True)  # held beyond capacity: it is being written
+    assert cache.used == 1200
+    assert cache.put("a", span, [1], "xxh:a") and cache.get("a")[2] == "xxh:a"  # written: settled
+    cache.discard("f")  # its write failed
+    assert "f" not in cache and cache.used == 800
+    assert cache.put("g", small, [7], "xxh:g") and "a" not in cache and "h" in cache and cache.used == 700
+
+
+def test_pinned_reads_and_saves_borrow_blocks_that_come_back_when_no_tensor_uses_them(tmp_path: Path) -> None:
+    """The worker's pinned blocks (here unpinned, on a machine without CUDA): a read lands in a
+    free block and keeps it while any of its tensors lives; a tensor larger than a block, or one
+    asked when none is free, is allocated apart."""
+    blocks = PinnedBlocks(64 << 10, 2, pin=False)
+    store = SessionStore(open_meta_store(f"sqlite:///{tmp_path}/meta.db"), [open_connector(f"file://{tmp_path}/kv")],
+                         LAYOUT, entry_tokens=100)
+    store.pinned = blocks
+    try:
+        turn = list(range(1, 180))
+        store.write("chat", StoredState(), turn, kv_of(turn))
+        spans = list(store.read("chat", store.lookup("chat", turn), turn, pin=True))
+        assert torch.equal(torch.cat([s.kv for s in spans], dim=2), kv_of(turn)(0, 179))
+        assert blocks.free() == 0 and blocks.misses == 0
+        first = spans[0].kv[:, :, 10:20]  # a slice keeps its block
+        del spans
+        assert blocks.free() == 1
+        del first
+        assert blocks.free() == 2
+        big = blocks.take((65 << 10,), torch.uint8)
+        assert blocks.misses == 1 and blocks.free() == 2 and big.numel() == 65 << 10
+    finally:
+        store.close()

@@ -294,3 +294,45 @@ def test_store_rates_measure_the_store_not_one_of_many_reads_sharing_it() -> Non
     assert rates.seconds("valkey://a", 2 << 30) == pytest.approx(1.0)
     rates.measured("file://b", 10e9)
     assert rates.seconds("file://b", int(5e9)) == pytest.approx(0.5)
+
+
+def test_a_held_save_is_what_its_sessions_next_turn_plans_over_and_commits_keep_their_order() -> None:
+    """A save's unwritten entries serve its session's next turn once every rank holds them;
+    written, they carry their blobs' checksums everywhere they are held; the session's commits
+    run one at a time in the order their saves were written."""
+    from kvswap.integrations.vllm.outcomes import Held, Saved, merge_held
+    from kvswap.integrations.vllm.saves import InFlightSaves, Save
+    from kvswap.meta import EntrySpec
+    from kvswap.session_cache.base import UNWRITTEN
+    from kvswap.session_cache.tiers import StoredState
+
+    def spec(start: int, end: int, key: str, checksum: str = UNWRITTEN) -> EntrySpec:
+        return EntrySpec(start, end - start, "file:///kv", key, 64, checksum, f"h{end}")
+
+    saves = InFlightSaves()
+    saves.add("r1", Save("chat", list(range(100)), StoredState(), deadline=10.0))
+    assert saves.waiting("chat", 1.0) == (True, []) and saves.local("chat") is None  # not held: the turn waits
+    # Rank 1 holds the same spans under its own keys; the entries are rank 0's.
+    assert merge_held([Held([spec(0, 50, "a")]), Held([spec(0, 50, "a.r1")])]) == [spec(0, 50, "a")]
+    assert merge_held([Held([spec(0, 50, "a")]), Held([spec(0, 40, "a.r1")])]) is None
+    saves.held("r1", [spec(0, 50, "a"), spec(50, 100, "b")])
+    assert saves.waiting("chat", 1.0) == (False, [])
+    stored, entries = saves.local("chat")
+    assert [(e.key, e.checksum) for e in entries] == [("a", UNWRITTEN), ("b", UNWRITTEN)]
+
+    # Turn 2 built on them, saved and held too; turn 1's blobs are written after.
+    saves.add("r2", Save("chat", list(range(130)), StoredState(), 10.0, kept=list(entries)))
+    saves.held("r2", [spec(100, 130, "c")])
+    assert [e.key for e in saves.local("chat")[1]] == ["a", "b", "c"]  # the furthest save
+    assert saves.written("r1", Saved([spec(0, 50, "a", "xxh:a"), spec(50, 100, "b", "xxh:b")]))[1] is True
+    assert [e.checksum for e in saves.local("chat")[1]] == ["xxh:a", "xxh:b", UNWRITTEN]
+    save2, first = saves.written("r2", Saved([spec(100, 130, "c", "xxh:c")]))
+    assert save2 is not None and first is False  # behind turn 1's commit
+    following = saves.committed("r1", "chat")
+    assert following is not None and following[0] == "r2"
+    assert saves.committed("r2", "chat") is None and not saves
+    # A save whose report never comes is forgotten at its deadline; one that wrote nothing at once.
+    saves.add("r3", Save("chat", [], StoredState(), 5.0))
+    assert saves.waiting("chat", 6.0) == (False, ["r3"])
+    saves.add("r4", Save("chat", [], StoredState(), 5.0))
+    assert saves.written("r4", Saved(None, "disk full")) == (None, False) and not saves

@@ -216,6 +216,10 @@ def common_prefix(a: Sequence[int] | bytes | memoryview, b: Sequence[int] | byte
 
 #: An entry's size when the caller names none (``kvswap serve``; the vLLM connector's is smaller:
 #: :class:`~kvswap.session_cache.stack.StackSettings` carries each process's).
+#: The checksum an entry carries while its blob is still being written: only the host tier of
+#: the process writing it holds its KV (a store has nothing, or part of it, under its key).
+UNWRITTEN = "unwritten"
+
 DEFAULT_ENTRY_BYTES = 256 << 20
 
 

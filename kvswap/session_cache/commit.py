@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from kvswap.errors import AlreadyExistsError, KVSwapError, NotFoundError, VersionConflictError
+from kvswap.meta import InvalidEntryError
 from kvswap.session_cache.base import SwapError, chain_hash, root_hash
 from kvswap.session_cache.tiers import StoredState
 
@@ -49,8 +50,8 @@ def commit(store: SessionStore, session_id: str, stored: StoredState, tokens: Se
                     stored.version, stored.meta_total = session.version, session.total_tokens
                     stored.entries.append((spec.token_end, spec.prefix_hash))
                 return "saved"
-            except (VersionConflictError, AlreadyExistsError):
-                in_flight = None  # a conflict appended nothing
+            except (VersionConflictError, AlreadyExistsError, InvalidEntryError):
+                in_flight = None  # a conflict appended nothing (nor an entry that does not follow meta's last)
                 outcome, pending = _rebase(store, session_id, stored, tokens, pending)
                 if outcome is not None:
                     return outcome
@@ -68,6 +69,8 @@ def prepare(store: SessionStore, session_id: str, stored: StoredState) -> None:
     another instance made it meanwhile, and the commit rebases), adopt it for this model, or
     truncate entries beyond the history the turn kept."""
     meta = store.meta
+    if stored.version is None and stored.entries:  # built on entries meta never had (an earlier save that failed)
+        raise VersionConflictError(f"session {session_id!r} does not hold the history this save builds on")
     if stored.version is None:
         session = meta.create(session_id, store.fingerprint, ttl=store.session_ttl)
         stored.version, stored.meta_total, stored.entries = session.version, 0, []

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import xxhash
 
 from kvswap.meta import Entry, EntrySpec
+from kvswap.session_cache.base import UNWRITTEN
 
 #: A rank's view of an entry holds this in place of a checksum: the rank's blob is checked by
 #: its own checksum, and the ranks' checksums against the entry's where they meet.
@@ -59,7 +60,8 @@ def rank_view(entry: Entry, rank: int, ranks: int) -> Entry:
     own checksum (:data:`RANKS_CHECKSUM`); the entry itself when there is one rank."""
     if ranks == 1:
         return entry
-    return dataclasses.replace(entry, key=rank_key(entry.key, rank), checksum=RANKS_CHECKSUM)
+    return dataclasses.replace(entry, key=rank_key(entry.key, rank),
+                               checksum=UNWRITTEN if entry.checksum == UNWRITTEN else RANKS_CHECKSUM)
 
 
 def joined(per_rank: Sequence[Sequence[EntrySpec]]) -> list[EntrySpec]:

@@ -33,8 +33,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kvswap.errors import (
     ConfigError,
@@ -43,11 +43,11 @@ from kvswap.errors import (
     KVSwapError,
     NotFoundError,
     UnsupportedFormatError,
-    VersionConflictError,
 )
-from kvswap.meta import Entry, MetaStore, Session
+from kvswap.meta import Entry, EntrySpec, MetaStore, Session
 from kvswap.session_cache.base import (
     DEFAULT_ENTRY_BYTES,
+    UNWRITTEN,
     KVLayout,
     SwapError,
     chain_hash,
@@ -57,15 +57,16 @@ from kvswap.session_cache.base import (
     token_bytes,
 )
 from kvswap.session_cache.commit import CommitOutcome, commit, well_formed
+from kvswap.session_cache.gc import collect
 from kvswap.session_cache.leases import SessionLeases
-from kvswap.session_cache.ranks import blob_keys, entry_key
+from kvswap.session_cache.pinned import PinnedBlocks
+from kvswap.session_cache.ranks import blob_keys
 from kvswap.session_cache.tiers import Plan, Span, SpanCache, StoredState, StoreTier
 
 if TYPE_CHECKING:
     import torch
 
     from kvswap.connectors.base import Connector
-    from kvswap.meta import EntrySpec
 
     HeldSpan = tuple[torch.Tensor, list[int], str, bytes, bool]  # KV, token ids, checksum, ids' bytes, held?
 
@@ -108,6 +109,7 @@ class SessionStore(SessionLeases):
         self.gc_grace = gc_grace
         self.dropped_entries = 0
         self.spans = SpanCache(span_cache_bytes)
+        self.pinned: PinnedBlocks | None = None  # pinned reads (``pin=True``) take their buffers here
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="kvswap-io")
 
     def __repr__(self) -> str:
@@ -181,18 +183,24 @@ class SessionStore(SessionLeases):
         here when not given): no blob read. Malformed or non-contiguous entries are dropped
         from meta here."""
         stored = self.state_of(record)
-        plan = Plan(record, [], 0, False, stored)
         if record is None or not record.total_tokens or not stored.fingerprint_ok or tokens == []:
-            return plan
+            return Plan(record, [], 0, False, stored)
         if entries is None:
             try:
                 entries = self.meta.entries(session_id)
             except NotFoundError:
-                return plan
+                return Plan(record, [], 0, False, stored)
             except IntegrityError as exc:  # meta cannot even decode them: nothing of it is usable
                 log.warning("session %r: its entries are unreadable (%s); dropping them", session_id, exc)
                 self.drop_from(session_id, stored, 0)
-                return plan
+                return Plan(record, [], 0, False, stored)
+        return self.plan_over(session_id, record, stored, tokens, entries)
+
+    def plan_over(self, session_id: str, record: Session | None, stored: StoredState, tokens: Sequence[int] | None,
+                  entries: Sequence[Entry]) -> Plan:
+        """:meth:`plan` over ``entries`` as given: meta's, or ones this process knows beyond
+        meta (a save it holds, unwritten), with ``stored`` the state its next write builds on."""
+        plan = Plan(record, [], 0, False, stored)
         previous, position = root_hash(self.fingerprint), 0
         data = memoryview(token_bytes(tokens)) if tokens is not None else None  # converted once, not per entry
         for entry in entries:
@@ -315,7 +323,7 @@ class SessionStore(SessionLeases):
         cached = self.spans.get(entry.key)
         if cached is not None:
             return (*cached, True)
-        kv, tokens, checksum = store.read(entry, pin)
+        kv, tokens, checksum = store.read(entry, pin, self.pinned.bytes if pin and self.pinned is not None else None)
         ids = token_bytes(tokens)  # here, on an I/O thread, not in the reader's loop
         self.spans.put(entry.key, kv, tokens, checksum, ids)
         return kv, tokens, checksum, ids, False
@@ -362,29 +370,43 @@ class SessionStore(SessionLeases):
 
     def write_blobs(self, session_id: str, stored: StoredState, tokens: Sequence[int],
                     fetch: Callable[[int, int], torch.Tensor],
-                    keys: Callable[[int, int], str] | None = None) -> list[EntrySpec]:
+                    keys: Callable[[int, int], str] | None = None,
+                    held: Callable[[list[EntrySpec]], None] | None = None) -> list[EntrySpec]:
         """The data half of a write: store ``tokens[stored.tokens:]`` (``fetch(a, b)`` gives the
         KV of tokens a..b-1 as a host tensor) as blobs of at most ``entry_tokens`` tokens,
         written in parallel (create-only; ``keys(a, b)`` names them, default: new keys). Returns
         the entries to :meth:`commit`, in token order. SwapError on any failure, after deleting
-        what was written."""
+        what was written.
+
+        With ``held``, the spans go into the host tier first, unwritten (kept there until
+        written), and ``held`` gets the entries they will be (checksum :data:`UNWRITTEN`, size
+        the KV's bytes) before any blob is written: this process can serve them at once.
+        Not called when the host tier cannot hold them."""
         store = self.stores[0]
         writes: list[concurrent.futures.Future[EntrySpec]] = []
         spans: list[tuple[torch.Tensor, list[int]]] = []
+        promised: list[EntrySpec] = []  # the unwritten entries the host tier holds
         try:
             previous = stored.entries[-1][1] if stored.entries else root_hash(self.fingerprint)
             for start in range(stored.tokens, len(tokens), self.entry_tokens):
                 stop = min(start + self.entry_tokens, len(tokens))
                 previous = chain_hash(previous, tokens[start:stop])
+                key = keys(start, stop) if keys is not None else store.new_key(session_id, start, stop)
                 kv = fetch(start, stop)
                 spans.append((kv, list(tokens[start:stop])))
-                writes.append(self._io.submit(store.write, session_id, kv, tokens[start:stop], start, previous,
-                                              keys(start, stop) if keys is not None else None))
+                if held is not None and self.spans.put(key, kv, spans[-1][1], UNWRITTEN, unwritten=True):
+                    promised.append(EntrySpec(start, stop - start, store.location, key,
+                                              kv.numel() * kv.element_size(), UNWRITTEN, previous))
+                writes.append(self._io.submit(store.write, session_id, kv, tokens[start:stop], start, previous, key))
+            if held is not None and promised and len(promised) == len(spans):
+                held(promised)
             concurrent.futures.wait(writes)
             specs = [write.result() for write in writes]
         except KVSwapError as exc:
             concurrent.futures.wait(writes)
             self._delete_keys(store, [w.result().key for w in writes if w.exception() is None])
+            for spec in promised:
+                self.spans.discard(spec.key)
             raise SwapError(f"could not store session {session_id!r}: {exc}") from exc
         for spec, (kv, span) in zip(specs, spans):
             self.spans.put(spec.key, kv, span, spec.checksum)
@@ -456,42 +478,15 @@ class SessionStore(SessionLeases):
         except KVSwapError as exc:
             log.warning("could not delete %d blobs no entry points to (gc will retry): %s", len(keys), exc)
 
+    def in_parallel(self, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """``function`` over ``items`` on the store's I/O threads, results in order."""
+        return self._io.map(function, items)
+
     def gc(self, in_use: Callable[[str], bool] = lambda session_id: False,
            forget: Callable[[str], None] = lambda session_id: None) -> dict[str, int]:
         """Delete expired sessions, ``io_threads`` at a time (except those ``in_use``;
         ``forget(id)``, which must be thread-safe, is told of each one removed), blobs that no
         meta entry points to and that are older than ``gc_grace`` seconds, and what
-        interrupted writes left in the stores (counted with the blobs). Returns counts."""
-        def remove(session: Session) -> bool:
-            if in_use(session.id):
-                return False
-            try:
-                if not self.delete(session.id, expected_version=session.version):
-                    return False
-            except VersionConflictError:
-                return False  # touched meanwhile: no longer expired as seen
-            forget(session.id)
-            return True
-
-        removed_sessions = sum(self._io.map(remove, self.meta.expired()))  # meta round trips overlap
-        removed_blobs = 0
-        referenced: set[tuple[str, str]] = set()
-        cursor = None
-        while True:
-            page = self.meta.list_sessions(limit=1000, cursor=cursor)
-            for session in page.sessions:
-                try:
-                    referenced.update((e.connector, e.key) for e in self.meta.entries(session.id))
-                except (NotFoundError, IntegrityError):
-                    continue
-            if page.cursor is None:
-                break
-            cursor = page.cursor
-        horizon = time.time() - self.gc_grace
-        for store in self.stores:
-            orphans = [key for key in store.connector.list(store.prefix + "/")
-                       if (store.location, entry_key(key)) not in referenced
-                       and (store.key_time(key) or horizon) < horizon]
-            store.connector.delete_many(orphans)
-            removed_blobs += len(orphans) + store.connector.collect_garbage(self.gc_grace)
-        return {"sessions": removed_sessions, "blobs": removed_blobs}
+        interrupted writes left in the stores (counted with the blobs). Returns counts
+        (:func:`~kvswap.session_cache.gc.collect`)."""
+        return collect(self, in_use, forget)

@@ -18,12 +18,12 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from kvswap.blob import DTYPE_NAMES, BlobHeader, read_blob, write_blob
 from kvswap.errors import ConfigError, IntegrityError
-from kvswap.session_cache.base import KVLayout, token_bytes
+from kvswap.session_cache.base import UNWRITTEN, KVLayout, token_bytes
 from kvswap.session_cache.ranks import RANKS_CHECKSUM
 from kvswap.uri import URI
 
@@ -183,13 +183,14 @@ class StoreTier:
         return EntrySpec(token_offset=start, token_length=len(tokens), connector=self.location, key=key,
                          size=header.total_size, checksum=header.checksum or "", prefix_hash=prefix_hash)
 
-    def read(self, entry: Entry, pin: bool = False) -> tuple[torch.Tensor, list[int], str]:
+    def read(self, entry: Entry, pin: bool = False,
+             allocate: Callable[[int], torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int], str]:
         """The entry's KV (token-major host tensor), token ids and checksum, verified against the entry:
         size, checksum, fingerprint, offsets and shapes (all before any buffer is allocated or
         any data read), then the bytes. IntegrityError if anything disagrees; NotFoundError if
         the blob is gone; InvalidKeyError if the entry's key is not a key."""
         began = time.perf_counter()
-        blob = read_blob(self.connector, entry.key, expected_size=entry.size, pin_memory=pin,
+        blob = read_blob(self.connector, entry.key, expected_size=entry.size, pin_memory=pin, allocate=allocate,
                          check=lambda header: self._check_header(entry, header))
         self.read_seconds += time.perf_counter() - began
         self.read_bytes += blob.header.total_size
@@ -222,7 +223,12 @@ class SpanCache:
     """Recently written or read spans in host memory, by blob key, within ``capacity`` bytes
     (least recently used out): a bounded first tier in front of the stores for engines that
     keep no host copy of their own (vLLM). Keys name immutable blobs, so a hit is the blob's
-    own content, already verified when it was read or computed when it was written."""
+    own content, already verified when it was read or computed when it was written.
+
+    A span put ``unwritten`` (its blob is being written; checksum :data:`UNWRITTEN`) is not
+    evicted until a put of its key with the blob's checksum settles it, or :meth:`discard`
+    drops it (the write failed): until then it is the only copy anyone can read. It counts
+    against ``capacity`` and may exceed it (the writer holds that memory anyway)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -230,6 +236,7 @@ class SpanCache:
         self.hits = 0
         self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int], str, bytes]] = \
             collections.OrderedDict()
+        self._unwritten: set[str] = set()
         self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
@@ -248,19 +255,40 @@ class SpanCache:
                 self.hits += 1
             return found
 
-    def put(self, key: str, kv: torch.Tensor, tokens: list[int], checksum: str, ids: bytes | None = None) -> None:
+    def put(self, key: str, kv: torch.Tensor, tokens: list[int], checksum: str, ids: bytes | None = None, *,
+            unwritten: bool = False) -> bool:
+        """Hold a span (True if it is held now). A put of an unwritten span's key with its
+        blob's checksum settles it."""
         nbytes = kv.numel() * kv.element_size()
-        if not self.capacity or nbytes > self.capacity:
-            return
+        if not self.capacity or (nbytes > self.capacity and not unwritten):
+            return False
         ids = ids if ids is not None else token_bytes(tokens)
         with self._lock:
             if key in self._spans:
-                return
-            while self._spans and self.used + nbytes > self.capacity:
-                _, (old, _, _, _) = self._spans.popitem(last=False)
+                if key in self._unwritten and not unwritten:
+                    self._unwritten.discard(key)
+                    self._spans[key] = (kv, tokens, checksum, ids)
+                return True
+            for old_key in [k for k in self._spans if k not in self._unwritten]:  # oldest first
+                if self.used + nbytes <= self.capacity:
+                    break
+                old = self._spans.pop(old_key)[0]
                 self.used -= old.numel() * old.element_size()
-            self._spans[key] = (kv, tokens, checksum, ids)
+            if self.used + nbytes > self.capacity and not unwritten:
+                return False  # the rest is unwritten spans
+            self._spans[key] = (kv, tokens, UNWRITTEN if unwritten else checksum, ids)
             self.used += nbytes
+            if unwritten:
+                self._unwritten.add(key)
+            return True
+
+    def discard(self, key: str) -> None:
+        """Drop a span (an unwritten one whose write failed)."""
+        with self._lock:
+            self._unwritten.discard(key)
+            found = self._spans.pop(key, None)
+            if found is not None:
+                self.used -= found[0].numel() * found[0].element_size()
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ import triton.language as tl
 
 if TYPE_CHECKING:
     from kvswap.integrations.vllm.kv_cache import PagedKV
+    from kvswap.session_cache.pinned import PinnedBlocks
 
 #: Device staging per group of tokens (bounds the GPU memory a job takes beside vLLM's KV).
 GROUP_BYTES = 256 << 20
@@ -63,8 +64,9 @@ class GPUMover:
     """Saves and loads of one worker's :class:`PagedKV` on a CUDA device. Launches come from
     the worker's own thread (vLLM's ``start_load_kv``); completion is told by events."""
 
-    def __init__(self, kv: PagedKV) -> None:
+    def __init__(self, kv: PagedKV, pinned: PinnedBlocks) -> None:
         self.kv = kv
+        self.pinned = pinned  # the saves' host buffers
         self.device = kv.device
         low_priority = torch.cuda.Stream.priority_range()[0]  # type: ignore[call-arg]  # copies yield to the model
         self.stream = torch.cuda.Stream(self.device, priority=low_priority)
@@ -80,11 +82,11 @@ class GPUMover:
     def save(self, block_ids: Sequence[int], chunks: Sequence[tuple[int, int]],
              after: torch.cuda.Event) -> tuple[list[torch.Tensor], torch.cuda.Event]:
         """Gather positions of ``chunks`` ((start, stop) each) into pinned host tensors
-        ``[layers, 2, stop - start, heads, head_dim]`` (one per chunk: entry-sized pinned
-        blocks, which the fetches' reads reuse), after ``after``; returns them and the event
+        ``[layers, 2, stop - start, heads, head_dim]`` (one per chunk, each in a block of
+        ``pinned``: no memory is pinned now), after ``after``; returns them and the event
         that tells when they hold the KV. Any thread may call it (the worker's copy thread does)."""
-        views = [torch.empty((self.kv.num_layers, 2, stop - start, self.kv.heads, self.kv.head_dim),
-                             dtype=self.dtype, pin_memory=True) for start, stop in chunks]
+        views = [self.pinned.take((self.kv.num_layers, 2, stop - start, self.kv.heads, self.kv.head_dim), self.dtype)
+                 for start, stop in chunks]
         placed = [(start, stop - start, start, stop) for start, stop in chunks]
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self.stream.wait_event(after)

@@ -12,8 +12,10 @@ The scheduler half sends, in each step's :class:`KVSwapConnectorMetadata`:
   prefix cache covered it).
 
 The worker half answers, in its :class:`KVSwapWorkerMetadata`, with a :class:`Fetched` per
-fetch and a :class:`Saved` per save. vLLM aggregates the workers' answers (one per
-tensor-parallel rank) before the scheduler sees them.
+fetch and a :class:`Saved` per save (before it, a :class:`Held` when its host tier holds the
+save's KV: the session's next turn can be served from there while the blobs are written).
+vLLM aggregates the workers' answers (one per tensor-parallel rank) before the scheduler sees
+them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-from kvswap.integrations.vllm.outcomes import Fetched, Saved
+from kvswap.integrations.vllm.outcomes import Fetched, Held, Saved
 from kvswap.meta import Entry
 
 
@@ -82,6 +84,7 @@ class KVSwapWorkerMetadata(KVConnectorWorkerMetadata):
 
     fetched: dict[str, dict[int, Fetched]] = dataclasses.field(default_factory=dict)
     saved: dict[str, dict[int, Saved]] = dataclasses.field(default_factory=dict)
+    held: dict[str, dict[int, Held]] = dataclasses.field(default_factory=dict)
 
     def aggregate(self, other: Any) -> KVSwapWorkerMetadata:
         if isinstance(other, KVSwapWorkerMetadata):
@@ -89,8 +92,10 @@ class KVSwapWorkerMetadata(KVConnectorWorkerMetadata):
                 self.fetched.setdefault(request_id, {}).update(fetched)
             for request_id, saved in other.saved.items():
                 self.saved.setdefault(request_id, {}).update(saved)
+            for request_id, held in other.held.items():
+                self.held.setdefault(request_id, {}).update(held)
         return self
 
     def is_empty(self) -> bool:
-        return not self.fetched and not self.saved
+        return not self.fetched and not self.saved and not self.held
 

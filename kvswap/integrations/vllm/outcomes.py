@@ -7,12 +7,15 @@ from __future__ import annotations
 import dataclasses
 
 from kvswap.meta import Entry, EntrySpec
-from kvswap.session_cache.ranks import combined_checksum, joined
+from kvswap.session_cache.base import UNWRITTEN
+from kvswap.session_cache.ranks import combined_checksum, entry_key, joined
 
 #: Why a fetch stopped, when the worker knows it in a word; otherwise its reason is an error's
 #: own text (which the worker logs).
 FETCH_TIMED_OUT = "timed out"
 STORE_NOT_ANSWERING = "store not answering"
+PREFIX_CACHE_SHRANK = "prefix cache shrank"  # vLLM's own hit lost blocks while the fetch ran, more than once
+NOT_HELD = "not held"  # a save's unwritten entries, gone from the host tier (their write failed)
 SLOWER_THAN_RECOMPUTE = "slower than recompute"
 
 
@@ -49,10 +52,30 @@ class Saved:
     replica: bool = False
 
 
+@dataclasses.dataclass
+class Held:
+    """A save's KV in its worker's host tier before any blob is written: ``specs`` are the
+    entries the blobs will be (checksum :data:`~kvswap.session_cache.base.UNWRITTEN`), which
+    the worker serves from its host tier until they are written. Reported only when the host
+    tier holds all of them."""
+
+    specs: list[EntrySpec]
+
+
+def merge_held(reports: list[Held]) -> list[EntrySpec] | None:
+    """The unwritten entries of a save every rank holds (``reports`` in rank order): rank 0's
+    spans under their entry keys, or None when the ranks hold different spans."""
+    first = reports[0].specs
+    if any([(s.token_offset, s.token_length, s.prefix_hash) for s in report.specs]
+           != [(s.token_offset, s.token_length, s.prefix_hash) for s in first] for report in reports):
+        return None
+    return [dataclasses.replace(spec, key=entry_key(spec.key)) for spec in first]
+
+
 def fetch_outcome(fetched: Fetched) -> str:
     """Why a fetch brought nothing usable, in words fit for a metric label and a reply: one of
     a few (an error's own text would make both unbounded)."""
-    if fetched.reason in (FETCH_TIMED_OUT, STORE_NOT_ANSWERING, SLOWER_THAN_RECOMPUTE):
+    if fetched.reason in (FETCH_TIMED_OUT, STORE_NOT_ANSWERING, SLOWER_THAN_RECOMPUTE, NOT_HELD):
         return fetched.reason
     if fetched.damaged_at is not None:
         return "damaged"
@@ -75,6 +98,8 @@ def merge_fetched(reports: list[Fetched], entries: list[Entry], start: int, end:
     shares = [first[share] for share in sorted(first)]
     for position in range(min(len(report.checksums) for report in reports)):
         entry = read[position] if position < len(read) else None
+        if entry is not None and entry.checksum == UNWRITTEN:
+            continue  # each rank's own copy of what it computed: no blob to check yet
         alike = all(r.checksums[position] == first[r.share].checksums[position] for r in reports)
         if entry is None or not alike or combined_checksum([r.checksums[position] for r in shares]) != entry.checksum:
             offset = entry.token_offset if entry is not None else held

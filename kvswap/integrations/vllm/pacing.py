@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvswap.session_cache.pinned import PinnedBlocks
+
 if TYPE_CHECKING:
     from kvswap.session_cache.store import SessionStore
 
@@ -21,10 +23,12 @@ log = logging.getLogger("vllm.kvswap")
 
 #: Steps of at least this many tokens are timed: the engine's prefill speed, what a fetch is weighed against.
 TIMED_TOKENS = 512
-#: Pinned host memory taken and given back at start beside the host tier's own bytes, in
-#: entry-sized blocks that reads and saves reuse (pinning runs at a few GB/s and holds the
-#: driver: a save or fetch must not pay for it while the model runs).
+#: Pinned host memory taken at start beside the host tier's own bytes, for the saves and reads
+#: in flight (pinning runs at a few GB/s and holds the driver: a save or fetch must not pay for
+#: it while the model runs).
 WARM_PINNED_BYTES = 2 << 30
+#: A blob's bytes beyond its entry's KV (header, token ids), which a block also holds.
+BLOB_SLACK = 1 << 20
 
 
 class StoreHealth:
@@ -198,16 +202,13 @@ def measure_stores(store: SessionStore, nbytes: int, rates: StoreRates) -> None:
         log.info("kvswap: %s reads at %.2f GB/s (measured at start)", location, rate / 1e9)
 
 
-def warm_pinned(block_bytes: int, host_bytes: int) -> None:
-    """Take pinned host memory in blocks of ``block_bytes``, ``host_bytes`` (the host tier's)
-    plus WARM_PINNED_BYTES, and give it back to PyTorch's pinned-memory cache, where reads and
-    saves of entries find it."""
-    total = host_bytes + WARM_PINNED_BYTES
-    began = time.perf_counter()
-    blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(total // block_bytes)]
-    del blocks
-    log.info("kvswap: pinned %.1f GiB of host memory in %.1f s", total / 2**30, time.perf_counter() - began)
+def pinned_blocks(entry_bytes: int, host_bytes: int) -> PinnedBlocks:
+    """The worker's pinned host memory: ``host_bytes`` (the host tier's) plus
+    WARM_PINNED_BYTES, in blocks that hold an entry's KV or its whole blob, where saves gather
+    and fetches read (:class:`~kvswap.session_cache.pinned.PinnedBlocks`)."""
+    block = entry_bytes + BLOB_SLACK
+    return PinnedBlocks(block, max(1, (host_bytes + WARM_PINNED_BYTES) // block))
 
 
 __all__ = ["TIMED_TOKENS", "WARM_PINNED_BYTES", "ForwardClock", "StoreHealth", "StoreRates", "bytes_by_location",
-           "measure_stores", "warm_pinned"]
+           "measure_stores", "pinned_blocks"]

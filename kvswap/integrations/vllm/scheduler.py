@@ -16,7 +16,9 @@ A request with a session goes through:
    answer but the last token) as blobs; the scheduler then commits them to meta (a
    compare-and-swap; when another instance moved the session meanwhile, the commit appends
    what is missing or finds another history won: :meth:`SessionStore.commit`). The session's
-   next request waits for that commit, within the save's deadline.
+   next request waits until the workers hold the save's KV in their host tiers, then is planned
+   over it without waiting for the write or the commit (:mod:`.saves`); without a host tier, it
+   waits for the commit, within the save's deadline.
 
 A lookup, fetch or save that misses its deadline is a miss (or a save dropped); a meta store
 that failed is not asked again for ``timeout`` seconds.
@@ -43,7 +45,17 @@ from kvswap.integrations.vllm.jobs import (
     LoadJob,
     SaveJob,
 )
-from kvswap.integrations.vllm.outcomes import Fetched, Saved, fetch_outcome, merge_fetched, merge_saved
+from kvswap.integrations.vllm.outcomes import (
+    PREFIX_CACHE_SHRANK,
+    Fetched,
+    Held,
+    Saved,
+    fetch_outcome,
+    merge_fetched,
+    merge_held,
+    merge_saved,
+)
+from kvswap.integrations.vllm.saves import InFlightSaves, Save
 from kvswap.integrations.vllm.stats import Counters
 from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import Plan, StoredState, new_stamp
@@ -56,6 +68,9 @@ LOOKUP_WAIT = 0.002
 SECONDS_PER_BYTE = 1.0 / (256 << 20)
 #: A worker reports a job's outcome at the end of a step: the scheduler waits this much longer.
 REPORT_SLACK = 2.0
+#: How often a request's fetch starts again when vLLM's own prefix-cache hit shrank while it ran
+#: (other requests took those blocks): then the request recomputes what kvswap holds.
+MAX_REFETCHES = 2
 
 
 @dataclasses.dataclass
@@ -77,19 +92,12 @@ class _Request:
     source: str = ""
     rejected: int = 0
     missed: str = ""  # why nothing was loaded (a lookup's or fetch's outcome), "" when it loaded or waits
+    local: bool = False  # planned over a save this instance holds beyond meta (saves.Save.local)
+    refetches: int = 0  # fetches started again because vLLM's prefix cache shrank meanwhile
     marks: dict[str, float] = dataclasses.field(default_factory=dict)  # phase -> monotonic time reached
 
     def mark(self, phase: str) -> None:
         self.marks.setdefault(phase, time.monotonic())
-
-
-@dataclasses.dataclass
-class _Save:
-    session: str
-    tokens: list[int]
-    stored: StoredState
-    deadline: float
-    committing: bool = False
 
 
 class SchedulerSide:
@@ -103,13 +111,12 @@ class SchedulerSide:
         self.layout = kv_layout(vllm_config, config)  # the weights' digest is hashed here, at start, if need be
         self.ranks = self.layout.tp_size  # each job is done once per tensor-parallel rank
         self.shares = kv_share(vllm_config)[1]  # blobs a span has (one per share of the KV heads)
-        self._reports: dict[str, dict[str, dict[int, Any]]] = {"fetched": {}, "saved": {}}  # until every rank's
+        self._reports: dict[str, dict[str, dict[int, Any]]] = {"fetched": {}, "saved": {}, "held": {}}  # all ranks
         self._store: SessionStore | None = None
         self._store_lock = threading.Lock()
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvswap-meta")
         self._requests: dict[str, _Request] = {}
-        self._saves: dict[str, _Save] = {}
-        self._saves_lock = threading.Lock()
+        self._saves = InFlightSaves()
         self._meta_down_until = 0.0
         self._next = KVSwapConnectorMetadata()
         self._threads.submit(self._open_quietly)  # meta and stores open off the scheduler's thread
@@ -151,11 +158,17 @@ class SchedulerSide:
             state = _Request(session, list(request.all_token_ids), now + self.config.timeout)
             state.mark("arrived")
             self._requests[request.request_id] = state
-            if now < self._meta_down_until:
+            local = self._saves.local(session)
+            if local is not None:  # planned over what this instance holds: no meta read
+                state.local = True
+                stored, entries = local
+                state.lookup = self._threads.submit(self.store.plan_over, session, None, stored, state.tokens, entries)
+            elif now < self._meta_down_until:
                 state.phase = "done"
                 self.counters.add("lookups", "meta not answering")
                 return 0, False
-            state.lookup = self._threads.submit(self.store.lookup, session, state.tokens)
+            else:
+                state.lookup = self._threads.submit(self.store.lookup, session, state.tokens)
             concurrent.futures.wait([state.lookup], timeout=LOOKUP_WAIT)
         return self._advance(request.request_id, state, num_computed, now)
 
@@ -179,13 +192,7 @@ class SchedulerSide:
                                          last))
             if reusable <= num_computed:
                 return self._miss(state, "miss" if not plan.entries else "held locally")
-            state.phase, state.fetch_start, state.fetch_end = "fetch", num_computed, reusable
-            nbytes = sum(entry.size for entry, _ in plan.entries if entry.token_end > num_computed)
-            seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
-            state.deadline = now + seconds + REPORT_SLACK
-            self._next.fetches.append(FetchJob(request_id, state.session, [entry for entry, _ in plan.entries],
-                                               num_computed, reusable, state.tokens[:reusable], seconds))
-            return None, False
+            return self._fetch(request_id, state, num_computed, reusable, now)
         if state.phase == "fetch":
             if state.fetched is None:
                 if now < state.deadline:
@@ -194,9 +201,15 @@ class SchedulerSide:
                 return self._miss(state, "fetch timed out")
             fetched = state.fetched
             end = self._aligned(fetched.end)
-            if end <= state.fetch_start or num_computed < state.fetch_start:
+            if end <= state.fetch_start:
                 self._next.releases.append(request_id)
                 return self._miss(state, fetch_outcome(fetched))
+            if num_computed < state.fetch_start:  # vLLM's prefix cache dropped some of its blocks meanwhile
+                self._next.releases.append(request_id)
+                if state.refetches >= MAX_REFETCHES:
+                    return self._miss(state, PREFIX_CACHE_SHRANK)
+                state.refetches += 1  # fetch again from where vLLM's hit ends now (likely from the host tier)
+                return self._fetch(request_id, state, num_computed, end, now)
             state.phase, state.ready_end = "ready", end
         if state.phase == "ready":
             if state.ready_end <= num_computed:
@@ -205,6 +218,17 @@ class SchedulerSide:
             state.mark("promised")
             return state.ready_end - num_computed, True
         return 0, False
+
+    def _fetch(self, request_id: str, state: _Request, start: int, end: int, now: float) -> tuple[None, bool]:
+        """Ask the workers to fetch tokens ``start..end-1`` of the request's plan; ask vLLM to wait."""
+        assert state.plan is not None
+        state.phase, state.fetch_start, state.fetch_end, state.fetched = "fetch", start, end, None
+        nbytes = sum(entry.size for entry, _ in state.plan.entries if entry.token_end > start)
+        seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
+        state.deadline = now + seconds + REPORT_SLACK
+        self._next.fetches.append(FetchJob(request_id, state.session, [entry for entry, _ in state.plan.entries],
+                                           start, end, state.tokens[:end], seconds))
+        return None, False
 
     def _aligned(self, tokens: int) -> int:
         """``tokens`` rounded down to whole blocks with ``whole_blocks`` (as vLLM's own prefix
@@ -229,7 +253,7 @@ class SchedulerSide:
         state.source, state.rejected = fetched.source, fetched.rejected
         if fetched.rejected:
             self.counters.add("tokens rejected", "damaged or foreign", fetched.rejected)
-        if fetched.damaged_at is not None:
+        if fetched.damaged_at is not None and not state.local:  # (a local plan's is not meta's to drop)
             self._threads.submit(self._drop, state.session, state.plan, fetched.damaged_at)
         if fetched.nbytes:
             self.counters.add("bytes fetched", "store", fetched.nbytes)
@@ -318,9 +342,9 @@ class SchedulerSide:
         nbytes = (computed - base) * self.layout.token_bytes
         seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
         stored = StoredState(plan.stored.version, plan.stored.meta_total, kept, plan.stored.fingerprint_ok)
-        with self._saves_lock:
-            self._saves[request.request_id] = _Save(state.session, tokens[:computed], stored,
-                                                    time.monotonic() + seconds + REPORT_SLACK)
+        self._saves.add(request.request_id, Save(state.session, tokens[:computed], stored,
+                                                 time.monotonic() + seconds + REPORT_SLACK,
+                                                 [entry for entry, _ in plan.entries if entry.token_end <= limit]))
         self._next.saves.append(SaveJob(request.request_id, state.session, tokens[:computed], base, base_hash,
                                         list(block_ids), seconds, new_stamp()))
         return True, report  # the blocks stay until the worker has copied them out
@@ -343,20 +367,22 @@ class SchedulerSide:
         saved, orphans = merge_saved(reports)
         if orphans:  # some ranks wrote theirs: nothing will point at them
             self._threads.submit(self.store.delete_blobs, orphans)
-        with self._saves_lock:
-            save = self._saves.get(request_id)
-            if save is None:
-                return
+        save, first = self._saves.written(request_id, saved)
+        if save is None:
             if saved.specs is None:
-                del self._saves[request_id]
                 self.counters.add("saves", "not written")
-                return
-            save.committing = True
+            return
         self.counters.add("bytes saved", "store", saved.nbytes)
         record_op("save", save.session, len(save.tokens) - save.stored.tokens, saved.nbytes, saved.seconds)
-        self._threads.submit(self._commit, request_id, save, saved)
+        if first:  # else it follows the session's commit in flight (which it may build on)
+            self._threads.submit(self._commit, request_id, save, saved)
 
-    def _commit(self, request_id: str, save: _Save, saved: Saved) -> None:
+    def held(self, request_id: str, reports: list[Held]) -> None:
+        """Every rank holds a save's KV in its host tier, unwritten: the session's next turn
+        may be planned over it (:mod:`.saves`)."""
+        self._saves.held(request_id, merge_held(reports))
+
+    def _commit(self, request_id: str, save: Save, saved: Saved) -> None:
         assert saved.specs is not None
         outcome: str
         try:
@@ -368,27 +394,24 @@ class SchedulerSide:
         if outcome == "diverged":
             log.warning("kvswap: session %r not saved: another turn of it was stored meanwhile", save.session)
         self.counters.add("saves", outcome)
-        with self._saves_lock:
-            self._saves.pop(request_id, None)
+        following = self._saves.committed(request_id, save.session)
+        if following is not None:
+            self._threads.submit(self._commit, *following)
 
     def _saving(self, session: str, now: float) -> bool:
-        """Whether a save of ``session`` is in flight (within its deadline); saves whose report
-        never came by their deadline are forgotten here (counted as not written)."""
-        with self._saves_lock:
-            late = [r for r, s in self._saves.items() if not s.committing and now >= s.deadline]
-            for request_id in late:
-                del self._saves[request_id]
-                self._reports["saved"].pop(request_id, None)
-            saving = any(s.session == session and now < s.deadline for s in self._saves.values())
-        for _ in late:
+        """Whether a save of ``session`` is in flight and not held (within its deadline);
+        saves whose report never came by their deadline are forgotten here (counted as not
+        written)."""
+        saving, late = self._saves.waiting(session, now)
+        for request_id in late:
+            self._reports["saved"].pop(request_id, None)
+            self._reports["held"].pop(request_id, None)
             self.counters.add("saves", "timed out")
         return saving
 
     def writing(self) -> bool:
         """Whether a worker is still writing a save: vLLM must keep stepping to hear of it."""
-        now = time.monotonic()
-        with self._saves_lock:
-            return any(not s.committing and now < s.deadline for s in self._saves.values())
+        return self._saves.writing(time.monotonic())
 
     # ---- each step ------------------------------------------------------------------------------
 
@@ -405,6 +428,9 @@ class SchedulerSide:
         for request_id, by_rank in worker_meta.fetched.items():
             if (fetched := self._every_rank("fetched", request_id, by_rank)) is not None:
                 self.fetched(request_id, fetched)
+        for request_id, held_by_rank in worker_meta.held.items():
+            if (held := self._every_rank("held", request_id, held_by_rank)) is not None:
+                self.held(request_id, held)
         for request_id, saved_by_rank in worker_meta.saved.items():
             if (saved := self._every_rank("saved", request_id, saved_by_rank)) is not None:
                 self.saved(request_id, saved)
@@ -416,7 +442,7 @@ class SchedulerSide:
         if request_id not in waiting:  # gone (finished, or its save timed out): nobody waits for the rest
             if kind == "fetched":
                 self._next.releases.append(request_id)
-            else:  # blobs nothing will point at
+            elif kind == "saved":  # blobs nothing will point at
                 self._threads.submit(self.store.delete_blobs, [spec for saved in by_rank.values()
                                                                for spec in saved.specs or ()])
             self._reports[kind].pop(request_id, None)

@@ -33,9 +33,9 @@ from kvswap.integrations.vllm import outcomes, pacing
 from kvswap.integrations.vllm.config import ConnectorConfig, kv_layout, kv_scales, kv_share, tp_rank, value_dtype
 from kvswap.integrations.vllm.jobs import FetchJob, KVSwapConnectorMetadata, KVSwapWorkerMetadata, LoadJob, SaveJob
 from kvswap.integrations.vllm.kv_cache import PagedKV, as_held, layer_writer
-from kvswap.integrations.vllm.outcomes import Fetched, Saved
+from kvswap.integrations.vllm.outcomes import Fetched, Held, Saved
 from kvswap.integrations.vllm.pacing import ForwardClock, StoreHealth, StoreRates, bytes_by_location
-from kvswap.session_cache.base import SwapError
+from kvswap.session_cache.base import UNWRITTEN, SwapError
 from kvswap.session_cache.ranks import rank_key, rank_view
 from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import Span, StoredState
@@ -88,6 +88,7 @@ class WorkerSide:
         self._writing: dict[str, tuple[SaveJob, _Job]] = {}  # then until their blobs are written
         self._fetched: dict[str, Fetched] = {}
         self._saved: dict[str, Saved] = {}
+        self._held_saves: dict[str, Held] = {}
         self._load_errors: set[int] = set()
         self._received: set[str] = set()
         self._sent: set[str] = set()
@@ -118,10 +119,11 @@ class WorkerSide:
         if self.kv.device.type == "cuda":
             from kvswap.integrations.vllm.gpu import GPUMover
 
-            self.gpu = GPUMover(self.kv)
             # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
             # on another thread meanwhile would invalidate the capture.
-            pacing.warm_pinned(self.config.stack.entry_bytes, self.config.stack.span_cache_bytes)
+            self.store.pinned = pacing.pinned_blocks(self.config.stack.entry_bytes,
+                                                     self.config.stack.span_cache_bytes)
+            self.gpu = GPUMover(self.kv, self.store.pinned)
         if self.config.recompute_when_faster:  # CPU work only: safe beside vLLM's graph capture
             self._threads.submit(pacing.measure_stores, self.store, START_PROBE_BYTES, self.rates)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
@@ -206,11 +208,12 @@ class WorkerSide:
 
     def worker_meta(self) -> KVSwapWorkerMetadata | None:
         with self._lock:
-            if not self._fetched and not self._saved:
+            if not self._fetched and not self._saved and not self._held_saves:
                 return None
             meta = KVSwapWorkerMetadata({r: {self.rank: f} for r, f in self._fetched.items()},
-                                        {r: {self.rank: s} for r, s in self._saved.items()})
-            self._fetched, self._saved = {}, {}
+                                        {r: {self.rank: s} for r, s in self._saved.items()},
+                                        {r: {self.rank: h} for r, h in self._held_saves.items()})
+            self._fetched, self._saved, self._held_saves = {}, {}, {}
         return meta
 
     def shutdown(self) -> None:
@@ -252,6 +255,12 @@ class WorkerSide:
             return [], Fetched(fetch.start, reason=outcomes.STORE_NOT_ANSWERING)
         waiting = [(entry, tier) for entry, tier in plan.entries
                    if entry.token_end > fetch.start and entry.key not in store.spans]  # read from a store
+        gone = next((entry.token_offset for entry, _ in waiting if entry.checksum == UNWRITTEN), None)
+        if gone is not None:  # a save's unwritten entries whose write failed: no store holds them
+            if gone <= fetch.start:
+                return [], Fetched(fetch.start, reason=outcomes.NOT_HELD)
+            fetch = dataclasses.replace(fetch, end=min(fetch.end, gone))
+            waiting = [(entry, tier) for entry, tier in waiting if entry.token_offset < gone]
         planned = bytes_by_location((tier.location, entry.size) for entry, tier in waiting)
         if self.config.recompute_when_faster and self._slower(fetch, planned, waiting):
             return [], Fetched(fetch.start, reason=outcomes.SLOWER_THAN_RECOMPUTE)
@@ -440,7 +449,8 @@ class WorkerSide:
         try:
             specs = store.write_blobs(save.session, stored, save.tokens, lambda a, b: spans[(a, b)],
                                       lambda a, b: rank_key(store.stores[0].new_key(save.session, a, b, save.stamp),
-                                                            self.share))
+                                                            self.share),
+                                      held=lambda specs: self._report_held(save, job, specs))
         except SwapError as exc:
             self.health.down(store.stores[0].location)
             self._report_save(save, job, Saved(None, str(exc)))
@@ -449,6 +459,12 @@ class WorkerSide:
         if not self._report_save(save, job, Saved(specs, nbytes=sum(s.size for s in specs),
                                                   seconds=time.perf_counter() - began)):
             store.delete_blobs(specs)  # too late: nothing will point at them
+
+    def _report_held(self, save: SaveJob, job: _Job, specs: list[Any]) -> None:
+        """The save's KV is in the host tier, unwritten: tell the scheduler (before the blobs are)."""
+        with self._lock:
+            if not job.abandoned:
+                self._held_saves[save.request_id] = Held(specs)
 
     def _gather(self, block_ids: list[int], start: int, stop: int) -> torch.Tensor:
         assert self.kv is not None
