@@ -319,6 +319,7 @@ def test_a_held_save_is_what_its_sessions_next_turn_plans_over_and_commits_keep_
     assert saves.waiting("chat", 1.0) == (False, [])
     stored, entries = saves.local("chat")
     assert [(e.key, e.checksum) for e in entries] == [("a", UNWRITTEN), ("b", UNWRITTEN)]
+    assert stored.version is None and stored.fingerprint_ok  # a write over them rebases on meta
 
     # Turn 2 built on them, saved and held too; turn 1's blobs are written after.
     saves.add("r2", Save("chat", list(range(130)), StoredState(), 10.0, kept=list(entries)))
