@@ -19,7 +19,8 @@ never reads blocks being filled and never waits for kvswap's copies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,7 +89,7 @@ class GPUMover:
         views = [self.pinned.take((self.kv.num_layers, 2, stop - start, self.kv.heads, self.kv.head_dim), self.dtype)
                  for start, stop in chunks]
         placed = [(start, stop - start, start, stop) for start, stop in chunks]
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream), self._settled_on_error():
             self.stream.wait_event(after)
             index = 0
             for group in self._groups(placed):
@@ -112,7 +113,7 @@ class GPUMover:
         after ``after``. The host spans must live until the returned event has completed."""
         placed = [(offset, kv.shape[2], low, high) for kv, offset, low, high in pieces]
         spans = {offset: kv for kv, offset, _, _ in pieces}
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), self._settled_on_error():
             self.stream.wait_event(after)
             for group in self._groups(placed):
                 elems = sum(n for _, n, _, _ in group) * self.token_elems
@@ -126,6 +127,16 @@ class GPUMover:
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
+
+    @contextlib.contextmanager
+    def _settled_on_error(self) -> Iterator[None]:
+        """A save or load that fails midway waits for the copies it queued before it raises:
+        their host memory (blocks of ``pinned``) is lent again once its tensors are gone."""
+        try:
+            yield
+        except BaseException:
+            self.stream.synchronize()
+            raise
 
     def _warm(self) -> None:
         """Compile and load every variant of the move kernel now (at registration, before vLLM
