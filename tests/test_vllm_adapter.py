@@ -337,3 +337,27 @@ def test_a_held_save_is_what_its_sessions_next_turn_plans_over_and_commits_keep_
     assert saves.waiting("chat", 6.0) == (False, ["r3"])
     saves.add("r4", Save("chat", [], StoredState(), 5.0))
     assert saves.written("r4", Saved(None, "disk full")) == (None, False) and not saves
+
+
+def test_a_probe_reads_a_sessions_first_entries_to_measure_their_store(tmp_path) -> None:
+    """The worker's probe of a store skipped as slower than recomputing: whole entries up to
+    the limit (at least one), read from the store itself, and the store's rate measured."""
+    from kvswap.connectors import open_connector
+    from kvswap.integrations.vllm.pacing import StoreRates, probe_entries
+    from kvswap.meta import open_meta_store
+    from kvswap.session_cache import KVLayout, SessionStore
+    from kvswap.session_cache.tiers import StoredState
+
+    layout = KVLayout("probe-test", num_layers=2, num_kv_heads=2, head_dim=4, dtype="float32")
+    store = SessionStore(open_meta_store(f"sqlite:///{tmp_path}/meta.db"), [open_connector(f"file://{tmp_path}/kv")],
+                         layout, entry_tokens=100)
+    try:
+        tokens = list(range(1, 300))
+        store.write("chat", StoredState(), tokens, lambda a, b: torch.ones(layout.span_shape(b - a)))
+        entries = [entry for entry, _ in store.lookup("chat", tokens).entries]
+        rates = StoreRates()
+        probe_entries(store, "chat", entries, 1, rates)  # a limit below one entry still reads one
+        location = store.stores[0].location
+        assert rates.seconds(location, 1 << 30) is not None and rates.seconds(location, 1 << 30) > 0
+    finally:
+        store.close()

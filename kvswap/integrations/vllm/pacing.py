@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from kvswap.session_cache.pinned import PinnedBlocks
 
 if TYPE_CHECKING:
+    from kvswap.meta import Entry
     from kvswap.session_cache.store import SessionStore
 
 log = logging.getLogger("vllm.kvswap")
@@ -202,6 +203,27 @@ def measure_stores(store: SessionStore, nbytes: int, rates: StoreRates) -> None:
         log.info("kvswap: %s reads at %.2f GB/s (measured at start)", location, rate / 1e9)
 
 
+def probe_entries(store: SessionStore, session: str, entries: Sequence[Entry], limit: int, rates: StoreRates) -> None:
+    """Read the first ``entries`` of a session, up to ``limit`` bytes (at least one), to
+    measure their stores again (what the read moved, told to ``rates``)."""
+    chosen, total = [], 0
+    for entry in entries:
+        if total and total + entry.size > limit:
+            break
+        chosen.append(entry)
+        total += entry.size
+    reading = bytes_by_location((entry.connector, entry.size) for entry in chosen)
+    rates.started(reading)
+    moved: dict[str, int] = {}
+    try:
+        moved = bytes_by_location((span.entry.connector, span.entry.size)
+                                  for span in store.read(session, store.plan_of(chosen), None) if not span.cached)
+    except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
+        log.info("kvswap: probing %s failed: %s", sorted(reading), exc)
+    finally:
+        rates.finished(reading, moved)
+
+
 def pinned_blocks(entry_bytes: int, host_bytes: int) -> PinnedBlocks:
     """The worker's pinned host memory: ``host_bytes`` (the host tier's) plus
     WARM_PINNED_BYTES, in blocks that hold an entry's KV or its whole blob, where saves gather
@@ -211,4 +233,4 @@ def pinned_blocks(entry_bytes: int, host_bytes: int) -> PinnedBlocks:
 
 
 __all__ = ["TIMED_TOKENS", "WARM_PINNED_BYTES", "ForwardClock", "StoreHealth", "StoreRates", "bytes_by_location",
-           "measure_stores", "pinned_blocks"]
+           "measure_stores", "pinned_blocks", "probe_entries"]

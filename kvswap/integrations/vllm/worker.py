@@ -321,28 +321,12 @@ class WorkerSide:
         return True
 
     def _probe(self, session: str, planned: list[Any]) -> None:
-        """Read up to PROBE_BYTES of ``planned`` entries (nobody waits for them) to measure
-        their stores again."""
-        store = self._store()
-        entries, total = [], 0
-        for entry, _ in planned:
-            if total and total + entry.size > PROBE_BYTES:
-                break
-            entries.append(entry)
-            total += entry.size
-        locations = {tier.location for _, tier in planned}
-        reading = bytes_by_location((entry.connector, entry.size) for entry in entries)
-        self.rates.started(reading)
-        moved: dict[str, int] = {}
+        """Measure the stores of ``planned`` entries again (nobody waits for the read)."""
         try:
-            moved = bytes_by_location((span.entry.connector, span.entry.size)
-                                      for span in store.read(session, store.plan_of(entries), None) if not span.cached)
-        except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
-            log.info("kvswap: probing %s failed: %s", sorted(locations), exc)
+            pacing.probe_entries(self._store(), session, [entry for entry, _ in planned], PROBE_BYTES, self.rates)
         finally:
-            self.rates.finished(reading, moved)
             with self._lock:
-                self._probing -= locations
+                self._probing -= {tier.location for _, tier in planned}
 
     def _wait_for_loads(self, timeout: float) -> None:
         """A step with no forward: wait up to ``timeout`` for the GPU loads in flight, so the
