@@ -182,7 +182,7 @@ def test_pinned_reads_and_saves_borrow_blocks_that_come_back_when_no_tensor_uses
     """The worker's pinned blocks (here unpinned, on a machine without CUDA): a read lands in a
     free block and keeps it while any of its tensors lives; a tensor larger than a block, or one
     asked when none is free, is allocated apart."""
-    blocks = PinnedBlocks(64 << 10, 2, pin=False)
+    blocks = PinnedBlocks([(64 << 10, 2), (4 << 10, 1)], pin=False)
     store = SessionStore(open_meta_store(f"sqlite:///{tmp_path}/meta.db"), [open_connector(f"file://{tmp_path}/kv")],
                          LAYOUT, entry_tokens=100)
     store.pinned = blocks
@@ -191,13 +191,18 @@ def test_pinned_reads_and_saves_borrow_blocks_that_come_back_when_no_tensor_uses
         store.write("chat", StoredState(), turn, kv_of(turn))
         spans = list(store.read("chat", store.lookup("chat", turn), turn, pin=True))
         assert torch.equal(torch.cat([s.kv for s in spans], dim=2), kv_of(turn)(0, 179))
-        assert blocks.free() == 0 and blocks.misses == 0
+        assert blocks.free() == 1 and blocks.misses == 0  # two large blocks, none of the small one
         first = spans[0].kv[:, :, 10:20]  # a slice keeps its block
         del spans
-        assert blocks.free() == 1
-        del first
         assert blocks.free() == 2
+        del first
+        assert blocks.free() == 3
+        small = blocks.take((1000,), torch.float32)  # the smallest block that holds it
+        assert blocks.free() == 2
+        blocks.take((1000,), torch.float32)  # lent once and gone at once: free again
+        other = blocks.take((1001,), torch.float32)  # small one busy: a large one
+        assert blocks.free() == 1 and small.numel() == other.numel() - 1
         big = blocks.take((65 << 10,), torch.uint8)
-        assert blocks.misses == 1 and blocks.free() == 2 and big.numel() == 65 << 10
+        assert blocks.misses == 1 and blocks.free() == 1 and big.numel() == 65 << 10
     finally:
         store.close()

@@ -24,36 +24,40 @@ log = logging.getLogger(__name__)
 
 
 class PinnedBlocks:
-    """``count`` pinned blocks of ``block_bytes``. :meth:`take` lends the first free block as
-    a tensor of the asked shape; when none is free, or the tensor is larger than a block, it
-    falls back to PyTorch's pinned allocator (counted in ``misses``). ``pin=False``: plain host
-    memory, the same lending (on a machine without CUDA)."""
+    """Pinned blocks of a few sizes, ``classes``: (block bytes, count) each. :meth:`take` lends
+    the first free block of the smallest size that holds the tensor (then larger ones) as a
+    tensor of the asked shape; when none is free, or the tensor is larger than every block, it
+    falls back to PyTorch's pinned allocator (counted in ``misses``). ``pin=False``: plain
+    host memory, the same lending (on a machine without CUDA)."""
 
-    def __init__(self, block_bytes: int, count: int, *, pin: bool = True) -> None:
+    def __init__(self, classes: list[tuple[int, int]], *, pin: bool = True) -> None:
         began = time.perf_counter()
-        self.block_bytes = block_bytes
         self.pin = pin
-        self._blocks = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
-        self._next = 0
+        self._classes = [(size, [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)])
+                         for size, count in sorted(classes) if count > 0]
+        self._next = [0] * len(self._classes)
         self._lock = threading.Lock()
         self.misses = 0
-        log.info("kvswap: pinned %d blocks of %.0f MiB (%.1f GiB) in %.1f s", count, block_bytes / 2**20,
-                 count * block_bytes / 2**30, time.perf_counter() - began)
+        log.info("kvswap: pinned %s (%.1f GiB) in %.1f s",
+                 ", ".join(f"{len(blocks)} blocks of {size / 2**20:.0f} MiB" for size, blocks in self._classes),
+                 self.nbytes / 2**30, time.perf_counter() - began)
 
-    def __len__(self) -> int:
-        return len(self._blocks)
+    @property
+    def nbytes(self) -> int:
+        return sum(size * len(blocks) for size, blocks in self._classes)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A pinned tensor of ``shape`` and ``dtype`` (contents undefined)."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if nbytes <= self.block_bytes:
-            with self._lock:  # the view counts as the block's user before another thread looks
-                for step in range(len(self._blocks)):
-                    index = (self._next + step) % len(self._blocks)
-                    block = self._blocks[index]
-                    if _users(block) == 1:
-                        self._next = index + 1
-                        return block[:nbytes].view(dtype).view(shape)
+        with self._lock:  # the view counts as the block's user before another thread looks
+            for which, (size, blocks) in enumerate(self._classes):
+                if size < nbytes:
+                    continue
+                for step in range(len(blocks)):
+                    index = (self._next[which] + step) % len(blocks)
+                    if _users(blocks[index]) == 1:
+                        self._next[which] = index + 1
+                        return blocks[index][:nbytes].view(dtype).view(shape)
         self.misses += 1
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
@@ -64,7 +68,7 @@ class PinnedBlocks:
     def free(self) -> int:
         """How many blocks no tensor uses now."""
         with self._lock:
-            return sum(_users(block) == 1 for block in self._blocks)
+            return sum(_users(block) == 1 for _, blocks in self._classes for block in blocks)
 
 
 def _users(block: torch.Tensor) -> int:

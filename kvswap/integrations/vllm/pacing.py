@@ -226,10 +226,12 @@ def probe_entries(store: SessionStore, session: str, entries: Sequence[Entry], l
 
 def pinned_blocks(entry_bytes: int, host_bytes: int) -> PinnedBlocks:
     """The worker's pinned host memory: ``host_bytes`` (the host tier's) plus
-    WARM_PINNED_BYTES, in blocks that hold an entry's KV or its whole blob, where saves gather
-    and fetches read (:class:`~kvswap.session_cache.pinned.PinnedBlocks`)."""
-    block = entry_bytes + BLOB_SLACK
-    return PinnedBlocks(block, max(1, (host_bytes + WARM_PINNED_BYTES) // block))
+    WARM_PINNED_BYTES, three quarters in blocks that hold an entry's KV or its whole blob, a
+    quarter in blocks a quarter of that, where saves gather and fetches read
+    (:class:`~kvswap.session_cache.pinned.PinnedBlocks`)."""
+    total = host_bytes + WARM_PINNED_BYTES
+    whole, quarter = entry_bytes + BLOB_SLACK, entry_bytes // 4 + BLOB_SLACK  # a turn's last span is often short
+    return PinnedBlocks([(whole, max(1, total * 3 // 4 // whole)), (quarter, total // 4 // quarter)])
 
 
 __all__ = ["TIMED_TOKENS", "WARM_PINNED_BYTES", "ForwardClock", "StoreHealth", "StoreRates", "bytes_by_location",
