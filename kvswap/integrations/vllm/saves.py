@@ -9,7 +9,9 @@ workers serve from their host tiers. Commits of one session run one at a time, i
 their saves were written, so a turn built on an earlier one's entries finds them in meta (the
 commit rebases on what meta holds: :mod:`kvswap.session_cache.commit`). When an earlier save
 fails, the later one's commit finds meta without what it built on and gives up ("diverged"):
-meta never points at what was not written.
+meta never points at what was not written; and no later turn is planned over the saves in
+flight of that session any more (it waits for them, then reads meta), so one failed save does
+not take every following turn's save with it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 
 from kvswap.integrations.vllm.outcomes import Saved
 from kvswap.meta import Entry, EntrySpec
+from kvswap.session_cache.base import UNWRITTEN
 from kvswap.session_cache.tiers import StoredState
 
 
@@ -36,6 +39,7 @@ class Save:
     kept: list[Entry] = dataclasses.field(default_factory=list)
     committing: bool = False
     local: list[Entry] | None = None
+    trusted: bool = True  # False once a save it builds on failed: never planned over
 
 
 class InFlightSaves:
@@ -63,7 +67,12 @@ class InFlightSaves:
         """Every rank holds the save's KV unwritten (``specs``; None: the ranks disagree)."""
         with self._lock:
             save = self._saves.get(request_id)
-            if save is None or specs is None or save.local is not None:
+            if save is None or specs is None or save.local is not None or not save.trusted:
+                return
+            held = {entry.key for other in self._saves.values() if other.session == save.session and other.trusted
+                    for entry in other.local or ()}
+            if any(entry.checksum == UNWRITTEN and entry.key not in held for entry in save.kept):
+                save.trusted = False  # built on a save that failed since
                 return
             now = time.time()
             save.local = save.kept + [Entry.of(spec, save.session, len(save.kept) + i, now)
@@ -79,6 +88,7 @@ class InFlightSaves:
                 return None, False
             if saved.specs is None:
                 del self._saves[request_id]
+                self._distrust(save.session)
                 return None, False
             save.committing = True
             self._settle(save.session, saved.specs)
@@ -86,16 +96,26 @@ class InFlightSaves:
             queue.append((request_id, save, saved))
             return save, len(queue) == 1
 
-    def committed(self, request_id: str, session: str) -> tuple[str, Save, Saved] | None:
-        """A commit ended: forget its save; the session's next commit to start, if any."""
+    def committed(self, request_id: str, session: str, landed: bool = True) -> tuple[str, Save, Saved] | None:
+        """A commit ended (``landed``: meta holds its entries): forget its save; the session's
+        next commit to start, if any."""
         with self._lock:
             self._saves.pop(request_id, None)
+            if not landed:
+                self._distrust(session)
             queue = self._commits[session]
             queue.pop(0)
             if not queue:
                 del self._commits[session]
                 return None
             return queue[0]
+
+    def _distrust(self, session: str) -> None:
+        """A save of ``session`` will not land: later saves built on it will not either, so the
+        session's next turn must not be planned over them; it waits for them, then reads meta."""
+        for save in self._saves.values():
+            if save.session == session:
+                save.local, save.trusted = None, False
 
     def _settle(self, session: str, specs: list[EntrySpec]) -> None:
         """A save's blobs are written: its unwritten entries, wherever a save of ``session``

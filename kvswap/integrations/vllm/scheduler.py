@@ -394,7 +394,7 @@ class SchedulerSide:
         if outcome == "diverged":
             log.warning("kvswap: session %r not saved: another turn of it was stored meanwhile", save.session)
         self.counters.add("saves", outcome)
-        following = self._saves.committed(request_id, save.session)
+        following = self._saves.committed(request_id, save.session, landed=outcome in ("saved", "stored"))
         if following is not None:
             self._threads.submit(self._commit, *following)
 

@@ -249,10 +249,6 @@ class WorkerSide:
         """Read and verify what the job asks; what arrived and what stopped it."""
         store = self._store()
         plan = store.plan_of(fetch.entries)
-        locations = {tier.location for _, tier in plan.entries}
-        job.locations = tuple(locations)
-        if any(self.health.is_down(location) for location in locations):
-            return [], Fetched(fetch.start, reason=outcomes.STORE_NOT_ANSWERING)
         waiting = [(entry, tier) for entry, tier in plan.entries
                    if entry.token_end > fetch.start and entry.key not in store.spans]  # read from a store
         gone = next((entry.token_offset for entry, _ in waiting if entry.checksum == UNWRITTEN), None)
@@ -261,6 +257,10 @@ class WorkerSide:
                 return [], Fetched(fetch.start, reason=outcomes.NOT_HELD)
             fetch = dataclasses.replace(fetch, end=min(fetch.end, gone))
             waiting = [(entry, tier) for entry, tier in waiting if entry.token_offset < gone]
+        locations = {tier.location for _, tier in waiting}  # a store down matters only when read from
+        job.locations = tuple(locations)
+        if any(self.health.is_down(location) for location in locations):
+            return [], Fetched(fetch.start, reason=outcomes.STORE_NOT_ANSWERING)
         planned = bytes_by_location((tier.location, entry.size) for entry, tier in waiting)
         if self.config.recompute_when_faster and self._slower(fetch, planned, waiting):
             return [], Fetched(fetch.start, reason=outcomes.SLOWER_THAN_RECOMPUTE)
