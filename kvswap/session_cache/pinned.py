@@ -71,10 +71,21 @@ class PinnedBlocks:
             return sum(_users(block) == 1 for _, blocks in self._classes for block in blocks)
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private: absent, nothing is lent (PyTorch pins)
+
+
+def _count(tensor: torch.Tensor) -> int:
+    return int(_USE_COUNT(tensor.untyped_storage()._cdata)) if _USE_COUNT is not None else -1
+
+
+#: What the count reads for a block no other tensor uses, measured on this PyTorch (not assumed).
+_ALONE = _count(torch.empty(1, dtype=torch.uint8))
+
+
 def _users(block: torch.Tensor) -> int:
-    """How many tensors use ``block``'s memory (1: the block alone)."""
-    storage = block.untyped_storage()
-    return int(torch._C._storage_Use_Count(storage._cdata)) - 1  # not the storage object made here
+    """How many tensors use ``block``'s memory (1: the block alone; 0 when PyTorch cannot say,
+    which never reads as free)."""
+    return _count(block) - _ALONE + 1 if _USE_COUNT is not None else 0
 
 
 __all__ = ["PinnedBlocks"]
