@@ -48,7 +48,7 @@ class PinnedBlocks:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A pinned tensor of ``shape`` and ``dtype`` (contents undefined)."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:  # the view counts as the block's user before another thread looks
             for which, (size, blocks) in enumerate(self._classes):
                 if size < nbytes:
@@ -58,7 +58,7 @@ class PinnedBlocks:
                     if _users(blocks[index]) == 1:
                         self._next[which] = index + 1
                         return blocks[index][:nbytes].view(dtype).view(shape)
-        self.misses += 1
+            self.misses += 1
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
     def bytes(self, nbytes: int) -> torch.Tensor:

@@ -396,7 +396,7 @@ class SessionStore(SessionLeases):
                 spans.append((kv, list(tokens[start:stop])))
                 if held is not None and self.spans.put(key, kv, spans[-1][1], UNWRITTEN, unwritten=True):
                     promised.append(EntrySpec(start, stop - start, store.location, key,
-                                              kv.numel() * kv.element_size(), UNWRITTEN, previous))
+                                              kv.nbytes, UNWRITTEN, previous))
                 writes.append(self._io.submit(store.write, session_id, kv, tokens[start:stop], start, previous, key))
             if held is not None and promised and len(promised) == len(spans):
                 held(promised)

@@ -259,7 +259,7 @@ class SpanCache:
             unwritten: bool = False) -> bool:
         """Hold a span (True if it is held now). A put of an unwritten span's key with its
         blob's checksum settles it."""
-        nbytes = kv.numel() * kv.element_size()
+        nbytes = kv.nbytes
         if not self.capacity or (nbytes > self.capacity and not unwritten):
             return False
         ids = ids if ids is not None else token_bytes(tokens)
@@ -269,13 +269,13 @@ class SpanCache:
                     self._unwritten.discard(key)
                     self._spans[key] = (kv, tokens, checksum, ids)
                 return True
-            for old_key in [k for k in self._spans if k not in self._unwritten]:  # oldest first
+            evictable = [k for k in self._spans if k not in self._unwritten]  # oldest first
+            if not unwritten and self.used - sum(self._spans[k][0].nbytes for k in evictable) + nbytes > self.capacity:
+                return False  # no room even without every written span: keep them
+            for old_key in evictable:
                 if self.used + nbytes <= self.capacity:
                     break
-                old = self._spans.pop(old_key)[0]
-                self.used -= old.numel() * old.element_size()
-            if self.used + nbytes > self.capacity and not unwritten:
-                return False  # the rest is unwritten spans
+                self.used -= self._spans.pop(old_key)[0].nbytes
             self._spans[key] = (kv, tokens, UNWRITTEN if unwritten else checksum, ids)
             self.used += nbytes
             if unwritten:
@@ -288,7 +288,7 @@ class SpanCache:
             self._unwritten.discard(key)
             found = self._spans.pop(key, None)
             if found is not None:
-                self.used -= found[0].numel() * found[0].element_size()
+                self.used -= found[0].nbytes
 
 
 @dataclasses.dataclass
