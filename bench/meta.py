@@ -8,6 +8,8 @@ Starts its own servers on loopback (kvswap.testing.servers). For each backend, o
 * get session         vs one parameterized SELECT by primary key / Redis HGETALL / etcd get;
 * append (CAS)        vs one parameterized INSERT, autocommit / Redis RPUSH / etcd put;
 * list 100 entries    vs one SELECT of 100 rows / LRANGE of 100 / etcd range of 100 keys;
+* lookup              (a session and its 100 entries: ``read``, what every request's lookup
+                      does, one round trip) vs the raw get and list 100 above, one after the other;
 * page 100k sessions  (1000 per page) vs SELECT ... WHERE id > ? ORDER BY id LIMIT 1000 /
                       ZRANGEBYLEX + pipelined HGETALL of 1000 / etcd range with limit 1000.
 
@@ -41,7 +43,7 @@ from kvswap.meta import EntrySpec, MetaStore, open_meta_store
 from kvswap.testing import servers
 from kvswap.uri import URI
 
-OPS = ("get", "append", "list100", "page")
+OPS = ("get", "append", "list100", "lookup", "page")
 ENV = {"postgresql": "KVSWAP_TEST_POSTGRES_URI", "mysql": "KVSWAP_TEST_MYSQL_URI", "etcd": "KVSWAP_TEST_ETCD_URI",
        "redis": "KVSWAP_TEST_REDIS_URI", "valkey": "KVSWAP_TEST_VALKEY_URI"}
 SERVER = {"postgresql": "postgres", "mysql": "mariadb", "etcd": "etcd", "redis": "redis", "valkey": "valkey"}
@@ -337,6 +339,9 @@ class KVSwapOps:
     def list100(self, i: int) -> Any:
         return self.meta.entries(LIST_ID)
 
+    def lookup(self, i: int) -> Any:
+        return self.meta.read(LIST_ID)
+
     def page_all(self) -> int:
         cursor, total = None, 0
         while True:
@@ -378,6 +383,8 @@ def bench_backend(name: str, uri: URI, sessions: int, rounds: int, counts: dict[
                     seen = target.page_all()
                     assert seen >= sessions, (name, side, seen)  # kvswap also holds the two bench sessions
                     samples[op][side].append((time.perf_counter() - start) / seen)
+                elif op == "lookup" and side == "raw":  # the same data by the bare driver: two round trips
+                    samples[op][side].append(per_op(lambda i: (raw.get(i), raw.list100(i)), counts[op], sessions))
                 else:
                     samples[op][side].append(per_op(getattr(target, op), counts[op], sessions))
             if op == "append" and hasattr(raw, "append_txn"):
@@ -408,7 +415,7 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="kvswap-bench-meta-"))
     state.chmod(0o755)  # the database servers run as their own users
     env = servers.up(state / "servers", tuple(SERVER[b] for b in backends if b in SERVER))
-    counts = {"get": 2000, "append": 1000, "list100": 500}
+    counts = {"get": 2000, "append": 1000, "list100": 500, "lookup": 500}
     rows = []
     try:
         for name in backends:

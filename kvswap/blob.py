@@ -248,13 +248,13 @@ def _ranged(connector: Connector, key: str, offset: int, length: int) -> Any:
 
 def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None,
               require_checksum: bool = True, expected_size: int | None = None,
-              check: Callable[[BlobHeader], None] | None = None, pin_memory: bool = False,
+              check: Callable[[BlobHeader], None] | None = None,
               allocate: Callable[[int], torch.Tensor] | None = None) -> Blob:
     """Read a blob; its data lands in ``out`` (a flat uint8 CPU tensor, e.g. pinned).
 
     ``out`` must hold at least ``header.data_size`` bytes; without it a buffer is
-    allocated (by ``allocate(nbytes)``, else pinned with ``pin_memory``). Before any data is read or any buffer
-    allocated, the header must parse, its total size must equal ``expected_size`` (when
+    allocated by ``allocate(nbytes)`` (pinned or lent, e.g.), else by ``torch.empty``. Before any
+    data is read or any buffer allocated, the header must parse, its total size must equal ``expected_size`` (when
     given: what the caller's records say the blob holds) and ``check(header)`` must pass
     (the caller's own expectations; it raises IntegrityError). The checksum is verified
     before any tensor is returned. A blob that is damaged in any way (a malformed or
@@ -267,8 +267,7 @@ def read_blob(connector: Connector, key: str, *, out: torch.Tensor | None = None
     size = header.data_size
     if out is None:
         # One spare byte: a value longer than its header says fills it (an extended blob).
-        out = allocate(size + 1) if allocate is not None else torch.empty(size + 1, dtype=torch.uint8,
-                                                                           pin_memory=pin_memory)
+        out = allocate(size + 1) if allocate is not None else torch.empty(size + 1, dtype=torch.uint8)
     elif out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or out.numel() < size:
         raise ValueError(f"out must be a flat uint8 CPU tensor of at least {size} bytes")
     buffer = out[:size]

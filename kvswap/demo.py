@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from kvswap.engine.tokenizer import ByteTokenizer, Tokenizer
 from kvswap.errors import ConfigError
-from kvswap.session_cache import CacheStats
+from kvswap.session_cache import CacheStats, Policy
 from kvswap.workload import first_prompt, user_turn
 
 
@@ -46,8 +46,7 @@ class DemoConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.hbm_sessions < 1 or self.host_sessions < 0:
             raise ConfigError("--hbm-sessions must be at least 1 and --host-sessions at least 0")
-        if self.policy not in ("write-back", "write-through"):
-            raise ConfigError("--policy is write-back or write-through")
+        Policy.parse(self.policy)
 
 
 def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> int:

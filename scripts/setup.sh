@@ -33,7 +33,9 @@ if [[ "$extras" == *test* ]]; then
     # No service may start at install time (nginx would take port 80): the tests start their own.
     policy=""
     [[ -e /usr/sbin/policy-rc.d ]] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; policy=1; }
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The downloaded .deb files go once installed (a CI disk is small).
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends -o APT::Keep-Downloaded-Packages=false \
+      "${missing[@]}" >/dev/null
     if [[ -n "$policy" ]]; then rm -f /usr/sbin/policy-rc.d; fi
   fi
 fi
@@ -55,11 +57,19 @@ if [[ -n "$vllm" ]]; then
   fi
   "${vpip[@]}" -e ".[redis,valkey,s3,postgresql,mysql,etcd]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv-vllm/bin/python -c "import vllm, kvswap.integrations.vllm; print('setup: vllm', vllm.__version__, 'with kvswap')"
-  # The wheels of the vLLM versions that cannot run here (the GPU machines' 0.25.1, the 0.34 that
-  # `pip install vllm` gives): tests/test_vllm_api.py reads their connector API from the source.
+  # The sources of the vLLM versions that cannot run here (the GPU machines' 0.25.1, the 0.34 that
+  # `pip install vllm` gives): tests/test_vllm_api.py reads their connector API. Only the .py files
+  # are kept (a wheel is 250 MB, its sources 10 MB: a CI disk is small).
   for version in 0.25.1 0.34.0; do
+    sources=.cache/vllm-wheels/vllm-"$version"-sources.zip
+    [[ -f "$sources" ]] && continue
     ls .cache/vllm-wheels/vllm-"$version"-*.whl >/dev/null 2>&1 || .venv/bin/python -m pip download -q \
       --no-deps --only-binary=:all: --disable-pip-version-check -d .cache/vllm-wheels "vllm==$version" 2>&1 \
       | grep -v "^WARNING: Location" || true
+    for wheel in .cache/vllm-wheels/vllm-"$version"-*.whl; do
+      [[ -f "$wheel" ]] || continue
+      .venv/bin/python -c "import sys, pathlib; from kvswap.testing.vllm_api import keep_sources
+keep_sources(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))" "$wheel" "$sources" && rm -f "$wheel"
+    done
   done
 fi

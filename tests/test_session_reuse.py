@@ -11,8 +11,9 @@ import torch
 
 from kvswap.connectors import open_connector
 from kvswap.engine import ByteTokenizer, Engine, build_model
+from kvswap.errors import ConfigError, InvalidKeyError
 from kvswap.meta import open_meta_store
-from kvswap.session_cache import OutOfBlocksError, PagedKVPool, SessionCache
+from kvswap.session_cache import OutOfBlocksError, PagedKVPool, Policy, SessionCache
 from kvswap.testing.connector_suite import store_uri
 from kvswap.workload import first_prompt, user_turn
 
@@ -84,6 +85,33 @@ def test_write_through_stores_every_turn_and_host_tier_spills_to_store(tmp_path:
         entries = cache.meta.entries(f"chat-{s}")
         assert len(entries) == 3 and session.total_tokens == entries[-1].token_end  # one entry per turn
     assert cache.stats.host_hits > 0 and cache.stats.store_hits > 0
+
+
+def test_a_turn_checks_its_session_id_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The id rule runs where the id enters (the cache's open); the lease, meta reads, the commit
+    and the store take the checked :class:`SessionId` as it is."""
+    from kvswap.meta import rules
+
+    checked: list[object] = []
+    check = rules._check_session_id
+    monkeypatch.setattr(rules, "_check_session_id", lambda session_id: (checked.append(session_id), check(session_id)))
+    stack = {"meta": f"sqlite:///{tmp_path}/meta.db", "policy": "write-through"}
+    prompt = first_prompt(TOKENIZER, 0)
+    first = Engine(MODEL, make_cache(f"file://{tmp_path}/kv", blocks=40, **stack)).generate("chat-0", prompt, 8)
+    checked.clear()
+    fresh = make_cache(f"file://{tmp_path}/kv", blocks=40, **stack)  # its turn reads meta and the store
+    follow_up = prompt + first.tokens + TOKENIZER.encode(user_turn(0, 1))
+    turn = Engine(MODEL, fresh).generate("chat-0", follow_up, 8)
+    assert turn.cached == len(prompt) + len(first.tokens) - 1 and fresh.stats.store_hits == 1
+    assert checked == ["chat-0"] and len(fresh.meta.entries("chat-0")) == 2
+    with pytest.raises(InvalidKeyError):
+        rules.SessionId("chat\x00")
+
+
+def test_a_policy_is_one_of_two_names() -> None:
+    assert make_cache("mem://policy", blocks=4, policy="write-through").policy is Policy.WRITE_THROUGH
+    with pytest.raises(ConfigError, match="write-back or write-through"):
+        make_cache(None, blocks=4, policy="write-thru")
 
 
 def test_long_spans_are_split_into_entries_written_and_read_in_parallel(tmp_path: Path) -> None:

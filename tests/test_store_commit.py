@@ -206,3 +206,18 @@ def test_pinned_reads_and_saves_borrow_blocks_that_come_back_when_no_tensor_uses
         assert blocks.misses == 1 and blocks.free() == 1 and big.numel() == 65 << 10
     finally:
         store.close()
+
+
+def test_the_host_tier_counts_the_whole_pinned_block_a_span_keeps() -> None:
+    """Spans in lent blocks count a block each, so the host tier never keeps more blocks than
+    its capacity buys, and the rest stay free for the moves in flight."""
+    blocks = PinnedBlocks([(64 << 10, 4)], pin=False)
+    cache = SpanCache(128 << 10)
+    cache.footprint = blocks.footprint
+    spans = [blocks.take((256,), torch.float32) for _ in range(3)]  # 1 KiB each, a block each
+    assert cache.put("a", spans[0], [1], "xxh:a") and cache.put("b", spans[1], [2], "xxh:b")
+    assert cache.used == 128 << 10
+    assert cache.put("c", spans[2], [3], "xxh:c") and "a" not in cache  # the oldest went for the third block
+    del spans
+    assert blocks.free() == 2  # the tier keeps two blocks, not four
+    assert cache.put("d", torch.zeros(256), [4], "xxh:d") and cache.used == (128 << 10) + 1024 - (64 << 10)

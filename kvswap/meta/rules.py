@@ -29,8 +29,27 @@ MAX_HASH_CHARS = 255  # an entry's checksum and prefix hash
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
 
 
-def validate_session_id(session_id: object) -> str:
-    """Return ``session_id`` if it follows the id rule (module docstring), else raise."""
+class SessionId(str):
+    """A session id that follows the id rule (module docstring; InvalidKeyError if not): checked
+    once where it enters kvswap (a route, the vLLM connector's lookup, a public meta method),
+    then passed on as this type, which every later check takes as checked (one type test, not
+    the rule again)."""
+
+    __slots__ = ()
+
+    def __new__(cls, session_id: object) -> SessionId:
+        if type(session_id) is cls:
+            return session_id
+        _check_session_id(session_id)
+        return super().__new__(cls, session_id)
+
+
+def validate_session_id(session_id: object) -> SessionId:
+    """``session_id`` as a :class:`SessionId` (InvalidKeyError if it breaks the id rule)."""
+    return SessionId(session_id)
+
+
+def _check_session_id(session_id: object) -> None:
     if not isinstance(session_id, str):
         raise InvalidKeyError(f"a session id must be a string, not {type(session_id).__name__}")
     if not session_id:
@@ -45,7 +64,6 @@ def validate_session_id(session_id: object) -> str:
         raise InvalidKeyError(f"a session id has at most {MAX_ID_BYTES} bytes in UTF-8, got {len(encoded)}")
     if _CONTROL.search(session_id):
         raise InvalidKeyError(f"a session id must not contain control characters: {session_id[:40]!r}")
-    return session_id
 
 
 def text_field(name: str, value: object, limit: int = 4096, *, optional: bool = False) -> None:

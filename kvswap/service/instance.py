@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, cast
+from typing import Any
 
 from kvswap.engine import Engine
 from kvswap.engine.engine import Generation
@@ -26,7 +26,7 @@ from kvswap.errors import ConfigError, NotFoundError
 from kvswap.meta import Entry, Session, validate_session_id
 from kvswap.service.model import LoadedModel, load_model
 from kvswap.session_cache import LocalState, PagedKVPool, SessionCache, StackSettings
-from kvswap.session_cache.manager import Policy
+from kvswap.session_cache.base import Policy
 
 log = logging.getLogger("kvswap.service")
 
@@ -94,11 +94,10 @@ class Instance:
         self.tokenizer = self.loaded.tokenizer
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.pool = PagedKVPool(self.layout, config.hbm_blocks, config.block_size, config.device)
-        if config.policy not in ("write-back", "write-through"):
-            raise ConfigError(f"policy must be write-back or write-through, not {config.policy!r}")
+        policy = Policy.parse(config.policy)
         store = stack.open(self.layout, minimum_entry_tokens=config.block_size, check=True)
         self.cache = SessionCache(self.pool, store=store, host_bytes=config.host_bytes,
-                                  policy=cast(Policy, config.policy), instance_id=self.instance_id,
+                                  policy=policy, instance_id=self.instance_id,
                                   lease_ttl=config.lease_ttl, recompute_when_faster=config.recompute_when_faster)
         self.meta = store.meta  # the admin routes list sessions from it
         self.engine = Engine(self.loaded.model, self.cache)
@@ -136,7 +135,7 @@ class Instance:
         ``max_new_tokens``, reusing the session's stored KV for its longest verified prefix.
         With no session (``None``) it is computed whole and nothing is kept."""
         if session_id is not None:
-            validate_session_id(session_id)
+            session_id = validate_session_id(session_id)
         tokens = list(tokens)
         self.check_request(tokens, max_new_tokens)
         with self._engine_lock:
@@ -150,7 +149,7 @@ class Instance:
 
     def view(self, session_id: str) -> SessionView:
         """NotFoundError if neither meta nor this instance knows the session."""
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         local = self.cache.local_state(session_id)
         try:
             session, entries = self.cache.meta.read(session_id)  # one snapshot, one round trip
@@ -162,7 +161,7 @@ class Instance:
 
     def require(self, session_id: str) -> None:
         """NotFoundError unless meta or this instance knows the session (one meta read, no entries)."""
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         local = self.cache.local_state(session_id)
         if not (local.hbm_tokens or local.host_tokens):
             self.cache.meta.get(session_id)
@@ -177,7 +176,7 @@ class Instance:
         return self.cache.local_state(session_id)
 
     def delete(self, session_id: str) -> None:
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         if not self.cache.drop(session_id):
             raise NotFoundError(f"no session {session_id!r}")
 
@@ -226,7 +225,7 @@ class AdminInstance:
         return f"AdminInstance({self.instance_id!r})"
 
     def view(self, session_id: str) -> SessionView:
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         session, entries = self.store.meta.read(session_id)  # one snapshot, one round trip
         return SessionView(session, entries, LocalState())
 
@@ -237,7 +236,7 @@ class AdminInstance:
         raise RequestError("this instance serves no model (--model none): it holds no KV to swap out")
 
     def delete(self, session_id: str) -> None:
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         if not self.store.delete(session_id):
             raise NotFoundError(f"no session {session_id!r}")
 

@@ -12,6 +12,7 @@ from kvswap.session_cache.base import (
     KVLayout,
     KVPool,
     OutOfBlocksError,
+    Policy,
     SessionBusyError,
     SwapError,
     chain_hash,
@@ -27,5 +28,5 @@ from kvswap.session_cache.tiers import HostTier, Plan, Span, StoreTier, store_lo
 from kvswap.session_cache.transfer import KVMover
 
 __all__ = ["CacheStats", "HostTier", "KVLayout", "KVMover", "KVPool", "LocalState", "OutOfBlocksError", "PagedKVPool",
-           "Plan", "SessionBusyError", "SessionCache", "SessionHandle", "SessionStore", "Span", "StackSettings",
-           "StoreTier", "SwapError", "chain_hash", "prefix_hashes", "root_hash", "store_location"]
+           "Plan", "Policy", "SessionBusyError", "SessionCache", "SessionHandle", "SessionStore", "Span",
+           "StackSettings", "StoreTier", "SwapError", "chain_hash", "prefix_hashes", "root_hash", "store_location"]

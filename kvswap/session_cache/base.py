@@ -25,16 +25,34 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import xxhash
 
-from kvswap.errors import BackendUnavailableError, BusyError, OverloadedError
+from kvswap.errors import BackendUnavailableError, BusyError, ConfigError, OverloadedError
 
 if TYPE_CHECKING:
     import torch
+
+
+class Policy(str, enum.Enum):
+    """When a session's KV is stored: ``write-back`` as it leaves HBM and the host tier (the
+    library's and the demo's default), ``write-through`` after every turn (``kvswap serve``'s
+    default: any instance resumes any session)."""
+
+    WRITE_BACK = "write-back"
+    WRITE_THROUGH = "write-through"
+
+    @classmethod
+    def parse(cls, value: object) -> Policy:
+        """``value`` (a policy or its name) as a policy; ConfigError otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"policy must be write-back or write-through, not {value!r}") from None
 
 
 class OutOfBlocksError(OverloadedError):

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from kvswap.connectors.base import Connector
 from kvswap.meta import MetaStore, Session, validate_session_id
@@ -31,6 +31,7 @@ from kvswap.session_cache.base import (
     DEFAULT_ENTRY_BYTES,
     KVPool,
     OutOfBlocksError,
+    Policy,
     SwapError,
     common_prefix,
     entry_tokens_within,
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("kvswap.session_cache")
-
-Policy = Literal["write-back", "write-through"]
 
 
 _REQUEST = "open on this instance"  # what a request's claim says
@@ -65,12 +64,11 @@ class SessionCache:
     """
 
     def __init__(self, pool: KVPool, meta: MetaStore | None = None, stores: Sequence[Connector] = (), *,
-                 store: SessionStore | None = None, host_bytes: int = 0, policy: Policy = "write-back",
+                 store: SessionStore | None = None, host_bytes: int = 0, policy: Policy | str = Policy.WRITE_BACK,
                  instance_id: str | None = None, lease_ttl: float | None = 30.0, session_ttl: float | None = None,
                  key_prefix: str = "kv", io_threads: int = 8, entry_bytes: int = DEFAULT_ENTRY_BYTES,
                  gc_grace: float = 600.0, recompute_when_faster: bool = True) -> None:
-        if policy not in ("write-back", "write-through"):
-            raise ValueError(f"policy must be 'write-back' or 'write-through', not {policy!r}")
+        policy = Policy.parse(policy)
         if lease_ttl is not None and lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive (or None: no leases)")
         self.pool = pool
@@ -79,7 +77,7 @@ class SessionCache:
         self.store = store or SessionStore(meta, stores, pool.layout, key_prefix=key_prefix, io_threads=io_threads,
                                            entry_tokens=entry_tokens_within(entry_bytes, pool.layout, pool.block_size),
                                            session_ttl=session_ttl, gc_grace=gc_grace)
-        if policy == "write-through" and not self.store.stores:
+        if policy is Policy.WRITE_THROUGH and not self.store.stores:
             raise ValueError("write-through needs a store")
         self.meta = self.store.meta
         self.stores = self.store.stores
@@ -119,7 +117,7 @@ class SessionCache:
         always computed, for its logits). SessionBusyError if the session is already open
         or being moved here, or leased by another instance.
         """
-        validate_session_id(session_id)
+        session_id = validate_session_id(session_id)
         tokens = list(tokens)
         with self._lock:
             self.stats.requests += 1
@@ -486,7 +484,7 @@ class SessionCache:
                 resident.pending = None
             with self._lock:
                 self._trim_blocks(resident.blocks, len(resident.tokens))
-            if self.policy == "write-through" and resident.stored.tokens < len(resident.tokens):
+            if self.policy is Policy.WRITE_THROUGH and resident.stored.tokens < len(resident.tokens):
                 try:
                     self._write(session_id, resident.stored, resident.tokens, self.mover.gatherer(resident.blocks))
                 except SwapError as exc:

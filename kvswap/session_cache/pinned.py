@@ -36,6 +36,7 @@ class PinnedBlocks:
         self._classes = [(size, [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)])
                          for size, count in sorted(classes) if count > 0]
         self._next = [0] * len(self._classes)
+        self._sizes = {block.data_ptr(): size for size, blocks in self._classes for block in blocks}
         self._lock = threading.Lock()
         self.misses = 0
         log.info("kvswap: pinned %s (%.1f GiB) in %.1f s",
@@ -60,6 +61,11 @@ class PinnedBlocks:
                         return blocks[index][:nbytes].view(dtype).view(shape)
             self.misses += 1
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def footprint(self, tensor: torch.Tensor) -> int:
+        """The bytes ``tensor`` keeps from others: the whole block it sits in when it is one of
+        these blocks' (a view of it), else its own."""
+        return self._sizes.get(tensor.untyped_storage().data_ptr(), tensor.nbytes)
 
     def bytes(self, nbytes: int) -> torch.Tensor:
         """A flat pinned uint8 tensor of ``nbytes`` (a read's buffer)."""

@@ -323,10 +323,18 @@ class SessionStore(SessionLeases):
         cached = self.spans.get(entry.key)
         if cached is not None:
             return (*cached, True)
-        kv, tokens, checksum = store.read(entry, pin, self.pinned.bytes if pin and self.pinned is not None else None)
+        kv, tokens, checksum = store.read(entry, self._pinned_buffer if pin else None)
         ids = token_bytes(tokens)  # here, on an I/O thread, not in the reader's loop
         self.spans.put(entry.key, kv, tokens, checksum, ids)
         return kv, tokens, checksum, ids, False
+
+    def _pinned_buffer(self, nbytes: int) -> torch.Tensor:
+        """A pinned read buffer: lent by :attr:`pinned` where the worker set it, else pinned now."""
+        if self.pinned is not None:
+            return self.pinned.bytes(nbytes)
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def drop_from(self, session_id: str, stored: StoredState, token_offset: int) -> None:
         """Remove every entry ending after ``token_offset`` from meta (their data is bad or

@@ -183,14 +183,15 @@ class StoreTier:
         return EntrySpec(token_offset=start, token_length=len(tokens), connector=self.location, key=key,
                          size=header.total_size, checksum=header.checksum or "", prefix_hash=prefix_hash)
 
-    def read(self, entry: Entry, pin: bool = False,
+    def read(self, entry: Entry,
              allocate: Callable[[int], torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int], str]:
-        """The entry's KV (token-major host tensor), token ids and checksum, verified against the entry:
+        """The entry's KV (token-major host tensor, in a buffer from ``allocate(nbytes)`` when given),
+        token ids and checksum, verified against the entry:
         size, checksum, fingerprint, offsets and shapes (all before any buffer is allocated or
         any data read), then the bytes. IntegrityError if anything disagrees; NotFoundError if
         the blob is gone; InvalidKeyError if the entry's key is not a key."""
         began = time.perf_counter()
-        blob = read_blob(self.connector, entry.key, expected_size=entry.size, pin_memory=pin, allocate=allocate,
+        blob = read_blob(self.connector, entry.key, expected_size=entry.size, allocate=allocate,
                          check=lambda header: self._check_header(entry, header))
         self.read_seconds += time.perf_counter() - began
         self.read_bytes += blob.header.total_size
@@ -228,14 +229,21 @@ class SpanCache:
     A span put ``unwritten`` (its blob is being written; checksum :data:`UNWRITTEN`) is not
     evicted until a put of its key with the blob's checksum settles it, or :meth:`discard`
     drops it (the write failed): until then it is the only copy anyone can read. It counts
-    against ``capacity`` and may exceed it (the writer holds that memory anyway)."""
+    against ``capacity`` and may exceed it (the writer holds that memory anyway).
+
+    A span counts ``footprint(kv)`` bytes: its own by default; the whole block it sits in when
+    its memory is lent by :class:`~kvswap.session_cache.pinned.PinnedBlocks` (set
+    ``footprint`` to the blocks' own), so the tier never holds more of the blocks than its
+    capacity and the rest stay free for the moves in flight."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
         self.hits = 0
+        self.footprint: Callable[[torch.Tensor], int] = _own_bytes
         self._spans: collections.OrderedDict[str, tuple[torch.Tensor, list[int], str, bytes]] = \
             collections.OrderedDict()
+        self._costs: dict[str, int] = {}
         self._unwritten: set[str] = set()
         self._lock = threading.Lock()
 
@@ -259,7 +267,7 @@ class SpanCache:
             unwritten: bool = False) -> bool:
         """Hold a span (True if it is held now). A put of an unwritten span's key with its
         blob's checksum settles it."""
-        nbytes = kv.nbytes
+        nbytes = self.footprint(kv)
         if not self.capacity or (nbytes > self.capacity and not unwritten):
             return False
         ids = ids if ids is not None else token_bytes(tokens)
@@ -268,15 +276,18 @@ class SpanCache:
                 if key in self._unwritten and not unwritten:
                     self._unwritten.discard(key)
                     self._spans[key] = (kv, tokens, checksum, ids)
+                    self.used += nbytes - self._costs[key]
+                    self._costs[key] = nbytes
                 return True
             evictable = [k for k in self._spans if k not in self._unwritten]  # oldest first
-            if not unwritten and self.used - sum(self._spans[k][0].nbytes for k in evictable) + nbytes > self.capacity:
+            if not unwritten and self.used - sum(self._costs[k] for k in evictable) + nbytes > self.capacity:
                 return False  # no room even without every written span: keep them
             for old_key in evictable:
                 if self.used + nbytes <= self.capacity:
                     break
-                self.used -= self._spans.pop(old_key)[0].nbytes
+                self._pop(old_key)
             self._spans[key] = (kv, tokens, UNWRITTEN if unwritten else checksum, ids)
+            self._costs[key] = nbytes
             self.used += nbytes
             if unwritten:
                 self._unwritten.add(key)
@@ -286,9 +297,16 @@ class SpanCache:
         """Drop a span (an unwritten one whose write failed)."""
         with self._lock:
             self._unwritten.discard(key)
-            found = self._spans.pop(key, None)
-            if found is not None:
-                self.used -= found[0].nbytes
+            if key in self._spans:
+                self._pop(key)
+
+    def _pop(self, key: str) -> None:
+        del self._spans[key]
+        self.used -= self._costs.pop(key)
+
+
+def _own_bytes(kv: torch.Tensor) -> int:
+    return kv.nbytes
 
 
 @dataclasses.dataclass

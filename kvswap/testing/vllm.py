@@ -26,6 +26,18 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def fp8_kv_on_this_cpu() -> bool:
+    """Whether vLLM's CPU backend writes fp8 KV here: only on x86 with AVX-512 or AMX (its
+    ``cpu_attn._get_attn_isa`` refuses it elsewhere, e.g. on an AMD EPYC without AVX-512)."""
+    import torch
+
+    checks = (getattr(torch.cpu, "_is_avx512_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and bool(check()) for check in checks)
+
+
+FP8_CPU_REASON = "vLLM's CPU backend writes fp8 KV only on x86 with AVX-512 or AMX; this CPU has neither"
+
+
 def vllm_python() -> Path | None:
     """The Python that runs vLLM: ``$KVSWAP_VLLM_PYTHON`` (a GPU machine's own), else
     ``.venv-vllm/bin/python`` if ``scripts/setup.sh --vllm`` made it."""

@@ -28,12 +28,24 @@ from pathlib import Path
 INTEGRATION = Path(__file__).resolve().parent.parent / "integrations" / "vllm"
 
 
+def keep_sources(wheel: Path, out: Path) -> None:
+    """Write ``out``, a zip of ``wheel``'s ``vllm/**.py`` files alone (about a tenth of a
+    wheel's size: CI's disk holds the sources it reads, not the compiled kernels)."""
+    partial = out.with_name(out.name + ".partial")
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as sources:
+        for name in source.namelist():
+            if name.startswith("vllm/") and name.endswith(".py"):
+                sources.writestr(name, source.read(name))
+    partial.replace(out)
+
+
 class Tree:
-    """The Python sources of one vLLM version: a wheel (``.whl``) or a directory holding ``vllm/``."""
+    """The Python sources of one vLLM version: a wheel (``.whl``), a zip of its sources
+    (:func:`keep_sources`) or a directory holding ``vllm/``."""
 
     def __init__(self, where: Path) -> None:
         self.where = where
-        self._zip = zipfile.ZipFile(where) if where.suffix == ".whl" else None
+        self._zip = zipfile.ZipFile(where) if where.suffix in (".whl", ".zip") else None
         self._parsed: dict[str, ast.Module | None] = {}
 
     @property

@@ -38,6 +38,7 @@ from kvswap.integrations.vllm.jobs import KVSwapConnectorMetadata, KVSwapWorkerM
 from kvswap.integrations.vllm.scheduler import SchedulerSide
 from kvswap.integrations.vllm.stats import KVSwapPromMetrics, KVSwapStats
 from kvswap.integrations.vllm.worker import WorkerSide
+from kvswap.meta import validate_session_id
 
 log = logging.getLogger("vllm.kvswap")  # under vLLM's logger: its handlers show our lines
 
@@ -180,10 +181,10 @@ class KVSwapConnector(KVConnectorBase_V1):
 
 def session_of(request: Any, *, quiet: bool = False) -> str | None:
     """A request's session: vLLM's ``session_id`` (request field or X-Session-ID header), or
-    ``kv_transfer_params["session_id"]``; None when it has none (or an invalid one, logged
-    unless ``quiet``)."""
-    from kvswap.meta import validate_session_id
-
+    ``kv_transfer_params["session_id"]``, checked; None when it has none (or an invalid one,
+    logged unless ``quiet``). A plain ``str``, not a :class:`~kvswap.meta.SessionId`: it travels
+    in vLLM's own messages (the request's ``kv_transfer_params``, which vLLM encodes with msgspec,
+    which refuses subclasses of ``str``)."""
     session = getattr(request, "session_id", None)
     if not session:
         params = getattr(request, "kv_transfer_params", None) or {}
@@ -191,7 +192,7 @@ def session_of(request: Any, *, quiet: bool = False) -> str | None:
     if not session:
         return None
     try:
-        return validate_session_id(session)
+        return str(validate_session_id(session))
     except KVSwapError as exc:
         if not quiet:
             log.warning("kvswap: request %s has an unusable session id (served without kvswap): %s",

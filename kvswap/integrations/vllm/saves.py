@@ -16,6 +16,7 @@ not take every following turn's save with it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -24,6 +25,10 @@ from kvswap.integrations.vllm.outcomes import Saved
 from kvswap.meta import Entry, EntrySpec
 from kvswap.session_cache.base import UNWRITTEN
 from kvswap.session_cache.tiers import StoredState
+
+#: How many written entries (by key) a save added later still finds settled (its request began
+#: before they were written; its entries came unwritten from the plan).
+REMEMBERED_WRITES = 4096
 
 
 @dataclasses.dataclass
@@ -49,6 +54,7 @@ class InFlightSaves:
     def __init__(self) -> None:
         self._saves: dict[str, Save] = {}
         self._commits: dict[str, list[tuple[str, Save, Saved]]] = {}  # by session: the first one runs
+        self._written: collections.OrderedDict[str, EntrySpec] = collections.OrderedDict()  # not known to fail
         self._lock = threading.Lock()
 
     def __contains__(self, request_id: str) -> bool:
@@ -60,7 +66,10 @@ class InFlightSaves:
             return bool(self._saves)
 
     def add(self, request_id: str, save: Save) -> None:
+        """A finished request's save; the entries it builds on that were written since its plan
+        are taken as written (a later turn may be planned over it)."""
         with self._lock:
+            save.kept = [self._as_written(entry) for entry in save.kept]
             self._saves[request_id] = save
 
     def held(self, request_id: str, specs: list[EntrySpec] | None) -> None:
@@ -101,9 +110,11 @@ class InFlightSaves:
         next commit to start, if any."""
         with self._lock:
             self._saves.pop(request_id, None)
+            queue = self._commits[session]
             if not landed:
                 self._distrust(session)
-            queue = self._commits[session]
+                for spec in queue[0][2].specs or ():
+                    self._written.pop(spec.key, None)  # a save added later built on these: not trusted
             queue.pop(0)
             if not queue:
                 del self._commits[session]
@@ -121,6 +132,9 @@ class InFlightSaves:
         """A save's blobs are written: its unwritten entries, wherever a save of ``session``
         holds them, become the written ones (with their checksums)."""
         written = {spec.key: spec for spec in specs}
+        self._written.update(written)
+        while len(self._written) > REMEMBERED_WRITES:
+            self._written.popitem(last=False)
         for save in self._saves.values():
             if save.session != session:
                 continue
@@ -128,6 +142,10 @@ class InFlightSaves:
                 for index, entry in enumerate(entries):
                     if entry.key in written:
                         entries[index] = Entry.of(written[entry.key], session, entry.seq, entry.created)
+
+    def _as_written(self, entry: Entry) -> Entry:
+        spec = self._written.get(entry.key) if entry.checksum == UNWRITTEN else None
+        return entry if spec is None else Entry.of(spec, entry.session_id, entry.seq, entry.created)
 
     def local(self, session: str) -> tuple[StoredState, list[Entry]] | None:
         """What of ``session`` this instance holds beyond meta (the held save that reaches
