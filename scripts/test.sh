@@ -3,7 +3,7 @@
 # run pytest, and stop the servers by PID (also when something fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# About 8 GB are written: two virtual environments (5 GB), the servers' data, the tests' files.
+# About 6 GB are written: two virtual environments (4 GB), the servers' data, the tests' files.
 echo "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free here, $(df -h --output=avail /tmp | tail -1 | tr -d ' ') in /tmp"
 bash scripts/setup.sh --test --vllm
 export KVSWAP_TEST_VLLM=1  # the vLLM tests must run here (they skip only where .venv-vllm was never made)
