@@ -131,17 +131,13 @@ class InFlightSaves:
     def _settle(self, session: str, specs: list[EntrySpec]) -> None:
         """A save's blobs are written: its unwritten entries, wherever a save of ``session``
         holds them, become the written ones (with their checksums)."""
-        written = {spec.key: spec for spec in specs}
-        self._written.update(written)
+        self._written.update((spec.key, spec) for spec in specs)
         while len(self._written) > REMEMBERED_WRITES:
             self._written.popitem(last=False)
         for save in self._saves.values():
-            if save.session != session:
-                continue
-            for entries in (save.kept, save.local or []):
-                for index, entry in enumerate(entries):
-                    if entry.key in written:
-                        entries[index] = Entry.of(written[entry.key], session, entry.seq, entry.created)
+            if save.session == session:
+                for entries in (save.kept, save.local or []):
+                    entries[:] = [self._as_written(entry) for entry in entries]
 
     def _as_written(self, entry: Entry) -> Entry:
         spec = self._written.get(entry.key) if entry.checksum == UNWRITTEN else None
