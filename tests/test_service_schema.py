@@ -30,3 +30,13 @@ def test_no_input_makes_the_service_fail(tmp_path: Path) -> None:
         served.stop()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1]
+
+
+def test_the_entry_view_shows_every_field_of_the_record() -> None:
+    """The admin view of an entry lists the record's fields, in its order (the view reads them by name)."""
+    from kvswap.meta import Entry
+    from kvswap.service.schemas import EntryView
+
+    entry = Entry(0, 16, "file:///kv", "k", 100, "xxh3_128:00", "h", "s", 1, 2.5)
+    assert tuple(EntryView.model_fields) == Entry._fields
+    assert EntryView(**entry._asdict()).model_dump() == entry._asdict()

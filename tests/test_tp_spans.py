@@ -32,7 +32,7 @@ def test_keys_and_counts() -> None:
     assert entry_key("kv/s/0-16-1-ab.r3") == entry_key("kv/s/0-16-1-ab") == "kv/s/0-16-1-ab"
     one = spec(0, 0, 16, "xxh3_128:00")
     assert rank_count(one) == 1 and blob_keys(one) == [one.key]
-    many = dataclasses.replace(one, checksum=combined_checksum(["a", "b", "c"]))
+    many = one._replace(checksum=combined_checksum(["a", "b", "c"]))
     assert rank_count(many) == 3 and blob_keys(many) == [one.key, one.key + ".r1", one.key + ".r2"]
 
 
@@ -53,20 +53,20 @@ def test_joined_commits_one_entry_per_span_or_refuses() -> None:
     with pytest.raises(ValueError):
         joined([ranks[0], ranks[1][:1]])  # rank 1 wrote fewer spans
     with pytest.raises(ValueError):
-        joined([ranks[0], [dataclasses.replace(ranks[1][0], token_length=15), ranks[1][1]]])
+        joined([ranks[0], [ranks[1][0]._replace(token_length=15), ranks[1][1]]])
     with pytest.raises(ValueError):
         joined([ranks[0], [spec(1, 0, 16, "c", key="kv/s/other"), ranks[1][1]]])  # another save's blob
 
 
 def test_a_rank_reads_its_own_blob_checked_where_the_ranks_meet() -> None:
-    entry = Entry.of(dataclasses.replace(spec(0, 0, 16, "x"), checksum=combined_checksum(["a", "b"])), "s", 1, 0.0)
+    entry = Entry.of(spec(0, 0, 16, "x")._replace(checksum=combined_checksum(["a", "b"])), "s", 1, 0.0)
     view = rank_view(entry, 1, 2)
     assert (view.key, view.checksum) == (entry.key + ".r1", RANKS_CHECKSUM)
     assert rank_view(entry, 0, 1) is entry
 
 
 def test_merged_fetch_holds_what_every_rank_holds_and_checks_the_checksums() -> None:
-    entries = [Entry.of(dataclasses.replace(spec(0, start, 16, "x"), checksum=combined_checksum([f"a{start}",
+    entries = [Entry.of(spec(0, start, 16, "x")._replace(checksum=combined_checksum([f"a{start}",
                                                                                                    f"b{start}"])),
                         "s", seq, 0.0) for seq, start in enumerate((0, 16, 32))]
     good = [Fetched(48, "store", nbytes=10, seconds=1.0, checksums=["a0", "a16", "a32"], share=0),

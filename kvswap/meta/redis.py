@@ -24,7 +24,6 @@ without it is refused with a ConfigError.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, NoReturn
@@ -306,7 +305,7 @@ class RedisMetaStore(MetaStore):
             raise InvalidEntryError(
                 f"session {session_id!r} holds tokens [0, {total}); an entry must start at {total}, "
                 f"not {spec.token_offset} (no gaps, no overlaps)")
-        return self._existing(session_id, reply[1]), dataclasses.replace(entry, seq=int(reply[2]))
+        return self._existing(session_id, reply[1]), entry._replace(seq=int(reply[2]))
 
     def _entries(self, session_id: str) -> list[Entry]:
         try:

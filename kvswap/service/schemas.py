@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from kvswap.meta import Entry
 from kvswap.meta.rules import MAX_ID_CHARS
 
 
@@ -178,13 +177,28 @@ class LocalView(BaseModel):
     pinned: bool
 
 
+class EntryView(BaseModel):
+    """One stored span of a session: meta's entry record (:class:`kvswap.meta.Entry`)."""
+
+    token_offset: int
+    token_length: int
+    connector: str = Field(..., description="the store holding its bytes (a URI without credentials)")
+    key: str
+    size: int = Field(..., description="bytes")
+    checksum: str
+    prefix_hash: str = Field(..., description="chained hash of the token ids up to its end")
+    session_id: str
+    seq: int
+    created: float
+
+
 class SessionDetail(BaseModel):
     id: str
     session: SessionSummary | None = Field(None, description="meta's record (null: held here, not in meta)")
     tiers: list[str] = Field(..., description="where its KV is: hbm, host (this instance), store locations")
     stored_tokens: int
     stored_bytes: int
-    entries: list[Entry] = Field(..., description="its stored spans, in order (meta's entry records)")
+    entries: list[EntryView] = Field(..., description="its stored spans, in order (meta's entry records)")
     local: LocalView
 
 

@@ -13,7 +13,6 @@ exactly its blob's (key and checksum), as kvswap's own engine writes it.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -39,13 +38,13 @@ def entry_key(key: str) -> str:
     return _SUFFIX.sub("", key)
 
 
-def rank_count(entry: EntrySpec) -> int:
+def rank_count(entry: EntrySpec | Entry) -> int:
     """How many rank blobs the entry's span has (1 for an entry of a one-rank engine)."""
     found = _COMBINED.match(entry.checksum)
     return int(found.group(1)) if found else 1
 
 
-def blob_keys(entry: EntrySpec) -> list[str]:
+def blob_keys(entry: EntrySpec | Entry) -> list[str]:
     """Every blob key of the entry's span."""
     return [rank_key(entry.key, rank) for rank in range(rank_count(entry))]
 
@@ -60,8 +59,8 @@ def rank_view(entry: Entry, rank: int, ranks: int) -> Entry:
     own checksum (:data:`RANKS_CHECKSUM`); the entry itself when there is one rank."""
     if ranks == 1:
         return entry
-    return dataclasses.replace(entry, key=rank_key(entry.key, rank),
-                               checksum=UNWRITTEN if entry.checksum == UNWRITTEN else RANKS_CHECKSUM)
+    return entry._replace(key=rank_key(entry.key, rank),
+                          checksum=UNWRITTEN if entry.checksum == UNWRITTEN else RANKS_CHECKSUM)
 
 
 def joined(per_rank: Sequence[Sequence[EntrySpec]]) -> list[EntrySpec]:
@@ -78,8 +77,7 @@ def joined(per_rank: Sequence[Sequence[EntrySpec]]) -> list[EntrySpec]:
                     or (blob.token_offset, blob.token_length, blob.prefix_hash)
                     != (spec.token_offset, spec.token_length, spec.prefix_hash)):
                 raise ValueError(f"rank {rank} did not write the span of {spec.key!r} as rank 0 did")
-        specs.append(dataclasses.replace(spec, checksum=combined_checksum([rank[position].checksum
-                                                                           for rank in per_rank])))
+        specs.append(spec._replace(checksum=combined_checksum([rank[position].checksum for rank in per_rank])))
     if any(len(rank) != len(first) for rank in per_rank):
         raise ValueError("the ranks wrote different numbers of spans")
     return specs

@@ -471,7 +471,7 @@ class SessionStore(SessionLeases):
         self.delete_blobs(entries)
         return True
 
-    def delete_blobs(self, entries: Sequence[EntrySpec]) -> None:
+    def delete_blobs(self, entries: Sequence[EntrySpec | Entry]) -> None:
         """Best effort, one batch per store (meta no longer points at them; gc retries what fails)."""
         for store in self.stores:
             keys = [key for entry in entries if entry.connector == store.location and isinstance(entry.key, str)

@@ -13,7 +13,6 @@ concurrency tests then use threads only.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import threading
@@ -184,7 +183,7 @@ class MetaSuite:
             assert new.version == session.version + 1
             assert new.total_tokens == session.total_tokens + length
             assert (entry.seq, entry.session_id, entry.token_offset) == (i, "s1", session.total_tokens)
-            assert dataclasses.replace(entry, created=0) == Entry.of(spec(session.total_tokens, length), "s1", i, 0)
+            assert entry._replace(created=0) == Entry.of(spec(session.total_tokens, length), "s1", i, 0)
             stored.append(entry)
             session = new
         assert meta.entries("s1") == stored
@@ -209,12 +208,12 @@ class MetaSuite:
     def test_malformed_entry_is_refused(self, meta: MetaStore, bad: dict[str, Any]) -> None:
         meta.create("s1", FP)
         with pytest.raises(InvalidEntryError) as info:
-            meta.append("s1", 1, dataclasses.replace(spec(0), **bad))
+            meta.append("s1", 1, spec(0)._replace(**bad))
         assert "hunter2" not in str(info.value)
         assert meta.get("s1").version == 1 and meta.entries("s1") == []
 
     def test_hashes_at_their_limit_round_trip(self, meta: MetaStore) -> None:  # one more character: refused above
-        long = dataclasses.replace(spec(0), checksum="c" * MAX_HASH_CHARS, prefix_hash="h" * MAX_HASH_CHARS)
+        long = spec(0)._replace(checksum="c" * MAX_HASH_CHARS, prefix_hash="h" * MAX_HASH_CHARS)
         meta.append("s1", meta.create("s1", FP).version, long)
         assert meta.entries("s1")[0].spec_values() == long.spec_values()
 

@@ -69,7 +69,7 @@ def merge_held(reports: list[Held]) -> list[EntrySpec] | None:
     if any([(s.token_offset, s.token_length, s.prefix_hash) for s in report.specs]
            != [(s.token_offset, s.token_length, s.prefix_hash) for s in first] for report in reports):
         return None
-    return [dataclasses.replace(spec, key=entry_key(spec.key)) for spec in first]
+    return [spec._replace(key=entry_key(spec.key)) for spec in first]
 
 
 def fetch_outcome(fetched: Fetched) -> str:

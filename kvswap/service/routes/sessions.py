@@ -78,7 +78,7 @@ def _detail(session_id: str, view: SessionView, instance_id: str) -> schemas.Ses
     return schemas.SessionDetail(
         id=session_id, session=_summary(view.session) if view.session else None, tiers=tiers,
         stored_tokens=sum(e.token_length for e in view.entries), stored_bytes=sum(e.size for e in view.entries),
-        entries=list(view.entries),
+        entries=[_view(schemas.EntryView, entry) for entry in view.entries],
         local=_local(view.local, instance_id))
 
 
