@@ -185,7 +185,7 @@ def test_pinned_reads_and_saves_borrow_blocks_that_come_back_when_no_tensor_uses
     blocks = PinnedBlocks([(64 << 10, 2), (4 << 10, 1)], pin=False)
     store = SessionStore(open_meta_store(f"sqlite:///{tmp_path}/meta.db"), [open_connector(f"file://{tmp_path}/kv")],
                          LAYOUT, entry_tokens=100)
-    store.pinned = blocks
+    store.use_pinned(blocks)
     try:
         turn = list(range(1, 180))
         store.write("chat", StoredState(), turn, kv_of(turn))

@@ -45,6 +45,7 @@ from kvswap.errors import (
     UnsupportedFormatError,
 )
 from kvswap.meta import Entry, EntrySpec, MetaStore, Session
+from kvswap.session_cache import planning
 from kvswap.session_cache.base import (
     DEFAULT_ENTRY_BYTES,
     UNWRITTEN,
@@ -56,7 +57,7 @@ from kvswap.session_cache.base import (
     root_hash,
     token_bytes,
 )
-from kvswap.session_cache.commit import CommitOutcome, commit, well_formed
+from kvswap.session_cache.commit import CommitOutcome, commit
 from kvswap.session_cache.gc import collect
 from kvswap.session_cache.leases import SessionLeases
 from kvswap.session_cache.pinned import PinnedBlocks
@@ -109,8 +110,15 @@ class SessionStore(SessionLeases):
         self.gc_grace = gc_grace
         self.dropped_entries = 0
         self.spans = SpanCache(span_cache_bytes)
-        self.pinned: PinnedBlocks | None = None  # pinned reads (``pin=True``) take their buffers here
+        self.pinned: PinnedBlocks | None = None  # pinned reads (``pin=True``) take their buffers here (use_pinned)
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="kvswap-io")
+
+    def use_pinned(self, blocks: PinnedBlocks) -> None:
+        """Pinned reads take their buffers from ``blocks`` (else each is pinned when read), and
+        the host tier counts the whole block each span it keeps holds (so it keeps at most its
+        bytes of blocks, and the other blocks stay free for reads and saves in flight)."""
+        self.pinned = blocks
+        self.spans.footprint = blocks.footprint
 
     def __repr__(self) -> str:
         meta = self._meta.uri.render() if self._meta is not None else None
@@ -200,48 +208,17 @@ class SessionStore(SessionLeases):
                   entries: Sequence[Entry]) -> Plan:
         """:meth:`plan` over ``entries`` as given: meta's, or ones this process knows beyond
         meta (a save it holds, unwritten), with ``stored`` the state its next write builds on."""
-        plan = Plan(record, [], 0, False, stored)
-        previous, position = root_hash(self.fingerprint), 0
-        data = memoryview(token_bytes(tokens)) if tokens is not None else None  # converted once, not per entry
-        for entry in entries:
-            if not well_formed(entry, position):
-                log.warning("session %r: a malformed entry at token %d; dropping it and what follows",
-                            session_id, position)
-                self.drop_from(session_id, stored, position)
-                break
-            store = next((s for s in self.stores if s.location == entry.connector), None)
-            if store is None:
-                break  # a store this instance does not have: a miss from here, not damage
-            if tokens is None or data is None:
-                plan.entries.append((entry, store))
-                position = entry.token_end
-                continue
-            if entry.token_offset >= len(tokens):
-                break
-            if entry.token_end <= len(tokens):
-                following = chain_hash(previous, data[entry.token_offset * 4:entry.token_end * 4])
-                if following == entry.prefix_hash:
-                    plan.entries.append((entry, store))
-                    plan.matched = entry.token_end
-                    previous, position = following, entry.token_end
-                    continue
-            plan.entries.append((entry, store))  # the request leaves the stored history in here
-            plan.partial = True
-            break
-        if tokens is None:
-            plan.matched = position
+        plan, malformed_at = planning.verified(self.fingerprint, self.stores, record, stored, tokens, entries)
+        if malformed_at is not None:
+            log.warning("session %r: a malformed entry at token %d; dropping it and what follows",
+                        session_id, malformed_at)
+            self.drop_from(session_id, stored, malformed_at)
         return plan
 
     def plan_of(self, entries: Sequence[Entry], stored: StoredState | None = None) -> Plan:
         """A plan that reads ``entries`` (as another process planned them: entries travel, tiers
         do not); entries naming a store this instance does not have end it."""
-        tiers = {s.location: s for s in self.stores}
-        planned: list[tuple[Entry, StoreTier]] = []
-        for entry in entries:
-            if entry.connector not in tiers:
-                break
-            planned.append((entry, tiers[entry.connector]))
-        return Plan(None, planned, planned[-1][0].token_end if planned else 0, False, stored or StoredState())
+        return planning.as_planned(self.stores, entries, stored)
 
     def read(self, session_id: str, plan: Plan, tokens: Sequence[int] | None, *, limit: int | None = None,
              start: int = 0, pin: bool = False) -> Iterator[Span]:

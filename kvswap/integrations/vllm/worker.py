@@ -121,10 +121,9 @@ class WorkerSide:
 
             # Now, on this thread: vLLM captures its CUDA graphs next, and pinning host memory
             # on another thread meanwhile would invalidate the capture.
-            self.store.pinned = pacing.pinned_blocks(self.config.stack.entry_bytes,
-                                                     self.config.stack.span_cache_bytes)
-            self.store.spans.footprint = self.store.pinned.footprint  # the host tier counts whole blocks
-            self.gpu = GPUMover(self.kv, self.store.pinned)
+            pinned = pacing.pinned_blocks(self.config.stack.entry_bytes, self.config.stack.span_cache_bytes)
+            self.store.use_pinned(pinned)
+            self.gpu = GPUMover(self.kv, pinned)
         if self.config.recompute_when_faster:  # CPU work only: safe beside vLLM's graph capture
             self._threads.submit(pacing.measure_stores, self.store, START_PROBE_BYTES, self.rates)
         log.info("kvswap worker: %s on %s, blocks of %d tokens %d elements apart, pages %s", layout.fingerprint,
