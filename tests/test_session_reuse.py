@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from kvswap.connectors import open_connector
 from kvswap.engine import ByteTokenizer, Engine, build_model
 from kvswap.errors import ConfigError, InvalidKeyError
 from kvswap.meta import open_meta_store
-from kvswap.session_cache import OutOfBlocksError, PagedKVPool, Policy, SessionCache
+from kvswap.session_cache import OutOfBlocksError, PagedKVPool, Policy, SessionCache, SessionStore
 from kvswap.testing.connector_suite import store_uri
 from kvswap.workload import first_prompt, user_turn
 
@@ -188,6 +189,47 @@ def test_pinned_sessions_stay_resident_under_pressure(tmp_path: Path) -> None:
         handle.close()
     # The hold matched the history up to its own last token and committed nothing new.
     assert engine.generate("pinned", pinned_tokens + [1, 2], 4).cached == len(pinned_tokens)
+
+
+def test_a_request_makes_room_before_its_lease_and_swap_in(tmp_path: Path) -> None:
+    """Another session's swap-out runs before the request takes its lease and swaps in, not inside."""
+    resident_at_lease: dict[str, list[str]] = {}
+
+    class Recording(SessionStore):
+        def lease(self, session_id: str, owner: str, ttl: float | None) -> Any:
+            resident_at_lease[session_id] = cache.resident_sessions()
+            return super().lease(session_id, owner, ttl)
+
+    store = Recording(open_meta_store("memkv://"), [open_connector(f"file://{tmp_path}/kv")], LAYOUT,
+                      entry_tokens=64, owns_backends=True)
+    cache = SessionCache(PagedKVPool(LAYOUT, 20, block_size=16, device=DEVICE), store=store,
+                         recompute_when_faster=False)
+    engine = Engine(MODEL, cache)
+    engine.generate("a", list(range(1, 150)), 4)  # 10 of 20 blocks
+    prompt = list(range(2, 250))  # 16 blocks: "a" must go
+    got = engine.generate("b", prompt, 4)
+    assert resident_at_lease["b"] == [] and cache.resident_sessions() == ["b"]
+    assert got.tokens == engine.generate_uncached(prompt, 4).tokens
+    assert engine.generate("a", list(range(1, 150)) + [7], 4).cached > 0  # from the store
+    cache.close()
+
+
+def test_a_host_copy_stays_when_its_swap_in_finds_no_blocks() -> None:
+    """A session in the host tier (no store: its only copy) whose swap-in cannot get blocks
+    stays in the host tier, and a later request reuses it."""
+    cache = make_cache(None, blocks=24, host_bytes=1 << 30)
+    engine = Engine(MODEL, cache)
+    tokens = list(range(1, 100))
+    out = engine.generate("kept", tokens, 4)
+    cache.swap_out("kept")
+    assert "kept" in cache.host
+    with cache.open("big", list(range(300))) as handle:
+        handle.reserve(310)  # 20 blocks, held: the 7 "kept" needs are not there
+        with pytest.raises(OutOfBlocksError):
+            cache.open("kept", tokens + out.tokens + [5])
+        assert "kept" in cache.host
+    assert engine.generate("kept", tokens + out.tokens + [5], 4).cached == len(tokens) + 3
+    assert cache.stats.host_hits == 1
 
 
 def test_prefetch_swap_out_and_drop(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvswap.connectors.base import Connector
@@ -30,16 +30,16 @@ from kvswap.meta import MetaStore, Session, validate_session_id
 from kvswap.session_cache.base import (
     DEFAULT_ENTRY_BYTES,
     KVPool,
-    OutOfBlocksError,
     Policy,
     SwapError,
     common_prefix,
     entry_tokens_within,
 )
+from kvswap.session_cache.eviction import Eviction
 from kvswap.session_cache.handle import CacheStats, Claims, LocalState, Resident, SessionHandle
 from kvswap.session_cache.leases import LeaseRenewer
 from kvswap.session_cache.store import SessionStore
-from kvswap.session_cache.tiers import HostCopy, HostTier, StoredState
+from kvswap.session_cache.tiers import HostTier, StoredState
 from kvswap.session_cache.transfer import KVMover
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ log = logging.getLogger("kvswap.session_cache")
 _REQUEST = "open on this instance"  # what a request's claim says
 
 
-class SessionCache:
+class SessionCache(Eviction):
     """Sessions' KV in one :class:`KVPool`, spilled to a host tier and stores.
 
     ``stores`` are connector-backed tiers; new spans are written to the first, entries naming
@@ -123,6 +123,7 @@ class SessionCache:
             self.stats.requests += 1
             self._claims.take(session_id, _REQUEST)
         try:
+            self._make_room(session_id, len(tokens))  # other sessions' swap-outs: here, not inside the swap-in
             record = self.store.lease(session_id, self.instance_id, self.lease_ttl)
             try:
                 resident, source = self._sync_local(session_id, record, tokens)
@@ -291,7 +292,12 @@ class SessionCache:
             return None, "store"
         count = len(copy.tokens) if tokens is None else common_prefix(copy.tokens, tokens)
         began = time.perf_counter()
-        blocks = self._allocate(self.pool.blocks_for(count), exclude=session_id)
+        try:
+            blocks = self._allocate(self.pool.blocks_for(count), exclude=session_id)
+        except BaseException:
+            with self._lock:
+                self.host.put(session_id, copy)  # not lost: it may hold the only copy of unstored KV
+            raise
         # For a request, the copy overlaps the model's first layers (events); a prefetch waits.
         events = self.mover.scatter(copy.kv[:, :, :count], blocks, 0, per_layer=tokens is not None)
         copy.stored.keep_up_to(count)
@@ -314,111 +320,6 @@ class SessionCache:
         del resident.tokens[count:]
         resident.stored.keep_up_to(count)
         self._trim_blocks(resident.blocks, count)
-
-    def _trim_blocks(self, blocks: list[int], num_tokens: int) -> None:
-        """Free the blocks beyond those ``num_tokens`` tokens need (in place; lock held)."""
-        keep = self.pool.blocks_for(num_tokens)
-        self.pool.free(blocks[keep:])
-        del blocks[keep:]
-
-    def _release_blocks(self, session_id: str) -> None:
-        resident = self._resident.pop(session_id, None)
-        if resident is not None:
-            self.pool.free(resident.blocks)
-
-    # ---- blocks and eviction -----------------------------------------------------------------
-
-    def _allocate(self, count: int, exclude: str) -> list[int]:
-        """``count`` blocks, swapping out least recently used unclaimed sessions as needed."""
-        if count > self.pool.num_blocks:
-            raise OutOfBlocksError(f"{count} blocks asked for; the pool has {self.pool.num_blocks}")
-        failed: dict[str, SwapError] = {}
-        while True:
-            with self._lock:
-                if self.pool.free_blocks >= count:
-                    return self.pool.allocate(count)
-                victim = next((sid for sid in self._resident
-                               if sid not in self._claims and sid != exclude and sid not in failed), None)
-                if victim is None:
-                    detail = f"; swap-out failed: {next(iter(failed.values()))}" if failed else ""
-                    raise OutOfBlocksError(f"need {count} blocks, {self.pool.free_blocks} free, and no unpinned "
-                                           f"session left to swap out{detail}")
-                self._claims.take(victim, "being swapped out")
-                resident = self._resident[victim]
-            try:
-                self._evict(victim, resident)
-            except SwapError as exc:
-                failed[victim] = exc
-            finally:
-                self._claims.release(victim)
-
-    def _evict(self, session_id: str, resident: Resident, to_store: bool = False) -> None:
-        """Swap one claimed session out of HBM. SwapError (the session stays resident) if it
-        cannot be stored."""
-        began = time.perf_counter()
-        count = len(resident.tokens)
-        unstored = count - resident.stored.tokens
-        nbytes = count * self.layout.token_bytes
-        if not to_store and count and self.host.fits(nbytes) and self._make_host_room(nbytes):
-            kv = self.mover.host_tensor(count)
-            self.mover.gather(resident.blocks, 0, count, kv)
-            with self._lock:
-                if self.host.used + nbytes <= self.host.capacity:  # nobody took the room meanwhile
-                    self.host.put(session_id, HostCopy(resident.tokens, kv, resident.stored))
-                    unstored = 0
-        if unstored > 0:
-            if not self.stores:
-                raise SwapError(f"session {session_id!r} has {unstored} unstored tokens and nowhere to put them")
-            self._write(session_id, resident.stored, resident.tokens, self.mover.gatherer(resident.blocks))
-        with self._lock:
-            self._release_blocks(session_id)
-            self.stats.swap_outs += 1
-            self.stats.swap_out_bytes += nbytes
-            self.stats.swap_out_seconds += time.perf_counter() - began
-
-    def _make_host_room(self, nbytes: int) -> bool:
-        """Evict host copies (storing what is unstored) until ``nbytes`` fit, or nothing more
-        can go; True if they fit."""
-        with self._lock:
-            order = list(self.host.oldest())
-        for session_id in order:
-            with self._lock:
-                if self.host.used + nbytes <= self.host.capacity:
-                    return True
-                copy = self.host.peek(session_id)
-                if copy is None or session_id in self._claims:
-                    continue
-                if copy.stored.tokens >= len(copy.tokens):
-                    self.host.pop(session_id)
-                    continue
-                if not self.stores:
-                    continue
-                self._claims.take(session_id, "being stored")
-            try:
-                self._store_host_copy(session_id, copy)
-            except SwapError as exc:
-                log.warning("host tier kept session %r: %s", session_id, exc)
-                continue
-            finally:
-                self._claims.release(session_id)
-            with self._lock:
-                if self.host.peek(session_id) is copy:
-                    self.host.pop(session_id)
-        with self._lock:
-            return self.host.used + nbytes <= self.host.capacity
-
-    def _store_host_copy(self, session_id: str, copy: HostCopy) -> None:
-        """Store the tokens of a host copy that are not stored yet (SwapError on failure)."""
-        self._write(session_id, copy.stored, copy.tokens, lambda start, stop: copy.kv[:, :, start:stop].contiguous())
-
-    def _write(self, session_id: str, stored: StoredState, tokens: Sequence[int],
-               fetch: Callable[[int, int], torch.Tensor]) -> None:
-        try:
-            self.store.write(session_id, stored, tokens, fetch)
-        except SwapError:
-            with self._lock:
-                self.stats.store_errors += 1
-            raise
 
     # ---- the store path -----------------------------------------------------------------------
 
