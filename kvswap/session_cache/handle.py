@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from kvswap.session_cache.base import SessionBusyError, common_prefix
 from kvswap.session_cache.tiers import StoredState
@@ -102,6 +103,17 @@ class Resident:
     pending: tuple[list, object] | None = None  # per-layer copy events, and their sources (kept alive until done)
 
 
+class HandleOwner(Protocol):
+    """What a :class:`SessionHandle` asks of the cache that opened it (``SessionCache``)."""
+
+    def reserve_blocks(self, session_id: str, resident: Resident, num_tokens: int) -> None:
+        """Blocks for KV of positions ``0..num_tokens-1`` of the session (may swap others out)."""
+
+    def close_request(self, session_id: str, resident: Resident) -> None:
+        """The request is over: trim the blocks, write through if the policy says so, release
+        the session's lease and claim."""
+
+
 class SessionHandle:
     """One request's hold on a session (a context manager; close it to release the claim).
 
@@ -111,12 +123,11 @@ class SessionHandle:
     """
 
     def __init__(self, session_id: str, resident: Resident, cached: int, *, block_size: int,
-                 reserve: Callable[[int], None], finish: Callable[[], None]) -> None:
-        """``reserve(num_tokens)`` and ``finish()`` are the cache's, bound to this session."""
+                 owner: HandleOwner) -> None:
+        """``owner``: the cache that opened it, asked for blocks and told when it closes."""
         self.session_id = session_id
         self._block_size = block_size
-        self._reserve = reserve
-        self._finish = finish
+        self._owner = owner
         self._resident = resident
         self.cached = cached
         self._closed = False
@@ -153,7 +164,7 @@ class SessionHandle:
     def reserve(self, num_tokens: int) -> None:
         """Make room for KV of positions ``0..num_tokens-1`` (may swap other sessions out)."""
         self._check_open()
-        self._reserve(num_tokens)
+        self._owner.reserve_blocks(self.session_id, self._resident, num_tokens)
 
     def commit(self, tokens: Sequence[int]) -> None:
         """Record that the blocks hold the KV of ``tokens`` (the whole sequence, from 0)."""
@@ -169,7 +180,7 @@ class SessionHandle:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._finish()
+            self._owner.close_request(self.session_id, self._resident)
 
     def _check_open(self) -> None:
         if self._closed:

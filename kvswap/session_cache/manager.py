@@ -17,7 +17,6 @@ and the write-back / write-through policies: docs/session-cache.md.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import threading
 import time
@@ -147,9 +146,7 @@ class SessionCache(Eviction):
                 self.stats.misses += 1
             self._resident[session_id] = resident
             self._resident.move_to_end(session_id)
-        return SessionHandle(session_id, resident, cached, block_size=self.pool.block_size,
-                             reserve=functools.partial(self._reserve, session_id, resident),
-                             finish=functools.partial(self._finish, session_id, resident))
+        return SessionHandle(session_id, resident, cached, block_size=self.pool.block_size, owner=self)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """The engine reports a prefill; the rate decides when loading is slower than recomputing."""
@@ -373,12 +370,14 @@ class SessionCache(Eviction):
 
     # ---- handles ---------------------------------------------------------------------------
 
-    def _reserve(self, session_id: str, resident: Resident, num_tokens: int) -> None:
+    def reserve_blocks(self, session_id: str, resident: Resident, num_tokens: int) -> None:
+        """A handle's :meth:`SessionHandle.reserve` (:class:`HandleOwner`)."""
         need = self.pool.blocks_for(num_tokens) - len(resident.blocks)
         if need > 0:
             resident.blocks.extend(self._allocate(need, exclude=session_id))
 
-    def _finish(self, session_id: str, resident: Resident) -> None:
+    def close_request(self, session_id: str, resident: Resident) -> None:
+        """A handle's :meth:`SessionHandle.close` (:class:`HandleOwner`)."""
         try:
             if resident.pending is not None:
                 self.mover.synchronize()
