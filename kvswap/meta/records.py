@@ -113,8 +113,7 @@ class Entry(_EntryFields):
 
     A named tuple (a list of 100 entries builds in a tenth of what frozen dataclasses took:
     the scheduler's lookup of a long session builds hundreds); change one with
-    ``entry._replace(...)``. Anything that takes an :class:`EntrySpec` takes an entry's
-    ``spec``; :meth:`token_end` and :meth:`spec_values` are the spec's."""
+    ``entry._replace(...)``. :attr:`token_end` and :meth:`spec_values` are the spec's."""
 
     __slots__ = ()
 
@@ -122,11 +121,6 @@ class Entry(_EntryFields):
     def of(cls, spec: EntrySpec, session_id: str, seq: int, created: float) -> Entry:
         """``spec`` stored as the ``seq``-th entry of ``session_id`` at time ``created``."""
         return cls(*spec, session_id, seq, created)
-
-    @property
-    def spec(self) -> EntrySpec:
-        """What was appended to make this entry."""
-        return EntrySpec._make(self[:_SPEC_LENGTH])
 
     @property
     def token_end(self) -> int:
