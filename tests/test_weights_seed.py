@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +21,7 @@ from test_weights import empty_model, logits, make_checkpoint
 
 from kvswap.errors import BackendUnavailableError, ConfigError
 from kvswap.weights import load
-from kvswap.weights.seed import INIT_ROUTE, SeedBusyError
+from kvswap.weights.seed import INIT_ROUTE, SeedBusyError, _rendezvous_store
 
 TOKEN = "seed-test-token"
 # KVSWAP_TEST_DEVICE=cuda: the seed on GPU 0 and the client on GPU 1 (NCCL); else both on CPU (gloo).
@@ -187,3 +190,19 @@ def test_the_rendezvous_listens_where_the_client_was_told_and_only_for_the_secre
         except SeedBusyError:
             assert time.monotonic() - began < 20
             time.sleep(0.5)
+
+
+def test_the_rendezvous_store_owns_its_socket_and_closes_nothing_else() -> None:
+    # A descriptor closed twice closes whatever took its number in between: in a seed, one of
+    # its own HTTP connections (cut without a response: CI saw it once).
+    store = _rendezvous_store("127.0.0.1", 5)
+    client = torch.distributed.TCPStore("127.0.0.1", store.port, 2, False, datetime.timedelta(seconds=5))
+    client.set("k", "v")
+    assert store.get("k") == b"v"
+    del client, store
+    gc.collect()
+    near, far = socket.socketpair()  # takes the lowest free numbers: the store's, now closed
+    with near, far:
+        gc.collect()
+        near.sendall(b"x")
+        assert far.recv(1) == b"x"

@@ -212,8 +212,6 @@ class WeightSeed:
 
     def begin(self, backend: str, timeout: float, host_seen: str) -> dict[str, Any]:
         """Reserve the seed and open the rendezvous; the group forms in the background."""
-        import torch.distributed as dist
-
         if backend not in ("nccl", "gloo"):
             raise ConfigError(f"backend must be nccl or gloo, not {backend!r}")
         if backend == "nccl" and self.device.type != "cuda":
@@ -229,13 +227,11 @@ class WeightSeed:
             # The rendezvous listens only where the client was told to come (not on every
             # interface), and its keys live under the transfer's secret, which only the
             # authenticated client learns: a stranger can neither join nor disturb the group.
-            listener = _listen(address)
-            store = dist.TCPStore(address, listener.getsockname()[1], 2, True, datetime.timedelta(seconds=timeout),
-                                  wait_for_workers=False, master_listen_fd=listener.fileno())
+            store = _rendezvous_store(address, timeout)
         except Exception:
             self._finish(transfer, "failed: could not open the rendezvous")
             raise
-        threading.Thread(target=self._run, args=(transfer, store, listener, address), daemon=True,
+        threading.Thread(target=self._run, args=(transfer, store, address), daemon=True,
                          name=f"kvswap-seed-{transfer.id[:8]}").start()
         return {"transfer_id": transfer.id, "master_address": address, "master_port": store.port,
                 "rendezvous_key": transfer.secret, "backend": backend, "bucket_bytes": self.bucket_bytes,
@@ -256,7 +252,7 @@ class WeightSeed:
                 return self._history[transfer_id]
         raise KeyError(transfer_id)
 
-    def _run(self, transfer: _Transfer, store: Any, listener: socket.socket, address: str) -> None:
+    def _run(self, transfer: _Transfer, store: Any, address: str) -> None:
         import torch
 
         group = None
@@ -283,8 +279,7 @@ class WeightSeed:
                     pass
             self._finish(transfer, f"failed: {exc}")
         finally:
-            del group, store
-            listener.close()
+            del group, store  # the store closes its listening socket
 
     def _finish(self, transfer: _Transfer, state: str) -> None:
         with self._lock:
@@ -294,6 +289,25 @@ class WeightSeed:
                 self._history.pop(next(iter(self._history)))
             if self._current is transfer:
                 self._current = None
+
+
+def _rendezvous_store(address: str, timeout: float) -> Any:
+    """A master TCPStore listening on ``address`` (any free port) that owns its socket.
+
+    TCPStore closes the descriptor it is given when it goes; the Python socket lets go of it
+    here, or closing it too would close whatever the process opened under that number
+    meanwhile (an HTTP connection of the seed's own server, cut without a response)."""
+    import torch.distributed as dist
+
+    listener = _listen(address)
+    try:
+        store = dist.TCPStore(address, listener.getsockname()[1], 2, True, datetime.timedelta(seconds=timeout),
+                              wait_for_workers=False, master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()
+    return store
 
 
 def _listen(address: str) -> socket.socket:
