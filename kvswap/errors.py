@@ -78,6 +78,10 @@ class BusyError(KVSwapError):
     """What was asked for is held by another request, operation or owner: retry later (a kind)."""
 
 
+class SessionBusyError(BusyError):
+    """The session is in use: pinned by a request on this instance, or leased by another."""
+
+
 class OverloadedError(KVSwapError):
     """No capacity right now (memory, blocks): retry later (a kind)."""
 

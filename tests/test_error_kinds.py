@@ -42,7 +42,7 @@ def test_every_error_class_has_a_status() -> None:
 
 
 @pytest.mark.parametrize(("name", "status"), [
-    ("kvswap.session_cache.base:SessionBusyError", 409), ("kvswap.weights.seed:SeedBusyError", 409),
+    ("kvswap.errors:SessionBusyError", 409), ("kvswap.weights.seed:SeedBusyError", 409),
     ("kvswap.meta.records:LeaseError", 409), ("kvswap.errors:VersionConflictError", 409),
     ("kvswap.errors:AlreadyExistsError", 409), ("kvswap.meta.records:InvalidEntryError", 400),
     ("kvswap.service.instance:RequestError", 400), ("kvswap.session_cache.base:OutOfBlocksError", 503),

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvswap import errors
-from kvswap.session_cache import SessionBusyError
 
 
 class ServiceError(errors.KVSwapError):
@@ -27,7 +26,7 @@ class ServiceError(errors.KVSwapError):
 _KINDS: dict[str, type[errors.KVSwapError]] = {
     kind.__name__: kind for kind in (errors.NotFoundError, errors.AlreadyExistsError, errors.VersionConflictError,
                                      errors.BackendUnavailableError, errors.IntegrityError, errors.ConfigError,
-                                     errors.InvalidKeyError, errors.StorageFullError, SessionBusyError)}
+                                     errors.InvalidKeyError, errors.StorageFullError, errors.SessionBusyError)}
 
 
 class ServiceClient:

@@ -8,12 +8,12 @@
 >>> cache = SessionCache(pool, open_meta_store("memkv://"), [open_connector("mem://")])
 """
 
+from kvswap.errors import SessionBusyError
 from kvswap.session_cache.base import (
     KVLayout,
     KVPool,
     OutOfBlocksError,
     Policy,
-    SessionBusyError,
     SwapError,
     chain_hash,
     prefix_hashes,

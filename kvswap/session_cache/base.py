@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from kvswap.errors import BackendUnavailableError, BusyError, ConfigError, OverloadedError
+from kvswap.errors import BackendUnavailableError, ConfigError, OverloadedError
 
 if TYPE_CHECKING:
     import torch
@@ -58,10 +58,6 @@ class Policy(str, enum.Enum):
 class OutOfBlocksError(OverloadedError):
     """The pool cannot hold the request: too few free blocks even after swapping out every
     unpinned session (the request is larger than the pool, or everything else is pinned)."""
-
-
-class SessionBusyError(BusyError):
-    """The session is in use: pinned by a request on this instance, or leased by another."""
 
 
 class SwapError(BackendUnavailableError):

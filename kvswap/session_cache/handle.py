@@ -9,7 +9,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from kvswap.session_cache.base import SessionBusyError, common_prefix
+from kvswap.errors import SessionBusyError
+from kvswap.session_cache.base import common_prefix
 from kvswap.session_cache.tiers import StoredState
 
 

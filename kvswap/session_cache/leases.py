@@ -9,9 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvswap.errors import AlreadyExistsError, BackendUnavailableError, NotFoundError
+from kvswap.errors import AlreadyExistsError, BackendUnavailableError, NotFoundError, SessionBusyError
 from kvswap.meta import LeaseError
-from kvswap.session_cache.base import SessionBusyError
 
 if TYPE_CHECKING:
     from kvswap.meta import MetaStore, Session

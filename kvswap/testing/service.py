@@ -21,9 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvswap.errors import BackendUnavailableError
+from kvswap.errors import BackendUnavailableError, SessionBusyError
 from kvswap.service.client import ServiceClient, ServiceError
-from kvswap.session_cache import SessionBusyError
 from kvswap.testing.servers import stop_pid
 
 
