@@ -4,7 +4,7 @@
 >>> app = create_app(Instance(ServeConfig(model="tiny", directory="/tmp/kvswap-serve")))
 
 Names are imported when first used: the instance needs torch and the engine, the app FastAPI,
-and ``kvswap sessions ...`` (the client) needs neither, so it starts in a fraction of a second.
+and ``kvswap sessions ...`` (the client) needs neither: it starts in about a second, not ten.
 """
 
 from __future__ import annotations
