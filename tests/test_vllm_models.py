@@ -53,7 +53,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def engine(model: Path, log: Path, store: Path, **spec: Any) -> Driver:
-    return Driver({"model": str(model), "skip_tokenizer": True, "max_model_len": 2048,
+    return Driver({"model": str(model), "skip_tokenizer": True, "max_model_len": 2048, "in_process": True,
                    "connector": {"store": f"file://{store}/kv", "meta": f"sqlite:///{store}/meta.db"}, **spec}, log,
                   timeout=600)
 
@@ -155,7 +155,7 @@ def test_answer_kv_the_next_turn_does_not_send_is_not_stored(short_memory: Path,
     outcome = {}
     for trim in (True, False):
         store = tmp_path / f"trim-{trim}"
-        driver = Driver({"model": str(short_memory), "connector": {
+        driver = Driver({"model": str(short_memory), "in_process": True, "connector": {
             "store": f"file://{store}/kv", "meta": f"sqlite:///{store}/meta.db", "trim_answers": trim}},
             tmp_path / f"trim-{trim}.log", timeout=600)
         try:

@@ -48,7 +48,7 @@ def engine(model_dir: Path, log: Path, store: Path, tp: int) -> Driver:
     if vllm_python() is None:
         pytest.fail("KVSWAP_TEST_VLLM is set but .venv-vllm is missing: scripts/setup.sh --vllm")
     return Driver({"model": str(model_dir), "skip_tokenizer": True, "max_model_len": 2048,
-                   "tensor_parallel_size": tp,
+                   "tensor_parallel_size": tp, "in_process": True,  # the engine core here, the ranks in processes
                    "connector": {"store": f"file://{store}/kv", "meta": f"sqlite:///{store}/meta.db",
                                  "model_id": "tp-test-llama"}}, log, timeout=600)
 

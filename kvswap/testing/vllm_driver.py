@@ -9,7 +9,10 @@ The argument is a JSON object: ``model`` (a directory), and optionally ``connect
 with ``--load-format kvswap``; ``"dummy"``: random weights), ``block_size``, ``dtype``
 (float32), ``prefix_caching`` (false: every reuse is the connector's), ``max_model_len``,
 ``eager`` (true; false keeps vLLM's CUDA graphs), ``gpu_memory_utilization``,
-``tensor_parallel_size``, ``kv_cache_dtype``.
+``tensor_parallel_size``, ``kv_cache_dtype``, ``in_process`` (true: vLLM's engine core and
+worker run in this process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one import of vLLM instead of
+three; between requests the driver steps the engine while saves are pending, as vLLM's own
+engine-core loop does).
 It prints ``{"ready": true}`` and then answers one JSON object per line read:
 
 * ``{"op": "chat", "messages": [...], "session": s, "max_tokens": n}`` or
@@ -18,7 +21,7 @@ It prints ``{"ready": true}`` and then answers one JSON object per line read:
   would; ``kvswap``: what the connector reported for the request, its ``kv_transfer_params``);
 * ``{"op": "generate_many", "requests": [{"tokens", "max_tokens", "session"?}, ...]}`` ->
   ``{"tokens": [...], "seconds"}``: the requests in one batch, side by side;
-* ``{"op": "exit"}``.
+* ``{"op": "exit"}`` (in process: once the pending saves are committed).
 
 Errors come back as ``{"error": type, "message": ...}``.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import time
 from typing import Any
@@ -96,8 +100,20 @@ def serve(llm: Any, request: dict[str, Any]) -> dict[str, Any]:
             "seconds": seconds, "ttft": ttft, "kvswap": transfer.get("kvswap")}
 
 
+def next_line(llm: Any) -> str:
+    """The next request line; while none has come, step an in-process engine whose saves are
+    pending (the caller speaks one request at a time, so at most one line is buffered)."""
+    from kvswap.integrations.vllm.offline import saves_pending
+
+    while saves_pending(llm) and not select.select([sys.stdin], [], [], 0.01)[0]:
+        llm.llm_engine.step()
+    return sys.stdin.readline()
+
+
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv or sys.argv[1:])[0])
+    if spec.get("in_process"):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # vLLM logs to stdout (its engine process too): the answers get the original stdout,
     # everything else goes to stderr.
     answers = os.fdopen(os.dup(1), "w")
@@ -110,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         answers.flush()
 
     answer({"ready": True})
-    for line in sys.stdin:
+    while line := next_line(llm):
         request = json.loads(line)
         if request["op"] == "exit":
+            from kvswap.integrations.vllm.offline import finish_saves
+
+            finish_saves(llm, timeout=60.0)  # in process: the last saves are committed before vLLM goes
             answer({"ok": True})
             break
         try:
