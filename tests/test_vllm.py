@@ -137,6 +137,36 @@ def test_chats_are_exact_and_each_turn_reuses_the_previous_ones(engine, referenc
     assert [r["cached"] for r in alone] == [0, 0] and alone[1]["tokens"] == reference[1]["tokens"]
 
 
+def test_a_weight_update_with_a_connector_reset_makes_earlier_kv_a_miss(smollm2: Path, reference,
+                                                                        tmp_path: Path) -> None:
+    """Weights changed in place (as an RL trainer does), then ``reset_prefix_cache(reset_connector=True)``:
+    the session's KV from the old weights is not loaded, the turn equals a recompute with the new
+    weights, and the next turn reuses what was saved under the new identity."""
+    connector = {"meta": f"sqlite:///{tmp_path}/meta.db", "store": f"file://{tmp_path}/kv"}
+    driver = Driver({"model": str(smollm2), "connector": connector, "in_process": True}, tmp_path / "engine.log")
+    try:
+        replies = converse(driver, "updated", turns=2)
+        assert [r["tokens"] for r in replies] == [r["tokens"] for r in reference[:2]]
+        assert replies[1]["cached"] > 0
+        update = driver.ask(op="update_weights", match="input_layernorm", factor=1.25)
+        assert update["changed"] > 0 and update["reset"], update
+        third_messages = history(reference, 3)
+        recomputed = driver.ask(op="chat", messages=third_messages, max_tokens=MAX_TOKENS)
+        third = driver.ask(op="chat", messages=third_messages, session="updated", max_tokens=MAX_TOKENS)
+        assert third["cached"] == 0 and third["kvswap"]["loaded_tokens"] == 0, third
+        assert third["tokens"] == recomputed["tokens"]
+        fourth_messages = [*third_messages, {"role": "assistant", "content": third["text"]},
+                           {"role": "user", "content": QUESTIONS[3]}]
+        recomputed = driver.ask(op="chat", messages=fourth_messages, max_tokens=MAX_TOKENS)
+        fourth = driver.ask(op="chat", messages=fourth_messages, session="updated", max_tokens=MAX_TOKENS)
+        assert fourth["tokens"] == recomputed["tokens"] and fourth["cached"] >= len(third["prompt"]), fourth
+    finally:
+        driver.close()
+    with sqlite3.connect(tmp_path / "meta.db") as db:
+        (fingerprint,) = db.execute("SELECT fingerprint FROM kvswap_sessions").fetchone()
+    assert "#reset-" in fingerprint  # recorded under the new identity: instances on the old weights miss it
+
+
 def test_damage_and_edits_are_recomputed_exactly(engine, reference) -> None:
     """Stored bytes damaged behind kvswap's back are read (vLLM's prefix cache is off and there
     is no host tier), rejected and recomputed; what the request reports as reused is what was."""

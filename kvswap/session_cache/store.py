@@ -31,6 +31,7 @@ The rules every engine gets from it:
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -112,6 +113,14 @@ class SessionStore(SessionLeases):
         self.spans = SpanCache(span_cache_bytes)
         self.pinned: PinnedBlocks | None = None  # pinned reads (``pin=True``) take their buffers here (use_pinned)
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="kvswap-io")
+
+    def for_layout(self, layout: KVLayout) -> SessionStore:
+        """This store's meta, connectors and threads under ``layout``'s session fingerprint (a
+        vLLM connector reset after a weight update: sessions recorded before are misses). The
+        view owns nothing: close this store, not the view."""
+        view = copy.copy(self)
+        view._layout, view.fingerprint, view.owns_backends = layout, layout.session_fingerprint, False
+        return view
 
     def use_pinned(self, blocks: PinnedBlocks) -> None:
         """Pinned reads take their buffers from ``blocks`` (else each is pinned when read), and
@@ -221,14 +230,15 @@ class SessionStore(SessionLeases):
         return planning.as_planned(self.stores, entries, stored)
 
     def read(self, session_id: str, plan: Plan, tokens: Sequence[int] | None, *, limit: int | None = None,
-             start: int = 0, pin: bool = False) -> Iterator[Span]:
+             start: int = 0, pin: bool = False, root: str | None = None) -> Iterator[Span]:
         """Read the plan's entries (in parallel, within ``READ_AHEAD_BYTES`` beyond the one waited
         for; those in the host tier at once; yielded in order), each verified against its entry,
         the prefix-hash chain and ``tokens`` (None: taken as stored), up to ``limit`` tokens.
         Entries that end by ``start`` are not read (the caller holds those tokens; with ``tokens``
         given, :meth:`plan` verified them by hash). Stops at the first entry that is damaged
         (dropped from meta with all after it: ``plan.stored`` follows), unavailable (kept), or
-        diverges from ``tokens``. Closing the iterator early cancels the reads not yet started."""
+        diverges from ``tokens``. Closing the iterator early cancels the reads not yet started.
+        ``root``: the chain's root when it is not this store's (a vLLM scheduler's, after a reset)."""
         if start and tokens is None:
             raise ValueError("reading from a start position needs the request's tokens")
         held = [entry for entry, _ in plan.entries if entry.token_end <= start]
@@ -252,7 +262,7 @@ class SessionStore(SessionLeases):
                 charged.append(entry.size)
                 reading += entry.size
 
-        previous = held[-1].prefix_hash if held else root_hash(self.fingerprint)
+        previous = held[-1].prefix_hash if held else root or root_hash(self.fingerprint)
         plan.stored.entries.extend((entry.token_end, entry.prefix_hash) for entry in held)
         try:
             for position, (entry, _) in enumerate(wanted):

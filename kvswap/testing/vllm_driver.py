@@ -21,6 +21,9 @@ It prints ``{"ready": true}`` and then answers one JSON object per line read:
   would; ``kvswap``: what the connector reported for the request, its ``kv_transfer_params``);
 * ``{"op": "generate_many", "requests": [{"tokens", "max_tokens", "session"?}, ...]}`` ->
   ``{"tokens": [...], "seconds"}``: the requests in one batch, side by side;
+* ``{"op": "update_weights", "match": name, "factor": f}`` -> ``{"changed": n}``: every parameter
+  whose name contains ``match`` multiplied by ``f`` in place (a weight update, as an RL trainer
+  makes), then ``reset_prefix_cache(reset_connector=True)`` as it would call (``{"reset": ok}``);
 * ``{"op": "exit"}`` (in process: once the pending saves are committed).
 
 Errors come back as ``{"error": type, "message": ...}``.
@@ -75,8 +78,26 @@ def _params(request: dict[str, Any]) -> Any:
                           ignore_eos=bool(request.get("ignore_eos", False)))
 
 
+def update_weights(llm: Any, match: str, factor: float) -> dict[str, Any]:
+    def scale(model: Any) -> int:
+        import torch
+
+        with torch.no_grad():
+            changed = [param.mul_(factor) for name, param in model.named_parameters() if match in name]
+        return len(changed)
+
+    from kvswap.integrations.vllm.offline import finish_saves
+
+    finish_saves(llm)  # the finished requests' blocks are free again (vLLM refuses a reset while they are held)
+    changed = sum(llm.apply_model(scale))
+    return {"changed": changed, "reset": bool(llm.reset_prefix_cache(reset_connector=True))}
+
+
 def serve(llm: Any, request: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
+
+    if request["op"] == "update_weights":
+        return update_weights(llm, str(request["match"]), float(request["factor"]))
 
     if request["op"] == "generate_many":  # one batch: the requests run side by side
         began = time.perf_counter()

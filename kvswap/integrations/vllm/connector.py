@@ -106,6 +106,11 @@ class KVSwapConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler().finished(request, list(block_ids))
 
+    def reset_cache(self) -> bool | None:
+        """``reset_prefix_cache(reset_connector=True)``, what RL frameworks call after a weight
+        update: sessions are recorded and found under a new identity from now on."""
+        return self.scheduler.reset() if self.scheduler is not None else None
+
     def has_pending_push_work(self) -> bool:
         return self.scheduler is not None and self.scheduler.writing()
 

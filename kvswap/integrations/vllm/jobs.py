@@ -32,7 +32,8 @@ from kvswap.meta import Entry
 @dataclasses.dataclass
 class FetchJob:
     """Read ``entries`` of ``session`` for tokens ``start..end-1`` of a request whose tokens
-    are ``tokens``; give up after ``seconds``."""
+    are ``tokens``; give up after ``seconds``. ``root``: the prefix-hash chain's root (the
+    scheduler's identity, which a connector reset changes)."""
 
     request_id: str
     session: str
@@ -41,6 +42,7 @@ class FetchJob:
     end: int
     tokens: list[int]
     seconds: float
+    root: str = ""
 
 
 @dataclasses.dataclass
@@ -56,7 +58,8 @@ class LoadJob:
 @dataclasses.dataclass
 class SaveJob:
     """Write tokens ``base..len(tokens)-1`` of a finished request (held in ``block_ids``) as
-    blobs after the stored entry ending at ``base`` with prefix hash ``base_hash``, their keys
+    blobs after the stored entry ending at ``base`` with prefix hash ``base_hash`` (at ``base`` 0
+    the root of the session's chain: the scheduler's identity, which a connector reset changes), their keys
     ending in ``stamp`` (every rank names its blobs of the save alike); give up after ``seconds``."""
 
     request_id: str

@@ -45,6 +45,7 @@ class Save:
     committing: bool = False
     local: list[Entry] | None = None
     trusted: bool = True  # False once a save it builds on failed: never planned over
+    generation: int = 0  # the scheduler's identity when it was planned (a connector reset starts another)
 
 
 class InFlightSaves:
@@ -142,6 +143,15 @@ class InFlightSaves:
     def _as_written(self, entry: Entry) -> Entry:
         spec = self._written.get(entry.key) if entry.checksum == UNWRITTEN else None
         return entry if spec is None else Entry.of(spec, entry.session_id, entry.seq, entry.created)
+
+    def drop_all(self) -> list[EntrySpec]:
+        """Forget every save (a connector reset); the specs of those written and not committed,
+        whose blobs nothing will point at."""
+        with self._lock:
+            written = [spec for queue in self._commits.values() for _, _, saved in queue for spec in saved.specs or ()]
+            self._saves.clear()
+            self._commits.clear()
+            return written
 
     def local(self, session: str) -> tuple[StoredState, list[Entry]] | None:
         """What of ``session`` this instance holds beyond meta (the held save that reaches

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
-import os
 import threading
 import time
+import uuid
 from typing import Any
 
 from kvswap.errors import KVSwapError, NotFoundError
@@ -56,7 +55,8 @@ from kvswap.integrations.vllm.outcomes import (
     merge_saved,
 )
 from kvswap.integrations.vllm.saves import InFlightSaves, Save
-from kvswap.integrations.vllm.stats import Counters
+from kvswap.integrations.vllm.stats import Counters, record_op
+from kvswap.session_cache.base import root_hash
 from kvswap.session_cache.store import SessionStore
 from kvswap.session_cache.tiers import Plan, StoredState, new_stamp
 
@@ -112,7 +112,10 @@ class SchedulerSide:
         self.ranks = self.layout.tp_size  # each job is done once per tensor-parallel rank
         self.shares = kv_share(vllm_config)[1]  # blobs a span has (one per share of the KV heads)
         self._reports: dict[str, dict[str, dict[int, Any]]] = {"fetched": {}, "saved": {}, "held": {}}  # all ranks
-        self._store: SessionStore | None = None
+        self._store: SessionStore | None = None  # what lookups and commits use (after a reset: a view)
+        self._opened: SessionStore | None = None  # what was opened, closed at shutdown
+        self._generation = 0  # bumped by each connector reset
+        self._model = self.layout.model
         self._store_lock = threading.Lock()
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvswap-meta")
         self._requests: dict[str, _Request] = {}
@@ -134,7 +137,7 @@ class SchedulerSide:
         it again when the first try failed: meta down at start)."""
         with self._store_lock:
             if self._store is None:
-                self._store = self.config.stack.open(self.layout)
+                self._opened = self._store = self.config.stack.open(self.layout)
                 log.info("kvswap connector: %s, meta %s, stores %s", self.layout.fingerprint,
                          self._store.meta.uri.render(), self._store.locations)
             return self._store
@@ -145,6 +148,30 @@ class SchedulerSide:
         except KVSwapError as exc:
             if not isinstance(exc, NotFoundError):
                 log.warning("kvswap: meta store not ready at start (requests are misses until it is): %s", exc)
+
+    def reset(self) -> bool:
+        """A connector reset (vLLM's ``reset_prefix_cache(reset_connector=True)``, which RL
+        frameworks call after updating the weights in place): from now on this instance records
+        and finds sessions under a new identity, so KV computed before, here or by any instance
+        still on the old weights, is a miss and never reaches the new weights. Lookups and
+        fetches in flight end as misses; saves in flight are dropped and their blobs deleted."""
+        self._generation += 1  # first: a commit that reads the store after this sees it and drops
+        self.layout = dataclasses.replace(self.layout, model=f"{self._model}#reset-{uuid.uuid4().hex[:12]}")
+        dropped = self._saves.drop_all()
+        self._saves = InFlightSaves()
+        with self._store_lock:
+            if self._opened is not None:
+                self._store = self._opened.for_layout(self.layout)
+        for request_id, state in self._requests.items():
+            if state.phase in ("fetch", "ready"):
+                self._next.releases.append(request_id)
+            state.phase, state.plan, state.missed = "done", None, "connector reset"
+        if dropped:
+            self._threads.submit(self.store.delete_blobs, dropped)
+        self.counters.add("resets", "connector")
+        log.warning("kvswap: connector reset: sessions are recorded as %s from now on; KV stored before is a miss",
+                    self.layout.session_fingerprint)
+        return True
 
     # ---- lookups --------------------------------------------------------------------------------
 
@@ -227,7 +254,8 @@ class SchedulerSide:
         seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
         state.deadline = now + seconds + REPORT_SLACK
         self._next.fetches.append(FetchJob(request_id, state.session, [entry for entry, _ in state.plan.entries],
-                                           start, end, state.tokens[:end], seconds))
+                                           start, end, state.tokens[:end], seconds,
+                                           root_hash(self.layout.session_fingerprint)))
         return None, False
 
     def _aligned(self, tokens: int) -> int:
@@ -336,7 +364,8 @@ class SchedulerSide:
         damaged = state.fetched.damaged_at if state.fetched is not None else None
         limit = state.ready_end if state.loaded else min(plan.matched, damaged if damaged is not None else plan.matched)
         kept = [(entry.token_end, entry.prefix_hash) for entry, _ in plan.entries if entry.token_end <= limit]
-        base, base_hash = kept[-1] if kept else (0, "")
+        # A save from the start chains from this instance's identity (a connector reset changes it).
+        base, base_hash = kept[-1] if kept else (0, root_hash(self.layout.session_fingerprint))
         if computed <= base:
             return False, report
         nbytes = (computed - base) * self.layout.token_bytes
@@ -344,7 +373,8 @@ class SchedulerSide:
         stored = StoredState(plan.stored.version, plan.stored.meta_total, kept, plan.stored.fingerprint_ok)
         self._saves.add(request.request_id, Save(state.session, tokens[:computed], stored,
                                                  time.monotonic() + seconds + REPORT_SLACK,
-                                                 [entry for entry, _ in plan.entries if entry.token_end <= limit]))
+                                                 [entry for entry, _ in plan.entries if entry.token_end <= limit],
+                                                 generation=self._generation))
         self._next.saves.append(SaveJob(request.request_id, state.session, tokens[:computed], base, base_hash,
                                         list(block_ids), seconds, new_stamp()))
         return True, report  # the blocks stay until the worker has copied them out
@@ -384,9 +414,14 @@ class SchedulerSide:
 
     def _commit(self, request_id: str, save: Save, saved: Saved) -> None:
         assert saved.specs is not None
+        store, saves = self.store, self._saves  # read before the generation: reset() bumps it first
+        if save.generation != self._generation:  # planned before a connector reset: KV of other weights
+            store.delete_blobs(saved.specs)
+            self.counters.add("saves", "dropped at reset")
+            return
         outcome: str
         try:
-            outcome = self.store.commit(save.session, save.stored, save.tokens, saved.specs)
+            outcome = store.commit(save.session, save.stored, save.tokens, saved.specs)
         except KVSwapError as exc:
             log.warning("kvswap: session %r not recorded in meta (its next turn recomputes): %s", save.session, exc)
             self._meta_failed(str(exc))
@@ -394,7 +429,7 @@ class SchedulerSide:
         if outcome == "diverged":
             log.warning("kvswap: session %r not saved: another turn of it was stored meanwhile", save.session)
         self.counters.add("saves", outcome)
-        following = self._saves.committed(request_id, save.session, landed=outcome in ("saved", "stored"))
+        following = saves.committed(request_id, save.session, landed=outcome in ("saved", "stored"))
         if following is not None:
             self._threads.submit(self._commit, *following)
 
@@ -457,19 +492,5 @@ class SchedulerSide:
 
     def shutdown(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=False)
-        if self._store is not None:
-            self._store.close()
-
-
-def record_op(op: str, session: str, tokens: int, nbytes: int, seconds: float, **more: Any) -> None:
-    """One line of JSON per fetch or save to ``$KVSWAP_VLLM_STATS``, when set (the benchmarks read it)."""
-    path = os.environ.get("KVSWAP_VLLM_STATS")
-    if not path:
-        return
-    record = {"op": op, "session": session, "tokens": tokens, "bytes": nbytes, "seconds": seconds, "at": time.time(),
-              **more}
-    with _RECORD_LOCK, open(path, "a") as out:
-        out.write(json.dumps(record) + "\n")
-
-
-_RECORD_LOCK = threading.Lock()
+        if self._opened is not None:
+            self._opened.close()

@@ -8,7 +8,10 @@ hands the counts over each step (``get_kv_connector_stats``); vLLM aggregates th
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+import time
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
@@ -81,3 +84,17 @@ class KVSwapPromMetrics(KVConnectorPromMetrics):
             counter = self._counters.get(family)
             if counter is not None and value:
                 counter.labels(*labels, outcome).inc(value)
+
+
+def record_op(op: str, session: str, tokens: int, nbytes: int, seconds: float, **more: Any) -> None:
+    """One line of JSON per fetch or save to ``$KVSWAP_VLLM_STATS``, when set (the benchmarks read it)."""
+    path = os.environ.get("KVSWAP_VLLM_STATS")
+    if not path:
+        return
+    record = {"op": op, "session": session, "tokens": tokens, "bytes": nbytes, "seconds": seconds, "at": time.time(),
+              **more}
+    with _RECORD_LOCK, open(path, "a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+_RECORD_LOCK = threading.Lock()

@@ -270,7 +270,7 @@ class WorkerSide:
         end = fetch.start
         try:
             for span in store.read(fetch.session, plan, fetch.tokens, limit=fetch.end, start=fetch.start,
-                                   pin=self.gpu is not None):
+                                   pin=self.gpu is not None, root=fetch.root or None):
                 if job.abandoned:
                     break
                 spans.append(span)
@@ -428,7 +428,7 @@ class WorkerSide:
             if not job.abandoned:
                 self._writing[save.request_id] = (save, job)
         spans = dict(zip(chunks, views))
-        stored = StoredState(entries=[(save.base, save.base_hash)] if save.base else [])
+        stored = StoredState(entries=[(save.base, save.base_hash)])  # base 0: the chain's root, the scheduler's
         began = time.perf_counter()
         try:
             specs = store.write_blobs(save.session, stored, save.tokens, lambda a, b: spans[(a, b)],
