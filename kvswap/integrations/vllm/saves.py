@@ -111,7 +111,9 @@ class InFlightSaves:
         next commit to start, if any."""
         with self._lock:
             self._saves.pop(request_id, None)
-            queue = self._commits[session]
+            queue = self._commits.get(session)
+            if not queue:  # dropped meanwhile (a connector reset): nothing follows it
+                return None
             if not landed:
                 self._distrust(session)
                 for spec in queue[0][2].specs or ():

@@ -116,6 +116,7 @@ class SchedulerSide:
         self._opened: SessionStore | None = None  # what was opened, closed at shutdown
         self._generation = 0  # bumped by each connector reset
         self._model = self.layout.model
+        self._root = root_hash(self.layout.session_fingerprint)  # of every session's prefix chain (reset changes it)
         self._store_lock = threading.Lock()
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvswap-meta")
         self._requests: dict[str, _Request] = {}
@@ -157,6 +158,7 @@ class SchedulerSide:
         fetches in flight end as misses; saves in flight are dropped and their blobs deleted."""
         self._generation += 1  # first: a commit that reads the store after this sees it and drops
         self.layout = dataclasses.replace(self.layout, model=f"{self._model}#reset-{uuid.uuid4().hex[:12]}")
+        self._root = root_hash(self.layout.session_fingerprint)
         dropped = self._saves.drop_all()
         self._saves = InFlightSaves()
         with self._store_lock:
@@ -254,8 +256,7 @@ class SchedulerSide:
         seconds = self.config.timeout + nbytes * SECONDS_PER_BYTE
         state.deadline = now + seconds + REPORT_SLACK
         self._next.fetches.append(FetchJob(request_id, state.session, [entry for entry, _ in state.plan.entries],
-                                           start, end, state.tokens[:end], seconds,
-                                           root_hash(self.layout.session_fingerprint)))
+                                           start, end, state.tokens[:end], seconds, self._root))
         return None, False
 
     def _aligned(self, tokens: int) -> int:
@@ -364,8 +365,7 @@ class SchedulerSide:
         damaged = state.fetched.damaged_at if state.fetched is not None else None
         limit = state.ready_end if state.loaded else min(plan.matched, damaged if damaged is not None else plan.matched)
         kept = [(entry.token_end, entry.prefix_hash) for entry, _ in plan.entries if entry.token_end <= limit]
-        # A save from the start chains from this instance's identity (a connector reset changes it).
-        base, base_hash = kept[-1] if kept else (0, root_hash(self.layout.session_fingerprint))
+        base, base_hash = kept[-1] if kept else (0, self._root)  # from the start: the chain's root
         if computed <= base:
             return False, report
         nbytes = (computed - base) * self.layout.token_bytes
